@@ -1,0 +1,15 @@
+"""Rewrite passes. Each takes a GraphModule and returns it rewritten; each states what it requires and ensures.
+
+The driver lints and recompiles the graph after every pass, so a broken pass is caught where it happened.
+"""
+
+from __future__ import annotations
+
+from .base import Pass, run_passes
+from .cleanup import Cleanup
+from .insert import Insert, Placement
+from .merge import Merge
+
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (Insert, Merge, Cleanup)}
+
+__all__ = ["PASSES", "Cleanup", "Insert", "Merge", "Pass", "Placement", "run_passes"]

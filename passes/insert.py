@@ -1,0 +1,138 @@
+"""insert: add each adapter's subgraph after its site.
+
+requires: placements whose sites are base ops of this graph.
+ensures:  every consumer of a site's output reads the last adapter's output instead; adapters at one site
+          chain in placement order; adapter tensors are trainable parameters under ``peftfx.<adapter>.<site>``;
+          a ``Record`` per placement in ``gm.meta['peftfx']['records']``; base-weight overrides (PEFT's
+          modules_to_save and trained biases) are rebound for the nodes of the module that owns them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from ..adapters import SiteAdapter
+from ..errors import CheckpointError
+from ..rewrite import build_after, get_attr, rebind, set_attr, tagged_get_attr
+from ..sites import module_of
+from .base import Pass
+from .records import Record, records
+
+
+@dataclass(frozen=True)
+class Placement:
+    adapter: str
+    site_adapter: SiteAdapter
+
+
+@dataclass(frozen=True)
+class Override:
+    """A base tensor an adapter replaces (PEFT's modules_to_save copies, trained biases)."""
+
+    adapter: str
+    target: str
+    tensor: torch.Tensor
+    key: str
+    file: str
+
+
+class Insert(Pass):
+    name = "insert"
+    requires = "placements on base sites"
+    ensures = "adapter subgraphs after their sites, with records"
+
+    def __init__(self, placements: Sequence[Placement], overrides: Sequence[Override] = ()) -> None:
+        self.placements = placements
+        self.overrides = overrides
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        for override in self.overrides:
+            _apply_override(gm, override)
+        outputs: dict[fx.Node, fx.Node] = {}
+        for placement in self.placements:
+            a = placement.site_adapter
+            y = outputs.get(a.site.node, a.site.node)
+            outputs[a.site.node] = _insert(gm, placement.adapter, a, y)
+        return gm
+
+
+def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.Node:
+    site = a.site
+    tag = {"adapter": adapter, "node": site.node.name}
+    prefix = f"peftfx.{_key(adapter)}.{_key(site.module)}"
+    targets = {}
+    for role, tensor in a.tensors.items():
+        targets[role] = f"{prefix}.{role}"
+        try:
+            get_attr(gm, targets[role])  # a module called at several sites shares one set of tensors
+        except AttributeError:
+            set_attr(gm, targets[role], nn.Parameter(tensor, requires_grad=True))
+    cursor = y
+    attrs = []
+    for target in targets.values():
+        with gm.graph.inserting_after(cursor):
+            cursor = tagged_get_attr(gm.graph, target, tag)
+        attrs.append(cursor)
+    roles = list(targets)
+
+    def forward(x, y_, w, b, *tensors):
+        return a.kind.forward(a, x, y_, w, b, dict(zip(roles, tensors, strict=True)))
+
+    out, created = build_after(cursor, forward, [site.input, y, site.weight, site.bias, *attrs], tag)
+    created_set = set(created)
+    y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created_set)
+    records(gm).append(
+        Record(
+            adapter=adapter,
+            kind=a.kind.name,
+            hyper=dict(a.hyper),
+            site_node=site.node.name,
+            module=site.module,
+            input=y.name,
+            output=out.name,
+            tensors=targets,
+            raw_weight=str(site.weight.target),
+            nodes=[n.name for n in (*attrs, *created)],
+        )
+    )
+    return out
+
+
+def _key(name: str) -> str:
+    return re.sub(r"\W", "_", name.replace(".", "__"))
+
+
+def _apply_override(gm: fx.GraphModule, o: Override) -> None:
+    module = o.target.rpartition(".")[0]
+    try:
+        current = get_attr(gm, o.target)
+    except AttributeError:
+        raise CheckpointError(
+            f"{o.file}: tensor {o.key!r} is for {o.target!r}, which the model does not have"
+        ) from None
+    if tuple(current.shape) != tuple(o.tensor.shape):
+        raise CheckpointError(
+            f"{o.file}: tensor {o.key!r} has shape {list(o.tensor.shape)}, the model's {o.target!r} has "
+            f"{list(current.shape)}"
+        )
+    tensor = o.tensor.to(current.dtype)
+    getters = [n for n in gm.graph.nodes if n.op == "get_attr" and get_attr(gm, str(n.target)) is current]
+    readers = {n: [u for u in n.users if _within(module_of(u)[0], module)] for n in getters}
+    if not any(readers.values()):  # read through a functional call in a parent module: replace it everywhere
+        readers = {n: list(n.users) for n in getters}
+    if not any(readers.values()):
+        if torch.equal(current, tensor):
+            return
+        raise CheckpointError(f"{o.file}: tensor {o.key!r} replaces {o.target!r}, which the graph never reads")
+    for old, users in readers.items():
+        if users:
+            rebind(gm, users, old, tensor, _key(o.adapter))
+
+
+def _within(path: str, module: str) -> bool:
+    return path == module or path.startswith(module + ".")

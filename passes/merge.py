@@ -1,0 +1,82 @@
+"""merge: fold adapters into the weights of their sites.
+
+requires: records from ``insert`` for every adapter named.
+ensures:  those adapters' nodes and tensors are gone; their sites read merged weight constants (computed in
+          float64, stored in the weight's dtype, never written into the original tensor); a fully merged
+          graph has the base capture's node count and attribute names.
+An adapter can only be folded past adapters that commute with it: a live non-additive adapter (DoRA) before
+it at the same site, or any live adapter before a non-additive one, makes the fold change the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx
+
+from ..adapters import KINDS
+from ..errors import MergeError
+from ..rewrite import get_attr, rebind
+from .base import Pass
+from .records import Record, nodes_by_name, records
+
+
+class Merge(Pass):
+    name = "merge"
+    requires = "records for the adapters to merge"
+    ensures = "no node or tensor of a merged adapter; merged weights in place"
+
+    def __init__(self, adapters: Sequence[str]) -> None:
+        self.adapters = list(adapters)
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        all_records = records(gm)
+        known = {r.adapter for r in all_records}
+        for name in self.adapters:
+            if name not in known:
+                raise MergeError(f"merge: adapter {name!r} is not in the graph (have: {', '.join(known) or 'none'})")
+        for record in all_records:
+            if record.adapter in self.adapters and not record.merged:
+                _merge(gm, record, all_records)
+        return gm
+
+
+def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> None:
+    nodes = nodes_by_name(gm)
+    a = record.site_adapter(gm, nodes)
+    _check_order(record, a.kind.additive(a), all_records, gm, nodes)
+    for role, tensor in a.tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise MergeError(
+                f"merge: adapter {record.adapter!r} at {record.module}: tensor {role} holds NaN or inf; "
+                "merging it would corrupt the weights"
+            )
+    site = a.site
+    raw = get_attr(gm, record.raw_weight)
+    weight = get_attr(gm, str(site.weight.target))
+    bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
+    new_weight, new_bias = a.kind.merge(a, weight, raw, bias, a.tensors)
+    if not torch.isfinite(new_weight).all():
+        raise MergeError(f"merge: adapter {record.adapter!r} at {record.module}: the merged weight is not finite")
+    nodes[record.output].replace_all_uses_with(nodes[record.input])
+    for name in reversed(record.nodes):
+        gm.graph.erase_node(nodes[name])
+    rebind(gm, [site.node], site.weight, new_weight, "merged")
+    if new_bias is not bias and site.bias is not None:
+        rebind(gm, [site.node], site.bias, new_bias, "merged")
+    record.merged = True
+
+
+def _check_order(record: Record, additive: bool, all_records: list[Record], gm: fx.GraphModule, nodes: dict) -> None:
+    for other in all_records:
+        if other is record:
+            return
+        if other.site_node != record.site_node or other.merged:
+            continue
+        other_additive = KINDS[other.kind].additive(other.site_adapter(gm, nodes))
+        if not (additive and other_additive):
+            raise MergeError(
+                f"merge: cannot fold {record.adapter!r} into {record.module} while {other.adapter!r}, applied "
+                "before it there, stays live: they do not commute. Merge both, or neither."
+            )

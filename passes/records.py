@@ -1,0 +1,50 @@
+"""What the insert pass leaves behind so later passes can find, merge or export an adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from ..adapters import KINDS, SiteAdapter
+from ..rewrite import TAG, get_attr
+from ..sites import site_of
+
+
+@dataclass
+class Record:
+    """One adapter inserted at one site node. Only names and numbers: the graph stays the source of truth."""
+
+    adapter: str
+    kind: str
+    hyper: dict[str, Any]
+    site_node: str
+    module: str
+    input: str  # the output node the adapter consumed (the site, or the adapter before it)
+    output: str  # the adapter's own output node
+    tensors: dict[str, str]  # role -> attribute target
+    raw_weight: str  # the weight attribute the live adapter reads
+    merged: bool = False
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def tag(self) -> dict[str, str]:
+        return {"adapter": self.adapter, "node": self.site_node}
+
+    def site_adapter(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> SiteAdapter:
+        site = site_of(gm, nodes[self.site_node])
+        tensors = {role: get_attr(gm, target) for role, target in self.tensors.items()}
+        return SiteAdapter(KINDS[self.kind], site, self.hyper, tensors)
+
+
+def records(gm: fx.GraphModule) -> list[Record]:
+    return gm.meta.setdefault("peftfx", {}).setdefault("records", [])
+
+
+def nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {node.name: node for node in gm.graph.nodes}
+
+
+def is_tagged(node: fx.Node) -> bool:
+    return TAG in node.meta

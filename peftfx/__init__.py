@@ -1,0 +1,28 @@
+"""peftfx: a declarative graph-rewriting compiler for PEFT adapters, on torch.fx."""
+
+from .capture import capture
+from .driver import Explanation, compile, explain
+from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
+from .sites import Site, find_sites
+from .spec import Selector, Spec, load_spec, spec_schema
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "CheckpointError",
+    "Explanation",
+    "MatchError",
+    "MergeError",
+    "PeftfxError",
+    "Selector",
+    "Site",
+    "Spec",
+    "SpecError",
+    "capture",
+    "compile",
+    "explain",
+    "find_sites",
+    "load_spec",
+    "spec_schema",
+]

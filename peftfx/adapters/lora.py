@@ -1,0 +1,331 @@
+"""LoRA, rsLoRA and DoRA on Linear, transformers Conv1D, Conv1d/2d/3d and Embedding.
+
+Math (``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; ``W`` in logical ``[out, in, *k]`` layout):
+
+* LoRA   ``y += s * B(A(x))``;  ``ΔW = s * B @ A`` (conv: ``ΔW[o,i,k] = s Σ_r B[o,r] A[r,i,k]``;
+  embedding: ``ΔW = s (B @ A)ᵀ``, looked up by row). Merge: ``W += ΔW`` (and ``b += s * B.bias`` with lora_bias).
+* DoRA   with ``n = ‖W + ΔW‖`` per output unit (over the vocabulary for embeddings), detached, and
+  ``g = m / n``: ``y = y + (g - 1)(y - b) + g * s * B(A(x))``, i.e. ``g ⊙ (W + ΔW) x + b``.
+  Merge: ``W ← g ⊙ (W + ΔW)`` with ``n`` taken against the raw base weight, as PEFT does.
+
+Divergence from PEFT, on purpose: PEFT's conv ``lora_A`` ignores the base conv's dilation, so its unmerged
+forward crashes on dilated convs; here ``lora_A`` uses the base's dilation and unmerged == merged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import CheckpointError, SpecError
+from ..sites import Site, attr
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype
+
+_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+
+
+class LoraParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(8, gt=0, description="rank")
+    alpha: float = Field(8.0, description="scaling numerator (PEFT's lora_alpha)")
+    rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+    dora: bool = Field(False, description="weight-decomposed LoRA (a magnitude per output unit)")
+    lora_bias: bool = Field(False, description="give B a bias (PEFT's lora_bias)")
+    init: bool | Literal["gaussian"] = Field(
+        True, description="true: B = 0 (identity at init); gaussian: A ~ N(0, 1/r); false: random A and B"
+    )
+
+
+class DoraParams(LoraParams):
+    dora: bool = True
+
+
+class Lora(AdapterKind):
+    name = "lora"
+    peft_types = ("LORA",)
+    ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
+    Params = LoraParams
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+        p = LoraParams.model_validate(params.model_dump())
+        _check_site(site, p.dora, p.lora_bias, SpecError)
+        dtype = adapter_dtype(site.dtype)
+        a_shape, b_shape = _factor_shapes(site, p.r)
+        A = torch.empty(a_shape, dtype=torch.float64)
+        B = torch.zeros(b_shape, dtype=torch.float64)
+        if site.op == "embedding":  # PEFT inverts the roles here: A starts at zero, B is normal
+            A.zero_()
+            B.normal_(generator=generator)
+            if p.init is False:
+                A.normal_(generator=generator)
+        else:
+            if p.init == "gaussian":
+                A.normal_(0.0, 1.0 / p.r, generator=generator)
+            else:
+                torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            if p.init is False:
+                torch.nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
+        tensors = {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
+        if p.lora_bias:
+            tensors["lora_B_bias"] = torch.zeros(site.out_features, dtype=dtype)
+        a = SiteAdapter(self, site, _hyper(site, p.r, p.alpha, p.rslora, p.dora, p.lora_bias, 1.0), tensors)
+        if p.dora:
+            a.tensors["lora_magnitude"] = _initial_magnitude(
+                a, attr(site.weight.graph.owning_module, str(site.weight.target))
+            ).to(dtype)
+        return a
+
+    def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
+        cfg = source.config
+        dora, lora_bias = bool(cfg.get("use_dora")), bool(cfg.get("lora_bias"))
+        _check_site(site, dora, lora_bias, CheckpointError, source.file)
+        emb = site.op == "embedding"
+        roles = (
+            {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+            if emb
+            else {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        )
+        if lora_bias:
+            roles["lora_B_bias"] = "lora_B.bias"
+        if dora:
+            roles["lora_magnitude"] = "lora_magnitude_vector"
+        tensors = {role: _take(source, key) for role, key in roles.items()}
+        extra = set(source.tensors) - set(roles.values())
+        if extra:
+            key = source.keys[sorted(extra)[0]]
+            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a {site.op} LoRA site")
+        r = tensors["lora_A"].shape[0]
+        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
+        if r != r_cfg:
+            raise CheckpointError(
+                f"{source.file}: {source.keys[roles['A']]!r} has rank {r}, but adapter_config.json gives "
+                f"{site.module} r={r_cfg}"
+            )
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("lora_alpha", 8))
+        a = SiteAdapter(self, site, _hyper(site, r, alpha, bool(cfg.get("use_rslora")), dora, lora_bias, scale))
+        expected = dict(zip(("lora_A", "lora_B"), _factor_shapes(site, r), strict=True))
+        if lora_bias:
+            expected["lora_B_bias"] = (site.out_features,)
+        if dora:
+            expected["lora_magnitude"] = _magnitude_shape(site)
+        dtype = adapter_dtype(site.dtype)
+        for role, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(expected[role]):
+                raise CheckpointError(
+                    f"{source.file}: {source.keys[roles[role]]!r} has shape {list(tensor.shape)}, "
+                    f"expected {list(expected[role])} for {site.describe()}"
+                )
+            a.tensors[role] = tensor.to(dtype)
+        return a
+
+    # -- graph ----------------------------------------------------------------------------------------------
+
+    def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
+        h, dtype = a.hyper, a.tensors["lora_A"].dtype
+        cast = dtype != a.site.dtype
+        xa = x.to(dtype) if cast and a.site.op != "embedding" else x
+        lora = _low_rank_path(a.site, xa, t["lora_A"], t["lora_B"], t.get("lora_B_bias")) * h["scaling"]
+        if cast:
+            lora = lora.to(a.site.dtype)
+        if not h["dora"]:
+            return y + lora
+        delta = _delta(a, t, a.site.dtype)
+        norm = torch.linalg.vector_norm(_logical(a.site, weight) + delta, dim=_norm_dims(a.site)).detach()
+        g = (t["lora_magnitude"].reshape(-1) / norm).reshape(_broadcast_shape(a.site))
+        base = y if bias is None else y - bias.reshape(_broadcast_shape(a.site))
+        return y + (g - 1) * base + g * lora
+
+    def merge(
+        self,
+        a: SiteAdapter,
+        weight: torch.Tensor,
+        raw_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        site = a.site
+        delta = _delta(a, t, torch.float64)
+        merged = _logical(site, weight.double()) + delta
+        if a.hyper["dora"]:
+            norm = torch.linalg.vector_norm(_logical(site, raw_weight.double()) + delta, dim=_norm_dims(site))
+            g = t["lora_magnitude"].double().reshape(-1) / norm
+            merged = merged * g.reshape(_weight_broadcast(site))
+        new_bias = bias
+        if a.hyper["lora_bias"]:
+            new_bias = (bias.double() + a.hyper["scaling"] * t["lora_B_bias"].double()).to(bias.dtype)
+        return _storage(site, merged).to(weight.dtype), new_bias
+
+    def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(_BASE_MUTATING_INITS):
+            raise CheckpointError(
+                f"{file}: init_lora_weights={init!r} rewrites the base weights when loaded; convert the adapter "
+                "to plain LoRA first (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...))"
+            )
+        for key, value in config.items():
+            if key in _HANDLED or key in _NO_EFFECT_AT_INFERENCE or value in (None, False, {}, [], ""):
+                continue
+            raise CheckpointError(
+                f"{file}: {key}={value!r} is not supported by peftfx's LoRA (it would change "
+                "the math, so it is refused rather than ignored)"
+            )
+
+    def additive(self, a: SiteAdapter) -> bool:
+        return not a.hyper["dora"]
+
+
+_HANDLED = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "use_dora",
+        "lora_bias",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "bias",
+        "modules_to_save",
+        "fan_in_fan_out",
+        "init_lora_weights",
+    }
+)
+# Fields that shape training or bookkeeping only; the stored tensors already say everything inference needs.
+_NO_EFFECT_AT_INFERENCE = frozenset(
+    {
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+        "lora_dropout",
+        "megatron_core",
+        "qalora_group_size",
+        "runtime_config",
+        "eva_config",
+        "velora_config",
+        "monteclora_config",
+        "ensure_weight_tying",
+        "loftq_config",
+    }
+)
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+class Dora(Lora):
+    """``type: dora`` is LoRA with ``dora: true``."""
+
+    name = "dora"
+    peft_types = ()
+    Params = DoraParams
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _hyper(site: Site, r: int, alpha: float, rslora: bool, dora: bool, lora_bias: bool, scale: float) -> dict:
+    scaling = (alpha / math.sqrt(r) if rslora else alpha / r) * scale
+    return {"r": r, "alpha": alpha, "rslora": rslora, "dora": dora, "lora_bias": lora_bias, "scaling": scaling}
+
+
+def _check_site(site: Site, dora: bool, lora_bias: bool, error: type[Exception], where: str = "") -> None:
+    prefix = f"{where}: " if where else ""
+    if site.op.startswith("conv") and site.conv_args["groups"] != 1:
+        raise error(f"{prefix}LoRA on a grouped conv ({site.describe()}) cannot be merged and is not supported")
+    if lora_bias and (dora or site.op == "embedding"):
+        raise error(f"{prefix}lora_bias is not supported with DoRA or on embeddings ({site.describe()})")
+
+
+def _factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if site.op == "embedding":
+        num, dim = site.weight_shape
+        return (r, num), (dim, r)
+    out, inp, *kernel = site.weight_shape
+    return (r, inp, *kernel), (out, r, *[1] * len(kernel))
+
+
+def _magnitude_shape(site: Site) -> tuple[int, ...]:
+    if site.op.startswith("conv"):
+        return (1, site.out_features, *[1] * (len(site.weight_shape) - 2))
+    return (site.out_features,)
+
+
+def _take(source: PeftSource, key: str) -> torch.Tensor:
+    if key not in source.tensors:
+        raise CheckpointError(f"{source.file}: missing tensor {key!r} for this module")
+    return source.tensors[key]
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank/alpha_pattern lookup: the first key (in file order) that matches the path's dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _low_rank_path(site: Site, x: Any, A: Any, B: Any, B_bias: Any) -> Any:
+    if site.op == "linear":
+        return F.linear(F.linear(x, A), B, B_bias)
+    if site.op == "embedding":
+        return F.embedding(x, A.t()) @ B.t()
+    conv, c = _CONV[site.op], site.conv_args
+    return conv(conv(x, A, None, c["stride"], c["padding"], c["dilation"]), B, B_bias)
+
+
+def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype) -> Any:
+    """ΔW in logical layout (``[out, in, *k]``; embeddings ``[num, dim]``), scaled."""
+    A, B = t["lora_A"].to(dtype), t["lora_B"].to(dtype)
+    s = a.hyper["scaling"]
+    if a.site.op == "embedding":
+        return (B @ A).t() * s
+    if a.site.op == "linear":
+        return (B @ A) * s
+    return (B.flatten(1) @ A.flatten(1)).reshape(a.site.weight_shape) * s
+
+
+def _logical(site: Site, weight: Any) -> Any:
+    return weight.t() if site.transposed else weight
+
+
+def _storage(site: Site, weight: torch.Tensor) -> torch.Tensor:
+    return weight.t().contiguous() if site.transposed else weight
+
+
+def _norm_dims(site: Site) -> int | tuple[int, ...]:
+    if site.op == "embedding":
+        return 0
+    return 1 if site.op == "linear" else tuple(range(1, len(site.weight_shape)))
+
+
+def _broadcast_shape(site: Site) -> tuple[int, ...]:
+    """Shape that lines a per-output vector up with the site's output."""
+    if site.op.startswith("conv"):
+        return (1, -1, *[1] * (len(site.weight_shape) - 2))
+    return (-1,)
+
+
+def _weight_broadcast(site: Site) -> tuple[int, ...]:
+    if site.op == "embedding":
+        return (1, -1)
+    return (-1, *[1] * (len(site.weight_shape) - 1))
+
+
+def _initial_magnitude(a: SiteAdapter, weight: torch.Tensor) -> torch.Tensor:
+    delta = _delta(a, a.tensors, torch.float64)
+    norm = torch.linalg.vector_norm(_logical(a.site, weight.double()) + delta, dim=_norm_dims(a.site))
+    return norm.reshape(_magnitude_shape(a.site))

@@ -1,0 +1,237 @@
+"""Capture a model to a GraphModule whose weight-owning ops are plain functional calls.
+
+Two tracers, one result shape. ``torch.export`` (non-strict) handles transformers models and anything with
+data-dependent Python; ``torch.fx.symbolic_trace`` keeps plain modules shape-generic and needs no inputs.
+After symbolic tracing, the leaf modules that own weights (Linear, ConvNd, Embedding, LayerNorm,
+transformers' Conv1D) are lowered to the same aten calls export produces, so the site normaliser and every
+pass see one IR whichever tracer ran. The captured module never shares a Parameter object with the user's
+model: weights are re-wrapped (same storage, no copy) and frozen, so training adapters in the graph cannot
+touch the model, and passes replace tensors rather than write into them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import CaptureError
+
+Inputs = tuple[Any, ...] | Mapping[str, Any]
+Method = Literal["auto", "export", "symbolic_trace"]
+
+aten = torch.ops.aten
+
+MODULE_STACK = "nn_module_stack"
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Inputs | None = None,
+    *,
+    method: Method = "auto",
+    dynamic_shapes: Any = None,
+) -> fx.GraphModule:
+    """Trace ``model`` without mutating it. ``auto`` exports transformers models and traces the rest."""
+    if method == "auto":
+        method = "export" if _is_transformers_model(model) else "symbolic_trace"
+        if method == "symbolic_trace":
+            try:
+                return _finish(_symbolic_trace(model), model)
+            except CaptureError:
+                raise
+            except Exception as trace_error:
+                if example_inputs is None:
+                    raise CaptureError(
+                        f"torch.fx.symbolic_trace cannot trace {type(model).__name__} ({trace_error}); "
+                        "pass example_inputs so peftfx can capture it with torch.export instead"
+                    ) from trace_error
+                method = "export"
+    if method == "symbolic_trace":
+        return _finish(_symbolic_trace(model), model)
+    if example_inputs is None:
+        raise CaptureError(f"capturing {type(model).__name__} with torch.export needs example_inputs")
+    return _finish(_export(model, example_inputs, dynamic_shapes), model)
+
+
+def split_inputs(example_inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__[1:])
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module) -> Iterator[None]:
+    """transformers decoders return a DynamicCache by default, which export rejects; trace without it."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx.GraphModule:
+    args, kwargs = split_inputs(example_inputs)
+    try:
+        with _cache_off(model):
+            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    except Exception as error:
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {error}") from error
+    return program.module()
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    _lower_leaf_modules(model, graph)
+    # Rebuild the module tree from what the graph uses, so no module object is shared with the model.
+    owned: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            owned[node.target] = _fetch(model, node.target)
+        elif node.op == "call_module":
+            owned[node.target] = copy.deepcopy(model.get_submodule(node.target))
+    return fx.GraphModule(owned, graph, type(model).__name__).train(model.training)
+
+
+def _fetch(model: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, name)
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps transformers' Conv1D a leaf so it can be lowered like an nn.Linear."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__name__ == "Conv1D" or super().is_leaf_module(m, qualname)
+
+
+def _lower_leaf_modules(model: nn.Module, graph: fx.Graph) -> None:
+    """Replace weight-owning call_module nodes with the aten call export would produce."""
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.kwargs or len(node.args) != 1:
+            continue
+        module = model.get_submodule(node.target)
+        lowering = _LOWERINGS.get(type(module).__name__)
+        if lowering is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        with graph.inserting_before(node):
+            lowered = lowering(graph, module, node.args[0], _AttrGetter(graph, node.target))
+        if lowered is None:
+            continue
+        site, output = lowered
+        site.meta[MODULE_STACK] = {node.target: (node.target, _qualified_class(module))}
+        node.replace_all_uses_with(output)
+        graph.erase_node(node)
+    graph.lint()
+
+
+class _AttrGetter:
+    def __init__(self, graph: fx.Graph, owner: str) -> None:
+        self.graph, self.owner = graph, owner
+
+    def __call__(self, name: str) -> fx.Node:
+        return self.graph.get_attr(f"{self.owner}.{name}")
+
+
+def _qualified_class(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+Lowered = tuple[fx.Node, fx.Node] | None
+
+
+def _lower_linear(graph: fx.Graph, m: nn.Linear, x: fx.Node, param: Any) -> Lowered:
+    bias = param("bias") if m.bias is not None else None
+    site = graph.call_function(aten.linear.default, (x, param("weight"), bias))
+    return site, site
+
+
+def _lower_conv1d_transformers(graph: fx.Graph, m: nn.Module, x: fx.Node, param: Any) -> Lowered:
+    """transformers' Conv1D is ``addmm(b, x2d, W)`` with ``W`` stored [in, out]; export lowers it the same way."""
+    lead = graph.call_function(operator.getitem, (graph.call_function(getattr, (x, "shape")), slice(None, -1)))
+    flat = graph.call_method("flatten", (x, 0, -2))
+    site = graph.call_function(aten.addmm.default, (param("bias"), flat, param("weight")))
+    return site, graph.call_method("unflatten", (site, 0, lead))
+
+
+def _lower_conv(graph: fx.Graph, m: nn.Module, x: fx.Node, param: Any) -> Lowered:
+    padding: Any = m.padding if isinstance(m.padding, str) else list(m.padding)
+    if m.padding_mode != "zeros":
+        x = graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
+        padding = [0] * len(m.kernel_size)
+    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(m.kernel_size)]
+    overload = op.padding if isinstance(padding, str) else op.default
+    bias = param("bias") if m.bias is not None else None
+    site = graph.call_function(
+        overload, (x, param("weight"), bias, list(m.stride), padding, list(m.dilation), m.groups)
+    )
+    return site, site
+
+
+def _lower_embedding(graph: fx.Graph, m: nn.Embedding, x: fx.Node, param: Any) -> Lowered:
+    if m.max_norm is not None:
+        return None  # renormalises its weight in place on every call: not a pure op
+    padding_idx = -1 if m.padding_idx is None else m.padding_idx
+    site = graph.call_function(aten.embedding.default, (param("weight"), x, padding_idx, m.scale_grad_by_freq))
+    return site, site
+
+
+def _lower_layer_norm(graph: fx.Graph, m: nn.LayerNorm, x: fx.Node, param: Any) -> Lowered:
+    bias = param("bias") if m.bias is not None else None
+    site = graph.call_function(aten.layer_norm.default, (x, list(m.normalized_shape), param("weight"), bias, m.eps))
+    return site, site
+
+
+_LOWERINGS = {
+    "Linear": _lower_linear,
+    "Conv1D": _lower_conv1d_transformers,
+    "Conv1d": _lower_conv,
+    "Conv2d": _lower_conv,
+    "Conv3d": _lower_conv,
+    "Embedding": _lower_embedding,
+    "LayerNorm": _lower_layer_norm,
+}
+
+
+def _finish(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Detach the capture from the model's tensors: parameters are re-wrapped (storage shared, frozen),
+    buffers copied (a graph may update them, e.g. batch-norm statistics). Aliases stay aliases."""
+    fresh: dict[int, torch.Tensor] = {}
+    for module in gm.modules():
+        for slots, remake in ((module._parameters, _frozen), (module._buffers, torch.Tensor.clone)):
+            for name, tensor in slots.items():
+                if tensor is not None:
+                    slots[name] = fresh.setdefault(id(tensor), remake(tensor))
+    info = gm.meta.setdefault("peftfx", {})
+    info["output_embeddings"] = _path_of(model, getattr(model, "get_output_embeddings", lambda: None)())
+    info["classifier"] = next(
+        (n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None
+    )
+    return gm
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is target), None)

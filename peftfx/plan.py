@@ -1,0 +1,151 @@
+"""From a validated spec to what the passes need: which adapter goes on which site, with which tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import fx
+
+from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource
+from .checkpoint import Checkpoint, read_checkpoint
+from .errors import CheckpointError, MatchError, SpecError
+from .passes.insert import Override, Placement
+from .pattern import Matcher
+from .peft_targeting import peft_selector
+from .sites import Site, find_sites
+from .spec import FreshAdapter, PeftAdapter, Selector, Spec
+from .values import layer_span, resolve
+
+
+@dataclass
+class Target:
+    """One active adapter before placement: its kind, its selector and where the selector came from."""
+
+    name: str
+    kind: AdapterKind
+    selector: Selector
+    field: str
+    checkpoint: Checkpoint | None = None
+
+
+@dataclass
+class Plan:
+    matcher: Matcher
+    targets: list[Target]
+    placements: list[Placement] = field(default_factory=list)
+    overrides: list[Override] = field(default_factory=list)
+
+
+def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
+    """Resolve every active adapter's kind and selector, without choosing sites yet."""
+    matcher = Matcher(gm, find_sites(gm))
+    out = []
+    for name in spec.active_adapters():
+        adapter = spec.adapters[name]
+        if isinstance(adapter, PeftAdapter):
+            out.append(_peft_target(gm, name, adapter, base_dir))
+        else:
+            out.append(_fresh_target(name, adapter))
+    return Plan(matcher, out)
+
+
+def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
+    plan = targets(gm, spec, base_dir)
+    for target in plan.targets:
+        sites = plan.matcher.select(target.selector, target.field)
+        adapter = spec.adapters[target.name]
+        if isinstance(adapter, PeftAdapter):
+            _place_peft(plan, target, adapter, sites)
+        else:
+            _place_fresh(plan, target, adapter, sites)
+    return plan
+
+
+def _fresh_target(name: str, adapter: FreshAdapter) -> Target:
+    kind = KINDS.get(adapter.type)
+    if kind is None:
+        raise SpecError(f"adapters.{name}.type: unknown adapter kind {adapter.type!r} (known: {', '.join(KINDS)})")
+    for key in adapter.with_:
+        if key not in kind.Params.model_fields:
+            raise SpecError(
+                f"adapters.{name}.with.{key}: unknown field for {kind.name} (fields: {', '.join(kind.Params.model_fields)})"
+            )
+    return Target(name, kind, adapter.at, f"adapters.{name}.at")
+
+
+def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: Path | None) -> Target:
+    directory = Path(adapter.peft)
+    if base_dir is not None and not directory.is_absolute():
+        directory = base_dir / directory
+    ckpt = read_checkpoint(directory, allow_pickle=adapter.allow_pickle, field=f"adapters.{name}.peft")
+    peft_type = str(ckpt.config["peft_type"])
+    kind = PEFT_TYPES.get(peft_type)
+    if kind is None:
+        supported = ", ".join(sorted(PEFT_TYPES))
+        raise CheckpointError(
+            f"{ckpt.directory / 'adapter_config.json'}: peft_type {peft_type!r} is not supported "
+            f"(supported: {supported})"
+        )
+    config_file = str(ckpt.directory / "adapter_config.json")
+    kind.check_peft_config(ckpt.config, config_file)
+    selector = peft_selector(ckpt.config, sorted(kind.ops), gm.meta.get("peftfx", {}), config_file)
+    return Target(name, kind, selector, f"adapters.{name} (target_modules of {config_file})", ckpt)
+
+
+def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Site]) -> None:
+    ckpt = target.checkpoint
+    assert ckpt is not None
+    chosen = {site.module for site in sites}
+    by_module = {site.module: site for site in plan.matcher.sites}
+    for module in sorted(set(ckpt.modules) - chosen):
+        key = ckpt.key(module, next(iter(ckpt.modules[module])))
+        if module in by_module:
+            reason = plan.matcher.test(target.selector, by_module[module]).reason
+            raise CheckpointError(
+                f"{ckpt.file}: tensor {key!r} is for {module}, which adapter_config.json does not target ({reason})"
+            )
+        raise CheckpointError(
+            f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
+        )
+    span = layer_span(sites)
+    for site in sites:
+        if site.module not in ckpt.modules:
+            raise CheckpointError(
+                f"{ckpt.file}: adapter_config.json targets {site.module}, but the file holds "
+                f"no tensors for it (e.g. {ckpt.key(site.module, 'lora_A.weight')!r})"
+            )
+        scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
+        tensors = ckpt.modules[site.module]
+        source = PeftSource(ckpt.config, tensors, {r: ckpt.key(site.module, r) for r in tensors}, ckpt.file)
+        plan.placements.append(Placement(target.name, target.kind.from_peft(site, source, float(scale))))
+    for attr, tensor in ckpt.overrides.items():
+        plan.overrides.append(Override(target.name, attr, tensor, f"base_model.model.{attr}", ckpt.file))
+
+
+def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[Site]) -> None:
+    kind = target.kind
+    wrong = [site for site in sites if site.op not in kind.ops]
+    if wrong:
+        raise MatchError(
+            f"{target.field}: {kind.name} cannot adapt {wrong[0].describe()} "
+            f"({len(wrong)} such sites; {kind.name} supports {', '.join(sorted(kind.ops))})"
+        )
+    generator = torch.Generator().manual_seed(adapter.seed) if adapter.seed is not None else None
+    span = layer_span(sites)
+    for site in sites:
+        values: dict[str, Any] = {}
+        for key, value in adapter.with_.items():
+            values[key] = resolve(value, site, span, plan.matcher, f"adapters.{target.name}.with.{key}")
+            if kind.Params.model_fields[key].annotation in (int, "int") and isinstance(values[key], float):
+                values[key] = round(values[key])  # a gradient over an integer field, e.g. the rank
+        try:
+            params = kind.Params.model_validate(values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(map(str, err["loc"]))
+            raise SpecError(f"adapters.{target.name}.with.{where}: {err['msg']} (at {site.describe()})") from None
+        plan.placements.append(Placement(target.name, kind.create(site, params, generator)))

@@ -1,0 +1,116 @@
+"""Small graph-editing tools the passes share: attributes, proxy-built subgraphs, weight rebinding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+TAG = "peftfx"  # node.meta key: {"adapter": name, "site": module path} on every node peftfx inserted
+
+
+def get_attr(gm: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def set_attr(gm: nn.Module, target: str, value: torch.Tensor | nn.Module) -> None:
+    """Set ``gm.<target>``, creating empty container modules along the way."""
+    *path, name = target.split(".")
+    module = gm
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, nn.Parameter) or isinstance(value, nn.Module):
+        setattr(module, name, value)
+    elif name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module.register_buffer(name, value)
+
+
+def del_attr(gm: nn.Module, target: str) -> None:
+    owner, _, name = target.rpartition(".")
+    delattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def fresh_target(gm: nn.Module, base: str) -> str:
+    target, i = base, 1
+    while _exists(gm, target):
+        i += 1
+        target = f"{base}_{i}"
+    return target
+
+
+def _exists(gm: nn.Module, target: str) -> bool:
+    try:
+        get_attr(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+class _TaggingTracer(GraphAppendingTracer):
+    def __init__(self, graph: fx.Graph, tag: dict[str, str]) -> None:
+        super().__init__(graph)
+        self.tag = tag
+        self.created: list[fx.Node] = []
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta[TAG] = dict(self.tag)
+        self.created.append(node)
+        return node
+
+
+def build_after(
+    anchor: fx.Node, fn: Callable[..., Any], inputs: Iterable[fx.Node | Any], tag: dict[str, str]
+) -> tuple[fx.Node, list[fx.Node]]:
+    """Run ``fn`` on proxies of ``inputs``, recording its ops right after ``anchor``, in order."""
+    graph = anchor.graph
+    tracer = _TaggingTracer(graph, tag)
+    with graph.inserting_before(anchor.next):
+        proxies = [Proxy(x, tracer) if isinstance(x, fx.Node) else x for x in inputs]
+        out = fn(*proxies)
+    return out.node, tracer.created
+
+
+def tagged_get_attr(graph: fx.Graph, target: str, tag: dict[str, str]) -> fx.Node:
+    node = graph.get_attr(target)
+    node.meta[TAG] = dict(tag)
+    return node
+
+
+def attr_users(gm: fx.GraphModule, value: Any) -> list[fx.Node]:
+    """Every node that reads ``value`` through any get_attr (aliases, such as tied weights, included)."""
+    return [
+        user
+        for node in gm.graph.nodes
+        if node.op == "get_attr" and get_attr(gm, str(node.target)) is value
+        for user in node.users
+    ]
+
+
+def rebind(gm: fx.GraphModule, readers: list[fx.Node], old: fx.Node, tensor: torch.Tensor, hint: str) -> None:
+    """Make ``readers`` read ``tensor`` where they read the get_attr ``old``, leaving every other reader as is.
+
+    When ``readers`` are the tensor's only readers the attribute is replaced under its own name (so a merged
+    graph has the base graph's names and node count); otherwise, e.g. for a tied weight, the new tensor gets
+    a name of its own. The old tensor is never written to: it may be the user's storage.
+    """
+    current = get_attr(gm, str(old.target))
+    if set(attr_users(gm, current)) <= set(readers):
+        set_attr(gm, str(old.target), nn.Parameter(tensor, requires_grad=False))
+        return
+    target = fresh_target(gm, f"{old.target}_{hint}")
+    set_attr(gm, target, nn.Parameter(tensor, requires_grad=False))
+    with gm.graph.inserting_before(old.next):
+        new = tagged_get_attr(gm.graph, target, {"rebind": hint})
+    for reader in readers:
+        reader.replace_input_with(old, new)
+    if not old.users:
+        gm.graph.erase_node(old)

@@ -1,0 +1,245 @@
+"""The site table: one entry per weight-owning op, the unit every selector and adapter works on.
+
+A site is found from the op alone (aten call, functional call) plus ``nn_module_stack`` metadata, so the
+same spec selects the same sites whichever tracer captured the model.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .capture import MODULE_STACK
+
+aten = torch.ops.aten
+
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class OpSignature:
+    """Where an op keeps its operands: positions of input, weight and bias, and its site kind."""
+
+    kind: str
+    input: int
+    weight: int
+    bias: int | None
+    transposed: bool = False
+
+
+_CONV_KINDS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
+
+SIGNATURES: dict[Any, OpSignature] = {
+    aten.linear.default: OpSignature("linear", 0, 1, 2),
+    F.linear: OpSignature("linear", 0, 1, 2),
+    aten.addmm.default: OpSignature("linear", 1, 2, 0, transposed=True),
+    aten.embedding.default: OpSignature("embedding", 1, 0, None),
+    aten.layer_norm.default: OpSignature("layer_norm", 0, 2, 3),
+    F.layer_norm: OpSignature("layer_norm", 0, 2, 3),
+}
+for _n, _kind in _CONV_KINDS.items():
+    for _op in (getattr(aten, f"conv{_n}d").default, getattr(aten, f"conv{_n}d").padding, getattr(F, f"conv{_n}d")):
+        SIGNATURES[_op] = OpSignature(_kind, 0, 1, 2)
+
+
+@dataclass(frozen=True, eq=False)
+class OpView:
+    """Any graph node seen through the pattern language: its op name, module path and layer."""
+
+    node: fx.Node
+    op: str
+    module: str
+    module_type: str
+    layer: int | None
+
+
+@dataclass(frozen=True, eq=False)
+class Site(OpView):
+    """A weight-owning op. ``weight_shape`` is logical (``[out, in, *kernel]``; Conv1D is transposed back)."""
+
+    weight: fx.Node = field(default=None)  # type: ignore[assignment]
+    bias: fx.Node | None = None
+    input: fx.Node = field(default=None)  # type: ignore[assignment]
+    weight_shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+    transposed: bool = False
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[1] if self.op == "embedding" else self.weight_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_shape[0] if self.op == "embedding" else self.weight_shape[1]
+
+    @property
+    def conv_args(self) -> dict[str, Any]:
+        """stride, padding, dilation and groups of a conv site, as the functional conv takes them."""
+        _, _, _, stride, padding, dilation, groups = (*self.node.args, *[None] * 7)[:7]
+        return {
+            "stride": stride or 1,
+            "padding": 0 if padding is None else padding,
+            "dilation": dilation or 1,
+            "groups": groups or 1,
+        }
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.weight_shape))
+        return f"{self.op} {self.module} [{shape}]"
+
+
+def op_name(node: fx.Node, root: torch.nn.Module | None = None) -> str:
+    """A short, tracer-independent name for what a node computes (``linear``, ``silu``, ``view`` ...)."""
+    if node.op == "call_function":
+        signature = SIGNATURES.get(node.target)
+        if signature is not None:
+            return signature.kind
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._schema.name.split("::")[-1]
+        return getattr(node.target, "__name__", str(node.target)).lstrip("_")
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_module" and root is not None:
+        return _snake(type(root.get_submodule(str(node.target))).__name__)
+    return node.op
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def module_of(node: fx.Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module that owns a node, from ``nn_module_stack``."""
+    stack = node.meta.get(MODULE_STACK)
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else cls.__name__
+        return str(path), cls_name
+    if node.op == "call_module":
+        return str(node.target), ""
+    return "", ""
+
+
+def layer_of(path: str) -> int | None:
+    match = LAYER_PATTERN.search(path)
+    return int(match.group(1)) if match else None
+
+
+def view_of(node: fx.Node, root: torch.nn.Module | None = None) -> OpView:
+    path, cls = module_of(node)
+    return OpView(node, op_name(node, root), path, cls, layer_of(path))
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every weight-owning op whose weight is a graph constant, in graph order."""
+    return [site for node in gm.graph.nodes if (site := _site(gm, node)) is not None]
+
+
+def site_of(gm: fx.GraphModule, node: fx.Node) -> Site:
+    site = _site(gm, node)
+    if site is None:
+        raise KeyError(f"{node.name} is not a site")
+    return site
+
+
+def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
+    if node.op != "call_function" or node.meta.get("peftfx"):
+        return None
+    signature = SIGNATURES.get(node.target)
+    if signature is None:
+        return None
+    args = node.args
+    weight = args[signature.weight] if len(args) > signature.weight else None
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    tensor = attr(gm, str(weight.target))
+    if signature.transposed and (tensor.ndim != 2 or module_of(node)[1] not in ("Conv1D", "")):
+        return None  # an addmm that is not transformers' Conv1D (or a lowered one) is not a site
+    bias = args[signature.bias] if signature.bias is not None and len(args) > signature.bias else None
+    path, cls = module_of(node)
+    if not path:
+        path = str(weight.target).removesuffix(".weight")
+    shape = tuple(tensor.shape[::-1]) if signature.transposed else tuple(tensor.shape)
+    return Site(
+        node=node,
+        op=signature.kind,
+        module=path,
+        module_type=cls,
+        layer=layer_of(path),
+        weight=weight,
+        bias=bias if isinstance(bias, fx.Node) else None,
+        input=args[signature.input],
+        weight_shape=shape,
+        dtype=tensor.dtype,
+        transposed=signature.transposed,
+    )
+
+
+def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+LOOK_THROUGH = frozenset(
+    {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "transpose",
+        "t",
+        "permute",
+        "contiguous",
+        "clone",
+        "to",
+        "_to_copy",
+        "type_as",
+        "float",
+        "half",
+        "bfloat16",
+        "dropout",
+        "native_dropout",
+        "alias",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "flatten",
+        "unflatten",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "getitem",
+        "detach",
+        "view_as",
+    }
+)
+
+
+def consumers(node: fx.Node, root: torch.nn.Module | None = None) -> Iterator[fx.Node]:
+    """Nodes that use ``node``'s value, looking through views, casts and dropout."""
+    yield from _walk(node, lambda n: n.users, root)
+
+
+def producers(node: fx.Node, root: torch.nn.Module | None = None) -> Iterator[fx.Node]:
+    """Nodes whose value flows into ``node``, looking through views, casts and dropout."""
+    yield from _walk(node, lambda n: [a for a in n.all_input_nodes if a.op != "get_attr"], root)
+
+
+def _walk(start: fx.Node, step: Callable[[fx.Node], Any], root: torch.nn.Module | None) -> Iterator[fx.Node]:
+    seen = {start}
+    frontier = list(step(start))
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if op_name(node, root) in LOOK_THROUGH or node.target is operator.getitem:
+            frontier.extend(step(node))
+        else:
+            yield node

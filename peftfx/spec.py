@@ -1,0 +1,265 @@
+"""The spec: what to do, as validated data. YAML, JSON, a dict or a ``Spec`` all end up here.
+
+Unknown keys are errors (a typo must never be silently ignored), and every error names the field path and,
+for YAML files, the line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+
+from .errors import SpecError
+
+Scalar = bool | int | float | str
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class WeightPredicate(Strict):
+    """Predicates on a site's weight, in its logical layout ``[out, in, *kernel]``."""
+
+    shape: list[int | None] | None = Field(None, description="exact shape; null is a wildcard")
+    ndim: int | None = None
+    dtype: str | list[str] | None = Field(None, description="torch dtype name(s), e.g. float32")
+    divisible_by: int | list[int | None] | None = Field(
+        None, description="every dim (an int) or dim by dim (a list, null to skip) divisible by this"
+    )
+    in_features: int | None = None
+    out_features: int | None = None
+
+
+class Selector(Strict):
+    """A set of predicates over sites; every key present must hold."""
+
+    op: str | list[str] | None = Field(None, description="op kind(s): linear, conv2d, embedding, layer_norm, ...")
+    module: str | list[str] | None = Field(
+        None,
+        description="module path: a glob ('*.q_proj'), a regex ('re:...', full match, may name a group 'layer'), "
+        "or a list of exact names / dotted suffixes (PEFT's list rule)",
+    )
+    module_type: str | list[str] | None = Field(
+        None, description="class name of the owning module: Linear, Conv1D, Embedding, ..."
+    )
+    layers: int | str | list[int | str] | None = Field(
+        None, description="layer indices: 3, [0, 3], '0-3' (inclusive range), or a list mixing both"
+    )
+    exclude: Selector | None = Field(None, description="sites matching this are never selected")
+    weight: WeightPredicate | None = None
+    feeds: Selector | None = Field(None, description="some consumer (through views, casts, dropout) matches")
+    fed_by: Selector | None = Field(None, description="some producer (through views, casts, dropout) matches")
+    any_of: list[Selector] | None = None
+    all_of: list[Selector] | None = None
+    not_: Selector | None = Field(None, alias="not")
+    expect: int | str | None = Field(
+        None, description="how many sites must match: 4, '>=1' (the default), '<=8', '2-4' or 'any'"
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, str) and not re.fullmatch(r"\d+-\d+", item.strip()):
+                raise ValueError(f"layer range {item!r} must look like 'lo-hi'")
+        return value
+
+    @field_validator("expect")
+    @classmethod
+    def _check_expect(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.fullmatch(r"any|(>=|<=)\d+|\d+-\d+|\d+", value.strip()):
+            raise ValueError(f"expect {value!r} must be N, '>=N', '<=N', 'N-M' or 'any'")
+        return value
+
+
+class Gradient(Strict):
+    """A value interpolated linearly across the selected layers, first layer to last."""
+
+    gradient: list[float] = Field(min_length=1)
+
+
+class Case(Strict):
+    when: Selector | None = None
+    value: Scalar | Gradient
+
+
+class Cases(Strict):
+    """The value of the first case whose ``when`` matches the site; a case without ``when`` is the default."""
+
+    cases: list[Case] = Field(min_length=1)
+
+
+ParamValue = Scalar | Gradient | Cases
+
+
+class PeftAdapter(Strict):
+    """An adapter read from a PEFT checkpoint directory."""
+
+    peft: str = Field(description="directory holding adapter_config.json and adapter_model.safetensors")
+    scale: float | Gradient | Cases = Field(1.0, description="multiplies the adapter's scaling, like PEFT's set_scale")
+    allow_pickle: bool = Field(
+        False, description="also read adapter_model.bin (a pickle: only for checkpoints you trust)"
+    )
+
+
+class FreshAdapter(Strict):
+    """A new adapter, initialised as PEFT does, on the sites ``at`` selects."""
+
+    type: str = Field(description="adapter kind: lora, dora, ...")
+    at: Selector
+    with_: dict[str, ParamValue] = Field(default_factory=dict, alias="with")
+    seed: int | None = Field(None, description="seed for the random initialisation")
+
+
+def _adapter_tag(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return "peft" if isinstance(value, PeftAdapter) else "fresh"
+    if isinstance(value, dict):
+        if "peft" in value:
+            return "peft"
+        if "type" in value:
+            return "fresh"
+    return None
+
+
+Adapter = Annotated[
+    Annotated[PeftAdapter, Tag("peft")] | Annotated[FreshAdapter, Tag("fresh")],
+    Discriminator(
+        _adapter_tag,
+        custom_error_type="adapter_form",
+        custom_error_message="an adapter needs `peft: <dir>` or `type: <kind>`",
+    ),
+]
+
+
+class Spec(Strict):
+    """What peftfx.compile does to a model."""
+
+    adapters: dict[str, Adapter] = Field(default_factory=dict)
+    active: list[str] | None = Field(None, description="adapters that run in the graph, in order (default: all)")
+    merge: bool | list[str] = Field(False, description="true, or the adapters to fold into the weights")
+    capture: Literal["auto", "export", "symbolic_trace"] = "auto"
+
+    def active_adapters(self) -> list[str]:
+        names = list(self.adapters) if self.active is None else list(self.active)
+        for i, name in enumerate(names):
+            if name not in self.adapters:
+                raise SpecError(f"active[{i}]: no adapter named {name!r} (have: {_names(self.adapters)})")
+        return names
+
+    def merged_adapters(self) -> list[str]:
+        active = self.active_adapters()
+        if self.merge is True:
+            return active
+        if self.merge is False:
+            return []
+        for i, name in enumerate(self.merge):
+            if name not in active:
+                raise SpecError(f"merge[{i}]: {name!r} is not an active adapter (active: {_names(active)})")
+        return list(self.merge)
+
+
+def _names(names: Any) -> str:
+    return ", ".join(names) or "none"
+
+
+def spec_schema() -> dict[str, Any]:
+    """The JSON Schema of a spec, for editors and validators."""
+    return Spec.model_json_schema(by_alias=True)
+
+
+def load_spec(spec: Spec | dict[str, Any] | str | Path) -> tuple[Spec, Path | None]:
+    """Validate a spec; return it and the directory relative paths inside it are resolved against."""
+    if isinstance(spec, Spec):
+        return spec, None
+    if isinstance(spec, dict):
+        return _validate(spec, None, None), None
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if not path.is_file():
+            raise SpecError(f"{path}: spec file not found")
+        text = path.read_text()
+        data = _parse(text, path)
+        return _validate(data, path, text), path.parent
+    raise SpecError(f"spec must be a path, a dict or a peftfx.Spec, not {type(spec).__name__}")
+
+
+def _parse(text: str, path: Path) -> Any:
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
+    if path.suffix not in (".yaml", ".yml"):
+        raise SpecError(f"{path}: a spec file must end in .yaml, .yml or .json")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from e
+    return {} if data is None else data
+
+
+def _validate(data: Any, path: Path | None, text: str | None) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{path or 'spec'}: a spec is a mapping, not {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = [part for part in err["loc"] if part not in ("peft", "fresh") or part == err["loc"][-1]]
+            field = _field_path(loc)
+            line = _yaml_line(text, loc) if text and path and path.suffix != ".json" else None
+            where = f"{path}:{line}: " if line else (f"{path}: " if path else "")
+            lines.append(f"{where}{field}: {_message(err)}")
+        raise SpecError("invalid spec\n  " + "\n  ".join(lines)) from None
+
+
+def _message(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    return str(err["msg"])
+
+
+def _field_path(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not re.fullmatch(r"[A-Za-z_][\w-]*", str(part)) and not out.endswith("adapters"):
+            out += f"[{part!r}]"
+        else:
+            out += ("." if out else "") + str(part).removesuffix("_")
+    return out
+
+
+def _yaml_line(text: str, loc: list[Any]) -> int | None:
+    """The 1-based line of the deepest YAML node along ``loc`` (the key itself for unknown keys)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part).removesuffix("_") or (part == "not_" and key.value == "not"):
+                    line, node = key.start_mark.line + 1, value
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
