@@ -17,7 +17,7 @@ from torch import fx
 
 from ..adapters import KINDS
 from ..errors import MergeError
-from ..rewrite import get_attr, rebind
+from ..rewrite import get_attr, rebind, take_name_back
 from .base import Pass
 from .records import Record, nodes_by_name, records
 
@@ -36,13 +36,17 @@ class Merge(Pass):
         for name in self.adapters:
             if name not in known:
                 raise MergeError(f"merge: adapter {name!r} is not in the graph (have: {', '.join(known) or 'none'})")
+        renamed: list[tuple[fx.Node, fx.Node]] = []
         for record in all_records:
             if record.adapter in self.adapters and not record.merged:
-                _merge(gm, record, all_records)
+                renamed += _merge(gm, record, all_records)
+        for new, old in reversed(renamed):
+            take_name_back(gm, new, old)
         return gm
 
 
-def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> None:
+def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> list[tuple[fx.Node, fx.Node]]:
+    """Fold one record; return the (new, old) get_attr pairs of weights that had to take a new name."""
     nodes = nodes_by_name(gm)
     a = record.site_adapter(gm, nodes)
     _check_order(record, a.kind.additive(a), all_records, gm, nodes)
@@ -60,12 +64,19 @@ def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> Non
     if not torch.isfinite(new_weight).all():
         raise MergeError(f"merge: adapter {record.adapter!r} at {record.module}: the merged weight is not finite")
     nodes[record.output].replace_all_uses_with(nodes[record.input])
+    for other in all_records:
+        if other.input == record.output:
+            other.input = record.input
     for name in reversed(record.nodes):
         gm.graph.erase_node(nodes[name])
-    rebind(gm, [site.node], site.weight, new_weight, "merged")
-    if new_bias is not bias and site.bias is not None:
-        rebind(gm, [site.node], site.bias, new_bias, "merged")
+    renamed = []
+    for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
+        if old is not None and new_value is not value:
+            new = rebind(gm, [site.node], old, new_value, "merged")
+            if new is not None:
+                renamed.append((new, old))
     record.merged = True
+    return renamed
 
 
 def _check_order(record: Record, additive: bool, all_records: list[Record], gm: fx.GraphModule, nodes: dict) -> None:

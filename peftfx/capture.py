@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import operator
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from .errors import CaptureError
 
@@ -38,26 +40,28 @@ def capture(
     method: Method = "auto",
     dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
-    """Trace ``model`` without mutating it. ``auto`` exports transformers models and traces the rest."""
-    if method == "auto":
-        method = "export" if _is_transformers_model(model) else "symbolic_trace"
-        if method == "symbolic_trace":
-            try:
-                return _finish(_symbolic_trace(model), model)
-            except CaptureError:
-                raise
-            except Exception as trace_error:
-                if example_inputs is None:
-                    raise CaptureError(
-                        f"torch.fx.symbolic_trace cannot trace {type(model).__name__} ({trace_error}); "
-                        "pass example_inputs so peftfx can capture it with torch.export instead"
-                    ) from trace_error
-                method = "export"
-    if method == "symbolic_trace":
-        return _finish(_symbolic_trace(model), model)
+    """Trace ``model`` without mutating it. ``auto`` exports transformers models and traces the rest.
+
+    ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary.
+    """
+    name = type(model).__name__
+    trace_error: Exception | None = None
+    if method == "symbolic_trace" or (method == "auto" and not _is_transformers_model(model)):
+        try:
+            return _finish(_symbolic_trace(model), model)
+        except Exception as error:
+            if method == "symbolic_trace" or example_inputs is None:
+                hint = "; pass example_inputs so peftfx can capture it with torch.export" if method == "auto" else ""
+                raise CaptureError(f"torch.fx.symbolic_trace cannot trace {name}: {error}{hint}") from error
+            trace_error = error
     if example_inputs is None:
-        raise CaptureError(f"capturing {type(model).__name__} with torch.export needs example_inputs")
-    return _finish(_export(model, example_inputs, dynamic_shapes), model)
+        raise CaptureError(f"capturing {name} with torch.export needs example_inputs")
+    try:
+        return _finish(_export(model, example_inputs, dynamic_shapes), model)
+    except CaptureError as error:
+        if trace_error is None:
+            raise
+        raise CaptureError(f"neither tracer can capture {name}: symbolic_trace: {trace_error}; {error}") from error
 
 
 def split_inputs(example_inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -88,12 +92,21 @@ def _cache_off(model: nn.Module) -> Iterator[None]:
 
 def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx.GraphModule:
     args, kwargs = split_inputs(example_inputs)
+    if dynamic_shapes == "auto":
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        dynamic_shapes = {name: tree_map(_all_dims_auto, value) for name, value in bound.items()}
     try:
         with _cache_off(model):
             program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {error}") from error
     return program.module()
+
+
+def _all_dims_auto(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {dim: torch.export.Dim.AUTO for dim in range(value.ndim)}
+    return None
 
 
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:

@@ -71,9 +71,8 @@ def _fresh_target(name: str, adapter: FreshAdapter) -> Target:
         raise SpecError(f"adapters.{name}.type: unknown adapter kind {adapter.type!r} (known: {', '.join(KINDS)})")
     for key in adapter.with_:
         if key not in kind.Params.model_fields:
-            raise SpecError(
-                f"adapters.{name}.with.{key}: unknown field for {kind.name} (fields: {', '.join(kind.Params.model_fields)})"
-            )
+            fields = ", ".join(kind.Params.model_fields)
+            raise SpecError(f"adapters.{name}.with.{key}: unknown field for {kind.name} (fields: {fields})")
     return Target(name, kind, adapter.at, f"adapters.{name}.at")
 
 

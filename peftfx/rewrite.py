@@ -25,7 +25,7 @@ def set_attr(gm: nn.Module, target: str, value: torch.Tensor | nn.Module) -> Non
         if not hasattr(module, part):
             module.add_module(part, nn.Module())
         module = getattr(module, part)
-    if isinstance(value, nn.Parameter) or isinstance(value, nn.Module):
+    if isinstance(value, (nn.Parameter, nn.Module)):
         setattr(module, name, value)
     elif name in module._parameters:
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
@@ -95,17 +95,20 @@ def attr_users(gm: fx.GraphModule, value: Any) -> list[fx.Node]:
     ]
 
 
-def rebind(gm: fx.GraphModule, readers: list[fx.Node], old: fx.Node, tensor: torch.Tensor, hint: str) -> None:
+def rebind(
+    gm: fx.GraphModule, readers: list[fx.Node], old: fx.Node, tensor: torch.Tensor, hint: str
+) -> fx.Node | None:
     """Make ``readers`` read ``tensor`` where they read the get_attr ``old``, leaving every other reader as is.
 
     When ``readers`` are the tensor's only readers the attribute is replaced under its own name (so a merged
     graph has the base graph's names and node count); otherwise, e.g. for a tied weight, the new tensor gets
-    a name of its own. The old tensor is never written to: it may be the user's storage.
+    a name of its own, and its get_attr node is returned. The old tensor is never written to: it may be the
+    user's storage.
     """
     current = get_attr(gm, str(old.target))
     if set(attr_users(gm, current)) <= set(readers):
         set_attr(gm, str(old.target), nn.Parameter(tensor, requires_grad=False))
-        return
+        return None
     target = fresh_target(gm, f"{old.target}_{hint}")
     set_attr(gm, target, nn.Parameter(tensor, requires_grad=False))
     with gm.graph.inserting_before(old.next):
@@ -114,3 +117,14 @@ def rebind(gm: fx.GraphModule, readers: list[fx.Node], old: fx.Node, tensor: tor
         reader.replace_input_with(old, new)
     if not old.users:
         gm.graph.erase_node(old)
+    return new
+
+
+def take_name_back(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> None:
+    """Once nothing reads ``old`` any more, let ``new``'s tensor have ``old``'s name and node."""
+    if old._erased or old.users:
+        return
+    set_attr(gm, str(old.target), nn.Parameter(get_attr(gm, str(new.target)), requires_grad=False))
+    del_attr(gm, str(new.target))
+    new.replace_all_uses_with(old)
+    gm.graph.erase_node(new)

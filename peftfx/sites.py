@@ -82,13 +82,11 @@ class Site(OpView):
     @property
     def conv_args(self) -> dict[str, Any]:
         """stride, padding, dilation and groups of a conv site, as the functional conv takes them."""
-        _, _, _, stride, padding, dilation, groups = (*self.node.args, *[None] * 7)[:7]
-        return {
-            "stride": stride or 1,
-            "padding": 0 if padding is None else padding,
-            "dilation": dilation or 1,
-            "groups": groups or 1,
+        names = ("stride", "padding", "dilation", "groups")
+        given = dict(zip(names, self.node.args[3:], strict=False)) | {
+            k: v for k, v in self.node.kwargs.items() if k in names
         }
+        return {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} | given
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.weight_shape))

@@ -68,6 +68,7 @@ class AdapterKind(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged (weight, bias), storage layout. ``raw_weight`` is the weight the live adapter reads."""
 
+    @abstractmethod
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         """Refuse config fields this kind does not implement, rather than silently computing something else."""
 
