@@ -66,14 +66,7 @@ def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
 
 
 def _fresh_target(name: str, adapter: FreshAdapter) -> Target:
-    kind = KINDS.get(adapter.type)
-    if kind is None:
-        raise SpecError(f"adapters.{name}.type: unknown adapter kind {adapter.type!r} (known: {', '.join(KINDS)})")
-    for key in adapter.with_:
-        if key not in kind.Params.model_fields:
-            fields = ", ".join(kind.Params.model_fields)
-            raise SpecError(f"adapters.{name}.with.{key}: unknown field for {kind.name} (fields: {fields})")
-    return Target(name, kind, adapter.at, f"adapters.{name}.at")
+    return Target(name, KINDS[adapter.type], adapter.at, f"adapters.{name}.at")
 
 
 def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: Path | None) -> Target:

@@ -95,9 +95,7 @@ def attr_users(gm: fx.GraphModule, value: Any) -> list[fx.Node]:
     ]
 
 
-def rebind(
-    gm: fx.GraphModule, readers: list[fx.Node], old: fx.Node, tensor: torch.Tensor, hint: str
-) -> fx.Node | None:
+def rebind(gm: fx.GraphModule, readers: list[fx.Node], old: fx.Node, tensor: torch.Tensor, hint: str) -> fx.Node | None:
     """Make ``readers`` read ``tensor`` where they read the get_attr ``old``, leaving every other reader as is.
 
     When ``readers`` are the tensor's only readers the attribute is replaced under its own name (so a merged

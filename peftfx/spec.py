@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import SpecError
 
@@ -117,6 +126,25 @@ class FreshAdapter(Strict):
     with_: dict[str, ParamValue] = Field(default_factory=dict, alias="with")
     seed: int | None = Field(None, description="seed for the random initialisation")
 
+    @model_validator(mode="after")
+    def _check_kind(self) -> FreshAdapter:
+        from .adapters import KINDS
+
+        kind = KINDS.get(self.type)
+        if kind is None:
+            raise ValueError(f"type: unknown adapter kind {self.type!r} (known: {', '.join(KINDS)})")
+        fields = kind.Params.model_fields
+        for key in self.with_:
+            if key not in fields:
+                raise ValueError(f"with.{key}: unknown field for {self.type} (fields: {', '.join(fields)})")
+        scalars = {k: v for k, v in self.with_.items() if not isinstance(v, Gradient | Cases)}
+        try:
+            kind.Params.model_validate(scalars)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"with.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return self
+
 
 def _adapter_tag(value: Any) -> str | None:
     if isinstance(value, BaseModel):
@@ -214,20 +242,40 @@ def _validate(data: Any, path: Path | None, text: str | None) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
-        lines = []
+        by_field: dict[str, list[str]] = {}
+        lines: dict[str, int | None] = {}
         for err in e.errors():
-            loc = [part for part in err["loc"] if part not in ("peft", "fresh") or part == err["loc"][-1]]
-            field = _field_path(loc)
-            line = _yaml_line(text, loc) if text and path and path.suffix != ".json" else None
-            where = f"{path}:{line}: " if line else (f"{path}: " if path else "")
-            lines.append(f"{where}{field}: {_message(err)}")
-        raise SpecError("invalid spec\n  " + "\n  ".join(lines)) from None
+            loc = [part for part in err["loc"] if not _is_union_member(part)]
+            field, message = _field_path(loc), _message(err)
+            inner = re.match(r"([\w.]+): (.*)", message) if err["type"] == "value_error" else None
+            if inner:  # a validator that names the sub-field itself
+                field, message = f"{field}.{inner[1]}", inner[2]
+            by_field.setdefault(field, []).append(message)
+            lines[field] = (
+                _yaml_line(text, [*loc, *(inner[1].split(".") if inner else [])])
+                if text and path and path.suffix != ".json"
+                else None
+            )
+        out = []
+        for field, messages in by_field.items():
+            where = f"{path}:{lines[field]}: " if lines[field] else (f"{path}: " if path else "")
+            unique = list(dict.fromkeys(messages))
+            message = unique[0] if len(unique) == 1 else "fits none of its allowed forms (" + "; ".join(unique) + ")"
+            out.append(f"{where}{field}: {message}")
+        raise SpecError("invalid spec\n  " + "\n  ".join(out)) from None
+
+
+def _is_union_member(part: Any) -> bool:
+    """pydantic puts the tried member's name in an error's location: Gradient, float, peft, ..."""
+    return isinstance(part, str) and (
+        part[:1].isupper() or part in ("float", "int", "bool", "str", "peft", "fresh") or "[" in part
+    )
 
 
 def _message(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown field"
-    return str(err["msg"])
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 def _field_path(loc: list[Any]) -> str:
