@@ -36,8 +36,14 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
-                         num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1024,
+    )
     base = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
@@ -70,8 +76,10 @@ def main() -> None:
                 model(**inputs)
                 times[name].append(time.perf_counter() - t)
     medians = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{torch.get_num_threads()} threads"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     lines = [
         "# LoRA forward latency: peftfx vs PEFT",
         "",

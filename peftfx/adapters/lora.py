@@ -107,7 +107,7 @@ class Lora(AdapterKind):
         r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
         if r != r_cfg:
             raise CheckpointError(
-                f"{source.file}: {source.keys[roles['A']]!r} has rank {r}, but adapter_config.json gives "
+                f"{source.file}: {source.keys[roles['lora_A']]!r} has rank {r}, but adapter_config.json gives "
                 f"{site.module} r={r_cfg}"
             )
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("lora_alpha", 8))
