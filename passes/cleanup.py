@@ -11,7 +11,7 @@ from torch import fx
 
 from ..rewrite import TAG, del_attr
 from .base import Pass
-from .records import records
+from .records import adapters, records
 
 
 class Cleanup(Pass):
@@ -38,6 +38,9 @@ class Cleanup(Pass):
                     del_attr(gm, f"peftfx.{name}")
             _drop_empty(gm, "peftfx")
         records(gm)[:] = [r for r in records(gm) if not r.merged]
+        live = {r.adapter for r in records(gm)}
+        for name in [name for name in adapters(gm) if name not in live]:
+            del adapters(gm)[name]
         return gm
 
 

@@ -3,15 +3,18 @@
 requires: placements whose sites are base ops of this graph.
 ensures:  every consumer of a site's output reads the last adapter's output instead; adapters at one site
           chain in placement order; adapter tensors are trainable parameters under ``peftfx.<adapter>.<site>``;
-          a ``Record`` per placement in ``gm.meta['peftfx']['records']``; base-weight overrides (PEFT's
+          adapter-wide (shared) tensors once under ``peftfx.<adapter>``; a ``Record`` per placement in
+          ``gm.meta['peftfx']['records']`` and, per adapter, its PEFT config and overrides in
+          ``gm.meta['peftfx']['adapters']`` (what ``save_adapter`` writes back); base-weight overrides (PEFT's
           modules_to_save and trained biases) are rebound for the nodes of the module that owns them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -21,7 +24,7 @@ from ..errors import CheckpointError
 from ..rewrite import build_after, get_attr, rebind, set_attr, tagged_get_attr
 from ..sites import module_of
 from .base import Pass
-from .records import Record, records
+from .records import AdapterInfo, Record, adapters, records
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,24 @@ class Insert(Pass):
     requires = "placements on base sites"
     ensures = "adapter subgraphs after their sites, with records"
 
-    def __init__(self, placements: Sequence[Placement], overrides: Sequence[Override] = ()) -> None:
+    def __init__(
+        self,
+        placements: Sequence[Placement],
+        overrides: Sequence[Override] = (),
+        configs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.placements = placements
         self.overrides = overrides
+        self.configs = configs or {}
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        info = adapters(gm)
+        for placement in self.placements:
+            entry = info.setdefault(placement.adapter, AdapterInfo(placement.site_adapter.kind.name))
+            entry.config = dict(self.configs.get(placement.adapter) or {}) or None
         for override in self.overrides:
             _apply_override(gm, override)
+            info.setdefault(override.adapter, AdapterInfo("")).overrides[override.key] = override.tensor
         outputs: dict[fx.Node, fx.Node] = {}
         for placement in self.placements:
             a = placement.site_adapter
@@ -64,12 +78,12 @@ class Insert(Pass):
 def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.Node:
     site = a.site
     tag = {"adapter": adapter, "node": site.node.name}
-    prefix = f"peftfx.{_key(adapter)}.{_key(site.module)}"
+    prefix = f"peftfx.{_key(adapter)}"
     targets = {}
     for role, tensor in a.tensors.items():
-        targets[role] = f"{prefix}.{role}"
+        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{_key(site.module)}.{role}"
         try:
-            get_attr(gm, targets[role])  # a module called at several sites shares one set of tensors
+            get_attr(gm, targets[role])  # shared roles, and a module called at several sites, reuse one tensor
         except AttributeError:
             set_attr(gm, targets[role], nn.Parameter(tensor, requires_grad=True))
     cursor = y
@@ -96,6 +110,8 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
             input=y.name,
             output=out.name,
             tensors=targets,
+            peft_keys=dict(a.peft_keys),
+            shared=sorted(a.shared),
             raw_weight=str(site.weight.target),
             nodes=[n.name for n in (*attrs, *created)],
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx
 
 from ..adapters import KINDS, SiteAdapter
@@ -24,6 +25,8 @@ class Record:
     input: str  # the output node the adapter consumed (the site, or the adapter before it)
     output: str  # the adapter's own output node
     tensors: dict[str, str]  # role -> attribute target
+    peft_keys: dict[str, str]  # role -> PEFT key suffix
+    shared: list[str]  # roles whose tensor is adapter-wide
     raw_weight: str  # the weight attribute the live adapter reads
     merged: bool = False
     nodes: list[str] = field(default_factory=list)
@@ -35,11 +38,24 @@ class Record:
     def site_adapter(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> SiteAdapter:
         site = site_of(gm, nodes[self.site_node])
         tensors = {role: get_attr(gm, target) for role, target in self.tensors.items()}
-        return SiteAdapter(KINDS[self.kind], site, self.hyper, tensors)
+        return SiteAdapter(KINDS[self.kind], site, self.hyper, tensors, dict(self.peft_keys), frozenset(self.shared))
+
+
+@dataclass
+class AdapterInfo:
+    """Adapter-wide facts: its kind, the PEFT config it was loaded from (None if fresh), base overrides."""
+
+    kind: str
+    config: dict[str, Any] | None = None
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT key -> tensor
 
 
 def records(gm: fx.GraphModule) -> list[Record]:
     return gm.meta.setdefault("peftfx", {}).setdefault("records", [])
+
+
+def adapters(gm: fx.GraphModule) -> dict[str, AdapterInfo]:
+    return gm.meta.setdefault("peftfx", {}).setdefault("adapters", {})
 
 
 def nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:

@@ -3,6 +3,7 @@
 from .capture import capture
 from .driver import Explanation, compile, explain
 from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
+from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
 
@@ -24,5 +25,6 @@ __all__ = [
     "explain",
     "find_sites",
     "load_spec",
+    "save_adapter",
     "spec_schema",
 ]

@@ -24,25 +24,52 @@ WEIGHTS = "adapter_model.safetensors"
 PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# Tensors PEFT stores per adapted module, by the attribute that owns them.
-_ADAPTER_ROLE = re.compile(
-    r"^(?P<module>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector)$"
-)
+SHARED_PREFIX = "base_model."
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A PEFT checkpoint, split into per-module adapter tensors and base-weight overrides."""
+    """A PEFT checkpoint as stored: its config and every tensor, keyed as in the file."""
 
     directory: Path
     config: dict[str, Any]
     file: str
-    modules: dict[str, dict[str, torch.Tensor]]  # module path -> {role suffix: tensor}
-    overrides: dict[str, torch.Tensor]  # base attribute path -> tensor (modules_to_save, trained biases)
+    tensors: dict[str, torch.Tensor]
 
     def key(self, module: str, role: str) -> str:
         return f"{PREFIX}{module}.{role}"
+
+    def split(self, prefix: str) -> Layout:
+        """Sort the tensors by owner, given the attribute prefix of the adapter's kind (``lora_``, ``hada_``...).
+
+        ``base_model.model.<module>.<prefix>...`` belongs to an adapted module, ``base_model.<name>`` is shared
+        by all of them (VeRA's projections, VB-LoRA's vector bank), anything else under ``base_model.model.``
+        replaces a base tensor (modules_to_save copies, trained biases).
+        """
+        role = re.compile(rf"^(?P<module>.+?)\.(?P<role>{re.escape(prefix)}.*)$")
+        modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        shared: dict[str, torch.Tensor] = {}
+        overrides: dict[str, tuple[str, torch.Tensor]] = {}
+        for key, tensor in self.tensors.items():
+            if not key.startswith(PREFIX):
+                if key.startswith(SHARED_PREFIX) and "." not in key[len(SHARED_PREFIX) :]:
+                    shared[key[len(SHARED_PREFIX) :]] = tensor
+                    continue
+                raise CheckpointError(f"{self.file}: tensor {key!r} does not start with {PREFIX!r}")
+            name = key[len(PREFIX) :]
+            match = role.match(name)
+            if match:
+                modules[match["module"]][match["role"]] = tensor
+            elif ".original_module." not in name:  # bias="all" also saves the untouched original of a saved module
+                overrides[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = (key, tensor)
+        return Layout(dict(modules), shared, overrides)
+
+
+@dataclass(frozen=True)
+class Layout:
+    modules: dict[str, dict[str, torch.Tensor]]  # module path -> {role suffix: tensor}
+    shared: dict[str, torch.Tensor]  # adapter-wide tensors, by name
+    overrides: dict[str, tuple[str, torch.Tensor]]  # base attribute path -> (key in the file, tensor)
 
 
 def read_checkpoint(directory: str | Path, *, allow_pickle: bool = False, field: str = "peft") -> Checkpoint:
@@ -75,8 +102,7 @@ def read_checkpoint(directory: str | Path, *, allow_pickle: bool = False, field:
             raise CheckpointError(f"{file}: cannot read: {e}") from e
     else:
         raise CheckpointError(f"{field}: {weights_file} not found")
-    modules, overrides = _split(tensors, file)
-    return Checkpoint(path, config, file, modules, overrides)
+    return Checkpoint(path, config, file, tensors)
 
 
 def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -84,18 +110,3 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file: {e}") from e
-
-
-def _split(tensors: dict[str, torch.Tensor], file: str) -> tuple[dict, dict]:
-    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    overrides: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PREFIX):
-            raise CheckpointError(f"{file}: tensor {key!r} does not start with {PREFIX!r}")
-        name = key[len(PREFIX) :]
-        match = _ADAPTER_ROLE.match(name)
-        if match:
-            modules[match["module"]][match["role"]] = tensor
-        elif ".original_module." not in name:  # bias="all" also saves the untouched original of a saved module
-            overrides[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = tensor
-    return dict(modules), overrides

@@ -23,7 +23,7 @@ def compile(
     spec, base_dir = load_spec(spec)
     gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
     plan = make_plan(gm, spec, base_dir)
-    passes = [Insert(plan.placements, plan.overrides)]
+    passes = [Insert(plan.placements, plan.overrides, plan.configs)]
     merged = spec.merged_adapters()
     if merged:
         passes.append(Merge(merged))

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from torch import fx
 
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
 from .passes.insert import Override, Placement
 from .pattern import Matcher
@@ -30,6 +30,7 @@ class Target:
     selector: Selector
     field: str
     checkpoint: Checkpoint | None = None
+    layout: Layout | None = None
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Plan:
     targets: list[Target]
     placements: list[Placement] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapter -> the PEFT config it came from
 
 
 def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
@@ -85,16 +87,18 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
     config_file = str(ckpt.directory / "adapter_config.json")
     kind.check_peft_config(ckpt.config, config_file)
     selector = peft_selector(ckpt.config, sorted(kind.ops), gm.meta.get("peftfx", {}), config_file)
-    return Target(name, kind, selector, f"adapters.{name} (target_modules of {config_file})", ckpt)
+    field_ = f"adapters.{name} (target_modules of {config_file})"
+    return Target(name, kind, selector, field_, ckpt, ckpt.split(kind.peft_prefix))
 
 
 def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Site]) -> None:
-    ckpt = target.checkpoint
-    assert ckpt is not None
+    ckpt, layout = target.checkpoint, target.layout
+    assert ckpt is not None and layout is not None
+    plan.configs[target.name] = ckpt.config
     chosen = {site.module for site in sites}
     by_module = {site.module: site for site in plan.matcher.sites}
-    for module in sorted(set(ckpt.modules) - chosen):
-        key = ckpt.key(module, next(iter(ckpt.modules[module])))
+    for module in sorted(set(layout.modules) - chosen):
+        key = ckpt.key(module, next(iter(layout.modules[module])))
         if module in by_module:
             reason = plan.matcher.test(target.selector, by_module[module]).reason
             raise CheckpointError(
@@ -105,17 +109,18 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
         )
     span = layer_span(sites)
     for site in sites:
-        if site.module not in ckpt.modules:
+        if site.module not in layout.modules:
             raise CheckpointError(
                 f"{ckpt.file}: adapter_config.json targets {site.module}, but the file holds "
-                f"no tensors for it (e.g. {ckpt.key(site.module, 'lora_A.weight')!r})"
+                f"no tensors for it (none named {ckpt.key(site.module, target.kind.peft_prefix + '*')!r})"
             )
         scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
-        tensors = ckpt.modules[site.module]
-        source = PeftSource(ckpt.config, tensors, {r: ckpt.key(site.module, r) for r in tensors}, ckpt.file)
+        tensors = layout.modules[site.module]
+        keys = {r: ckpt.key(site.module, r) for r in tensors}
+        source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared)
         plan.placements.append(Placement(target.name, target.kind.from_peft(site, source, float(scale))))
-    for attr, tensor in ckpt.overrides.items():
-        plan.overrides.append(Override(target.name, attr, tensor, f"base_model.model.{attr}", ckpt.file))
+    for attr, (key, tensor) in layout.overrides.items():
+        plan.overrides.append(Override(target.name, attr, tensor, key, ckpt.file))
 
 
 def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[Site]) -> None:

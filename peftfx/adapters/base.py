@@ -2,18 +2,23 @@
 
 A kind is one small file. Its ``forward`` is written once in plain torch and runs on ``torch.fx.Proxy``
 values to build the graph, so the inserted subgraph and the math are the same code.
+
+Tensors keep PEFT's shapes and are keyed by role; ``SiteAdapter.peft_keys`` maps each role to PEFT's key
+suffix, so loading and saving back a checkpoint are the same table read in both directions. Roles in
+``SiteAdapter.shared`` are adapter-wide (one tensor for every site, e.g. VeRA's projections), stored once.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
 
+from ..errors import CheckpointError
 from ..sites import Site
 
 
@@ -25,6 +30,8 @@ class SiteAdapter:
     site: Site
     hyper: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    peft_keys: dict[str, str] = field(default_factory=dict)  # role -> PEFT key suffix (after the module path)
+    shared: frozenset[str] = frozenset()  # adapter-wide roles (PEFT key ``base_model.<suffix>``)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,12 @@ class PeftSource:
     tensors: Mapping[str, torch.Tensor]  # this module's tensors, keyed by PEFT's suffix (lora_A.weight, ...)
     keys: Mapping[str, str]  # the same suffixes mapped to the full key in the file, for error messages
     file: str
+    shared: Mapping[str, torch.Tensor] = field(default_factory=dict)  # adapter-wide tensors, by PEFT name
+
+    def take(self, suffix: str) -> torch.Tensor:
+        if suffix not in self.tensors:
+            raise CheckpointError(f"{self.file}: missing tensor {suffix!r} for this module")
+        return self.tensors[suffix]
 
 
 class AdapterKind(ABC):
@@ -42,6 +55,7 @@ class AdapterKind(ABC):
 
     name: ClassVar[str]
     peft_types: ClassVar[tuple[str, ...]] = ()
+    peft_prefix: ClassVar[str] = ""  # the attribute prefix of this kind's tensors in PEFT (lora_, hada_, ...)
     ops: ClassVar[frozenset[str]]
     Params: ClassVar[type[BaseModel]]
 
@@ -72,6 +86,10 @@ class AdapterKind(ABC):
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         """Refuse config fields this kind does not implement, rather than silently computing something else."""
 
+    def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
+        """The adapter_config.json PEFT needs to rebuild these (fresh) adapters, for ``save_adapter``."""
+        raise NotImplementedError(f"{self.name}: saving a fresh adapter in PEFT's format is not supported")
+
     def additive(self, a: SiteAdapter) -> bool:
         """True when the adapter only adds to the output, so it commutes with other additive adapters."""
         return False
@@ -80,3 +98,51 @@ class AdapterKind(ABC):
 def adapter_dtype(site_dtype: torch.dtype) -> torch.dtype:
     """PEFT keeps adapters in the base dtype, upcasting half precisions to float32."""
     return torch.float32 if site_dtype in (torch.float16, torch.bfloat16) else site_dtype
+
+
+def target_modules(adapters: Sequence[SiteAdapter]) -> list[str]:
+    """Exact module paths: under PEFT's list rule (exact name or dotted suffix) they select just these."""
+    return sorted({a.site.module for a in adapters})
+
+
+def per_module(adapters: Sequence[SiteAdapter], key: str, default: Any) -> dict[str, Any]:
+    """A PEFT ``*_pattern`` dict for the sites whose ``hyper[key]`` differs from ``default``.
+
+    Keys are full module paths, which PEFT's pattern rule (``(.*\\.)?key$``) matches exactly.
+    """
+    return {a.site.module: a.hyper[key] for a in adapters if a.hyper[key] != default}
+
+
+def refuse_unknown(config: Mapping[str, Any], handled: frozenset[str], kind: str, file: str) -> None:
+    """Refuse a config field that would change the math, rather than silently ignoring it.
+
+    Fields at their neutral value (None, False, empty) are accepted, and so are the bookkeeping fields every
+    PEFT config has.
+    """
+    for key, value in config.items():
+        if key in handled or key in COMMON_FIELDS or value in (None, False, {}, [], ""):
+            continue
+        raise CheckpointError(
+            f"{file}: {key}={value!r} is not supported by peftfx's {kind} (it would change the math, so it is "
+            "refused rather than ignored)"
+        )
+
+
+# Fields every PEFT config has that shape training, targeting (read elsewhere) or bookkeeping only.
+COMMON_FIELDS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "ensure_weight_tying",
+    }
+)

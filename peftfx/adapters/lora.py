@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -50,6 +50,7 @@ class DoraParams(LoraParams):
 class Lora(AdapterKind):
     name = "lora"
     peft_types = ("LORA",)
+    peft_prefix = "lora_"
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = LoraParams
 
@@ -77,7 +78,8 @@ class Lora(AdapterKind):
         tensors = {"lora_A": A.to(dtype), "lora_B": B.to(dtype)}
         if p.lora_bias:
             tensors["lora_B_bias"] = torch.zeros(site.out_features, dtype=dtype)
-        a = SiteAdapter(self, site, _hyper(site, p.r, p.alpha, p.rslora, p.dora, p.lora_bias, 1.0), tensors)
+        hyper = _hyper(site, p.r, p.alpha, p.rslora, p.dora, p.lora_bias, 1.0)
+        a = SiteAdapter(self, site, hyper, tensors, _peft_keys(site, p.dora, p.lora_bias))
         if p.dora:
             a.tensors["lora_magnitude"] = _initial_magnitude(
                 a, attr(site.weight.graph.owning_module, str(site.weight.target))
@@ -88,17 +90,8 @@ class Lora(AdapterKind):
         cfg = source.config
         dora, lora_bias = bool(cfg.get("use_dora")), bool(cfg.get("lora_bias"))
         _check_site(site, dora, lora_bias, CheckpointError, source.file)
-        emb = site.op == "embedding"
-        roles = (
-            {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
-            if emb
-            else {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
-        )
-        if lora_bias:
-            roles["lora_B_bias"] = "lora_B.bias"
-        if dora:
-            roles["lora_magnitude"] = "lora_magnitude_vector"
-        tensors = {role: _take(source, key) for role, key in roles.items()}
+        roles = _peft_keys(site, dora, lora_bias)
+        tensors = {role: source.take(key) for role, key in roles.items()}
         extra = set(source.tensors) - set(roles.values())
         if extra:
             key = source.keys[sorted(extra)[0]]
@@ -111,7 +104,8 @@ class Lora(AdapterKind):
                 f"{site.module} r={r_cfg}"
             )
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("lora_alpha", 8))
-        a = SiteAdapter(self, site, _hyper(site, r, alpha, bool(cfg.get("use_rslora")), dora, lora_bias, scale))
+        hyper = _hyper(site, r, alpha, bool(cfg.get("use_rslora")), dora, lora_bias, scale)
+        a = SiteAdapter(self, site, hyper, peft_keys=roles)
         expected = dict(zip(("lora_A", "lora_B"), _factor_shapes(site, r), strict=True))
         if lora_bias:
             expected["lora_B_bias"] = (site.out_features,)
@@ -171,47 +165,46 @@ class Lora(AdapterKind):
                 f"{file}: init_lora_weights={init!r} rewrites the base weights when loaded; convert the adapter "
                 "to plain LoRA first (PEFT: save_pretrained(path_initial_model_for_weight_conversion=...))"
             )
-        for key, value in config.items():
-            if key in _HANDLED or key in _NO_EFFECT_AT_INFERENCE or value in (None, False, {}, [], ""):
-                continue
-            raise CheckpointError(
-                f"{file}: {key}={value!r} is not supported by peftfx's LoRA (it would change "
-                "the math, so it is refused rather than ignored)"
-            )
+        refuse_unknown(config, _HANDLED, "LoRA", file)
+
+    def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
+        first = adapters[0].hyper
+        if any(a.hyper["rslora"] != first["rslora"] or a.hyper["lora_bias"] != first["lora_bias"] for a in adapters):
+            raise SpecError("save_adapter: PEFT needs one rslora and one lora_bias setting for a whole adapter")
+        dora = {a.hyper["dora"] for a in adapters}
+        if len(dora) > 1:
+            raise SpecError("save_adapter: PEFT cannot mix DoRA and plain LoRA sites in one adapter")
+        return {
+            "peft_type": "LORA",
+            "target_modules": target_modules(adapters),
+            "r": first["r"],
+            "lora_alpha": first["alpha"],
+            "rank_pattern": per_module(adapters, "r", first["r"]),
+            "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
+            "use_rslora": first["rslora"],
+            "use_dora": dora.pop(),
+            "lora_bias": first["lora_bias"],
+            "bias": "none",
+            "fan_in_fan_out": any(a.site.transposed for a in adapters),
+        }
 
     def additive(self, a: SiteAdapter) -> bool:
         return not a.hyper["dora"]
 
 
+# Fields read here, and fields that shape training only (the stored tensors say everything inference needs).
 _HANDLED = frozenset(
     {
-        "peft_type",
         "r",
         "lora_alpha",
         "use_rslora",
         "use_dora",
         "lora_bias",
-        "target_modules",
-        "exclude_modules",
-        "layers_to_transform",
-        "layers_pattern",
         "rank_pattern",
         "alpha_pattern",
         "bias",
-        "modules_to_save",
         "fan_in_fan_out",
         "init_lora_weights",
-    }
-)
-# Fields that shape training or bookkeeping only; the stored tensors already say everything inference needs.
-_NO_EFFECT_AT_INFERENCE = frozenset(
-    {
-        "task_type",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "auto_mapping",
-        "peft_version",
         "lora_dropout",
         "megatron_core",
         "qalora_group_size",
@@ -219,7 +212,6 @@ _NO_EFFECT_AT_INFERENCE = frozenset(
         "eva_config",
         "velora_config",
         "monteclora_config",
-        "ensure_weight_tying",
         "loftq_config",
     }
 )
@@ -239,7 +231,15 @@ class Dora(Lora):
 
 def _hyper(site: Site, r: int, alpha: float, rslora: bool, dora: bool, lora_bias: bool, scale: float) -> dict:
     scaling = (alpha / math.sqrt(r) if rslora else alpha / r) * scale
-    return {"r": r, "alpha": alpha, "rslora": rslora, "dora": dora, "lora_bias": lora_bias, "scaling": scaling}
+    return {
+        "r": r,
+        "alpha": alpha,
+        "rslora": rslora,
+        "dora": dora,
+        "lora_bias": lora_bias,
+        "scaling": scaling,
+        "scale": scale,
+    }
 
 
 def _check_site(site: Site, dora: bool, lora_bias: bool, error: type[Exception], where: str = "") -> None:
@@ -264,10 +264,16 @@ def _magnitude_shape(site: Site) -> tuple[int, ...]:
     return (site.out_features,)
 
 
-def _take(source: PeftSource, key: str) -> torch.Tensor:
-    if key not in source.tensors:
-        raise CheckpointError(f"{source.file}: missing tensor {key!r} for this module")
-    return source.tensors[key]
+def _peft_keys(site: Site, dora: bool, lora_bias: bool) -> dict[str, str]:
+    if site.op == "embedding":
+        keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+    else:
+        keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    if lora_bias:
+        keys["lora_B_bias"] = "lora_B.bias"
+    if dora:
+        keys["lora_magnitude"] = "lora_magnitude_vector"
+    return keys
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

@@ -1,0 +1,56 @@
+"""Saving an adapter back in PEFT's format, so one trained inside a peftfx graph ships to anyone using PEFT.
+
+The tensors are read from the graph (so training shows), keyed by the table each kind declares
+(``SiteAdapter.peft_keys``), and written beside the config PEFT needs: the one the adapter was loaded from,
+or one the kind derives from its fresh sites. Files are written to a temporary directory and moved into
+place, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import fx
+
+from .adapters import KINDS
+from .checkpoint import CONFIG, PREFIX, SHARED_PREFIX, WEIGHTS
+from .errors import SpecError
+from .passes.records import adapters, nodes_by_name, records
+from .rewrite import get_attr
+
+
+def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
+    """Write adapter ``name`` of ``gm`` as ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    info = adapters(gm).get(name)
+    mine = [r for r in records(gm) if r.adapter == name]
+    if info is None or not mine:
+        live = ", ".join(sorted({r.adapter for r in records(gm)})) or "none"
+        raise SpecError(f"save_adapter: no live adapter {name!r} in this graph (live: {live}; merged ones are gone)")
+    state: dict[str, torch.Tensor] = {}
+    for record in mine:
+        if record.hyper.get("scale", 1.0) != 1.0:
+            raise SpecError(f"save_adapter: {name!r} was loaded with `scale`, which PEFT's format cannot express")
+        for role, target in record.tensors.items():
+            prefix = SHARED_PREFIX if role in record.shared else f"{PREFIX}{record.module}."
+            state[prefix + record.peft_keys[role]] = get_attr(gm, target).detach()
+    for key, tensor in info.overrides.items():
+        state[key] = tensor
+    config = info.config
+    if config is None:
+        nodes = nodes_by_name(gm)
+        config = KINDS[info.kind].peft_config([r.site_adapter(gm, nodes) for r in mine])
+    config = {**config, "inference_mode": True}
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(Path(tmp) / WEIGHTS))
+        (Path(tmp) / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        out.mkdir(exist_ok=True)
+        for file in (WEIGHTS, CONFIG):
+            shutil.move(str(Path(tmp) / file), str(out / file))
+    return out
