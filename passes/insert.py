@@ -97,7 +97,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
     def forward(x, y_, w, b, *tensors):
         return a.kind.forward(a, x, y_, w, b, dict(zip(roles, tensors, strict=True)))
 
-    out, created = build_after(cursor, forward, [site.input, y, site.weight, site.bias, *attrs], tag)
+    out, created = build_after(cursor, forward, [site.live_input, y, site.weight, site.bias, *attrs], tag)
     created_set = set(created)
     y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created_set)
     records(gm).append(

@@ -20,6 +20,22 @@ from .sites import Site, find_sites
 from .spec import FreshAdapter, PeftAdapter, Selector, Spec
 from .values import layer_span, resolve
 
+_PROMPT = "learns virtual tokens or activations, not weights"
+# PEFT tuners whose layers have no weight merge, with what they do instead.
+NOT_MERGEABLE = {
+    "PROMPT_TUNING": _PROMPT,
+    "PREFIX_TUNING": _PROMPT,
+    "P_TUNING": _PROMPT,
+    "MULTITASK_PROMPT_TUNING": _PROMPT,
+    "ADAPTION_PROMPT": _PROMPT,
+    "CPT": _PROMPT,
+    "CARTRIDGE": _PROMPT,
+    "POLY": "routes between adapters per input",
+    "XLORA": "mixes adapters per token with a learned classifier",
+    "LILY": "shares adapters across layers through a router",
+    "SHADOW": "runs a parallel network beside the base layers",
+}
+
 
 @dataclass
 class Target:
@@ -79,11 +95,14 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
     peft_type = str(ckpt.config["peft_type"])
     kind = PEFT_TYPES.get(peft_type)
     if kind is None:
+        config_file = ckpt.directory / "adapter_config.json"
+        if peft_type in NOT_MERGEABLE:
+            raise CheckpointError(
+                f"{config_file}: peft_type {peft_type!r} {NOT_MERGEABLE[peft_type]}; PEFT itself cannot merge it into "
+                "weights, so it has no place in a peftfx graph"
+            )
         supported = ", ".join(sorted(PEFT_TYPES))
-        raise CheckpointError(
-            f"{ckpt.directory / 'adapter_config.json'}: peft_type {peft_type!r} is not supported "
-            f"(supported: {supported})"
-        )
+        raise CheckpointError(f"{config_file}: peft_type {peft_type!r} is not supported (supported: {supported})")
     config_file = str(ckpt.directory / "adapter_config.json")
     kind.check_peft_config(ckpt.config, config_file)
     selector = peft_selector(ckpt.config, sorted(kind.ops), gm.meta.get("peftfx", {}), config_file)

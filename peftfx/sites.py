@@ -80,6 +80,11 @@ class Site(OpView):
         return self.weight_shape[0] if self.op == "embedding" else self.weight_shape[1]
 
     @property
+    def live_input(self) -> fx.Node:
+        """The op's input now: an adapter inserted upstream may have replaced the captured ``input``."""
+        return self.node.args[SIGNATURES[self.node.target].input]
+
+    @property
     def conv_args(self) -> dict[str, Any]:
         """stride, padding, dilation and groups of a conv site, as the functional conv takes them."""
         names = ("stride", "padding", "dilation", "groups")

@@ -7,7 +7,6 @@ tolerances and why.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,33 @@ def perturb(model: nn.Module, scale: float = 0.1, seed: int = 0) -> None:
 
 
 def run(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """Call like the model; the main output tensor (logits for transformers models)."""
     with torch.no_grad():
         out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    return out.logits if hasattr(out, "logits") else out
+    if isinstance(out, torch.Tensor):
+        return out
+    return out["logits"] if isinstance(out, dict) else out[0]
+
+
+def peft_checkpoint(
+    base: nn.Module, config: peft.PeftConfig, directory: Path, prepare: Callable[[nn.Module], None] = perturb
+) -> nn.Module:
+    """PEFT wraps a copy of ``base``, ``prepare`` moves the adapter off its init, and it is saved to ``directory``."""
+    peft_model = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config)).eval()
+    prepare(peft_model)
+    peft_model.save_pretrained(directory)
+    return peft_model
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert state.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(state[key], value), f"the input model was mutated ({key})"
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, what: str) -> None:
@@ -68,11 +91,9 @@ def check(
 ) -> dict[str, Any]:
     """peftfx unmerged == PEFT unmerged, peftfx merged == PEFT merged, saved back == PEFT loading it."""
     base = base.eval()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    peft_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
-    prepare(peft_model)
+    before = snapshot(base)
     ckpt = tmp_path / "peft"
-    peft_model.save_pretrained(ckpt)
+    peft_model = peft_checkpoint(base, config, ckpt, prepare)
     expected = run(peft_model, inputs)
 
     spec = {"adapters": {"a": {"peft": str(ckpt)}}}
@@ -95,8 +116,7 @@ def check(
         reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
         assert_close(run(reloaded, inputs), expected, tol, "saved back, loaded by PEFT")
 
-    for key, value in base.state_dict().items():
-        assert torch.equal(value, before[key]), f"the input model was mutated ({key})"
+    assert_unchanged(base, before)
     return result
 
 
@@ -114,81 +134,3 @@ def check_fresh_save(
     peftfx.save_adapter(gm, name, out)
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
     assert_close(run(reloaded, inputs), run(gm, inputs), tol, "fresh adapter saved, loaded by PEFT")
-
-
-# -- tiny models ------------------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    def __init__(self, sizes: tuple[int, ...] = (12, 16, 8), bias: bool = True) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in itertools.pairwise(sizes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
-
-
-class ConvNet(nn.Module):
-    def __init__(self, dims: int = 2, channels: int = 4) -> None:
-        super().__init__()
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        self.conv1 = conv(3, channels, 3, padding=1)
-        self.conv2 = conv(channels, channels, 3, stride=2)
-        self.head = nn.Linear(channels, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = self.conv2(x)
-        return self.head(x.flatten(2).mean(-1))
-
-
-class EmbedNet(nn.Module):
-    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, 4)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(self.emb(ids)))
-
-
-def mlp_inputs(in_features: int = 12, seed: int = 0) -> tuple[torch.Tensor]:
-    return (torch.randn(3, in_features, generator=torch.Generator().manual_seed(seed)),)
-
-
-def conv_inputs(dims: int = 2, seed: int = 0) -> tuple[torch.Tensor]:
-    shape = (2, 3, *[7] * dims)
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)),)
-
-
-def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
-
-
-def token_inputs(vocab: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(seed))}

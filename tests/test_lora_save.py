@@ -5,7 +5,8 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from oracle import MLP, check, check_fresh_save, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
+from models import MLP, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
+from oracle import check, check_fresh_save
 
 import peftfx
 
