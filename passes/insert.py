@@ -85,7 +85,8 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
         try:
             get_attr(gm, targets[role])  # shared roles, and a module called at several sites, reuse one tensor
         except AttributeError:
-            set_attr(gm, targets[role], nn.Parameter(tensor, requires_grad=True))
+            # integer roles (index sets such as SHiRA's) are stored with the adapter but are not trainable
+            set_attr(gm, targets[role], nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
     cursor = y
     attrs = []
     for target in targets.values():

@@ -128,7 +128,7 @@ def check_fresh_save(
     (name,) = spec["adapters"]
     with torch.no_grad():
         for param_name, p in gm.named_parameters():
-            if param_name.startswith("peftfx."):
+            if param_name.startswith("peftfx.") and p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))  # as if trained
     out = tmp_path / "fresh"
     peftfx.save_adapter(gm, name, out)
