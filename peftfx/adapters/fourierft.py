@@ -1,0 +1,163 @@
+"""FourierFT on Linear and transformers Conv1D: a few trained spectral coefficients, inverse-FFT'd to ΔW.
+
+Math (``W`` logical ``[out, in]``): ``S`` is an ``out x in`` matrix that is zero except at ``n`` positions,
+which hold ``fourierft_spectrum``; ``ΔW = Re(ifft2(S)) * scaling``; ``y += x ΔWᵀ``. Merge: ``W += ΔW``.
+
+PEFT never saves the positions: they are the first ``n`` entries of ``torch.randperm(out * in)`` drawn from a CPU
+generator seeded with ``random_loc_seed`` (flat index ``p`` is row ``p // in``, column ``p % in``). They are
+rebuilt here the same way, so a checkpoint reloads to the same positions in PEFT and in peftfx. In the graph
+they are a literal index list, so the graph needs no extra integer tensor.
+
+Divergence from PEFT: PEFT always takes the inverse FFT in float32; here it runs in the adapter dtype, so a
+float64 model gets a float64 ΔW (float32 models compute exactly what PEFT computes).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import CheckpointError, SpecError
+from ..sites import Site
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
+
+SPECTRUM = "fourierft_spectrum"
+
+
+class FourierFTParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_frequency: int = Field(1000, gt=0, description="number of trained spectral coefficients (at most out*in)")
+    scaling: float = Field(150.0, description="factor on the inverse FFT (PEFT's scaling)")
+    random_loc_seed: int = Field(777, description="seed of the coefficients' positions (PEFT's random_loc_seed)")
+    init_weights: bool = Field(False, description="true: zero spectrum (identity at init); false: N(0, 1) as PEFT")
+
+
+class FourierFT(AdapterKind):
+    name = "fourierft"
+    peft_types = ("FOURIERFT",)
+    peft_prefix = "fourierft_"
+    ops = frozenset({"linear"})
+    Params = FourierFTParams
+
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+        p = FourierFTParams.model_validate(params.model_dump())
+        _check_n(site, p.n_frequency, SpecError, "")
+        spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
+        if not p.init_weights:
+            spectrum.normal_(generator=generator)
+        hyper = _hyper(p.n_frequency, p.scaling, p.random_loc_seed, 1.0)
+        return SiteAdapter(
+            self, site, hyper, {"spectrum": spectrum.to(adapter_dtype(site.dtype))}, {"spectrum": SPECTRUM}
+        )
+
+    def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
+        cfg = source.config
+        extra = set(source.tensors) - {SPECTRUM}
+        if extra:
+            key = source.keys[sorted(extra)[0]]
+            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a FourierFT site")
+        spectrum = source.take(SPECTRUM)
+        n = _pattern_value(cfg.get("n_frequency_pattern") or {}, site.module, cfg.get("n_frequency", 1000))
+        if tuple(spectrum.shape) != (n,):
+            raise CheckpointError(
+                f"{source.file}: {source.keys[SPECTRUM]!r} has shape {list(spectrum.shape)}, expected [{n}] "
+                f"(n_frequency of adapter_config.json) for {site.describe()}"
+            )
+        _check_n(site, n, CheckpointError, source.file)
+        seed = cfg.get("random_loc_seed", 777)
+        if seed is None:
+            raise CheckpointError(f"{source.file}: random_loc_seed is null; PEFT cannot rebuild the positions either")
+        hyper = _hyper(n, float(cfg.get("scaling", 150.0)), int(seed), scale)
+        return SiteAdapter(
+            self, site, hyper, {"spectrum": spectrum.to(adapter_dtype(site.dtype))}, {"spectrum": SPECTRUM}
+        )
+
+    def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
+        spectrum = t["spectrum"]
+        dtype = a.tensors["spectrum"].dtype
+        delta = _delta(a, spectrum)
+        out = F.linear(x.to(dtype) if dtype != a.site.dtype else x, delta)
+        return y + (out.to(a.site.dtype) if dtype != a.site.dtype else out)
+
+    def merge(
+        self,
+        a: SiteAdapter,
+        weight: torch.Tensor,
+        raw_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = _delta(a, t["spectrum"].double())
+        if a.site.transposed:
+            delta = delta.t()
+        return (weight.double() + delta).to(weight.dtype), bias
+
+    def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
+        refuse_unknown(config, _HANDLED, "FourierFT", file)
+
+    def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
+        first = adapters[0].hyper
+        for key in ("scaling", "random_loc_seed"):
+            if any(a.hyper[key] != first[key] for a in adapters):
+                raise SpecError(f"save_adapter: PEFT's FourierFT needs one {key} for a whole adapter")
+        return {
+            "peft_type": "FOURIERFT",
+            "target_modules": target_modules(adapters),
+            "n_frequency": first["n_frequency"],
+            "n_frequency_pattern": per_module(adapters, "n_frequency", first["n_frequency"]),
+            "scaling": first["scaling"],
+            "random_loc_seed": first["random_loc_seed"],
+            "fan_in_fan_out": any(a.site.transposed for a in adapters),
+            "bias": "none",
+            "init_weights": False,
+        }
+
+    def additive(self, a: SiteAdapter) -> bool:
+        return True
+
+
+# Read here, or training-only (init_weights: the spectrum is stored).
+_HANDLED = frozenset(
+    {"n_frequency", "n_frequency_pattern", "scaling", "random_loc_seed", "fan_in_fan_out", "bias", "init_weights"}
+)
+
+
+def _hyper(n: int, scaling: float, seed: int, scale: float) -> dict[str, Any]:
+    return {"n_frequency": n, "scaling": scaling, "random_loc_seed": seed, "scale": scale}
+
+
+def _check_n(site: Site, n: int, error: type[Exception], where: str) -> None:
+    out, inp = site.weight_shape
+    if n > out * inp:
+        prefix = f"{where}: " if where else ""
+        raise error(f"{prefix}FourierFT n_frequency={n} exceeds out*in={out * inp} of {site.describe()}")
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's n_frequency_pattern lookup: the first key matching a dotted suffix, else the exact module path."""
+    for key, value in patterns.items():
+        if re.match(rf".*\.{key}$", module):
+            return value
+    return patterns.get(module, default)
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(out: int, inp: int, n: int, seed: int) -> tuple[int, ...]:
+    """Flat positions (row * in + col) of the coefficients, drawn as PEFT draws them."""
+    return tuple(torch.randperm(out * inp, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
+
+def _delta(a: SiteAdapter, spectrum: Any) -> Any:
+    """ΔW (logical ``[out, in]``) in the spectrum's dtype, scaled; works on tensors and fx proxies alike."""
+    h = a.hyper
+    out, inp = a.site.weight_shape
+    index = spectrum.new_tensor(_positions(out, inp, h["n_frequency"], h["random_loc_seed"]), dtype=torch.long)
+    dense = spectrum.new_zeros(out * inp).scatter(0, index, spectrum).reshape(out, inp)
+    return torch.fft.ifft2(dense).real * (h["scaling"] * h["scale"])
