@@ -1,0 +1,248 @@
+"""LoHa (low-rank Hadamard product, PEFT's ``LOHA``) on Linear and Conv1d/2d.
+
+Math (``s = alpha / r``; conv weights flattened to ``[out, in·Πk]`` unless the CP form is used):
+
+* ``ΔW = s · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)`` with ``w*_a: [out, r]``, ``w*_b: [r, in·Πk]``, reshaped to W's shape.
+* Conv, ``use_effective_conv2d``, kernel not 1: ``R_j[o,i,k] = Σ_{p,q} t_j[p,q,k] w_j_a[p,o] w_j_b[q,i]``
+  (``t_j: [r, r, k1, k2]``, Conv1d stores ``k2 = 1``; ``w_j_a: [r, out]``, ``w_j_b: [r, in]``);
+  ``ΔW = s · R_1 ⊙ R_2``.
+* Forward ``y + op(x, ΔW)`` with the base op's stride/padding/dilation/groups (ΔW is materialised, as PEFT does);
+  merge ``W += ΔW``.
+
+PEFT builds LoHa on ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` only (not transformers' Conv1D), so those are the
+sites accepted here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import CheckpointError, SpecError
+from ..sites import Site
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
+
+_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
+_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_CP_ROLES = ("hada_t1", "hada_t2")
+
+
+class LohaParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(8, gt=0, description="rank of each of the two factor pairs")
+    alpha: float = Field(8.0, description="scaling numerator (scaling = alpha / r)")
+    use_effective_conv2d: bool = Field(
+        False, description="conv kernels other than 1: CP form (hada_t1/t2 cores) instead of a flattened weight"
+    )
+    init_weights: bool = Field(True, description="true: w2_b = 0 (identity at init); false: every factor random")
+
+
+class Loha(AdapterKind):
+    name = "loha"
+    peft_types = ("LOHA",)
+    peft_prefix = "hada_"
+    ops = frozenset({"linear", "conv1d", "conv2d"})
+    Params = LohaParams
+
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+        p = LohaParams.model_validate(params.model_dump())
+        check_lycoris_site(site, "LoHa", SpecError)
+        cp = uses_cp(site, p.use_effective_conv2d)
+        shapes = _shapes(site, p.r, cp)
+        tensors = {}
+        for role, shape in shapes.items():
+            t = torch.empty(shape, dtype=torch.float64)
+            if role == "hada_w2_b" and p.init_weights:
+                t.zero_()
+            else:
+                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+            tensors[role] = t.to(adapter_dtype(site.dtype))
+        hyper = _hyper(p.r, p.alpha, p.use_effective_conv2d, cp, 1.0)
+        return SiteAdapter(self, site, hyper, tensors, {role: role for role in shapes})
+
+    def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
+        cfg = source.config
+        check_lycoris_site(site, "LoHa", CheckpointError, source.file)
+        effective = bool(cfg.get("use_effective_conv2d"))
+        cp = uses_cp(site, effective)
+        r = take_rank(site, source, "hada_w1_b", cfg)
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("alpha", 8))
+        expected = _shapes(site, r, cp)
+        tensors = take_tensors(site, source, expected, "LoHa")
+        hyper = _hyper(r, alpha, effective, cp, scale)
+        return SiteAdapter(self, site, hyper, tensors, {role: role for role in expected})
+
+    def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
+        dtype = a.tensors["hada_w1_a"].dtype
+        delta = _delta(a, t)
+        return add_delta_output(a.site, x, y, delta, dtype)
+
+    def merge(
+        self,
+        a: SiteAdapter,
+        weight: torch.Tensor,
+        raw_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta = _delta(a, {role: v.double() for role, v in t.items()})
+        return (weight.double() + delta).to(weight.dtype), bias
+
+    def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
+        refuse_unknown(config, _HANDLED, "LoHa", file)
+
+    def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
+        first = adapters[0].hyper
+        return {
+            "peft_type": "LOHA",
+            "target_modules": target_modules(adapters),
+            "r": first["r"],
+            "alpha": first["alpha"],
+            "rank_pattern": per_module(adapters, "r", first["r"]),
+            "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
+            "use_effective_conv2d": effective_flag(adapters, "LoHa"),
+            "init_weights": True,
+        }
+
+    def additive(self, a: SiteAdapter) -> bool:
+        return True
+
+
+# Read here, or training-only (dropouts act in training; the stored tensors say the rest).
+_HANDLED = frozenset(
+    {
+        "r",
+        "alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_effective_conv2d",
+        "init_weights",
+        "rank_dropout",
+        "module_dropout",
+    }
+)
+
+
+def _hyper(r: int, alpha: float, effective: bool, cp: bool, scale: float) -> dict[str, Any]:
+    return {
+        "r": r,
+        "alpha": alpha,
+        "use_effective_conv2d": effective,
+        "cp": cp,
+        "scaling": alpha / r * scale,
+        "scale": scale,
+    }
+
+
+def _shapes(site: Site, r: int, cp: bool) -> dict[str, tuple[int, ...]]:
+    out, inp, *kernel = site.weight_shape
+    if cp:
+        core = (r, r, *kernel, *[1] * (2 - len(kernel)))
+        return {
+            "hada_w1_a": (r, out),
+            "hada_w1_b": (r, inp),
+            "hada_t1": core,
+            "hada_w2_a": (r, out),
+            "hada_w2_b": (r, inp),
+            "hada_t2": core,
+        }
+    flat = inp * math.prod(kernel)
+    return {"hada_w1_a": (out, r), "hada_w1_b": (r, flat), "hada_w2_a": (out, r), "hada_w2_b": (r, flat)}
+
+
+def _delta(a: SiteAdapter, t: Mapping[str, Any]) -> Any:
+    """ΔW, scaled, in W's logical shape and the tensors' dtype."""
+    s = a.hyper["scaling"]
+    if a.hyper["cp"]:
+        r1 = cp_rebuild(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+        r2 = cp_rebuild(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        delta = r1 * r2 * s
+    else:
+        delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * s
+    return delta.reshape(a.site.weight_shape)
+
+
+# -- helpers shared with the other LyCORIS kinds (LoKr) ----------------------------------------------------------
+
+
+def cp_rebuild(core: Any, w_a: Any, w_b: Any) -> Any:
+    """``R[o,i,k,l] = Σ_{p,q} core[p,q,k,l] w_a[p,o] w_b[q,i]`` (a Tucker/CP rebuild of a conv kernel)."""
+    return torch.einsum("pqkl,po,qi->oikl", core, w_a, w_b)
+
+
+def uses_cp(site: Site, effective: bool) -> bool:
+    """PEFT's rule: the effective conv form applies to convs whose kernel is not all ones."""
+    return effective and site.op.startswith("conv") and math.prod(site.weight_shape[2:]) != 1
+
+
+def check_lycoris_site(site: Site, kind: str, error: type[Exception], where: str = "") -> None:
+    if site.transposed:
+        prefix = f"{where}: " if where else ""
+        raise error(f"{prefix}PEFT's {kind} does not support transformers' Conv1D ({site.describe()})")
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank/alpha_pattern lookup: the first key (in file order) that matches the path's dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def take_rank(site: Site, source: PeftSource, role: str, cfg: Mapping[str, Any]) -> int:
+    """The rank a tensor's first axis stores, checked against adapter_config.json's r / rank_pattern."""
+    r = source.take(role).shape[0]
+    r_cfg = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
+    if r != r_cfg:
+        raise CheckpointError(
+            f"{source.file}: {source.keys[role]!r} has rank {r}, but adapter_config.json gives {site.module} r={r_cfg}"
+        )
+    return r
+
+
+def take_tensors(
+    site: Site, source: PeftSource, expected: Mapping[str, tuple[int, ...]], kind: str
+) -> dict[str, torch.Tensor]:
+    """Exactly the expected tensors, in their expected shapes, upcast like PEFT keeps them."""
+    tensors = {}
+    for role, shape in expected.items():
+        tensor = source.take(role)
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
+                f"for {site.describe()}"
+            )
+        tensors[role] = tensor.to(adapter_dtype(site.dtype))
+    extra = sorted(set(source.tensors) - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a {site.op} {kind} site with this config"
+        )
+    return tensors
+
+
+def add_delta_output(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype) -> Any:
+    """``y + op(x, ΔW)`` with the base op's conv arguments, computed in the adapter dtype as PEFT does."""
+    xa = x.to(dtype) if dtype != site.dtype else x
+    if site.op == "linear":
+        out = F.linear(xa, delta)
+    else:
+        c = site.conv_args
+        out = _CONV[site.op](xa, delta, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+    result = y + out
+    return result.to(site.dtype) if dtype != site.dtype else result
+
+
+def effective_flag(adapters: Sequence[SiteAdapter], kind: str) -> bool:
+    """One use_effective_conv2d for the whole adapter, as PEFT's config has (only convs with k≠1 care)."""
+    flags = {a.hyper["use_effective_conv2d"] for a in adapters if uses_cp(a.site, True)}
+    if len(flags) > 1:
+        raise SpecError(f"save_adapter: PEFT needs one use_effective_conv2d setting for a whole {kind} adapter")
+    return flags.pop() if flags else False

@@ -1,0 +1,248 @@
+"""RandLoRA (PEFT's ``RANDLORA``): trained scales on shared random bases, on Linear and transformers Conv1D.
+
+Shared (adapter-wide, PEFT's ``base_model.randlora_A/B``): ``A: [r, 1, min_dim]``, ``B: [max_dim, n, r]`` for the
+largest targeted ``(out, in)``. Per site, with ``m = min(in, out)``, ``M = max(in, out)``, ``b = ceil(m / r)``:
+
+* ``U = flatten_{0,1}(lam[:, :, None] · A[:, :b, :m] · g[None])``  (``lam: [r, b]``, ``g: [b, m]``; ``U: [r·b, m]``),
+  ``V = flatten_{1,2}(B[:M, :b, :])``  (``[M, b·r]``; note PEFT flattens U rank-major and V basis-major);
+* ``(P, Q) = (U, V)`` when ``m == in``, else ``(Vᵀ, Uᵀ)``; ``y += (x Pᵀ) Qᵀ · s`` with ``s = alpha / r``;
+* merge ``W += Q P · s`` (transposed for Conv1D).
+
+Divergence from PEFT: the shared bases are graph parameters like every adapter tensor (trainable unless the user
+freezes them), where PEFT keeps them as frozen buffers. PEFT also stores a copy of the shared bases under every
+adapted module; they are checked against the shared ones on load and written back only once (``base_model.*``),
+which PEFT reloads as the same buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import CheckpointError, SpecError
+from ..sites import Site
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+
+_OWN = ("randlora_lambda", "randlora_gamma")
+_SHARED = ("randlora_A", "randlora_B")
+
+
+class RandloraParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(32, gt=0, description="rank of each random basis (PEFT's r); one value for the whole adapter")
+    alpha: float = Field(640.0, description="scaling numerator (PEFT's randlora_alpha; scaling = alpha / r)")
+    projection_prng_key: int = Field(0, description="seed of the shared random bases")
+    init_weights: bool = Field(True, description="true: lambda = 0 (identity at init); false: lambda ~ N(0, 1)")
+
+
+class Randlora(AdapterKind):
+    name = "randlora"
+    peft_types = ("RANDLORA",)
+    peft_prefix = "randlora_"
+    ops = frozenset({"linear"})
+    Params = RandloraParams
+
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+        p = RandloraParams.model_validate(params.model_dump())
+        dtype = adapter_dtype(site.dtype)
+        m, M = min(site.weight_shape), max(site.weight_shape)
+        b = math.ceil(m / p.r)
+        if p.init_weights:
+            lam, gamma = torch.zeros(p.r, b), torch.full((b, m), 1.0 / max(b, m))
+        else:
+            lam = torch.randn(p.r, b, generator=generator, dtype=torch.float64)
+            gamma = torch.full((b, m), 1.0 / M)
+        tensors = {"randlora_lambda": lam.to(dtype), "randlora_gamma": gamma.to(dtype)}
+        a = SiteAdapter(self, site, _hyper(site, p.r, p.alpha, 1.0, p.projection_prng_key), tensors, _keys())
+        a.shared = frozenset(_SHARED)
+        _FRESH.add(a)
+        return a
+
+    def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
+        cfg = source.config
+        r = int(cfg.get("r", 32))
+        hyper = _hyper(site, r, cfg.get("randlora_alpha", 640), scale, cfg.get("projection_prng_key", 0))
+        m, M, b = hyper["min"], hyper["max"], hyper["bases"]
+        dtype = adapter_dtype(site.dtype)
+        tensors = {}
+        for role, shape in (("randlora_lambda", (r, b)), ("randlora_gamma", (b, m))):
+            tensor = source.take(role)
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(
+                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
+                    f"for {site.describe()} (r={r})"
+                )
+            tensors[role] = tensor.to(dtype)
+        for role in _SHARED:
+            if role not in source.shared:
+                raise CheckpointError(
+                    f"{source.file}: no shared tensor 'base_model.{role}'; checkpoints saved with "
+                    "save_projection=false "
+                    "(bases regenerated from projection_prng_key) are not supported"
+                )
+            shared = source.shared[role]
+            ok = (
+                shared.ndim == 3 and shared.shape[0] == r and shared.shape[1] == 1 and shared.shape[2] >= m
+                if role == "randlora_A"
+                else shared.ndim == 3 and shared.shape[0] >= M and shared.shape[1] >= b and shared.shape[2] == r
+            )
+            if not ok:
+                want = f"[{r}, 1, >={m}]" if role == "randlora_A" else f"[>={M}, >={b}, {r}]"
+                raise CheckpointError(
+                    f"{source.file}: 'base_model.{role}' has shape {list(shared.shape)}, expected {want} for "
+                    f"{site.describe()}"
+                )
+            copy = source.tensors.get(role)  # PEFT's per-module copy of the same buffer
+            if copy is not None and not torch.equal(copy, shared):
+                raise CheckpointError(
+                    f"{source.file}: {source.keys[role]!r} differs from the shared 'base_model.{role}'"
+                )
+            tensors[role] = shared.to(dtype)
+        extra = sorted(set(source.tensors) - set(_OWN) - set(_SHARED))
+        if extra:
+            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a RandLoRA site")
+        a = SiteAdapter(self, site, hyper, tensors, _keys())
+        a.shared = frozenset(_SHARED)
+        return a
+
+    def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
+        dtype = a.tensors["randlora_lambda"].dtype
+        first, second = _bases(a, t)
+        xa = x.to(dtype) if dtype != a.site.dtype else x
+        result = y + F.linear(F.linear(xa, first), second) * a.hyper["scaling"]
+        return result.to(a.site.dtype) if dtype != a.site.dtype else result
+
+    def merge(
+        self,
+        a: SiteAdapter,
+        weight: torch.Tensor,
+        raw_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        first, second = _bases(a, {role: v.double() for role, v in t.items()})
+        delta = second @ first * a.hyper["scaling"]
+        if a.site.transposed:
+            delta = delta.t()
+        return (weight.double() + delta).to(weight.dtype), bias
+
+    def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
+        if config.get("save_projection", True) is False:
+            raise CheckpointError(
+                f"{file}: save_projection=false (bases regenerated from projection_prng_key) is not supported; "
+                "save the adapter with save_projection=true"
+            )
+        refuse_unknown(config, _HANDLED, "RandLoRA", file)
+
+    def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
+        first = adapters[0].hyper
+        for key in ("r", "alpha", "key"):
+            if any(a.hyper[key] != first[key] for a in adapters):
+                raise SpecError(f"save_adapter: PEFT's RandLoRA needs one {key} for a whole adapter")
+        return {
+            "peft_type": "RANDLORA",
+            "target_modules": target_modules(adapters),
+            "r": first["r"],
+            "randlora_alpha": first["alpha"],
+            "projection_prng_key": first["key"],
+            "save_projection": True,
+            "fan_in_fan_out": any(a.site.transposed for a in adapters),
+            "bias": "none",
+        }
+
+    def additive(self, a: SiteAdapter) -> bool:
+        return True
+
+
+# Read here; or only used to generate the bases, which the file holds (sparse, very_sparse); or training-only.
+_HANDLED = frozenset(
+    {
+        "r",
+        "randlora_alpha",
+        "projection_prng_key",
+        "save_projection",
+        "sparse",
+        "very_sparse",
+        "randlora_dropout",
+        "fan_in_fan_out",
+        "bias",
+        "init_weights",
+    }
+)
+
+
+def _keys() -> dict[str, str]:
+    return {role: role for role in (*_OWN, *_SHARED)}
+
+
+def _hyper(site: Site, r: int, alpha: float, scale: float, key: int) -> dict[str, Any]:
+    out, inp = site.weight_shape
+    m = min(out, inp)
+    return {
+        "r": r,
+        "alpha": alpha,
+        "key": key,
+        "min": m,
+        "max": max(out, inp),
+        "bases": math.ceil(m / r),
+        "in_is_min": m == inp,
+        "scaling": alpha / r * scale,
+        "scale": scale,
+    }
+
+
+def _bases(a: SiteAdapter, t: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(P, Q) with ``ΔW = Q P · s``: the scaled small basis U and the sliced large basis V, oriented to in/out."""
+    h = a.hyper
+    m, M, b = h["min"], h["max"], h["bases"]
+    A = t["randlora_A"][:, :b, :m]
+    U = (t["randlora_lambda"][:, :, None] * A * t["randlora_gamma"][None]).flatten(0, 1)
+    V = t["randlora_B"][:M, :b, :].flatten(1)
+    return (U, V) if h["in_is_min"] else (V.t(), U.t())
+
+
+# -- fresh adapters: the shared bases fit the largest targeted (out, in), known only once every site is created ----
+
+
+class _FreshBases:
+    """Fresh sites of one graph, grouped by (r, key); each new site regrows the group's bases, as PEFT's ``_find_dim``
+    sizes them over all targeted modules. Placements are all made before insertion, so every site ends up reading
+    the final bases."""
+
+    def __init__(self) -> None:
+        self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def add(self, a: SiteAdapter) -> None:
+        graph_groups = self.groups.setdefault(a.site.node.graph, {})
+        group = graph_groups.setdefault((a.hyper["r"], a.hyper["key"]), [])
+        group.append(a)
+        out = max(x.site.weight_shape[0] for x in group)
+        inp = max(x.site.weight_shape[1] for x in group)
+        A, B = _generate(a.hyper["r"], a.hyper["key"], max(out, inp), min(out, inp))
+        for x in group:
+            dtype = x.tensors["randlora_lambda"].dtype
+            x.tensors["randlora_A"], x.tensors["randlora_B"] = A.to(dtype), B.to(dtype)
+
+
+def _generate(r: int, key: int, max_dim: int, min_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kaiming-uniform bases normalised to unit std, drawn from ``projection_prng_key`` as PEFT draws them (PEFT
+    draws in bfloat16/float16; these are float32 draws, saved with the adapter so PEFT reloads them as they are)."""
+    generator = torch.Generator().manual_seed(key)
+    A = torch.nn.init.kaiming_uniform_(torch.empty(r, 1, min_dim), a=math.sqrt(5), generator=generator)
+    b = math.ceil(min_dim / r)
+    parts = [
+        torch.nn.init.kaiming_uniform_(torch.empty(max_dim, 1, r), a=math.sqrt(5), generator=generator)
+        for _ in range(b)
+    ]
+    B = torch.cat(parts, dim=1)
+    return A / A.std(), B / B.std()
+
+
+_FRESH = _FreshBases()
