@@ -52,8 +52,10 @@ class Checkpoint:
         overrides: dict[str, tuple[str, torch.Tensor]] = {}
         for key, tensor in self.tensors.items():
             if not key.startswith(PREFIX):
-                if key.startswith(SHARED_PREFIX) and "." not in key[len(SHARED_PREFIX) :]:
-                    shared[key[len(SHARED_PREFIX) :]] = tensor
+                shared_name = key[len(SHARED_PREFIX) :]
+                # dotted shared names only under the kind's own prefix (FRoD's per-category frod_V.<category>)
+                if key.startswith(SHARED_PREFIX) and ("." not in shared_name or shared_name.startswith(prefix)):
+                    shared[shared_name] = tensor
                     continue
                 raise CheckpointError(f"{self.file}: tensor {key!r} does not start with {PREFIX!r}")
             name = key[len(PREFIX) :]
