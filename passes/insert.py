@@ -2,9 +2,9 @@
 
 requires: placements whose sites are base ops of this graph.
 ensures:  every consumer of a site's output reads the last adapter's output instead; adapters at one site
-          chain in placement order; adapter tensors are trainable parameters under ``peftfx.<adapter>.<site>``;
-          adapter-wide (shared) tensors once under ``peftfx.<adapter>``; a ``Record`` per placement in
-          ``gm.meta['peftfx']['records']`` and, per adapter, its PEFT config and overrides in
+          chain in placement order; adapter tensors are parameters (trainable unless integer or frozen) under
+          ``peftfx.<adapter>.<site>``, adapter-wide (shared) ones once under ``peftfx.<adapter>``; a ``Record``
+          per placement in ``gm.meta['peftfx']['records']`` and, per adapter, its PEFT config and overrides in
           ``gm.meta['peftfx']['adapters']`` (what ``save_adapter`` writes back); base-weight overrides (PEFT's
           modules_to_save and trained biases) are rebound for the nodes of the module that owns them.
 """
@@ -85,8 +85,9 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
         try:
             get_attr(gm, targets[role])  # shared roles, and a module called at several sites, reuse one tensor
         except AttributeError:
-            # integer roles (index sets such as SHiRA's) are stored with the adapter but are not trainable
-            set_attr(gm, targets[role], nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+            # integer roles (index sets such as SHiRA's) and frozen roles are stored, saved, never trained
+            trainable = tensor.is_floating_point() and role not in a.frozen
+            set_attr(gm, targets[role], nn.Parameter(tensor, requires_grad=trainable))
     cursor = y
     attrs = []
     for target in targets.values():

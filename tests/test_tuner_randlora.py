@@ -98,3 +98,12 @@ def test_unsupported_config_field(tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: weird_option=3"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
+
+
+def test_shared_bases_are_frozen_and_lambda_gamma_train():
+    spec = {"adapters": {"r": {"type": "randlora", "at": {"op": "linear"}, "with": {"r": 2}, "seed": 0}}}
+    gm = peftfx.compile(mlp(), spec, mlp_inputs())
+    params = dict(gm.named_parameters())
+    assert not params["peftfx.r.randlora_A"].requires_grad and not params["peftfx.r.randlora_B"].requires_grad
+    trainable = [n for n, p in params.items() if n.startswith("peftfx.") and p.requires_grad]
+    assert trainable and all("lambda" in n or "gamma" in n for n in trainable)

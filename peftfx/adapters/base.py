@@ -32,6 +32,7 @@ class SiteAdapter:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     peft_keys: dict[str, str] = field(default_factory=dict)  # role -> PEFT key suffix (after the module path)
     shared: frozenset[str] = frozenset()  # adapter-wide roles (PEFT key ``base_model.<suffix>``)
+    frozen: frozenset[str] = frozenset()  # roles stored and saved but never trained (PEFT's buffers)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class PeftSource:
 
     def take(self, suffix: str) -> torch.Tensor:
         if suffix not in self.tensors:
-            raise CheckpointError(f"{self.file}: missing tensor {suffix!r} for this module")
+            # name the full key: the module's prefix, as the keys this module does have show it
+            known, key = next(iter(self.keys.items()), ("", ""))
+            missing = key[: len(key) - len(known)] + suffix if key.endswith(known) else suffix
+            raise CheckpointError(f"{self.file}: missing tensor {suffix!r} (key {missing!r})")
         return self.tensors[suffix]
 
 

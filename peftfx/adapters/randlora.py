@@ -8,10 +8,9 @@ largest targeted ``(out, in)``. Per site, with ``m = min(in, out)``, ``M = max(i
 * ``(P, Q) = (U, V)`` when ``m == in``, else ``(Vᵀ, Uᵀ)``; ``y += (x Pᵀ) Qᵀ · s`` with ``s = alpha / r``;
 * merge ``W += Q P · s`` (transposed for Conv1D).
 
-Divergence from PEFT: the shared bases are graph parameters like every adapter tensor (trainable unless the user
-freezes them), where PEFT keeps them as frozen buffers. PEFT also stores a copy of the shared bases under every
-adapted module; they are checked against the shared ones on load and written back only once (``base_model.*``),
-which PEFT reloads as the same buffers.
+The shared bases are frozen (never trained), as PEFT's buffers are. PEFT also stores a copy of the shared
+bases under every adapted module; they are checked against the shared ones on load and written back only once
+(``base_model.*``), which PEFT reloads as the same buffers.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ class Randlora(AdapterKind):
             gamma = torch.full((b, m), 1.0 / M)
         tensors = {"randlora_lambda": lam.to(dtype), "randlora_gamma": gamma.to(dtype)}
         a = SiteAdapter(self, site, _hyper(site, p.r, p.alpha, 1.0, p.projection_prng_key), tensors, _keys())
-        a.shared = frozenset(_SHARED)
+        a.shared = a.frozen = frozenset(_SHARED)
         _FRESH.add(a)
         return a
 
@@ -109,7 +108,7 @@ class Randlora(AdapterKind):
         if extra:
             raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a RandLoRA site")
         a = SiteAdapter(self, site, hyper, tensors, _keys())
-        a.shared = frozenset(_SHARED)
+        a.shared = a.frozen = frozenset(_SHARED)
         return a
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
