@@ -212,6 +212,11 @@ def _lower_layer_norm(graph: fx.Graph, m: nn.LayerNorm, x: fx.Node, param: Any) 
     return site, site
 
 
+def _lower_rms_norm(graph: fx.Graph, m: nn.RMSNorm, x: fx.Node, param: Any) -> Lowered:
+    site = graph.call_function(aten.rms_norm.default, (x, list(m.normalized_shape), param("weight"), m.eps))
+    return site, site
+
+
 _LOWERINGS = {
     "Linear": _lower_linear,
     "Conv1D": _lower_conv1d_transformers,
@@ -220,6 +225,7 @@ _LOWERINGS = {
     "Conv3d": _lower_conv,
     "Embedding": _lower_embedding,
     "LayerNorm": _lower_layer_norm,
+    "RMSNorm": _lower_rms_norm,
 }
 
 

@@ -43,10 +43,25 @@ SIGNATURES: dict[Any, OpSignature] = {
     aten.embedding.default: OpSignature("embedding", 1, 0, None),
     aten.layer_norm.default: OpSignature("layer_norm", 0, 2, 3),
     F.layer_norm: OpSignature("layer_norm", 0, 2, 3),
+    aten.rms_norm.default: OpSignature("rms_norm", 0, 2, None),
+    F.rms_norm: OpSignature("rms_norm", 0, 2, None),
 }
 for _n, _kind in _CONV_KINDS.items():
     for _op in (getattr(aten, f"conv{_n}d").default, getattr(aten, f"conv{_n}d").padding, getattr(F, f"conv{_n}d")):
         SIGNATURES[_op] = OpSignature(_kind, 0, 1, 2)
+
+# torch's RMSNorm is one op (above); Llama-style ones have none: they end in ``weight * normalized``, and that product
+# is their site, whose input is the already normalized activation. Only such a product inside an ``*RMSNorm`` counts.
+_RMS_NORM = OpSignature("rms_norm", 1, 0, None)
+_MULS = frozenset({aten.mul.Tensor, operator.mul, torch.mul})
+
+
+def signature_of(node: fx.Node) -> OpSignature | None:
+    signature = SIGNATURES.get(node.target)
+    if signature is None and node.target in _MULS and module_of(node)[1].endswith("RMSNorm") and len(node.args) == 2:
+        weight = node.args[0]
+        return _RMS_NORM if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    return signature
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +97,7 @@ class Site(OpView):
     @property
     def live_input(self) -> fx.Node:
         """The op's input now: an adapter inserted upstream may have replaced the captured ``input``."""
-        return self.node.args[SIGNATURES[self.node.target].input]
+        return self.node.args[signature_of(self.node).input]
 
     @property
     def conv_args(self) -> dict[str, Any]:
@@ -155,7 +170,7 @@ def site_of(gm: fx.GraphModule, node: fx.Node) -> Site:
 def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     if node.op != "call_function" or node.meta.get("peftfx"):
         return None
-    signature = SIGNATURES.get(node.target)
+    signature = signature_of(node)
     if signature is None:
         return None
     args = node.args

@@ -1,0 +1,67 @@
+"""PVeRA on Linear and transformers Conv1D: VeRA whose A has 2r rows, read as a mean and a log-variance.
+
+``h = λ_d ⊙ (A_s x)`` splits into ``μ`` (the first r entries) and ``log σ²``. At inference PEFT uses ``z = μ`` (no
+sampling), so ``y += s · λ_b ⊙ (B_s μ)``: VeRA with ``A[:r]`` and ``λ_d[:r]``, and that is also PEFT's merge. The
+log-variance half is kept (and saved back) untouched.
+
+``sample_at_inference: true`` draws noise on every call, which a deterministic graph or a merge cannot express,
+so it is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import CheckpointError
+from .base import SiteAdapter, refuse_unknown
+from .vera import Vera
+
+
+class PveraParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(256, gt=0, description="rank: A has 2r rows (mean and log-variance), B has r columns")
+    d_initial: float = Field(0.1, description="initial value of every λ_d entry (λ_b starts at 0: identity)")
+    projection_prng_key: int = Field(0, description="seed of the CPU generator that draws the shared A and B")
+    init: bool = Field(True, description="true: λ_b = 0, λ_d = d_initial (identity); false: λ_b = 1, λ_d ~ N(0, 1)")
+
+
+class Pvera(Vera):
+    name = "pvera"
+    peft_types = ("PVERA",)
+    peft_prefix = "pvera_lambda_"
+    Params = PveraParams
+    _shared = ("pvera_A", "pvera_B")
+    _rows = 2
+
+    def _factors(self, a: SiteAdapter, t: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        r = a.hyper["r"]  # the mean half only: z = μ at inference
+        return t["A"][:r, : a.site.in_features], t["B"][: a.site.out_features, :], t["lambda_d"][:r]
+
+    def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
+        if config.get("sample_at_inference"):
+            raise CheckpointError(
+                f"{file}: sample_at_inference=true draws fresh noise on every call; peftfx builds a deterministic "
+                "graph (and PEFT cannot merge it either), so it is refused"
+            )
+        refuse_unknown(config, _HANDLED, self.name, file)
+
+
+# As VeRA's, plus the sampling fields, neutral when sample_at_inference is false (checked above).
+_HANDLED = frozenset(
+    {
+        "r",
+        "projection_prng_key",
+        "save_projection",
+        "fan_in_fan_out",
+        "init_weights",
+        "d_initial",
+        "pvera_dropout",
+        "bias",
+        "sample_at_inference",
+        "generator_seed",
+    }
+)
