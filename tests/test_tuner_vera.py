@@ -73,9 +73,10 @@ def test_fresh_is_identity_trainable_and_saves(tmp_path):
     }
     gm = peftfx.compile(model, spec, inputs)
     assert_close(run(gm, inputs), run(model, inputs), Tolerance(0, 0), "identity at init")
-    names = [n for n, p in gm.named_parameters() if n.startswith("peftfx.f.") and p.requires_grad]
-    assert sorted(n for n in names if n.endswith(("A", "B"))) == ["peftfx.f.A", "peftfx.f.B"]  # stored once
-    assert len(names) == 2 + 2 * 4  # c_attn and c_fc in two blocks, λ_b and λ_d each
+    params = {n: p for n, p in gm.named_parameters() if n.startswith("peftfx.f.")}
+    assert sorted(n for n in params if n.endswith(("A", "B"))) == ["peftfx.f.A", "peftfx.f.B"]  # stored once
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    assert len(trainable) == 2 * 4  # c_attn and c_fc in two blocks, λ_b and λ_d each; A and B frozen, as in PEFT
     # c_fc is 32 -> 128 and c_attn 32 -> 96: B spans the largest output
     assert dict(gm.named_parameters())["peftfx.f.B"].shape == (128, 4)
     check_fresh_save(model, spec, inputs, tmp_path)

@@ -63,7 +63,14 @@ class Delora(AdapterKind):
         }
         dtype = adapter_dtype(site.dtype)
         hyper = {"r": p.r, "lambda": p.delora_lambda, "scale": 1.0}
-        return SiteAdapter(self, site, hyper, {k: v.to(dtype) for k, v in tensors.items()}, {k: k for k in _ROLES})
+        return SiteAdapter(
+            self,
+            site,
+            hyper,
+            {k: v.to(dtype) for k, v in tensors.items()},
+            {k: k for k in _ROLES},
+            frozen=frozenset({"delora_w_norm"}),
+        )
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
@@ -85,7 +92,7 @@ class Delora(AdapterKind):
             tensors[role] = tensor.to(dtype)
         lam = _pattern_value(cfg.get("lambda_pattern") or {}, site.module, cfg.get("delora_lambda", 15))
         hyper = {"r": r, "lambda": lam, "scale": scale}
-        return SiteAdapter(self, site, hyper, tensors, {k: k for k in _ROLES})
+        return SiteAdapter(self, site, hyper, tensors, {k: k for k in _ROLES}, frozen=frozenset({"delora_w_norm"}))
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         dtype = a.tensors["delora_A"].dtype

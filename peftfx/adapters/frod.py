@@ -104,7 +104,9 @@ class Frod(AdapterKind):
         for role in ("lambda_l", "s_values", f"V__{cat}"):
             tensors[role] = tensors[role].to(dtype)
         hyper = {"category": cat, "scale": scale}
-        return SiteAdapter(self, site, hyper, tensors, roles, shared)
+        return SiteAdapter(
+            self, site, hyper, tensors, roles, shared, frozen=frozenset(r for r in roles if r.startswith("V__"))
+        )
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         cat, site = a.hyper["category"], a.site

@@ -177,7 +177,7 @@ def _v_role(group: int) -> str:
 def _adapter(kind: TinyLora, site: Site, hyper: dict, tensors: dict) -> SiteAdapter:
     v = _v_role(hyper["group"])
     keys = {**{role: _KEYS[role] for role in ("A", "B", "P")}, v: f"tinylora_v.{hyper['group']}"}
-    return SiteAdapter(kind, site, hyper, tensors, keys, frozenset({v}))
+    return SiteAdapter(kind, site, hyper, tensors, keys, frozenset({v}), frozen=frozenset({"A", "B", "P"}))
 
 
 def _svd_pair(site: Site, weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,9 @@ class UniLoRA(AdapterKind):
         for side in shapes:
             tensors[f"scales_{side}"] = inv_sqrt[tensors[f"indices_{side}"]].to(dtype)
         hyper = {"r": p.r, "theta_d_length": p.theta_d_length, "scale": 1.0}
-        return SiteAdapter(self, site, hyper, tensors, dict(KEYS), frozenset({"theta"}))
+        return SiteAdapter(
+            self, site, hyper, tensors, dict(KEYS), frozenset({"theta"}), frozenset({"scales_A", "scales_B"})
+        )
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
@@ -116,7 +118,9 @@ class UniLoRA(AdapterKind):
             else:
                 tensors[role] = tensor.to(dtype)
         hyper = {"r": r, "theta_d_length": length, "scale": 1.0}
-        return SiteAdapter(self, site, hyper, tensors, dict(KEYS), frozenset({"theta"}))
+        return SiteAdapter(
+            self, site, hyper, tensors, dict(KEYS), frozenset({"theta"}), frozenset({"scales_A", "scales_B"})
+        )
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         dtype = a.tensors["theta"].dtype

@@ -115,7 +115,7 @@ class Vera(AdapterKind):
             "lambda_b": f"{self.peft_prefix}b",
             "lambda_d": f"{self.peft_prefix}d",
         }
-        return SiteAdapter(self, site, hyper, tensors, keys, frozenset({"A", "B"}))
+        return SiteAdapter(self, site, hyper, tensors, keys, frozenset({"A", "B"}), frozenset({"A", "B"}))
 
     # -- graph ----------------------------------------------------------------------------------------------
 
