@@ -132,6 +132,8 @@ def _module(pattern: str | list[str], path: str) -> tuple[Verdict, int | None]:
         if match is None:
             return Verdict(False, f"module: {path!r} does not match {pattern}"), None
         named = match.groupdict().get("layer")
+        if named is not None and not named.isdigit():
+            return Verdict(False, f"module: group 'layer' of {pattern} captured {named!r}, not a layer index"), None
         return YES, int(named) if named is not None else None
     if fnmatch.fnmatchcase(path, pattern):
         return YES, None
