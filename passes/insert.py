@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from ..adapters import SiteAdapter
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
 from ..rewrite import build_after, get_attr, rebind, set_attr, tagged_get_attr
 from ..sites import module_of
 from .base import Pass
@@ -101,6 +101,12 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
 
     out, created = build_after(cursor, forward, [site.live_input, y, site.weight, site.bias, *attrs], tag)
     created_set = set(created)
+    if y is not site.node and not created_set & set(y.users):
+        earlier = y.meta.get("peftfx", {}).get("adapter", "an earlier adapter")
+        raise SpecError(
+            f"adapters.{adapter}: {a.kind.name} recomputes {site.describe()} from its input, so it would silently drop "
+            f"{earlier!r} placed before it on the same site; put {adapter!r} first (order of `active`) or on other sites"
+        )
     y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created_set)
     records(gm).append(
         Record(

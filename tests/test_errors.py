@@ -341,3 +341,17 @@ def test_failed_save_writes_nothing(tmp_path):
         peftfx.save_adapter(gm, "m", out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left either
+
+
+def test_an_adapter_that_recomputes_its_site_refuses_to_drop_an_earlier_one():
+    """(IA)³ on a feed-forward input re-runs the linear from its input: after a LoRA on the same site it would
+    silently drop the LoRA, so it is refused; in the other order the LoRA adds to the scaled output, which works."""
+    model, inputs = mlp(), mlp_inputs()
+    lora = {"type": "lora", "at": {"module": "layers.0"}, "with": {"init": False}, "seed": 0}
+    ia3 = {"type": "ia3", "at": {"module": "layers.0"}, "with": {"feedforward": True, "init": False}, "seed": 1}
+    spec = {"adapters": {"l": lora, "i": ia3}}
+    with pytest.raises(peftfx.PeftfxError, match=r"adapters\.i: ia3 .* silently drop 'l'"):
+        peftfx.compile(model, spec, inputs)
+    live = peftfx.compile(model, {**spec, "active": ["i", "l"]}, inputs)
+    alone = peftfx.compile(model, {"adapters": {"i": ia3}}, inputs)
+    assert not torch.allclose(live(*inputs), alone(*inputs))
