@@ -105,7 +105,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
         earlier = y.meta.get("peftfx", {}).get("adapter", "an earlier adapter")
         raise SpecError(
             f"adapters.{adapter}: {a.kind.name} recomputes {site.describe()} from its input, so it would silently drop "
-            f"{earlier!r} placed before it on the same site; put {adapter!r} first (order of `active`) or on other sites"
+            f"{earlier!r} placed before it on the same site; put {adapter!r} first (`active` order) or on other sites"
         )
     y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created_set)
     records(gm).append(
