@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,14 @@ import torch
 from pydantic import ValidationError
 from torch import fx
 
-from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource
+from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
 from .passes.insert import Override, Placement
 from .pattern import Matcher
 from .peft_targeting import peft_selector
 from .sites import Site, find_sites
-from .spec import FreshAdapter, PeftAdapter, Selector, Spec
+from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Selector, Spec
 from .values import layer_span, resolve
 
 _PROMPT = "learns virtual tokens or activations, not weights"
@@ -56,31 +57,109 @@ class Plan:
     placements: list[Placement] = field(default_factory=list)
     overrides: list[Override] = field(default_factory=list)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapter -> the PEFT config it came from
+    resolved: dict[str, Target] = field(default_factory=dict)  # every adapter resolved so far, combine sources too
 
 
 def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
     """Resolve every active adapter's kind and selector, without choosing sites yet."""
-    matcher = Matcher(gm, find_sites(gm))
-    out = []
-    for name in spec.active_adapters():
-        adapter = spec.adapters[name]
-        if isinstance(adapter, PeftAdapter):
-            out.append(_peft_target(gm, name, adapter, base_dir))
-        else:
-            out.append(_fresh_target(name, adapter))
-    return Plan(matcher, out)
+    plan = Plan(Matcher(gm, find_sites(gm)), [])
+    plan.targets = [_target(plan, gm, spec, name, base_dir) for name in spec.active_adapters()]
+    return plan
 
 
 def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
     plan = targets(gm, spec, base_dir)
     for target in plan.targets:
-        sites = plan.matcher.select(target.selector, target.field)
-        adapter = spec.adapters[target.name]
-        if isinstance(adapter, PeftAdapter):
-            _place_peft(plan, target, adapter, sites)
-        else:
-            _place_fresh(plan, target, adapter, sites)
+        _place(plan, spec, target)
     return plan
+
+
+def _target(plan: Plan, gm: fx.GraphModule, spec: Spec, name: str, base_dir: Path | None) -> Target:
+    if name not in plan.resolved:
+        adapter = spec.adapters[name]
+        if isinstance(adapter, PeftAdapter):
+            plan.resolved[name] = _peft_target(gm, name, adapter, base_dir)
+        elif isinstance(adapter, CombineAdapter):  # the union of its sources' sites
+            sources = [_target(plan, gm, spec, source, base_dir) for source in adapter.combine]
+            selector = Selector(any_of=[s.selector for s in sources])
+            plan.resolved[name] = Target(name, KINDS["lora"], selector, f"adapters.{name}.combine")
+        else:
+            plan.resolved[name] = _fresh_target(name, adapter)
+    return plan.resolved[name]
+
+
+def _place(plan: Plan, spec: Spec, target: Target) -> None:
+    adapter = spec.adapters[target.name]
+    if isinstance(adapter, CombineAdapter):
+        _place_combine(plan, spec, target, adapter)
+        return
+    sites = plan.matcher.select(target.selector, target.field)
+    if isinstance(adapter, PeftAdapter):
+        _place_peft(plan, target, adapter, sites)
+    else:
+        _place_fresh(plan, target, adapter, sites)
+
+
+def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapter) -> None:
+    """Fold the sources site by site: only one site's deltas exist at a time."""
+    from .fold import Context, Task, fold_site
+
+    name = target.name
+    per_source: list[dict[fx.Node, SiteAdapter]] = []
+    for i, source in enumerate(adapter.combine):
+        scratch = Plan(plan.matcher, [], resolved=plan.resolved)
+        _place(scratch, spec, plan.resolved[source])
+        if scratch.overrides:
+            o = scratch.overrides[0]
+            raise SpecError(
+                f"adapters.{name}.combine[{i}]: {source!r} replaces base tensors ({o.key} in {o.file}: "
+                "modules_to_save or trained biases), which a fold cannot combine"
+            )
+        by_node: dict[fx.Node, SiteAdapter] = {}
+        for placement in scratch.placements:
+            if placement.site_adapter.site.node in by_node:
+                raise SpecError(f"adapters.{name}.combine[{i}]: {source!r} is itself several adapters at one site")
+            by_node[placement.site_adapter.site.node] = placement.site_adapter
+        per_source.append(by_node)
+    order = {site.node: k for k, site in enumerate(plan.matcher.sites)}
+    nodes = sorted({node for by_node in per_source for node in by_node}, key=lambda n: order.get(n, len(order)))
+    sites = [next(s[n] for s in per_source if n in s).site for n in nodes]
+    span = layer_span(sites)
+    lora_ranks = [
+        max(a.hyper["r"] for a in by_node.values())
+        for by_node in per_source
+        if by_node and all(a.kind.name in ("lora", "dora") for a in by_node.values())
+    ]
+    first = next(iter(per_source[0].values()), None)
+    first_rslora = bool(first is not None and first.kind.name == "lora" and first.hyper.get("rslora"))
+    weights = adapter.weight_values()
+    for node, site in zip(nodes, sites, strict=True):
+        tasks = []
+        for i, by_node in enumerate(per_source):
+            if node in by_node:
+                weight = resolve(weights[i], site, span, plan.matcher, f"adapters.{name}.weights[{i}]")
+                tasks.append(Task(by_node[node], float(weight), f"adapters.{name}.combine[{i}]"))
+        density = adapter.density
+        if density is not None:
+            density = float(resolve(density, site, span, plan.matcher, f"adapters.{name}.density"))
+        generator = None
+        if adapter.seed is not None:  # one stream per site: stable whatever else the spec selects
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter.seed}:{site.module}".encode()))
+        ctx = Context(
+            method=adapter.method,
+            field=f"adapters.{name}",
+            density=density,
+            majority_sign=adapter.majority_sign,
+            svd_rank=adapter.svd_rank,
+            svd_clamp=adapter.svd_clamp,
+            svd_full_matrices=adapter.svd_full_matrices,
+            source_ranks=lora_ranks,
+            first_rslora=first_rslora,
+            generator=generator,
+            single=len(adapter.combine) == 1,
+            ia3=all(a.kind.name == "ia3" for by_node in per_source for a in by_node.values()),
+        )
+        plan.placements.append(Placement(name, fold_site(site, tasks, ctx)))
 
 
 def _fresh_target(name: str, adapter: FreshAdapter) -> Target:

@@ -146,23 +146,65 @@ class FreshAdapter(Strict):
         return self
 
 
+class CombineAdapter(Strict):
+    """Several adapters folded into one (PEFT's ``add_weighted_adapter`` and more; see ``peftfx.fold``)."""
+
+    combine: list[str] = Field(min_length=1, description="the adapters to fold, by name")
+    weights: list[float | Gradient | Cases] | None = Field(
+        None, description="one weight per combined adapter, may be negative (default: 1 each)"
+    )
+    method: str | None = Field(
+        None, description="fold method: linear, cat, svd, ties, ..., task_arithmetic (default: svd; IA3: linear)"
+    )
+    density: float | Gradient | Cases | None = Field(None, description="fraction kept by ties/dare/magnitude_prune")
+    majority_sign: Literal["total", "frequency"] = Field("total", description="TIES sign election")
+    svd_rank: int | None = Field(None, gt=0, description="rank of an SVD result (default: the largest source rank)")
+    svd_clamp: float | None = Field(None, ge=0, le=1, description="quantile to clamp the SVD factors at")
+    svd_full_matrices: bool = Field(True, description="PEFT's flag; it only changes a result with svd_clamp")
+    seed: int | None = Field(None, description="seed for DARE's random drop (default: torch's global RNG)")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> CombineAdapter:
+        from .fold import METHODS
+
+        if self.weights is not None and len(self.weights) != len(self.combine):
+            raise ValueError(f"weights: {len(self.weights)} weights for {len(self.combine)} combined adapters")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method: unknown fold method {self.method!r} (known: {', '.join(METHODS)})")
+        if self.method is not None and METHODS[self.method].needs_density and self.density is None:
+            raise ValueError(f"density: method {self.method} needs a density (the fraction of entries kept)")
+        if isinstance(self.density, (int, float)) and self.density < 0:
+            raise ValueError(f"density: must be >= 0, got {self.density}")
+        for i, name in enumerate(self.combine):
+            if name in self.combine[:i]:
+                raise ValueError(f"combine[{i}]: {name!r} is listed twice")
+        return self
+
+    def weight_values(self) -> list[float | Gradient | Cases]:
+        return list(self.weights) if self.weights is not None else [1.0] * len(self.combine)
+
+
 def _adapter_tag(value: Any) -> str | None:
     if isinstance(value, BaseModel):
-        return "peft" if isinstance(value, PeftAdapter) else "fresh"
+        return {PeftAdapter: "peft", CombineAdapter: "combine"}.get(type(value), "fresh")
     if isinstance(value, dict):
         if "peft" in value:
             return "peft"
+        if "combine" in value:
+            return "combine"
         if "type" in value:
             return "fresh"
     return None
 
 
 Adapter = Annotated[
-    Annotated[PeftAdapter, Tag("peft")] | Annotated[FreshAdapter, Tag("fresh")],
+    Annotated[PeftAdapter, Tag("peft")]
+    | Annotated[FreshAdapter, Tag("fresh")]
+    | Annotated[CombineAdapter, Tag("combine")],
     Discriminator(
         _adapter_tag,
         custom_error_type="adapter_form",
-        custom_error_message="an adapter needs `peft: <dir>` or `type: <kind>`",
+        custom_error_message="an adapter needs `peft: <dir>`, `type: <kind>` or `combine: [<names>]`",
     ),
 ]
 
@@ -171,12 +213,44 @@ class Spec(Strict):
     """What peftfx.compile does to a model."""
 
     adapters: dict[str, Adapter] = Field(default_factory=dict)
-    active: list[str] | None = Field(None, description="adapters that run in the graph, in order (default: all)")
+    active: list[str] | None = Field(
+        None, description="adapters that run in the graph, in order (default: all not consumed by a combine)"
+    )
     merge: bool | list[str] = Field(False, description="true, or the adapters to fold into the weights")
     capture: Literal["auto", "export", "symbolic_trace"] = "auto"
 
+    @model_validator(mode="after")
+    def _check_combines(self) -> Spec:
+        for name, adapter in self.adapters.items():
+            if not isinstance(adapter, CombineAdapter):
+                continue
+            for i, source in enumerate(adapter.combine):
+                if source not in self.adapters:
+                    have = _names(n for n in self.adapters if n != name)
+                    raise ValueError(f"adapters.{name}.combine[{i}]: no adapter named {source!r} (have: {have})")
+        for name in self.adapters:
+            self._combine_order(name, [])
+        return self
+
+    def _combine_order(self, name: str, stack: list[str]) -> None:
+        if name in stack:
+            cycle = " -> ".join([*stack[stack.index(name) :], name])
+            raise ValueError(f"adapters.{stack[-1]}.combine: adapters combine each other in a cycle ({cycle})")
+        adapter = self.adapters[name]
+        if isinstance(adapter, CombineAdapter):
+            for source in adapter.combine:
+                self._combine_order(source, [*stack, name])
+
+    def consumed(self) -> set[str]:
+        """Adapters some combine folds."""
+        return {s for a in self.adapters.values() if isinstance(a, CombineAdapter) for s in a.combine}
+
     def active_adapters(self) -> list[str]:
-        names = list(self.adapters) if self.active is None else list(self.active)
+        if self.active is None:
+            consumed = self.consumed()
+            names = [n for n in self.adapters if n not in consumed]
+        else:
+            names = list(self.active)
         for i, name in enumerate(names):
             if name not in self.adapters:
                 raise SpecError(f"active[{i}]: no adapter named {name!r} (have: {_names(self.adapters)})")
@@ -247,12 +321,12 @@ def _validate(data: Any, path: Path | None, text: str | None) -> Spec:
         for err in e.errors():
             loc = [part for part in err["loc"] if not _is_union_member(part)]
             field, message = _field_path(loc), _message(err)
-            inner = re.match(r"([\w.]+): (.*)", message) if err["type"] == "value_error" else None
+            inner = re.match(r"([\w.\[\]]+): (.*)", message) if err["type"] == "value_error" else None
             if inner:  # a validator that names the sub-field itself
-                field, message = f"{field}.{inner[1]}", inner[2]
+                field, message = (f"{field}.{inner[1]}" if field else inner[1]), inner[2]
             by_field.setdefault(field, []).append(message)
             lines[field] = (
-                _yaml_line(text, [*loc, *(inner[1].split(".") if inner else [])])
+                _yaml_line(text, [*loc, *(_split_path(inner[1]) if inner else [])])
                 if text and path and path.suffix != ".json"
                 else None
             )
@@ -268,7 +342,7 @@ def _validate(data: Any, path: Path | None, text: str | None) -> Spec:
 def _is_union_member(part: Any) -> bool:
     """pydantic puts the tried member's name in an error's location: Gradient, float, peft, ..."""
     return isinstance(part, str) and (
-        part[:1].isupper() or part in ("float", "int", "bool", "str", "peft", "fresh") or "[" in part
+        part[:1].isupper() or part in ("float", "int", "bool", "str", "peft", "fresh", "combine") or "[" in part
     )
 
 
@@ -288,6 +362,11 @@ def _field_path(loc: list[Any]) -> str:
         else:
             out += ("." if out else "") + str(part).removesuffix("_")
     return out
+
+
+def _split_path(path: str) -> list[str | int]:
+    """``adapters.mix.combine[1]`` -> ``['adapters', 'mix', 'combine', 1]``."""
+    return [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
 
 
 def _yaml_line(text: str, loc: list[Any]) -> int | None:
