@@ -45,6 +45,14 @@ class Matcher:
             self._views[node] = view_of(node, self.gm)
         return self._views[node]
 
+    def layer(self, selector: Selector, view: OpView) -> int | None:
+        """The layer index ``selector`` sees: its ``module`` regex's group named ``layer``, else the path's."""
+        if selector.module is not None:
+            verdict, named = _module(selector.module, view.module)
+            if verdict and named is not None:
+                return named
+        return view.layer
+
     def test(self, selector: Selector, view: OpView) -> Verdict:
         layer = view.layer
         if selector.op is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
     order = {site.node: k for k, site in enumerate(plan.matcher.sites)}
     nodes = sorted({node for by_node in per_source for node in by_node}, key=lambda n: order.get(n, len(order)))
     sites = [next(s[n] for s in per_source if n in s).site for n in nodes]
-    span = layer_span(sites)
+    span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
     lora_ranks = [
         max(a.hyper["r"] for a in by_node.values())
         for by_node in per_source
@@ -205,7 +206,7 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
         raise CheckpointError(
             f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
         )
-    span = layer_span(sites)
+    span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
     for site in sites:
         if site.module not in layout.modules:
             raise CheckpointError(
@@ -230,7 +231,7 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
             f"({len(wrong)} such sites; {kind.name} supports {', '.join(sorted(kind.ops))})"
         )
     generator = torch.Generator().manual_seed(adapter.seed) if adapter.seed is not None else None
-    span = layer_span(sites)
+    span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
     for site in sites:
         values: dict[str, Any] = {}
         for key, value in adapter.with_.items():
@@ -243,4 +244,9 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
             err = e.errors()[0]
             where = ".".join(map(str, err["loc"]))
             raise SpecError(f"adapters.{target.name}.with.{where}: {err['msg']} (at {site.describe()})") from None
-        plan.placements.append(Placement(target.name, kind.create(site, params, generator)))
+        try:
+            created = kind.create(site, params, generator)
+        except SpecError as e:
+            where = f"adapters.{target.name}"
+            raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        plan.placements.append(Placement(target.name, created))

@@ -25,9 +25,10 @@ def table() -> str:
         cells = ["✓" if op in kind.ops else "" for op in OPS]
         lines.append(f"| `{name}` | {peft_types} | " + " | ".join(cells) + f" | {'✓' if _saves_fresh(kind) else ''} |")
     legend = (
-        "Every ✓ means: loaded from a PEFT checkpoint, inserted as a live subgraph, merged into the weights, "
-        "created fresh from a spec and saved back in PEFT's format, each tested against PEFT. "
-        "*save fresh*: a fresh adapter can be saved for PEFT (a loaded one always can)."
+        "✓: for this base layer, the kind loads PEFT checkpoints, runs live, merges into the weights and is created "
+        "fresh from a spec, each tested against PEFT in `tests/test_tuner_<kind>.py` (LoRA/DoRA: "
+        "`tests/test_lora_peft.py`). *save fresh*: `save_adapter` writes a fresh adapter in PEFT's format (a loaded "
+        "one is always written back as it was read). Linear includes transformers' Conv1D where PEFT supports it."
     )
     return "\n".join(lines) + "\n\n" + legend
 

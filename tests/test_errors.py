@@ -224,11 +224,6 @@ def test_lora_on_a_grouped_conv_is_refused():
     fails(model, spec, (torch.randn(1, 4, 5, 5),), peftfx.SpecError, r"grouped conv \(conv2d 0 \[4x2x3x3\]\)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: errors raised by AdapterKind.create (plan._place_fresh, e.g. lora._check_site's grouped-conv and "
-    "lora_bias refusals) name the site but not the spec field `adapters.<name>`",
-)
 def test_grouped_conv_error_names_the_field():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)).eval()
     spec = {"adapters": {"a": {"type": "lora", "at": {"op": "conv2d"}}}}

@@ -440,12 +440,6 @@ def test_value_errors_name_the_field():
         peftfx.compile(stack, fresh({"op": "linear"}, **{"with": {"alpha": {"gradient": [1, 2]}}}), xs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=peftfx.SpecError,
-    reason="BUG: a layer index found by a named group (?P<layer>...) in `module` serves the `layers` predicate only; "
-    "values.resolve/layer_span read Site.layer (path rule), so a gradient over such layers says 'needs a layer index'",
-)
 def test_gradient_over_named_group_layers():
     model, x = Stack(), (torch.randn(2, 4),)
     spec = fresh({"module": r"re:stage(?P<layer>\d+)"}, **{"with": {"r": {"gradient": [2, 6]}}})

@@ -6,6 +6,7 @@ the compiled graph, live and merged, must match PEFT. Fresh adapters must be the
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -46,15 +47,36 @@ def test_example_spec(path, llama, tmp_path):
     out = run(gm, inputs)
     assert torch.isfinite(out).all()
 
-    fresh_only = not peft_models
-    if fresh_only:  # fresh adapters start at the identity, and are trainable
+    combines = {n: a for n, a in data["adapters"].items() if "combine" in a}
+    if not peft_models:  # fresh adapters start at the identity, and are trainable
         assert_close(out, run(model, inputs), TOL, f"{path.name}: fresh adapters at init")
         assert any(p.requires_grad for n, p in gm.named_parameters() if n.startswith("peftfx."))
+        return
+    if combines:
+        ((name, combine),) = combines.items()
+        reference = _peft_fold(model, tmp_path, data["adapters"], name, combine)
     else:
-        (name, peft_model), *others = peft_models.items()
-        assert not others, "example specs with several PEFT adapters need their own oracle"
-        if data.get("merge"):
-            peft_model = peft_model.merge_and_unload()
-            assert not [n for n, _ in gm.named_parameters() if n.startswith("peftfx.")]
-        assert_close(out, run(peft_model, inputs), TOL, f"{path.name} vs PEFT")
-        assert not torch.allclose(out, run(model, inputs), atol=1e-3), "the adapter changed nothing"
+        ((name, reference),) = peft_models.items()
+    if data.get("merge"):
+        assert not [n for n, _ in gm.named_parameters() if n.startswith("peftfx.")]
+        reference = reference.merge_and_unload()
+    assert_close(out, run(reference, inputs), TOL, f"{path.name} vs PEFT")
+    assert not torch.allclose(out, run(model, inputs), atol=1e-3), "the adapter changed nothing"
+
+
+def _peft_fold(model, tmp_path, adapters, name, combine):
+    """PEFT's add_weighted_adapter with the spec's fields, the active adapter of the returned model."""
+    first, *rest = combine["combine"]
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / adapters[first]["peft"], first)
+    for source in rest:
+        peft_model.load_adapter(tmp_path / adapters[source]["peft"], source)
+    options = {"density": combine.get("density"), "majority_sign_method": combine.get("majority_sign", "total")}
+    peft_model.add_weighted_adapter(
+        combine["combine"],
+        combine.get("weights", [1.0] * len(combine["combine"])),
+        name,
+        combination_type=combine["method"],
+        **options,
+    )
+    peft_model.set_adapter(name)
+    return peft_model.eval()
