@@ -26,7 +26,7 @@ lint: $(BIN)/peftfx
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(BIN)/peftfx
-	$(BIN)/python bench/bench_lora.py
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
