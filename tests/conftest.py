@@ -1,4 +1,4 @@
-"""The suite runs on two shared CPU cores: one thread per test process, a fixed seed per test."""
+"""The suite runs on two shared CPU cores: one thread per test process, fixed seeds, reproducible examples."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import settings
 
 torch.set_num_threads(1)
+# CI gates on this suite: property tests draw the same examples every run, so a run is reproducible
+settings.register_profile("peftfx", derandomize=True)
+settings.load_profile("peftfx")
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
 

@@ -54,6 +54,8 @@ def check(model: nn.Module, x: tuple, adapters: dict, seed: int) -> None:
         merged_gm = run_passes(copy.deepcopy(gm), [Merge(list(adapters)), Cleanup()])
         merged = merged_gm(*x)
     assert torch.isfinite(live).all()
+    # a drawn net whose output is identically zero (a ReLU that kills every unit) cannot show any adapter
+    assume(base.abs().max() > 1e-9 or live.abs().max() > 1e-9)
     assert not torch.allclose(live, base, rtol=1e-6, atol=1e-9), "the perturbed adapters must change the output"
     assert adapter_parameters(merged_gm) == []
     assert len(merged_gm.graph.nodes) == base_nodes

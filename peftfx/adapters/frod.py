@@ -9,31 +9,50 @@ Math (``W`` logical ``[out, in]``; per category of layers, e.g. every ``self_att
     W_eff = U (S + diag λ) Vᵀ,   y += W_eff x - W x,   merge: W ← W + (W_eff - W_raw)
 
 ``U`` is not saved by PEFT but derived from the base weight at load; here it is derived in the graph from the weight
-the adapter reads, so nothing beyond PEFT's tensors is stored. ``V`` is a frozen buffer in PEFT: detached here.
-A fresh FRoD needs a joint decomposition over every targeted layer of a category, which a per-site adapter cannot
-see, so fresh adapters are refused, as are checkpoints saved with ``save_projection=False`` (no ``V`` to read).
-Divergence: PEFT falls back to a pseudo-inverse when ``V`` is singular; here ``V`` must be invertible (it is, for
-the bases PEFT's decomposition produces).
+the adapter reads, so nothing beyond PEFT's tensors is stored. ``V``, the positions and their size are frozen buffers
+in PEFT: frozen roles here. Checkpoints saved with ``save_projection=False`` (no ``V`` to read) are refused.
+
+Fresh adapters are built as PEFT's initialisation builds them. Per category, the float32 weights of its layers
+(ordered by layer index) are stacked; fewer rows than columns: ``V`` = the right singular vectors (full SVD);
+otherwise ``stacked = QR``, ``T = mean_i (Q_iᵀ Q_i + a I)⁻¹`` over the row blocks ``Q_i`` of each layer,
+``V = Rᵀ eigvecs(T)`` (``a = regularization_alpha``), cast to the weight dtype. The positions are drawn, category by
+category in sorted order, from one CPU generator seeded with ``projection_prng_key``: ``nnz = int(in² · rate)``
+(at least 1 when ``rate > 0``) off-diagonal positions, a ``randperm`` prefix of the row-major off-diagonal list.
+``λ`` = the column norms of ``W V⁻ᵀ`` (so ``W_eff ≈ W``: identity at init up to float32 rounding of ``U`` and ``λ``),
+``S = 0``. ``create`` sees one site at a time, so a per-graph record of the fresh sites redoes a category's ``V``
+and its sites' ``λ``, and every category's positions, as each site arrives (as PEFT sees all sites at once).
+``init_weights=False`` adds PEFT's ``N(0, 0.1²)`` noise to ``S`` and ``λ``, drawn here from the spec's generator
+(PEFT draws it from the global one, so those values cannot be PEFT's for a given config).
+Refused (PEFT's result would depend on module order, which a site does not know): two sites of one category
+without a layer index in their path, or with the same one. Divergence: PEFT falls back to a pseudo-inverse when
+``V`` is singular; here ``V`` must be invertible (it is, for the bases PEFT's decomposition produces).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown
+from ..sites import Site, attr
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
 _EPS = 1e-12  # PEFT's threshold for a zero column of W V⁻ᵀ
 
 
 class FrodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    projection_prng_key: int = Field(0, description="seed of the CPU generator that draws the sparse positions")
+    sparse_rate: float = Field(0.01, ge=0, le=1, description="fraction of in x in off-diagonal positions trained in S")
+    regularization_alpha: float = Field(1e-3, description="ridge term of the joint decomposition (QR branch)")
+    init_weights: bool = Field(True, description="true: S = 0 (identity); false: PEFT's N(0, 0.1²) noise on S and λ")
 
 
 class Frod(AdapterKind):
@@ -44,10 +63,32 @@ class Frod(AdapterKind):
     Params = FrodParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
-        raise SpecError(
-            f"frod: a fresh FRoD adapter needs PEFT's joint decomposition over all targeted layers of a category, "
-            f"which peftfx does not reproduce ({site.describe()}); train it with PEFT and load the checkpoint"
-        )
+        p = FrodParams.model_validate(params.model_dump())
+        if site.op != "linear":
+            raise SpecError(f"frod supports Linear and Conv1D only, not {site.describe()}")
+        cat = _category(site.module)
+        roles = _roles(cat)
+        shared = frozenset(role for role in roles if "__" in role)
+        nnz = _nnz(site.in_features, p.sparse_rate)
+        values, noise = torch.zeros(nnz, dtype=site.dtype), None
+        if not p.init_weights:  # PEFT: S ~ N(0, 0.1²), then λ += 0.1·N(0, 1), both in the weight dtype
+            values = torch.empty(nnz, dtype=site.dtype).normal_(0.0, 0.1, generator=generator)
+            noise = torch.randn(site.in_features, dtype=site.dtype, generator=generator) * 0.1
+        hyper = {
+            "category": cat,
+            "scale": 1.0,
+            "prng_key": p.projection_prng_key,
+            "sparse_rate": p.sparse_rate,
+            "alpha": p.regularization_alpha,
+            "init_weights": p.init_weights,
+        }
+        tensors = {"s_values": values.to(adapter_dtype(site.dtype))}
+        a = SiteAdapter(self, site, hyper, tensors, roles, shared, frozen=shared)
+        gm = site.weight.graph.owning_module
+        weight = _logical(site, attr(gm, str(site.weight.target)).detach())
+        layer = _layer_index(site.module)
+        _FRESH.add(gm, _Fresh(tensors, site.module, cat, layer, site.in_features, site.dtype, weight, noise), p)
+        return a
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         if scale != 1.0:
@@ -56,13 +97,7 @@ class Frod(AdapterKind):
             )
         cat = _category(site.module)
         inp = site.in_features
-        roles = {
-            "lambda_l": "frod_lambda_l",
-            "s_values": "frod_lambda_s_values",
-            f"V__{cat}": f"frod_V.{cat}",
-            f"s_indices__{cat}": f"frod_s_indices.{cat}",
-            f"s_size__{cat}": f"frod_s_size.{cat}",
-        }
+        roles = _roles(cat)
         shared = frozenset(role for role in roles if "__" in role)
         extra = sorted(set(source.tensors) - {"frod_lambda_l", "frod_lambda_s_values"})
         if extra:
@@ -104,9 +139,7 @@ class Frod(AdapterKind):
         for role in ("lambda_l", "s_values", f"V__{cat}"):
             tensors[role] = tensors[role].to(dtype)
         hyper = {"category": cat, "scale": scale}
-        return SiteAdapter(
-            self, site, hyper, tensors, roles, shared, frozen=frozenset(r for r in roles if r.startswith("V__"))
-        )
+        return SiteAdapter(self, site, hyper, tensors, roles, shared, frozen=shared)
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         cat, site = a.hyper["category"], a.site
@@ -146,6 +179,24 @@ class Frod(AdapterKind):
             )
         refuse_unknown(config, _HANDLED, "FRoD", file)
 
+    def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
+        first = adapters[0].hyper
+        for key in ("prng_key", "sparse_rate", "alpha", "init_weights"):
+            if any(a.hyper[key] != first[key] for a in adapters):
+                raise SpecError(f"save_adapter: PEFT's FRoD needs one {key} for a whole adapter")
+        return {
+            "peft_type": "FROD",
+            "target_modules": target_modules(adapters),
+            "projection_prng_key": first["prng_key"],
+            "sparse_rate": first["sparse_rate"],
+            "regularization_alpha": first["alpha"],
+            "init_weights": first["init_weights"],
+            "save_projection": True,
+            "fan_in_fan_out": any(a.site.transposed for a in adapters),
+            "bias": "none",
+            "progressbar": False,
+        }
+
 
 # Read here, or fixed by the stored tensors (the bases and positions are saved), or training/runtime-only.
 _HANDLED = frozenset(
@@ -177,6 +228,27 @@ def _category(module: str) -> str:
     return category
 
 
+def _roles(cat: str) -> dict[str, str]:
+    """role -> PEFT suffix; the category-wide roles (``<name>__<category>``) are shared."""
+    return {
+        "lambda_l": "frod_lambda_l",
+        "s_values": "frod_lambda_s_values",
+        f"V__{cat}": f"frod_V.{cat}",
+        f"s_indices__{cat}": f"frod_s_indices.{cat}",
+        f"s_size__{cat}": f"frod_s_size.{cat}",
+    }
+
+
+def _layer_index(module: str) -> int | None:
+    """PEFT's order of the layers of a category: the number after ``layers``, else the first number in the path."""
+    parts = module.split(".")
+    if "layers" in parts:
+        after = parts[parts.index("layers") + 1 : parts.index("layers") + 2]
+        if after and after[0].isdigit():
+            return int(after[0])
+    return next((int(part) for part in parts if part.isdigit()), None)
+
+
 def _logical(site: Site, weight: Any) -> Any:
     return weight.t() if site.transposed else weight
 
@@ -195,3 +267,105 @@ def _sparse(site: Site, values: Any, indices: Any, size: Any) -> Any:
     inp = site.in_features
     flat = indices[0].long() * size[1].long() + indices[1].long()
     return values.new_zeros(inp * inp).scatter_add(0, flat, values).reshape(inp, inp)
+
+
+# -- fresh adapters: PEFT decomposes every targeted layer of a category at once; ``create`` sees one site at a time --
+
+
+@dataclass(eq=False)
+class _Fresh:
+    """One fresh site, without a path back to the graph (the registry's values must not keep its key alive)."""
+
+    tensors: dict[str, torch.Tensor]  # the SiteAdapter's own dict: filled in place
+    module: str
+    category: str
+    layer: int | None  # PEFT's layer index (None: PEFT would number it by module order)
+    in_features: int
+    dtype: torch.dtype
+    weight: torch.Tensor  # logical base weight [out, in]
+    noise: torch.Tensor | None  # init_weights=False: the noise added to λ
+
+
+class _FreshSites:
+    """Fresh sites of one graph, grouped by their parameters (a module seen again starts a new group: another
+    adapter). Each arrival redoes its category's ``V`` and ``λ``s and every category's positions, so once all sites
+    are created (placements precede insertion) every adapter holds what PEFT's one pass over all sites makes."""
+
+    def __init__(self) -> None:
+        self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def add(self, gm: torch.nn.Module, fresh: _Fresh, p: FrodParams) -> None:
+        groups = self.groups.setdefault(gm, {})
+        key = (p.projection_prng_key, p.sparse_rate, p.regularization_alpha, p.init_weights)
+        group = groups.get(key)
+        if group is None or any(f.module == fresh.module for f in group):
+            group = groups[key] = []
+        group.append(fresh)
+        by_cat: dict[str, list[_Fresh]] = {}
+        for f in group:
+            by_cat.setdefault(f.category, []).append(f)
+        _rebuild_category(fresh.category, by_cat[fresh.category], p.regularization_alpha)
+        generator = torch.Generator().manual_seed(p.projection_prng_key)
+        for c in sorted(by_cat):  # one stream over the categories in sorted order, as PEFT draws them
+            n = by_cat[c][0].in_features
+            indices, size = _positions(n, p.sparse_rate, generator), torch.tensor([n, n])
+            for f in by_cat[c]:
+                f.tensors[f"s_indices__{c}"], f.tensors[f"s_size__{c}"] = indices, size
+
+
+def _rebuild_category(cat: str, members: list[_Fresh], alpha: float) -> None:
+    if len(members) > 1:
+        layers = [f.layer for f in members]
+        if None in layers or len(set(layers)) < len(layers):
+            raise SpecError(
+                f"frod: the layers of category {cat!r} ({', '.join(f.module for f in members)}) need distinct layer "
+                "indices in their paths; otherwise PEFT orders (or drops) them by module order, which peftfx "
+                "does not reproduce"
+            )
+        if len({(f.in_features, f.dtype) for f in members}) > 1:
+            raise SpecError(f"frod: the layers of category {cat!r} differ in input size or dtype (PEFT stacks them)")
+    ordered = sorted(members, key=lambda f: f.layer or 0)
+    site_dtype = members[0].dtype
+    V = _joint_basis([f.weight.to(torch.float32) for f in ordered], alpha).to(site_dtype)
+    dtype = adapter_dtype(site_dtype)
+    for f in members:
+        try:
+            B = torch.linalg.solve(V.to(torch.float64), f.weight.to(torch.float64).t()).t()
+        except RuntimeError:
+            raise SpecError(f"frod: the joint basis of category {cat!r} is singular") from None
+        lam = torch.linalg.vector_norm(B, dim=0).to(torch.float32).to(site_dtype)
+        if f.noise is not None:
+            lam = lam + f.noise
+        f.tensors["lambda_l"], f.tensors[f"V__{cat}"] = lam.to(dtype), V.to(dtype)
+
+
+def _joint_basis(matrices: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """PEFT's shared basis of one category from its layers' float32 weights (see the module docstring)."""
+    stacked = torch.cat(matrices)
+    rows, cols = stacked.shape
+    if rows < cols:
+        return torch.linalg.svd(stacked, full_matrices=True).Vh.t()
+    Q, R = torch.linalg.qr(stacked)
+    ridge = alpha * torch.eye(cols, dtype=R.dtype)
+    blocks = Q.split([m.shape[0] for m in matrices])
+    mean = sum(torch.linalg.inv(q.t() @ q + ridge) for q in blocks) / len(blocks)
+    return R.t() @ torch.linalg.eigh(mean).eigenvectors
+
+
+def _nnz(n: int, rate: float) -> int:
+    off = n * (n - 1)
+    nnz = min(int(n * n * rate), off)
+    return max(1, nnz) if rate > 0 and off > 0 else nnz
+
+
+def _positions(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """``[2, nnz]`` (row, col) off-diagonal positions: a random prefix of their row-major enumeration."""
+    nnz = _nnz(n, rate)
+    if nnz == 0:
+        return torch.empty(2, 0, dtype=torch.long)
+    pick = torch.randperm(n * (n - 1), generator=generator)[:nnz]
+    row, col = pick // (n - 1), pick % (n - 1)
+    return torch.stack([row, col + (col >= row).long()])
+
+
+_FRESH = _FreshSites()
