@@ -21,16 +21,23 @@ def table() -> str:
     header = ["spec `type`", "PEFT `peft_type`", *(_LABELS.get(op, op) for op in OPS), "save fresh"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, kind in sorted(KINDS.items()):
-        peft_types = ", ".join(kind.peft_types) or "—"
+        peft_types = ", ".join(kind.peft_types) or _origin(kind)
         cells = ["✓" if op in kind.ops else "" for op in OPS]
         lines.append(f"| `{name}` | {peft_types} | " + " | ".join(cells) + f" | {'✓' if _saves_fresh(kind) else ''} |")
     legend = (
-        "✓: for this base layer, the kind loads PEFT checkpoints, runs live, merges into the weights and is created "
-        "fresh from a spec, each tested against PEFT in `tests/test_tuner_<kind>.py` (LoRA/DoRA: "
-        "`tests/test_lora_peft.py`). *save fresh*: `save_adapter` writes a fresh adapter in PEFT's format (a loaded "
-        "one is always written back as it was read). Linear includes transformers' Conv1D where PEFT supports it."
+        "✓: for this base layer, the kind loads PEFT checkpoints (if it has a PEFT type), runs live, merges into "
+        "the weights and is created fresh from a spec, each tested against PEFT in `tests/test_tuner_<kind>.py` "
+        "(LoRA/DoRA: `tests/test_lora_peft.py`). *save fresh*: `save_adapter` writes a fresh adapter in PEFT's "
+        "format (a loaded one is always written back as it was read). Linear includes transformers' Conv1D where "
+        "PEFT supports it."
     )
     return "\n".join(lines) + "\n\n" + legend
+
+
+def _origin(kind: AdapterKind) -> str:
+    """What a kind without a PEFT type of its own is: a preset of one that has one, or peftfx's own."""
+    parent = next((c for c in type(kind).__mro__[1:] if getattr(c, "peft_types", ())), None)
+    return f"— (`{parent.name}` preset)" if parent is not None else "— (peftfx only)"
 
 
 def _saves_fresh(kind: AdapterKind) -> bool:
