@@ -7,6 +7,7 @@ tolerances and why.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import peft
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftfx
@@ -54,6 +56,42 @@ def peft_checkpoint(
     prepare(peft_model)
     peft_model.save_pretrained(directory)
     return peft_model
+
+
+def saved_peft(model: nn.Module, config: peft.PeftConfig, directory: Path) -> Path:
+    """PEFT wraps ``model`` itself (no copy) and saves the adapter as initialised to ``directory``, returned."""
+    peft.get_peft_model(model, config).save_pretrained(directory)
+    return directory
+
+
+def edit_config(checkpoint_dir: Path, config: dict[str, Any] | None = None, /, **fields: Any) -> dict[str, Any]:
+    """Rewrite the checkpoint's adapter_config.json as ``{**config, **fields}``.
+
+    ``config`` defaults to the file's own; it is returned, so later edits can start again from it.
+    """
+    file = Path(checkpoint_dir) / "adapter_config.json"
+    base = json.loads(file.read_text()) if config is None else config
+    file.write_text(json.dumps({**base, **fields}))
+    return base
+
+
+def replace_tensor(
+    checkpoint_dir: Path, key: str, tensor: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor | None:
+    """Rewrite one tensor of the checkpoint's adapter_model.safetensors.
+
+    ``tensor`` may be a function of the one stored; None removes the key. Returns the tensor it replaced (None for
+    a new key), so a test can put it back.
+    """
+    file = Path(checkpoint_dir) / "adapter_model.safetensors"
+    tensors = load_file(file)
+    old = tensors.get(key)
+    if tensor is None:
+        del tensors[key]
+    else:
+        tensors[key] = tensor(old) if callable(tensor) else tensor
+    save_file(tensors, file)
+    return old
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import peft
 import pytest
 import torch
 from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, assert_close, check, check_fresh_save, peft_checkpoint, perturb, run
-from safetensors.torch import load_file, save_file
+from oracle import (
+    Tolerance,
+    assert_close,
+    check,
+    check_fresh_save,
+    edit_config,
+    peft_checkpoint,
+    perturb,
+    replace_tensor,
+    run,
+    saved_peft,
+)
+from safetensors.torch import load_file
 
 import peftfx
 
@@ -119,25 +129,18 @@ def test_fresh_gpt2_save(tmp_path):
 
 
 def _checkpoint(tmp_path):
-    peft.get_peft_model(mlp(), ada(target_modules=["layers.0"])).save_pretrained(tmp_path)
-    return tmp_path
+    return saved_peft(mlp(), ada(target_modules=["layers.0"]), tmp_path)
 
 
 def test_misshaped_tensor(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    tensors["base_model.model.layers.0.lora_E"] = torch.zeros(3, 1)
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.model.layers.0.lora_E", torch.zeros(3, 1))
     with pytest.raises(peftfx.PeftfxError, match=r"layers.0.lora_E.*shape \[3, 1\], expected \[4, 1\]"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
 
 def test_unsupported_config_field(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    cfg_file = ckpt / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["lora_bias"] = True
-    cfg_file.write_text(json.dumps(cfg))
+    edit_config(ckpt, lora_bias=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: lora_bias=True"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())

@@ -7,14 +7,13 @@ KMeans on the base weight when it loads the adapter, and peftfx reruns them the 
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, peft_checkpoint, run
+from oracle import Tolerance, check, check_fresh_save, edit_config, peft_checkpoint, run
 
 import peftfx
 
@@ -114,8 +113,7 @@ def test_fresh_random_init_and_dynamic_rank_save(tmp_path):
 def _saved(tmp_path, **config) -> str:
     peft_checkpoint(mlp(), adamss(), tmp_path)
     if config:
-        file = tmp_path / "adapter_config.json"
-        file.write_text(json.dumps({**json.loads(file.read_text()), **config}))
+        edit_config(tmp_path, **config)
     return str(tmp_path)
 
 

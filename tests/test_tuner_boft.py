@@ -14,8 +14,16 @@ import peft.tuners.boft.layer as boft_layer
 import pytest
 import torch
 from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_llama, token_inputs
-from oracle import Tolerance, adapter_parameters, check, check_fresh_save, peft_checkpoint, run
-from safetensors.torch import load_file, save_file
+from oracle import (
+    Tolerance,
+    adapter_parameters,
+    check,
+    check_fresh_save,
+    edit_config,
+    peft_checkpoint,
+    replace_tensor,
+    run,
+)
 
 import peftfx
 
@@ -131,16 +139,13 @@ def test_fresh_conv_save(tmp_path):
 
 def test_errors(tmp_path):
     peft_checkpoint(MLP(), boft(), tmp_path / "c")
-    path = tmp_path / "c" / "adapter_model.safetensors"
-    tensors = load_file(str(path))
     key = "base_model.model.layers.1.boft_s"
-    save_file({**tensors, key: tensors[key][:-1].contiguous()}, str(path))
+    original = replace_tensor(tmp_path / "c", key, lambda t: t[:-1].contiguous())
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.1\.boft_s.*shape \[7, 1\]"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
-    save_file(tensors, str(path))
+    replace_tensor(tmp_path / "c", key, original)
 
-    config_file = tmp_path / "c" / "adapter_config.json"
-    config_file.write_text(config_file.read_text().replace('"bias": "none"', '"bias": "none", "boft_magic": 3'))
+    edit_config(tmp_path / "c", boft_magic=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: boft_magic=3 is not supported"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
 

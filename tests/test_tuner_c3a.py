@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, run
+from oracle import Tolerance, check, check_fresh_save, edit_config, run, saved_peft
 
 import peftfx
 
@@ -59,15 +57,14 @@ def test_fresh_random_init(tmp_path):
 
 def test_errors(tmp_path):
     ckpt = tmp_path / "ckpt"
-    peft.get_peft_model(mlp(), peft.C3AConfig(block_size=4, target_modules=["layers.0"])).save_pretrained(ckpt)
+    saved_peft(mlp(), peft.C3AConfig(block_size=4, target_modules=["layers.0"]), ckpt)
     spec = {"adapters": {"a": {"peft": str(ckpt)}}}
     with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt), "scale": 0.5}}}, mlp_inputs())
-    cfg = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "block_size": 2}))
+    cfg = edit_config(ckpt, block_size=2)
     with pytest.raises(peftfx.PeftfxError, match=r"layers\.0\.c3a_kernel.*\[4, 3, 4\], expected \[8, 6, 2\]"):
         peftfx.compile(mlp(), spec, mlp_inputs())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "scaling": 2.0}))
+    edit_config(ckpt, cfg, scaling=2.0)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: scaling=2.0"):
         peftfx.compile(mlp(), spec, mlp_inputs())
     fresh = {"adapters": {"f": {"type": "c3a", "at": {"op": "linear"}, "with": {"block_size": 5}}}}

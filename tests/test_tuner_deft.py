@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, assert_close, check, check_fresh_save, run
+from oracle import Tolerance, assert_close, check, check_fresh_save, edit_config, run, saved_peft
 
 import peftfx
 
@@ -78,18 +76,16 @@ def test_fresh_para_saves(tmp_path):
 
 
 def test_wrong_shape_names_the_key(tmp_path):
-    peft.get_peft_model(mlp(), deft()).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    saved_peft(mlp(), deft(), tmp_path)
+    edit_config(tmp_path, r=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.deft_P.*shape"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())
 
 
 def test_unknown_config_field_and_scale_are_refused(tmp_path):
-    peft.get_peft_model(mlp(), deft()).save_pretrained(tmp_path)
+    saved_peft(mlp(), deft(), tmp_path)
     with pytest.raises(peftfx.PeftfxError, match="no natural scaling"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path), "scale": 0.5}}}, mlp_inputs())
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_magic": True}))
+    edit_config(tmp_path, use_magic=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: use_magic=True"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, perturb, run
+from oracle import Tolerance, check, check_fresh_save, edit_config, perturb, run, saved_peft
 
 import peftfx
 
@@ -66,7 +66,7 @@ def test_fresh_gpt2_random_init(tmp_path):
 def test_errors(tmp_path):
     config = peft.FourierFTConfig(n_frequency=20, target_modules=["layers.0"])
     ckpt = tmp_path / "ckpt"
-    peft.get_peft_model(mlp(), config).save_pretrained(ckpt)
+    saved_peft(mlp(), config, ckpt)
     spec = {"adapters": {"a": {"peft": str(ckpt)}}}
     bad = ckpt.parent / "bad"
     bad.mkdir()
@@ -76,8 +76,7 @@ def test_errors(tmp_path):
     (bad / "adapter_model.safetensors").write_bytes((ckpt / "adapter_model.safetensors").read_bytes())
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model.safetensors.*layers\.0\.fourierft_spectrum.*\[21\]"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(bad)}}}, mlp_inputs())
-    text = (ckpt / "adapter_config.json").read_text().replace('"bias": "none"', '"bias": "none", "use_idwt": true')
-    (ckpt / "adapter_config.json").write_text(text)
+    edit_config(ckpt, use_idwt=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: use_idwt=True"):
         peftfx.compile(mlp(), spec, mlp_inputs())
 

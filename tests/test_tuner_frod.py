@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, run
+from oracle import Tolerance, check, check_fresh_save, edit_config, run, saved_peft
 from torch import nn
 
 import peftfx
@@ -133,7 +133,7 @@ def test_fresh_without_layer_order_is_refused():
 
 
 def _saved(tmp_path, **kw):
-    peft.get_peft_model(mlp(), frod(**kw)).save_pretrained(tmp_path)
+    saved_peft(mlp(), frod(**kw), tmp_path)
     return json.loads((tmp_path / "adapter_config.json").read_text())
 
 
@@ -151,6 +151,6 @@ def test_wrong_shape_and_unknown_field_name_the_culprit(tmp_path):
     wrong = mlp(sizes=(10, 16, 8))  # layers.0 has 10 inputs, the file's basis is 12x12
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors: 'base_model\.frod_V\.layers_0'.*shape"):
         peftfx.compile(wrong, {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs(10))
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_magic": True}))
+    edit_config(tmp_path, config, use_magic=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: use_magic=True"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())

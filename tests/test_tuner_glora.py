@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, run
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, check, check_fresh_save, edit_config, replace_tensor, run, saved_peft
 
 import peftfx
 
@@ -62,36 +59,26 @@ def test_fresh_llama_save(tmp_path):
 
 
 def _checkpoint(tmp_path, **kw):
-    peft.get_peft_model(mlp(), glora(target_modules=["layers.0"], **kw)).save_pretrained(tmp_path)
-    return tmp_path
+    return saved_peft(mlp(), glora(target_modules=["layers.0"], **kw), tmp_path)
 
 
 def test_misshaped_tensor(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    tensors["base_model.model.layers.0.glora_A.Xu"] = torch.zeros(3, 12)
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.model.layers.0.glora_A.Xu", torch.zeros(3, 12))
     with pytest.raises(peftfx.PeftfxError, match=r"layers.0.glora_A.Xu.*shape \[3, 12\], expected \[2, 12\]"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
 
 def test_nonzero_absent_path(tmp_path):
     ckpt = _checkpoint(tmp_path / "c", config_C="none")
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    tensors["base_model.model.layers.0.glora_C.zeros"] = torch.ones(12, 1)
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.model.layers.0.glora_C.zeros", torch.ones(12, 1))
     with pytest.raises(peftfx.PeftfxError, match=r"glora_C.zeros' is an absent path"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
 
 def test_unsupported_config_field(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    cfg_file = ckpt / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["weird_option"] = 3
-    cfg_file.write_text(json.dumps(cfg))
+    edit_config(ckpt, weird_option=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: weird_option=3"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 

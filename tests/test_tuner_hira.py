@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
@@ -18,8 +16,7 @@ from models import (
     tiny_llama,
     token_inputs,
 )
-from oracle import Tolerance, check, check_fresh_save, run
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, check, check_fresh_save, edit_config, replace_tensor, run, saved_peft
 
 import peftfx
 
@@ -52,7 +49,7 @@ def test_float64(tmp_path):
 
 
 def test_scale_refused(tmp_path):
-    peft.get_peft_model(mlp(), peft.HiraConfig(r=2, target_modules=["layers.0"])).save_pretrained(tmp_path / "c")
+    saved_peft(mlp(), peft.HiraConfig(r=2, target_modules=["layers.0"]), tmp_path / "c")
     spec = {"adapters": {"a": {"peft": str(tmp_path / "c"), "scale": 0.5}}}
     with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(mlp(), spec, mlp_inputs())
@@ -76,26 +73,19 @@ def test_fresh_identity_and_save(model, inputs, at, tmp_path):
 
 
 def _checkpoint(tmp_path):
-    peft.get_peft_model(mlp(), peft.HiraConfig(r=2, target_modules=["layers.0"])).save_pretrained(tmp_path)
-    return tmp_path
+    return saved_peft(mlp(), peft.HiraConfig(r=2, target_modules=["layers.0"]), tmp_path)
 
 
 def test_misshaped_tensor(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    tensors["base_model.model.layers.0.hira_B"] = torch.zeros(16, 3)
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.model.layers.0.hira_B", torch.zeros(16, 3))
     with pytest.raises(peftfx.PeftfxError, match=r"layers.0.hira_B.*shape \[16, 3\], expected \[16, 2\]"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
 
 def test_unsupported_config_field(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    cfg_file = ckpt / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["weird_option"] = 3
-    cfg_file.write_text(json.dumps(cfg))
+    edit_config(ckpt, weird_option=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: weird_option=3"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 

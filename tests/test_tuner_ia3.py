@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, assert_close, check, check_fresh_save, peft_checkpoint, run
+from oracle import Tolerance, assert_close, check, check_fresh_save, edit_config, peft_checkpoint, run
 from torch import nn
 
 import peftfx
@@ -125,13 +125,12 @@ def test_errors_name_the_file_and_key(tmp_path):
     ckpt = tmp_path / "peft"
     peft_checkpoint(model, ia3(["layers.0"]), ckpt)
     # the checkpoint says output scaling (16, 1); claiming layers.0 is feed-forward expects (1, 12)
-    config = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "feedforward_modules": ["layers.0"]}))
+    config = edit_config(ckpt, feedforward_modules=["layers.0"])
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.ia3_l.*shape \[16, 1\]"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "some_new_field": 3}))
+    edit_config(ckpt, config, some_new_field=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: some_new_field=3"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    edit_config(ckpt, config)
     with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt), "scale": 0.5}}}, inputs)

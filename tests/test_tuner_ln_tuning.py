@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import peft
 import pytest
 import torch
 from models import conv_inputs, conv_net, embed_net, id_inputs, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, assert_close, check, check_fresh_save, peft_checkpoint, run
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, assert_close, check, check_fresh_save, edit_config, peft_checkpoint, replace_tensor, run
 from torch import nn
 
 import peftfx
@@ -87,21 +85,17 @@ def test_errors_name_the_file_and_key(tmp_path):
     model, inputs = embed_net(), id_inputs()
     ckpt = tmp_path / "peft"
     peft_checkpoint(model, peft.LNTuningConfig(target_modules=["norm"]), ckpt)
-    weights = ckpt / "adapter_model.safetensors"
-    state = load_file(weights)
-    good = dict(state)
-    state["base_model.model.norm.ln_tuning_layers.weight"] = torch.ones(5)
-    save_file(state, weights)
+    key = "base_model.model.norm.ln_tuning_layers.weight"
+    good = replace_tensor(ckpt, key, torch.ones(5))
     with pytest.raises(
         peftfx.PeftfxError, match=r"safetensors: 'base_model\.model\.norm\.ln_tuning_layers\.weight'.*\[5\]"
     ):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    save_file(good, weights)
-    config = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "some_new_field": 3}))
+    replace_tensor(ckpt, key, good)
+    config = edit_config(ckpt, some_new_field=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: some_new_field=3"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    edit_config(ckpt, config)
     with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt), "scale": 2.0}}}, inputs)
 

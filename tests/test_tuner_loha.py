@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, run
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, check, check_fresh_save, edit_config, replace_tensor, run, saved_peft
 from torch import nn
 
 import peftfx
@@ -141,27 +138,19 @@ def test_fresh_rank_gradient_on_llama(tmp_path):
 
 def _checkpoint(tmp_path, config=None):
     config = config or peft.LoHaConfig(r=2, target_modules=["layers.0"])
-    peft.get_peft_model(mlp(), config).save_pretrained(tmp_path)
-    return tmp_path
+    return saved_peft(mlp(), config, tmp_path)
 
 
 def test_misshaped_tensor(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    key = "base_model.model.layers.0.hada_w2_a"
-    tensors[key] = torch.zeros(16, 3)
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.model.layers.0.hada_w2_a", torch.zeros(16, 3))
     with pytest.raises(peftfx.PeftfxError, match=r"hada_w2_a.*shape \[16, 3\], expected \[16, 2\]"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
 
 def test_unsupported_config_field(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    cfg_file = ckpt / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["weird_option"] = 3
-    cfg_file.write_text(json.dumps(cfg))
+    edit_config(ckpt, weird_option=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: weird_option=3"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 

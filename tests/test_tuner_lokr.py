@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, run
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, check, check_fresh_save, edit_config, replace_tensor, run, saved_peft
 from torch import nn
 
 import peftfx
@@ -147,37 +144,26 @@ def test_fresh_random_llama(tmp_path):
 
 
 def _checkpoint(tmp_path):
-    peft.get_peft_model(mlp(), peft.LoKrConfig(r=1, target_modules=["layers.0"])).save_pretrained(tmp_path)
-    return tmp_path
+    return saved_peft(mlp(), peft.LoKrConfig(r=1, target_modules=["layers.0"]), tmp_path)
 
 
 def test_misshaped_tensor(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    key = "base_model.model.layers.0.lokr_w2_b"
-    tensors[key] = torch.zeros(2, 4)
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.model.layers.0.lokr_w2_b", torch.zeros(2, 4))
     with pytest.raises(peftfx.PeftfxError, match=r"lokr_w2_b.*shape \[2, 4\], expected \[1, 4\]"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
 
 def test_config_disagreeing_with_tensors(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    cfg_file = ckpt / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["r"] = 8  # would make w2 a full matrix
-    cfg_file.write_text(json.dumps(cfg))
+    edit_config(ckpt, r=8)  # would make w2 a full matrix
     with pytest.raises(peftfx.PeftfxError, match="missing tensor 'lokr_w2'"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
 
 def test_unsupported_config_field(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    cfg_file = ckpt / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["weird_option"] = 3
-    cfg_file.write_text(json.dumps(cfg))
+    edit_config(ckpt, weird_option=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: weird_option=3"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 

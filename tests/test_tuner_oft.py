@@ -9,8 +9,18 @@ import peft
 import pytest
 import torch
 from models import conv_inputs, conv_net, embed_net, id_inputs, mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, adapter_parameters, assert_close, check, check_fresh_save, peft_checkpoint, run
-from safetensors.torch import load_file, save_file
+from oracle import (
+    Tolerance,
+    adapter_parameters,
+    assert_close,
+    check,
+    check_fresh_save,
+    edit_config,
+    peft_checkpoint,
+    replace_tensor,
+    run,
+)
+from safetensors.torch import load_file
 
 import peftfx
 
@@ -125,16 +135,13 @@ def test_fresh_variants_save(tmp_path):
 
 def test_errors(tmp_path):
     peft_checkpoint(MLP(), oft(), tmp_path / "c")
-    path = tmp_path / "c" / "adapter_model.safetensors"
-    tensors = load_file(str(path))
     key = "base_model.model.layers.0.oft_R.weight"
-    save_file({**tensors, key: tensors[key][:, :-1].contiguous()}, str(path))
+    original = replace_tensor(tmp_path / "c", key, lambda t: t[:, :-1].contiguous())
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.oft_R\.weight.*shape"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
-    save_file(tensors, str(path))
+    replace_tensor(tmp_path / "c", key, original)
 
-    config_file = tmp_path / "c" / "adapter_config.json"
-    config_file.write_text(config_file.read_text().replace('"coft": false', '"coft": false, "oft_magic": 3'))
+    edit_config(tmp_path / "c", oft_magic=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: oft_magic=3 is not supported"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
 

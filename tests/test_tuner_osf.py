@@ -8,8 +8,16 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, adapter_parameters, check, check_fresh_save, peft_checkpoint, run
-from safetensors.torch import load_file, save_file
+from oracle import (
+    Tolerance,
+    adapter_parameters,
+    check,
+    check_fresh_save,
+    edit_config,
+    peft_checkpoint,
+    replace_tensor,
+    run,
+)
 
 import peftfx
 
@@ -68,18 +76,15 @@ def test_fresh_llama_save(tmp_path):
 
 def test_errors(tmp_path):
     peft_checkpoint(MLP(), CASES["count"], tmp_path / "c")
-    path = tmp_path / "c" / "adapter_model.safetensors"
-    tensors = load_file(str(path))
     key = "base_model.model.layers.0.osf_svd_params.S_low"
-    save_file({**tensors, key: tensors[key][:-1].contiguous()}, str(path))
+    original = replace_tensor(tmp_path / "c", key, lambda t: t[:-1].contiguous())
     with pytest.raises(
         peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.osf_svd_params\.S_low.*\[8\]"
     ):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
-    save_file(tensors, str(path))
+    replace_tensor(tmp_path / "c", key, original)
 
-    config_file = tmp_path / "c" / "adapter_config.json"
-    config_file.write_text(config_file.read_text().replace('"effective_rank": 3', '"effective_rank": 3, "osf_x": 1'))
+    edit_config(tmp_path / "c", osf_x=1)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: osf_x=1 is not supported"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
 

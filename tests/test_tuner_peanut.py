@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, peft_checkpoint, run
+from oracle import Tolerance, check, check_fresh_save, edit_config, peft_checkpoint, run, saved_peft
 
 import peftfx
 
@@ -69,20 +67,18 @@ def test_fresh_random_init_saves(tmp_path):
 
 
 def test_wrong_shape_and_depth_name_the_key(tmp_path):
-    peft.get_peft_model(mlp(), peanut(depth=1)).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    saved_peft(mlp(), peanut(depth=1), tmp_path)
+    config = edit_config(tmp_path, r=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.peanut_A\.weight.*shape"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "depth": 0}))
+    edit_config(tmp_path, config, depth=0)
     with pytest.raises(peftfx.PeftfxError, match=r"unexpected tensor .*peanut_(en|de)coders\.0\.weight"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())
 
 
 def test_unknown_config_field_and_conv1d_are_refused(tmp_path):
-    peft.get_peft_model(mlp(), peanut()).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_magic": True}))
+    saved_peft(mlp(), peanut(), tmp_path)
+    edit_config(tmp_path, use_magic=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: use_magic=True"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())
     spec = {"adapters": {"f": {"type": "peanut", "at": {"op": "linear", "module": "re:.*c_fc"}}}}

@@ -8,8 +8,16 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, adapter_parameters, check, check_fresh_save, peft_checkpoint, run
-from safetensors.torch import load_file, save_file
+from oracle import (
+    Tolerance,
+    adapter_parameters,
+    check,
+    check_fresh_save,
+    edit_config,
+    peft_checkpoint,
+    replace_tensor,
+    run,
+)
 
 import peftfx
 
@@ -73,22 +81,18 @@ def test_fresh_variants_save(tmp_path):
 
 def test_errors(tmp_path):
     peft_checkpoint(MLP(), psoft(), tmp_path / "c")
-    path = tmp_path / "c" / "adapter_model.safetensors"
-    tensors = load_file(str(path))
     key = "base_model.model.layers.0.psoft_R.weight"
-    save_file({**tensors, key: tensors[key][:-1].contiguous()}, str(path))
+    original = replace_tensor(tmp_path / "c", key, lambda t: t[:-1].contiguous())
     with pytest.raises(
         peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.psoft_R\.weight.*shape \[5\]"
     ):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
-    save_file(tensors, str(path))
+    replace_tensor(tmp_path / "c", key, original)
 
-    config_file = tmp_path / "c" / "adapter_config.json"
-    text = config_file.read_text()
-    config_file.write_text(text.replace('"psoft_svd": "full"', '"psoft_svd": "lowrank"'))
+    config = edit_config(tmp_path / "c", psoft_svd="lowrank")
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: psoft_svd='lowrank'"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
-    config_file.write_text(text.replace('"r": 4', '"r": 4, "psoft_magic": 3'))
+    edit_config(tmp_path / "c", config, psoft_magic=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: psoft_magic=3 is not supported"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
 

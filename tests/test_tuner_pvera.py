@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, assert_close, check, check_fresh_save, peft_checkpoint, run
+from oracle import Tolerance, assert_close, check, check_fresh_save, edit_config, peft_checkpoint, run
 
 import peftfx
 
@@ -67,10 +67,9 @@ def test_errors_name_the_file_and_key(tmp_path):
     model, inputs = mlp3(), mlp_inputs()
     ckpt = tmp_path / "peft"
     peft_checkpoint(model, pvera(["layers.0"]), ckpt)
-    config = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "sample_at_inference": True}))
+    config = edit_config(ckpt, sample_at_inference=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: sample_at_inference"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    edit_config(ckpt, config, r=2)
     with pytest.raises(peftfx.PeftfxError, match=r"safetensors: 'base_model\.model\.layers\.0\.pvera_lambda_d'.*\[8\]"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, run
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, check, check_fresh_save, edit_config, replace_tensor, run, saved_peft
 
 import peftfx
 
@@ -70,16 +67,12 @@ def test_fresh_identity_and_save(model, inputs, at, tmp_path):
 
 
 def _checkpoint(tmp_path, **kw):
-    peft.get_peft_model(mlp(), rand(target_modules=["layers.0"], **kw)).save_pretrained(tmp_path)
-    return tmp_path
+    return saved_peft(mlp(), rand(target_modules=["layers.0"], **kw), tmp_path)
 
 
 def test_misshaped_tensor(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    tensors["base_model.model.layers.0.randlora_lambda"] = torch.zeros(4, 2)
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.model.layers.0.randlora_lambda", torch.zeros(4, 2))
     with pytest.raises(peftfx.PeftfxError, match=r"layers.0.randlora_lambda.*shape \[4, 2\], expected \[4, 3\]"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 
@@ -92,10 +85,7 @@ def test_unsaved_projection_refused(tmp_path):
 
 def test_unsupported_config_field(tmp_path):
     ckpt = _checkpoint(tmp_path / "c")
-    cfg_file = ckpt / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["weird_option"] = 3
-    cfg_file.write_text(json.dumps(cfg))
+    edit_config(ckpt, weird_option=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: weird_option=3"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt)}}}, mlp_inputs())
 

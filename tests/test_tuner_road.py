@@ -8,8 +8,16 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, adapter_parameters, check, check_fresh_save, peft_checkpoint, run
-from safetensors.torch import load_file, save_file
+from oracle import (
+    Tolerance,
+    adapter_parameters,
+    check,
+    check_fresh_save,
+    edit_config,
+    peft_checkpoint,
+    replace_tensor,
+    run,
+)
 
 import peftfx
 
@@ -70,16 +78,13 @@ def test_fresh_road_4_save(tmp_path):
 
 def test_errors(tmp_path):
     peft_checkpoint(MLP(), road(), tmp_path / "c")
-    path = tmp_path / "c" / "adapter_model.safetensors"
-    tensors = load_file(str(path))
     key = "base_model.model.layers.0.road_alpha"
-    save_file({**tensors, key: tensors[key][:-1].contiguous()}, str(path))
+    original = replace_tensor(tmp_path / "c", key, lambda t: t[:-1].contiguous())
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.road_alpha.*shape \[7\]"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
-    save_file(tensors, str(path))
+    replace_tensor(tmp_path / "c", key, original)
 
-    config_file = tmp_path / "c" / "adapter_config.json"
-    config_file.write_text(config_file.read_text().replace('"group_size": 4', '"group_size": 4, "road_magic": 3'))
+    edit_config(tmp_path / "c", road_magic=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: road_magic=3 is not supported"):
         peftfx.compile(MLP(), {"adapters": {"a": {"peft": str(tmp_path / "c")}}}, mlp_inputs())
 

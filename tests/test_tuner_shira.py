@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, perturb, run
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, check, check_fresh_save, edit_config, perturb, replace_tensor, run, saved_peft
 
 import peftfx
 
@@ -60,22 +57,18 @@ def test_fresh_random_init_matches_peft_mask(tmp_path):
 def test_errors(tmp_path):
     config = peft.ShiraConfig(r=1, target_modules=["layers.0"])
     ckpt = tmp_path / "ckpt"
-    peft.get_peft_model(mlp(), config).save_pretrained(ckpt)
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    tensors["base_model.model.layers.0.shira_indices"][0, 0] = 99
-    save_file(tensors, file)
+    saved_peft(mlp(), config, ckpt)
+    key = "base_model.model.layers.0.shira_indices"
+    indices = replace_tensor(
+        ckpt, key, lambda t: t.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(99, dtype=t.dtype))
+    )
     spec = {"adapters": {"a": {"peft": str(ckpt)}}}
     with pytest.raises(peftfx.PeftfxError, match=r"layers\.0\.shira_indices.*outside 16x12"):
         peftfx.compile(mlp(), spec, mlp_inputs())
-    tensors["base_model.model.layers.0.shira_indices"] = tensors["base_model.model.layers.0.shira_indices"][
-        :, 1:
-    ].contiguous()
-    save_file(tensors, file)
+    replace_tensor(ckpt, key, indices[:, 1:].contiguous())
     with pytest.raises(peftfx.PeftfxError, match=r"layers\.0\.shira_indices.*shape \[2, 27\], expected \[2, 28\]"):
         peftfx.compile(mlp(), spec, mlp_inputs())
-    cfg = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "n_frequency": 3}))
+    edit_config(ckpt, n_frequency=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: n_frequency=3"):
         peftfx.compile(mlp(), spec, mlp_inputs())
     fresh = {"adapters": {"f": {"type": "shira", "at": {"module": "re:.*c_attn"}, "with": {"r": 1}}}}

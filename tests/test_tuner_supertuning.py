@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, peft_checkpoint, run
+from oracle import Tolerance, check, check_fresh_save, edit_config, peft_checkpoint, run, saved_peft
 
 import peftfx
 
@@ -76,17 +74,15 @@ def test_fresh_random_init_saves(tmp_path):
 
 
 def test_wrong_shape_names_the_key(tmp_path):
-    peft.get_peft_model(mlp(), supertuning()).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "sparsity": 0.5}))
+    saved_peft(mlp(), supertuning(), tmp_path)
+    edit_config(tmp_path, sparsity=0.5)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_model\.safetensors.*layers\.0\.supertuning_values.*shape"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())
 
 
 def test_unknown_config_field_and_conv1d_are_refused(tmp_path):
-    peft.get_peft_model(mlp(), supertuning()).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_magic": True}))
+    saved_peft(mlp(), supertuning(), tmp_path)
+    edit_config(tmp_path, use_magic=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: use_magic=True"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path)}}}, mlp_inputs())
     spec = {"adapters": {"f": {"type": "supertuning", "at": {"op": "linear", "module": "re:.*c_fc"}}}}

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from models import embed_net, id_inputs, mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, assert_close, check, check_fresh_save, peft_checkpoint, run
+from oracle import Tolerance, assert_close, check, check_fresh_save, edit_config, peft_checkpoint, run
 
 import peftfx
 
@@ -82,12 +82,11 @@ def test_errors_name_the_file_and_key(tmp_path):
     model, inputs = mlp3(), mlp_inputs()
     ckpt = tmp_path / "peft"
     peft_checkpoint(model, tiny(["layers.0"]), ckpt)
-    config = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "u": 6}))
+    config = edit_config(ckpt, u=6)
     with pytest.raises(
         peftfx.PeftfxError, match=r"safetensors: 'base_model\.model\.layers\.0\.tinylora_P'.*\[5, 3, 3\]"
     ):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "some_new_field": 3}))
+    edit_config(ckpt, config, some_new_field=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: some_new_field=3"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from models import embed_net, id_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, assert_close, check, check_fresh_save, peft_checkpoint, run
+from oracle import Tolerance, assert_close, check, check_fresh_save, edit_config, peft_checkpoint, run
 
 import peftfx
 
@@ -79,15 +79,14 @@ def test_errors_name_the_file_and_key(tmp_path):
     model, inputs = embed_net(), id_inputs()
     ckpt = tmp_path / "peft"
     peft_checkpoint(model, tokens(["emb"], [1, 2]), ckpt)
-    config = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "token_indices": [1, 2, 3]}))
+    config = edit_config(ckpt, token_indices=[1, 2, 3])
     with pytest.raises(
         peftfx.PeftfxError, match=r"safetensors: 'base_model\.model\.emb\.trainable_tokens_delta'.*\[2, 8\]"
     ):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    (ckpt / "adapter_config.json").write_text(json.dumps({**config, "some_new_field": 3}))
+    edit_config(ckpt, config, some_new_field=3)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: some_new_field=3"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}}, inputs)
-    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    edit_config(ckpt, config)
     with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt), "scale": 2.0}}}, inputs)

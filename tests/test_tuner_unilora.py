@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save
+from oracle import Tolerance, check, check_fresh_save, edit_config, saved_peft
 
 import peftfx
 
@@ -62,16 +60,15 @@ def test_fresh_gpt2(tmp_path):
 def test_errors(tmp_path):
     ckpt = tmp_path / "ckpt"
     config = peft.UniLoraConfig(r=2, theta_d_length=10, save_indices=True, target_modules=["layers.0"])
-    peft.get_peft_model(mlp(), config).save_pretrained(ckpt)
+    saved_peft(mlp(), config, ckpt)
     spec = {"adapters": {"a": {"peft": str(ckpt)}}}
     with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt), "scale": 2.0}}}, mlp_inputs())
-    cfg = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3}))
+    cfg = edit_config(ckpt, r=3)
     with pytest.raises(
         peftfx.PeftfxError, match=r"layers\.0\.unilora_indices_A' has shape \[2, 12\], expected \[3, 12\]"
     ):
         peftfx.compile(mlp(), spec, mlp_inputs())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "save_indices": False}))
+    edit_config(ckpt, cfg, save_indices=False)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: save_indices=false"):
         peftfx.compile(mlp(), spec, mlp_inputs())

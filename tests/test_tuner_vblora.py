@@ -6,8 +6,7 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save
-from safetensors.torch import load_file, save_file
+from oracle import Tolerance, check, check_fresh_save, replace_tensor, saved_peft
 
 import peftfx
 
@@ -73,20 +72,16 @@ def test_fresh_gpt2(tmp_path):
 def test_errors(tmp_path):
     ckpt = tmp_path / "ckpt"
     config = peft.VBLoRAConfig(r=2, num_vectors=6, vector_length=4, target_modules=["layers.0"])
-    peft.get_peft_model(mlp(), config).save_pretrained(ckpt)
+    saved_peft(mlp(), config, ckpt)
     spec = {"adapters": {"a": {"peft": str(ckpt)}}}
     with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(ckpt), "scale": 0.5}}}, mlp_inputs())
-    file = ckpt / "adapter_model.safetensors"
-    tensors = load_file(file)
-    tensors["base_model.vblora_vector_bank"] = tensors["base_model.vblora_vector_bank"][:5].contiguous()
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.vblora_vector_bank", lambda t: t[:5].contiguous())
     with pytest.raises(
         peftfx.PeftfxError, match=r"adapter_model.safetensors: 'base_model.vblora_vector_bank' has shape"
     ):
         peftfx.compile(mlp(), spec, mlp_inputs())
-    del tensors["base_model.vblora_vector_bank"]
-    save_file(tensors, file)
+    replace_tensor(ckpt, "base_model.vblora_vector_bank", None)
     with pytest.raises(peftfx.PeftfxError, match=r"missing the shared tensor 'base_model\.vblora_vector_bank'"):
         peftfx.compile(mlp(), spec, mlp_inputs())
     fresh = {"adapters": {"f": {"type": "vblora", "at": {"op": "linear"}, "with": {"vector_length": 5}}}}

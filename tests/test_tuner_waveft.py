@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_gpt2, tiny_llama, token_inputs
-from oracle import Tolerance, check, check_fresh_save, perturb, run
+from oracle import Tolerance, check, check_fresh_save, edit_config, perturb, run, saved_peft
 from peft.tuners.waveft.wavelet import _WAVELET_COEFFS
 
 import peftfx
@@ -87,13 +85,12 @@ def test_fresh_gpt2_no_idwt(tmp_path):
 
 def test_errors(tmp_path):
     ckpt = tmp_path / "ckpt"
-    peft.get_peft_model(mlp(), peft.WaveFTConfig(n_frequency=10, target_modules=["layers.0"])).save_pretrained(ckpt)
+    saved_peft(mlp(), peft.WaveFTConfig(n_frequency=10, target_modules=["layers.0"]), ckpt)
     spec = {"adapters": {"a": {"peft": str(ckpt)}}}
-    cfg = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "n_frequency": 11}))
+    cfg = edit_config(ckpt, n_frequency=11)
     with pytest.raises(peftfx.PeftfxError, match=r"layers\.0\.waveft_spectrum.*\[10\], expected \[11\]"):
         peftfx.compile(mlp(), spec, mlp_inputs())
-    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "wavelet_family": "sym4"}))
+    edit_config(ckpt, cfg, wavelet_family="sym4")
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config.json: wavelet_family='sym4' is not supported"):
         peftfx.compile(mlp(), spec, mlp_inputs())
     fresh = {"adapters": {"f": {"type": "waveft", "at": {"op": "linear"}, "with": {"wavelet_family": "coif1"}}}}

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight, refuse_unknown, target_modules
 
 _ROLES = ("lora_A", "lora_B", "lora_E")
 
@@ -103,9 +103,7 @@ class Adalora(AdapterKind):
         site, h = a.site, a.hyper
         A, B, E = (t[role].double() for role in _ROLES)
         delta = (B @ (A * E) * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
-        if site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "AdaLoRA", file)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
 from ..sites import Site
 
 
@@ -115,6 +115,25 @@ def per_module(adapters: Sequence[SiteAdapter], key: str, default: Any) -> dict[
     Keys are full module paths, which PEFT's pattern rule (``(.*\\.)?key$``) matches exactly.
     """
     return {a.site.module: a.hyper[key] for a in adapters if a.hyper[key] != default}
+
+
+def uniform(adapters: Sequence[SiteAdapter], keys: Sequence[str], kind: str, note: str = "") -> dict[str, Any]:
+    """The first adapter's hyper, once every ``hyper[key]`` is the same across ``adapters``.
+
+    For ``peft_config`` fields PEFT keeps one value of per adapter (no ``*_pattern``); a key that differs raises
+    ``SpecError("save_adapter: PEFT's <kind> needs one <key> for a whole adapter<note>")``.
+    """
+    first = adapters[0].hyper
+    for key in keys:
+        if any(a.hyper[key] != first[key] for a in adapters):
+            raise SpecError(f"save_adapter: PEFT's {kind} needs one {key} for a whole adapter{note}")
+    return first
+
+
+def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, site: Site) -> torch.Tensor:
+    """``weight + delta`` in ``weight``'s dtype: ``delta`` is float64 in the logical ``[out, in, ...]`` layout,
+    ``weight`` in storage layout (transposed for transformers' Conv1D sites)."""
+    return (weight.double() + (delta.t() if site.transposed else delta)).to(weight.dtype)
 
 
 def refuse_unknown(config: Mapping[str, Any], handled: frozenset[str], kind: str, file: str) -> None:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 
 class DeftParams(BaseModel):
@@ -134,10 +134,7 @@ class Deft(AdapterKind):
         refuse_unknown(config, _HANDLED, "DeFT", file)
 
     def peft_config(self, adapters: list[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r_config", "method", "alpha", "para"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's DeFT needs one {key} for a whole adapter (it has no pattern)")
+        first = uniform(adapters, ("r_config", "method", "alpha", "para"), "DeFT", " (it has no pattern)")
         return {
             "peft_type": "DEFT",
             "target_modules": target_modules(adapters),

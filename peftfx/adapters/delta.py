@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -67,12 +67,11 @@ class Delta(AdapterKind):
         bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        delta = t["delta"].double()
-        merged = weight.double() + (delta.t() if a.site.transposed else delta)
+        merged = add_to_weight(weight, t["delta"].double(), a.site)
         new_bias = bias
         if "bias" in t:
             new_bias = (bias.double() + t["bias"].double()).to(bias.dtype)
-        return merged.to(weight.dtype), new_bias
+        return merged, new_bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         raise SpecError(f"{file}: a dense delta has no PEFT checkpoint format")

@@ -25,7 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_to_weight,
+    per_module,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 SPECTRUM = "fourierft_spectrum"
 
@@ -95,18 +105,13 @@ class FourierFT(AdapterKind):
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         delta = _delta(a, t["spectrum"].double())
-        if a.site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, a.site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "FourierFT", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("scaling", "random_loc_seed"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's FourierFT needs one {key} for a whole adapter")
+        first = uniform(adapters, ("scaling", "random_loc_seed"), "FourierFT")
         return {
             "peft_type": "FOURIERFT",
             "target_modules": target_modules(adapters),

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _EPS = 1e-12  # PEFT's threshold for a zero column of W V⁻ᵀ
 
@@ -180,10 +180,7 @@ class Frod(AdapterKind):
         refuse_unknown(config, _HANDLED, "FRoD", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("prng_key", "sparse_rate", "alpha", "init_weights"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's FRoD needs one {key} for a whole adapter")
+        first = uniform(adapters, ("prng_key", "sparse_rate", "alpha", "init_weights"), "FRoD")
         return {
             "peft_type": "FROD",
             "target_modules": target_modules(adapters),

@@ -23,7 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_to_weight,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 _GENERAL = {"gralora_A_general": "gralora_A_general.weight", "gralora_B_general": "gralora_B_general.weight"}
 
@@ -135,18 +144,13 @@ class Gralora(AdapterKind):
         if h["hybrid_r"]:
             delta = delta + t["gralora_B_general"].double() @ t["gralora_A_general"].double()
         delta = delta * h["scaling"]
-        if site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "GraLoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r", "alpha", "k", "hybrid_r"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's GraLoRA needs one {key} for a whole adapter (it has no pattern)")
+        first = uniform(adapters, ("r", "alpha", "k", "hybrid_r"), "GraLoRA", " (it has no pattern)")
         return {
             "peft_type": "GRALORA",
             "target_modules": target_modules(adapters),

@@ -27,7 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_to_weight,
+    per_module,
+    refuse_unknown,
+    target_modules,
+)
 from .loha import (
     add_delta_output,
     check_lycoris_site,
@@ -106,7 +115,7 @@ class Lokr(AdapterKind):
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         delta = _delta(a, {role: v.double() for role, v in t.items()})
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, a.site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "LoKr", file)

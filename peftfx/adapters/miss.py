@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _KEY = "miss_block"
 
@@ -116,10 +116,7 @@ class Miss(AdapterKind):
         refuse_unknown(config, _HANDLED, "MiSS", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r", "init", "mini_r"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's MiSS needs one {key} for a whole adapter (it has no pattern)")
+        first = uniform(adapters, ("r", "init", "mini_r"), "MiSS", " (it has no pattern)")
         return {
             "peft_type": "MISS",
             "target_modules": target_modules(adapters),

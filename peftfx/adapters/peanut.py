@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 
 class PeanutParams(BaseModel):
@@ -113,10 +113,7 @@ class Peanut(AdapterKind):
         refuse_unknown(config, _HANDLED, "PEANuT", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r", "depth", "act_fn", "scaling"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's PEANuT needs one {key} for a whole adapter (it has no pattern)")
+        first = uniform(adapters, ("r", "depth", "act_fn", "scaling"), "PEANuT", " (it has no pattern)")
         return {
             "peft_type": "PEANUT",
             "target_modules": target_modules(adapters),

@@ -24,9 +24,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_to_weight,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 _OWN = ("randlora_lambda", "randlora_gamma")
 _SHARED = ("randlora_A", "randlora_B")
@@ -128,9 +137,7 @@ class Randlora(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         first, second = _bases(a, {role: v.double() for role, v in t.items()})
         delta = second @ first * a.hyper["scaling"]
-        if a.site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, a.site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if config.get("save_projection", True) is False:
@@ -141,10 +148,7 @@ class Randlora(AdapterKind):
         refuse_unknown(config, _HANDLED, "RandLoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r", "alpha", "key"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's RandLoRA needs one {key} for a whole adapter")
+        first = uniform(adapters, ("r", "alpha", "key"), "RandLoRA")
         return {
             "peft_type": "RANDLORA",
             "target_modules": target_modules(adapters),

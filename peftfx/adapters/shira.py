@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 KEYS = {"weight": "shira_weight", "indices": "shira_indices"}
 
@@ -107,12 +107,7 @@ class Shira(AdapterKind):
         refuse_unknown(config, _HANDLED, "SHiRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r", "random_seed"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(
-                    f"save_adapter: PEFT's SHiRA needs one {key} for a whole adapter (no per-module pattern)"
-                )
+        first = uniform(adapters, ("r", "random_seed"), "SHiRA", " (no per-module pattern)")
         return {
             "peft_type": "SHIRA",
             "target_modules": target_modules(adapters),

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _KEYS = {
     "values": "supertuning_values",
@@ -144,10 +144,7 @@ class Supertuning(AdapterKind):
         refuse_unknown(config, _HANDLED, "Super-Tuning", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("sparsity", "select_top", "r", "lora_alpha"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's Super-Tuning needs one {key} for a whole adapter")
+        first = uniform(adapters, ("sparsity", "select_top", "r", "lora_alpha"), "Super-Tuning")
         return {
             "peft_type": "SUPERTUNING",
             "target_modules": target_modules(adapters),

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight, refuse_unknown, target_modules
 
 _KEYS = {"A": "tinylora_A", "B": "tinylora_B", "P": "tinylora_P"}
 
@@ -124,9 +124,7 @@ class TinyLora(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         R = torch.einsum("i,ijk->jk", t[_v_role(a.hyper["group"])].double(), t["P"].double())
         delta = t["B"].double() @ R @ t["A"].double() * a.hyper["scale"]
-        if a.site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, a.site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "TinyLoRA", file)

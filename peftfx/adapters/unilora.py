@@ -25,9 +25,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_to_weight,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 THETA = "unilora_theta_d"
 KEYS = {
@@ -139,9 +148,7 @@ class UniLoRA(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         A, B = _factors({role: v if role.startswith("indices") else v.double() for role, v in t.items()}, detach=False)
         delta = B @ A
-        if a.site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, a.site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if not config.get("save_indices", False):
@@ -153,10 +160,7 @@ class UniLoRA(AdapterKind):
         refuse_unknown(config, _HANDLED, "UniLoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r", "theta_d_length"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's UniLoRA needs one {key} for a whole adapter")
+        first = uniform(adapters, ("r", "theta_d_length"), "UniLoRA")
         return {
             "peft_type": "UNILORA",
             "target_modules": target_modules(adapters),

@@ -24,7 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_to_weight,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 BANK = "vblora_vector_bank"
 LOGITS = {"A": "vblora_logits_A", "B": "vblora_logits_B"}
@@ -136,18 +145,13 @@ class VBLoRA(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         A, B = _factors(a, {role: v if role.endswith("_indices") else v.double() for role, v in t.items()})
         delta = B @ A
-        if a.site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, a.site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "VB-LoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("r", "num_vectors", "vector_length", "topk"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT's VB-LoRA needs one {key} for a whole adapter")
+        first = uniform(adapters, ("r", "num_vectors", "vector_length", "topk"), "VB-LoRA")
         return {
             "peft_type": "VBLORA",
             "target_modules": target_modules(adapters),

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight, refuse_unknown, target_modules
 
 
 class VeraParams(BaseModel):
@@ -140,9 +140,7 @@ class Vera(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         A, B, lambda_d = (f.double() for f in self._factors(a, t))
         delta = (t["lambda_b"].double()[:, None] * B) @ (lambda_d[:, None] * A) * a.hyper["scale"]
-        if a.site.transposed:
-            delta = delta.t()
-        return (weight.double() + delta).to(weight.dtype), bias
+        return add_to_weight(weight, delta, a.site), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, self.name, file)
