@@ -121,6 +121,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
             peft_keys=dict(a.peft_keys),
             shared=sorted(a.shared),
             raw_weight=str(site.weight.target),
+            raw_bias=str(site.bias.target) if site.bias is not None else None,
             nodes=[n.name for n in (*attrs, *created)],
         )
     )

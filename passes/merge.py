@@ -60,7 +60,8 @@ def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> lis
     raw = get_attr(gm, record.raw_weight)
     weight = get_attr(gm, str(site.weight.target))
     bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
-    new_weight, new_bias = a.kind.merge(a, weight, raw, bias, a.tensors)
+    raw_bias = get_attr(gm, record.raw_bias) if record.raw_bias is not None else None
+    new_weight, new_bias = a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
     if not torch.isfinite(new_weight).all():
         raise MergeError(f"merge: adapter {record.adapter!r} at {record.module}: the merged weight is not finite")
     nodes[record.output].replace_all_uses_with(nodes[record.input])

@@ -28,6 +28,7 @@ class Record:
     peft_keys: dict[str, str]  # role -> PEFT key suffix
     shared: list[str]  # roles whose tensor is adapter-wide
     raw_weight: str  # the weight attribute the live adapter reads
+    raw_bias: str | None  # the bias attribute it reads
     merged: bool = False
     nodes: list[str] = field(default_factory=list)
 

@@ -82,9 +82,11 @@ class AdapterKind(ABC):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The merged (weight, bias), storage layout. ``raw_weight`` is the weight the live adapter reads."""
+        """The merged (weight, bias), storage layout, from the current ``weight``/``bias`` (earlier adapters at
+        the site may have merged into them) and the ``raw_weight``/``raw_bias`` the live adapter reads."""
 
     @abstractmethod
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:

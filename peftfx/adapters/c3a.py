@@ -93,6 +93,7 @@ class C3A(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         eye = torch.eye(a.site.in_features, dtype=torch.float64)

@@ -160,6 +160,7 @@ class Frod(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cat, site = a.hyper["category"], a.site

@@ -96,6 +96,7 @@ class Hra(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         vectors = _vectors(t["hra_u"].double(), a.hyper)

@@ -91,6 +91,7 @@ class LnTuning(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         new_bias = bias if bias is None else t["bias"].detach().to(bias.dtype).clone()

@@ -144,6 +144,7 @@ class Lora(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         site = a.site
@@ -154,6 +155,9 @@ class Lora(AdapterKind):
             g = t["lora_magnitude"].double().reshape(-1) / norm
             merged = merged * g.reshape(_weight_broadcast(site))
         new_bias = bias
+        if a.hyper["dora"] and bias is not None and raw_bias is not None and not torch.equal(bias, raw_bias):
+            # live, DoRA scales all of the bias but the raw one: so also what earlier adapters here added to it
+            new_bias = (raw_bias.double() + g * (bias.double() - raw_bias.double())).to(bias.dtype)
         if a.hyper["lora_bias"]:
             new_bias = (bias.double() + a.hyper["scaling"] * t["lora_B_bias"].double()).to(bias.dtype)
         return _storage(site, merged).to(weight.dtype), new_bias

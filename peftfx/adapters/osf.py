@@ -108,6 +108,7 @@ class Osf(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         U0, S0, V0 = (m.double() for m in _low(raw_weight, a.hyper["k"], raw_weight.dtype))

@@ -101,6 +101,7 @@ class Peanut(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         delta = _delta(a, raw_weight.double(), {role: v.double() for role, v in t.items()})

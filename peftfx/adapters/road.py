@@ -95,6 +95,7 @@ class Road(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         c, s = _columns(a.hyper, t["road_theta"].double(), t["road_alpha"].double())

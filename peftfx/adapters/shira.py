@@ -99,6 +99,7 @@ class Shira(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (weight.double() + _delta(a, t["weight"].double(), t["indices"])).to(weight.dtype), bias

@@ -132,6 +132,7 @@ class Supertuning(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = a.hyper

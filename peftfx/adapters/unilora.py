@@ -144,6 +144,7 @@ class UniLoRA(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         A, B = _factors({role: v if role.startswith("indices") else v.double() for role, v in t.items()}, detach=False)

@@ -141,6 +141,7 @@ class VBLoRA(AdapterKind):
         weight: torch.Tensor,
         raw_weight: torch.Tensor,
         bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         A, B = _factors(a, {role: v if role.endswith("_indices") else v.double() for role, v in t.items()})

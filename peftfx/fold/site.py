@@ -55,7 +55,7 @@ class Task:
         gm = site.weight.graph.owning_module
         weight = attr(gm, str(site.weight.target)).double()
         bias = attr(gm, str(site.bias.target)).double() if site.bias is not None else None
-        merged, new_bias = a.kind.merge(a, weight, weight, bias, a.tensors)
+        merged, new_bias = a.kind.merge(a, weight, weight, bias, bias, a.tensors)
         dtype = adapter_dtype(site.dtype)
         delta = to_matrix(site, logical(site, merged - weight)).to(dtype)
         db = None
