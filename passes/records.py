@@ -44,11 +44,12 @@ class Record:
 
 @dataclass
 class AdapterInfo:
-    """Adapter-wide facts: its kind, the PEFT config it was loaded from (None if fresh), base overrides."""
+    """Adapter-wide facts: its kind, the PEFT config it was loaded from (None if fresh), base overrides, export."""
 
     kind: str
     config: dict[str, Any] | None = None
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT key -> tensor
+    as_inputs: bool = False  # export_onnx makes its tensors graph inputs
 
 
 def records(gm: fx.GraphModule) -> list[Record]:

@@ -3,9 +3,11 @@
 from .capture import capture
 from .driver import Explanation, compile, explain
 from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
+from .export import adapter_inputs, dynamic_shapes, export_onnx
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
+from .swap import swap_adapter
 
 __version__ = "0.1.0"
 
@@ -20,11 +22,15 @@ __all__ = [
     "Site",
     "Spec",
     "SpecError",
+    "adapter_inputs",
     "capture",
     "compile",
+    "dynamic_shapes",
     "explain",
+    "export_onnx",
     "find_sites",
     "load_spec",
     "save_adapter",
     "spec_schema",
+    "swap_adapter",
 ]

@@ -9,7 +9,9 @@ from typing import Any
 from torch import fx, nn
 
 from .capture import Inputs, capture
+from .errors import SpecError
 from .passes import Cleanup, Insert, Merge, run_passes
+from .passes.records import adapters
 from .plan import make_plan, targets
 from .spec import Spec, load_spec
 
@@ -25,10 +27,16 @@ def compile(
     plan = make_plan(gm, spec, base_dir)
     passes = [Insert(plan.placements, plan.overrides, plan.configs)]
     merged = spec.merged_adapters()
+    for name in merged:
+        if spec.adapters[name].as_inputs:
+            raise SpecError(f"adapters.{name}.as_inputs: {name!r} is merged, so it has no tensors to make inputs")
     if merged:
         passes.append(Merge(merged))
     passes.append(Cleanup())
-    return run_passes(gm, passes)
+    gm = run_passes(gm, passes)
+    for name, info in adapters(gm).items():
+        info.as_inputs = name in spec.adapters and spec.adapters[name].as_inputs
+    return gm
 
 
 @dataclass(frozen=True)

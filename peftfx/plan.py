@@ -71,8 +71,20 @@ def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
 def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
     plan = targets(gm, spec, base_dir)
     for target in plan.targets:
+        start = len(plan.placements)
         _place(plan, spec, target)
+        max_rank = spec.adapters[target.name].max_rank
+        if max_rank is not None:  # only the active result is padded: a fold reads its sources as they are
+            plan.placements[start:] = [_padded(p, max_rank) for p in plan.placements[start:]]
     return plan
+
+
+def _padded(placement: Placement, max_rank: int) -> Placement:
+    a = placement.site_adapter
+    try:
+        return Placement(placement.adapter, a.kind.pad(a, max_rank))
+    except SpecError as e:
+        raise SpecError(f"adapters.{placement.adapter}.max_rank: {e}") from None
 
 
 def _target(plan: Plan, gm: fx.GraphModule, spec: Spec, name: str, base_dir: Path | None) -> Target:

@@ -32,17 +32,20 @@ def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
         live = ", ".join(sorted({r.adapter for r in records(gm)})) or "none"
         raise SpecError(f"save_adapter: no live adapter {name!r} in this graph (live: {live}; merged ones are gone)")
     state: dict[str, torch.Tensor] = {}
+    nodes = nodes_by_name(gm)
     for record in mine:
         if record.hyper.get("scale", 1.0) != 1.0:
             raise SpecError(f"save_adapter: {name!r} was loaded with `scale`, which PEFT's format cannot express")
+        a = record.site_adapter(gm, nodes)
         for role, target in record.tensors.items():
+            if role not in record.peft_keys:  # held for the graph only, e.g. a padded adapter's scaling
+                continue
             prefix = SHARED_PREFIX if role in record.shared else f"{PREFIX}{record.module}."
-            state[prefix + record.peft_keys[role]] = get_attr(gm, target).detach()
+            state[prefix + record.peft_keys[role]] = a.kind.saved_tensor(a, role, get_attr(gm, target).detach())
     for key, tensor in info.overrides.items():
         state[key] = tensor
     config = info.config
     if config is None:
-        nodes = nodes_by_name(gm)
         config = KINDS[info.kind].peft_config([r.site_adapter(gm, nodes) for r in mine])
     config = {**config, "inference_mode": True}
     out = Path(directory)

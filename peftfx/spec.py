@@ -108,7 +108,21 @@ class Cases(Strict):
 ParamValue = Scalar | Gradient | Cases
 
 
-class PeftAdapter(Strict):
+class Deployable(Strict):
+    """Fields that shape a live adapter for shipping: fixed tensor shapes for hotswap, tensors as ONNX inputs."""
+
+    max_rank: int | None = Field(
+        None,
+        gt=0,
+        description="pad the rank to this (zero rows of A, zero columns of B: exact) and hold the scaling as a "
+        "tensor, so swap_adapter can load any adapter up to this rank without changing a shape (LoRA family)",
+    )
+    as_inputs: bool = Field(
+        False, description="export_onnx makes this adapter's tensors graph inputs, so one ONNX file serves many"
+    )
+
+
+class PeftAdapter(Deployable):
     """An adapter read from a PEFT checkpoint directory."""
 
     peft: str = Field(description="directory holding adapter_config.json and adapter_model.safetensors")
@@ -118,7 +132,7 @@ class PeftAdapter(Strict):
     )
 
 
-class FreshAdapter(Strict):
+class FreshAdapter(Deployable):
     """A new adapter, initialised as PEFT does, on the sites ``at`` selects."""
 
     type: str = Field(description="adapter kind: lora, dora, ...")
@@ -146,7 +160,7 @@ class FreshAdapter(Strict):
         return self
 
 
-class CombineAdapter(Strict):
+class CombineAdapter(Deployable):
     """Several adapters folded into one (PEFT's ``add_weighted_adapter`` and more; see ``peftfx.fold``)."""
 
     combine: list[str] = Field(min_length=1, description="the adapters to fold, by name")

@@ -100,6 +100,22 @@ class AdapterKind(ABC):
         """True when the adapter only adds to the output, so it commutes with other additive adapters."""
         return False
 
+    def pad(self, a: SiteAdapter, max_rank: int) -> SiteAdapter:
+        """``a`` with its rank padded to ``max_rank`` and its scaling held as a tensor, exactly as it computes.
+
+        Fixed shapes and tensor scalings let ``swap_adapter`` load another adapter into a compiled graph without
+        a recompile. Kinds without a rank to pad refuse.
+        """
+        raise SpecError(f"{self.name} has no rank to pad: max_rank is for the LoRA family (lora, dora)")
+
+    def runtime_hyper(self, a: SiteAdapter) -> frozenset[str]:
+        """The ``hyper`` keys the graph reads from tensors rather than constants: a swap may change only these."""
+        return frozenset()
+
+    def saved_tensor(self, a: SiteAdapter, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as PEFT stores it (a padded rank trimmed back)."""
+        return tensor
+
 
 def adapter_dtype(site_dtype: torch.dtype) -> torch.dtype:
     """PEFT keeps adapters in the base dtype, upcasting half precisions to float32."""

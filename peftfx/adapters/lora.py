@@ -8,12 +8,17 @@ Math (``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; ``W`` in logical ``
   ``g = m / n``: ``y = y + (g - 1)(y - b) + g * s * B(A(x))``, i.e. ``g ⊙ (W + ΔW) x + b``.
   Merge: ``W ← g ⊙ (W + ΔW)`` with ``n`` taken against the raw base weight, as PEFT does.
 
+With ``max_rank`` the factors are padded with zero rows of ``A`` and zero columns of ``B`` (``BA`` is unchanged)
+and ``s`` is a 0-d tensor role ``scaling``: a compiled graph then serves any rank up to ``max_rank`` and any
+alpha or rsLoRA setting, so ``swap_adapter`` never recompiles it.
+
 Divergence from PEFT, on purpose: PEFT's conv ``lora_A`` ignores the base conv's dilation, so its unmerged
 forward crashes on dilated convs; here ``lora_A`` uses the base's dilation and unmerged == merged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -127,7 +132,8 @@ class Lora(AdapterKind):
         h, dtype = a.hyper, a.tensors["lora_A"].dtype
         cast = dtype != a.site.dtype
         xa = x.to(dtype) if cast and a.site.op != "embedding" else x
-        lora = _low_rank_path(a.site, xa, t["lora_A"], t["lora_B"], t.get("lora_B_bias")) * h["scaling"]
+        scaling = t.get("scaling", h["scaling"])  # a tensor once padded to max_rank, so a swap can change it
+        lora = _low_rank_path(a.site, xa, t["lora_A"], t["lora_B"], t.get("lora_B_bias")) * scaling
         if cast:
             lora = lora.to(a.site.dtype)
         if not h["dora"]:
@@ -194,6 +200,30 @@ class Lora(AdapterKind):
 
     def additive(self, a: SiteAdapter) -> bool:
         return not a.hyper["dora"]
+
+    def pad(self, a: SiteAdapter, max_rank: int) -> SiteAdapter:
+        r = a.hyper["r"]
+        if r > max_rank:
+            raise SpecError(f"{a.site.module} has rank {r}, more than max_rank {max_rank}")
+        A, B = a.tensors["lora_A"][:r], a.tensors["lora_B"][:, :r]  # an already padded adapter pads again
+        tensors = {
+            **a.tensors,
+            "lora_A": torch.cat([A, A.new_zeros((max_rank - r, *A.shape[1:]))]),
+            "lora_B": torch.cat([B, B.new_zeros((B.shape[0], max_rank - r, *B.shape[2:]))], 1),
+            "scaling": torch.tensor(a.hyper["scaling"], dtype=A.dtype),
+        }
+        hyper = {**a.hyper, "max_rank": max_rank}
+        return dataclasses.replace(a, hyper=hyper, tensors=tensors, frozen=a.frozen | {"scaling"})
+
+    def runtime_hyper(self, a: SiteAdapter) -> frozenset[str]:
+        return _RUNTIME if "max_rank" in a.hyper else frozenset()
+
+    def saved_tensor(self, a: SiteAdapter, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        r = a.hyper["r"]
+        return {"lora_A": tensor[:r], "lora_B": tensor[:, :r]}.get(role, tensor)
+
+
+_RUNTIME = frozenset({"r", "alpha", "rslora", "scaling", "scale"})  # what a padded adapter holds in tensors
 
 
 # Fields read here, and fields that shape training only (the stored tensors say everything inference needs).

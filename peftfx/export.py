@@ -1,0 +1,149 @@
+"""ONNX export of a peftfx graph: checked, named, reproducible and written atomically.
+
+The graph goes through ``torch.onnx.export(dynamo=True)``. Adapters declared ``as_inputs`` become graph inputs
+rather than initializers (the exporter renames initializers, and onnxruntime ignores initializer overrides
+once it optimises): the graph is exported through a wrapper whose forward takes their tensors and calls the
+graph with ``torch.func.functional_call``, so no graph surgery is needed. ONNX input names are stable: the
+model's own input names (keyword names; ``input_<i>`` for the i-th positional input), then one
+input per adapter tensor named as its attribute in the graph, ``peftfx.<adapter>.<module>.<role>``. With
+``max_rank`` those inputs have fixed shapes whatever adapter is fed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from .capture import Inputs
+from .errors import CaptureError, SpecError
+from .passes.records import adapters, records
+from .rewrite import get_attr
+
+Dynamic = bool | Mapping[str, Mapping[int, str]]
+
+
+def adapter_inputs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors ``export_onnx`` makes graph inputs, by input name: feed these to serve the graph's adapters."""
+    info = adapters(gm)
+    out: dict[str, torch.Tensor] = {}
+    for record in records(gm):
+        if info[record.adapter].as_inputs:
+            for target in record.tensors.values():
+                out.setdefault(target, get_attr(gm, target).detach())
+    return out
+
+
+def dynamic_shapes(example_inputs: Inputs, dynamic: Dynamic = True) -> dict[str, Any] | tuple[Any, ...]:
+    """``torch.export`` dynamic shapes for ``example_inputs``, for ``peftfx.compile(dynamic_shapes=...)``.
+
+    ``dynamic=True`` lets dim 0 of every tensor input vary (``batch``) and dim 1 of integer inputs of two or
+    more dims (token ids, masks: ``sequence``); a mapping ``{input name: {dim: name}}`` says exactly which. A
+    graph exported with dynamic dims must have been captured with the same ones.
+    """
+    names, values = _named(example_inputs)
+    axes = _axes(names, values, dynamic)
+    dims: dict[str, Dim] = {}
+    specs = [{i: dims.setdefault(d, Dim(d)) for i, d in axes.get(name, {}).items()} or None for name in names]
+    if isinstance(example_inputs, Mapping):
+        return dict(zip(names, specs, strict=True))
+    return tuple(specs)
+
+
+def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *, dynamic: Dynamic = False) -> Path:
+    """Export ``gm`` to the ONNX file ``path`` (written atomically) and return the path.
+
+    The model is checked with ``onnx.checker``; the same graph gives byte-identical files. ``dynamic`` is as
+    for ``dynamic_shapes``; a dim asked dynamic that the capture fixed raises ``CaptureError``.
+    """
+    import onnx
+
+    args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, Mapping) else ((), example_inputs)
+    names, values = _named(example_inputs)
+    for name, value in zip(names, values, strict=True):
+        if not isinstance(value, torch.Tensor):
+            raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
+    feeds = adapter_inputs(gm)
+    module = _Flat(gm, len(args), list(kwargs), list(feeds))
+    axes = _axes(names, values, dynamic)
+    shapes = None
+    if axes:
+        flat = dynamic_shapes(dict(zip(names, values, strict=True)), axes)
+        shapes = ((*flat.values(), *[None] * len(feeds)),)
+    program = torch.onnx.export(module, (*values, *feeds.values()), dynamic_shapes=shapes, dynamo=True, verbose=False)
+    graph_inputs = list(program.model.graph.inputs)
+    if len(graph_inputs) != len(names) + len(feeds):
+        raise RuntimeError(f"export_onnx: the exporter gave {len(graph_inputs)} inputs for {len(names) + len(feeds)}")
+    for value, name in zip(graph_inputs, [*names, *feeds], strict=True):
+        value.name = name
+    for name, dims in axes.items():
+        shape = program.model.graph.inputs[names.index(name)].shape
+        for i in dims:
+            if isinstance(shape[i], int):
+                raise CaptureError(
+                    f"export_onnx: dim {i} of input {name!r} was captured static ({shape[i]}); compile with "
+                    "dynamic_shapes=peftfx.dynamic_shapes(example_inputs, dynamic) to export it dynamic"
+                )
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    return _write_atomic(Path(path), proto.SerializeToString())
+
+
+class _Flat(nn.Module):
+    """``gm`` called with its inputs and the adapter tensors as one flat list of tensors."""
+
+    def __init__(self, gm: fx.GraphModule, n_args: int, kwargs: Sequence[str], tensors: Sequence[str]) -> None:
+        super().__init__()
+        self.gm, self.n_args, self.kwargs, self.tensors = gm, n_args, list(kwargs), list(tensors)
+
+    def forward(self, *flat: torch.Tensor) -> Any:
+        n, k = self.n_args, len(self.kwargs)
+        kwargs = dict(zip(self.kwargs, flat[n : n + k], strict=True))
+        tensors = dict(zip(self.tensors, flat[n + k :], strict=True))
+        return torch.func.functional_call(self.gm, tensors, flat[:n], kwargs)
+
+
+def _named(example_inputs: Inputs) -> tuple[list[str], list[Any]]:
+    if isinstance(example_inputs, Mapping):
+        return list(example_inputs), list(example_inputs.values())
+    return [f"input_{i}" for i in range(len(example_inputs))], list(example_inputs)
+
+
+def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, dict[int, str]]:
+    if dynamic is False:
+        return {}
+    if dynamic is True:
+        axes = {}
+        for name, value in zip(names, values, strict=True):
+            if isinstance(value, torch.Tensor) and value.ndim >= 1:
+                axes[name] = {0: "batch"}
+                if value.ndim >= 2 and not value.is_floating_point():
+                    axes[name][1] = "sequence"
+        return axes
+    for name, dims in dynamic.items():
+        if name not in names:
+            raise SpecError(f"dynamic: no input named {name!r} (inputs: {', '.join(names)})")
+        value = values[names.index(name)]
+        for i in dims:
+            if not isinstance(value, torch.Tensor) or not 0 <= i < value.ndim:
+                raise SpecError(f"dynamic.{name}: input {name!r} has no dim {i}")
+    return {name: dict(dims) for name, dims in dynamic.items()}
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
