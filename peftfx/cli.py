@@ -1,4 +1,4 @@
-"""The ``peftfx`` command: schema, validate, explain, compile.
+"""The ``peftfx`` command: schema, validate, explain, compile, export.
 
 Exit codes: 0 success, 1 an unexpected failure, 2 a user error (bad spec, checkpoint, model reference),
 reported in one line naming the culprit. ``--format json`` prints machine-readable results on stdout.
@@ -177,6 +177,42 @@ def load_model(reference: str, seq_len: int = 8) -> tuple[torch.nn.Module, Any]:
             raise PeftfxError(f"--model {reference}: return (model, example_inputs) from the factory")
         inputs = {"input_ids": torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))}
     return model.eval(), inputs
+
+
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+
+
+@app.command(name="export")
+def export_(
+    spec: SpecArg,
+    model: ModelOpt,
+    output: Annotated[Path, typer.Option("--output", "-o", help="the file to write", show_default=False)],
+    export_format: Annotated[ExportFormat, typer.Option("--format", "-f", help="export format")] = ExportFormat.onnx,
+    dynamic: Annotated[
+        bool, typer.Option("--dynamic", help="let the batch dim (and the sequence dim of token inputs) vary")
+    ] = False,
+    seq_len: SeqOpt = 8,
+) -> None:
+    """Compile a model with a spec and export it; adapters declared as_inputs become graph inputs."""
+    from .export import adapter_inputs, dynamic_shapes, export_onnx
+
+    try:
+        module, inputs = load_model(model, seq_len)
+        if dynamic:  # torch.export fixes dims of size 1: capture a batch of two
+            inputs = _batch_of_two(inputs)
+        gm = compile_spec(module, spec, inputs, dynamic_shapes=dynamic_shapes(inputs) if dynamic else None)
+        path = export_onnx(gm, inputs, output, dynamic=dynamic)
+    except PeftfxError as e:
+        _fail(e)
+    Console().print(f"exported {export_format}: {path} ({len(adapter_inputs(gm))} adapter inputs)", highlight=False)
+
+
+def _batch_of_two(inputs: Any) -> Any:
+    def two(x: Any) -> Any:
+        return x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.shape[:1] == (1,) else x
+
+    return {k: two(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(map(two, inputs))
 
 
 if __name__ == "__main__":

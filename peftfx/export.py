@@ -49,6 +49,14 @@ def dynamic_shapes(example_inputs: Inputs, dynamic: Dynamic = True) -> dict[str,
     """
     names, values = _named(example_inputs)
     axes = _axes(names, values, dynamic)
+    for name, dims_of in axes.items():
+        for i in dims_of:
+            size = values[names.index(name)].shape[i]
+            if size < 2:
+                raise SpecError(
+                    f"dynamic.{name}: dim {i} has size {size} in the example inputs, and torch.export fixes dims of "
+                    "size 0 or 1; give an example of size 2 or more there"
+                )
     dims: dict[str, Dim] = {}
     specs = [{i: dims.setdefault(d, Dim(d)) for i, d in axes.get(name, {}).items()} or None for name in names]
     if isinstance(example_inputs, Mapping):
