@@ -67,7 +67,8 @@ def dynamic_shapes(example_inputs: Inputs, dynamic: Dynamic = True) -> dict[str,
 def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *, dynamic: Dynamic = False) -> Path:
     """Export ``gm`` to the ONNX file ``path`` (written atomically) and return the path.
 
-    The model is checked with ``onnx.checker``; the same graph gives byte-identical files. ``dynamic`` is as
+    The model is checked with ``onnx.checker``; the same spec and model give byte-identical files, in any process
+    or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as
     for ``dynamic_shapes``; a dim asked dynamic that the capture fixed raises ``CaptureError``.
     """
     import onnx
@@ -78,7 +79,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
         if not isinstance(value, torch.Tensor):
             raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
     feeds = adapter_inputs(gm)
-    module = _Flat(gm, len(args), list(kwargs), list(feeds))
+    module = _Flat(gm, len(args), list(kwargs), list(feeds)).train(gm.training)
     axes = _axes(names, values, dynamic)
     shapes = None
     if axes:
@@ -98,6 +99,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
                     f"export_onnx: dim {i} of input {name!r} was captured static ({shape[i]}); compile with "
                     "dynamic_shapes=peftfx.dynamic_shapes(example_inputs, dynamic) to export it dynamic"
                 )
+    _drop_stack_traces(program.model)
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     return _write_atomic(Path(path), proto.SerializeToString())
@@ -142,6 +144,17 @@ def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, di
             if not isinstance(value, torch.Tensor) or not 0 <= i < value.ndim:
                 raise SpecError(f"dynamic.{name}: input {name!r} has no dim {i}")
     return {name: dict(dims) for name, dims in dynamic.items()}
+
+
+def _drop_stack_traces(model: Any) -> None:
+    """The exporter records each node's Python stack trace: absolute paths and a per-process counter of generated
+    code (``<eval_with_key>.N``), so the same graph would give different bytes in another process or checkout."""
+    for graph in (model.graph, *model.functions.values()):
+        for node in graph.all_nodes():
+            node.metadata_props.pop(_STACK_TRACE, None)
+
+
+_STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
