@@ -79,7 +79,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
         if not isinstance(value, torch.Tensor):
             raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
     feeds = adapter_inputs(gm)
-    module = _Flat(gm, len(args), list(kwargs), list(feeds)).train(gm.training)
+    module = _Flat(gm, len(args), list(kwargs), list(feeds))
     axes = _axes(names, values, dynamic)
     shapes = None
     if axes:
@@ -111,6 +111,7 @@ class _Flat(nn.Module):
     def __init__(self, gm: fx.GraphModule, n_args: int, kwargs: Sequence[str], tensors: Sequence[str]) -> None:
         super().__init__()
         self.gm, self.n_args, self.kwargs, self.tensors = gm, n_args, list(kwargs), list(tensors)
+        self.training = gm.training  # not train(): an exported program's module refuses it
 
     def forward(self, *flat: torch.Tensor) -> Any:
         n, k = self.n_args, len(self.kwargs)
