@@ -89,7 +89,7 @@ def test_one_onnx_file_serves_two_adapters_as_inputs_with_dynamic_dims(tmp_path)
     b = {"adapters": {"b": lora(at, 6, 3.0, 1, rslora=True)}}
     peftfx.swap_adapter(gm, "a", b)
     second = ort_run(path, {**other, **peftfx.adapter_inputs(gm)})
-    fresh = peftfx.compile(model, b, inputs)
+    fresh = peftfx.compile(model, b, other)
     assert_close(second, run(fresh, other), TOL, "onnxruntime, adapter b")
     assert not torch.allclose(first, second, atol=1e-3)
 

@@ -62,6 +62,13 @@ def test_swap_gives_the_new_adapters_outputs(model, new):
     assert not torch.allclose(run(gm, mlp_inputs()), run(live(model, lora(4, 8.0, 0)), mlp_inputs()), atol=1e-3)
 
 
+def test_dora_swap_reads_the_scaling_tensor_in_its_norm_too(model):
+    gm = live(model, lora(4, 8.0, 0, dora=True))
+    new = lora(2, 3.0, 1, max_rank=None, dora=True)
+    peftfx.swap_adapter(gm, "a", {"adapters": {"b": new}})
+    assert_close(run(gm, mlp_inputs()), run(live(model, new, "b"), mlp_inputs()), TOL, "swapped DoRA vs fresh")
+
+
 def test_swap_from_a_peft_checkpoint_and_save_back_trims_the_padding(model, tmp_path):
     config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["layers.0", "layers.1"], use_rslora=True)
     peft_model = peft_checkpoint(model, config, tmp_path / "ckpt")

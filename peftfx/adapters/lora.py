@@ -138,7 +138,7 @@ class Lora(AdapterKind):
             lora = lora.to(a.site.dtype)
         if not h["dora"]:
             return y + lora
-        delta = _delta(a, t, a.site.dtype)
+        delta = _delta(a, t, a.site.dtype, scaling)
         norm = torch.linalg.vector_norm(_logical(a.site, weight) + delta, dim=_norm_dims(a.site)).detach()
         g = (t["lora_magnitude"].reshape(-1) / norm).reshape(_broadcast_shape(a.site))
         base = y if bias is None else y - bias.reshape(_broadcast_shape(a.site))
@@ -327,10 +327,11 @@ def _low_rank_path(site: Site, x: Any, A: Any, B: Any, B_bias: Any) -> Any:
     return conv(conv(x, A, None, c["stride"], c["padding"], c["dilation"]), B, B_bias)
 
 
-def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype) -> Any:
-    """ΔW in logical layout (``[out, in, *k]``; embeddings ``[num, dim]``), scaled."""
+def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype, scaling: Any = None) -> Any:
+    """ΔW in logical layout (``[out, in, *k]``; embeddings ``[num, dim]``), scaled by ``scaling`` (default: the
+    exact float; the live graph passes the tensor a padded adapter reads, so a swap changes it)."""
     A, B = t["lora_A"].to(dtype), t["lora_B"].to(dtype)
-    s = a.hyper["scaling"]
+    s = a.hyper["scaling"] if scaling is None else scaling
     if a.site.op == "embedding":
         return (B @ A).t() * s
     if a.site.op == "linear":
