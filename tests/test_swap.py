@@ -97,6 +97,18 @@ def test_swap_from_a_fold_of_checkpoints(model, tmp_path):
     assert_close(run(gm, mlp_inputs()), run(peftfx.compile(model, fold, mlp_inputs()), mlp_inputs()), TOL, "fold")
 
 
+def test_a_fold_pads_to_max_rank_and_a_dense_fold_refuses(model):
+    sources = {"x": lora(2, 4.0, 1, max_rank=None), "y": lora(3, 4.0, 2, max_rank=None)}
+    mix = {"combine": ["x", "y"], "weights": [1.0, -0.5], "method": "cat"}
+    plain = peftfx.compile(model, {"adapters": {**sources, "mix": mix}}, mlp_inputs())
+    padded = peftfx.compile(model, {"adapters": {**sources, "mix": {**mix, "max_rank": 8}}}, mlp_inputs())
+    assert dict(padded.named_parameters())["peftfx.mix.layers__0.lora_A"].shape == (8, 12)
+    assert_close(run(padded, mlp_inputs()), run(plain, mlp_inputs()), TOL, "padded fold vs fold")
+    dense = {**mix, "method": "ties_delta", "density": 0.5, "max_rank": 8}
+    with pytest.raises(peftfx.SpecError, match=r"adapters\.mix\.max_rank: delta has no rank to pad"):
+        peftfx.compile(model, {"adapters": {**sources, "mix": dense}}, mlp_inputs())
+
+
 def _perturb(m, seed):
     from oracle import perturb
 
