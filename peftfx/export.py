@@ -68,8 +68,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     """Export ``gm`` to the ONNX file ``path`` (written atomically) and return the path.
 
     The model is checked with ``onnx.checker``; the same spec and model give byte-identical files, in any process
-    or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as
-    for ``dynamic_shapes``; a dim asked dynamic that the capture fixed raises ``CaptureError``.
+    or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as for ``dynamic_shapes``; a
+    dim asked dynamic that the capture fixed raises ``CaptureError``.
     """
     import onnx
 

@@ -3,7 +3,7 @@
 reproducible and written atomically; and ``peftfx export`` on the command line.
 
 Tolerance: float32, rtol 1e-5 / atol 1e-6: onnxruntime fuses and reorders float32 ops (measured ~1e-7 on outputs
-of size ~1). Llama's merged export is in test_lowering.py.
+of size ~1).
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ def node_count(path: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("factory", "make_inputs", "at"),
-    [(tiny_gpt2, token_inputs, {"module": ["c_attn", "c_fc"]}), (conv_net, conv_inputs, {"op": ["conv2d", "linear"]})],
-    ids=["gpt2", "conv"],
+    [
+        (tiny_llama, token_inputs, {"module": ["q_proj", "v_proj"]}),
+        (tiny_gpt2, token_inputs, {"module": ["c_attn", "c_fc"]}),
+        (conv_net, conv_inputs, {"op": ["conv2d", "linear"]}),
+    ],
+    ids=["llama", "gpt2", "conv"],
 )
 def test_onnx_live_and_merged_match_the_graph(tmp_path, factory, make_inputs, at):
     model, inputs = factory(), make_inputs()

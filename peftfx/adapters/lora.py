@@ -219,8 +219,10 @@ class Lora(AdapterKind):
         return _RUNTIME if "max_rank" in a.hyper else frozenset()
 
     def saved_tensor(self, a: SiteAdapter, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        if "max_rank" not in a.hyper or role not in ("lora_A", "lora_B"):
+            return tensor
         r = a.hyper["r"]
-        return {"lora_A": tensor[:r], "lora_B": tensor[:, :r]}.get(role, tensor)
+        return tensor[:r] if role == "lora_A" else tensor[:, :r]
 
 
 _RUNTIME = frozenset({"r", "alpha", "rslora", "scaling", "scale"})  # what a padded adapter holds in tensors
