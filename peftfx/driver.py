@@ -27,9 +27,7 @@ def compile(
     plan = make_plan(gm, spec, base_dir)
     passes = [Insert(plan.placements, plan.overrides, plan.configs)]
     merged = spec.merged_adapters()
-    for name in merged:
-        if spec.adapters[name].as_inputs:
-            raise SpecError(f"adapters.{name}.as_inputs: {name!r} is merged, so it has no tensors to make inputs")
+    _check_deployable(spec, merged)
     if merged:
         passes.append(Merge(merged))
     passes.append(Cleanup())
@@ -37,6 +35,20 @@ def compile(
     for name, info in adapters(gm).items():
         info.as_inputs = name in spec.adapters and spec.adapters[name].as_inputs
     return gm
+
+
+def _check_deployable(spec: Spec, merged: list[str]) -> None:
+    """``max_rank`` and ``as_inputs`` shape a live adapter of the graph; anywhere else they would do nothing."""
+    active = spec.active_adapters()
+    for name, adapter in spec.adapters.items():
+        for field in ("max_rank", "as_inputs"):
+            if getattr(adapter, field) in (None, False):
+                continue
+            where = f"adapters.{name}.{field}: {name!r}"
+            if name not in active:
+                raise SpecError(f"{where} is not active (not in the graph), so it would do nothing")
+            if name in merged:
+                raise SpecError(f"{where} is merged, so it has no tensors it could apply to")
 
 
 @dataclass(frozen=True)

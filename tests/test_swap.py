@@ -171,7 +171,12 @@ def test_max_rank_errors_name_the_field(model, adapter, message):
         live(model, adapter)
 
 
-def test_a_merged_adapter_cannot_be_an_input(model):
-    spec = {"adapters": {"a": {**lora(2, 8.0, 0), "as_inputs": True}}, "merge": True}
-    with pytest.raises(peftfx.SpecError, match=r"adapters\.a\.as_inputs: 'a' is merged"):
-        peftfx.compile(model, spec, mlp_inputs())
+@pytest.mark.parametrize("field", ["max_rank", "as_inputs"])
+def test_deployment_fields_only_apply_to_live_adapters(model, field):
+    value = {"max_rank": 8, "as_inputs": True}[field]
+    merged = {"adapters": {"a": {**lora(2, 8.0, 0, None), field: value}}, "merge": True}
+    with pytest.raises(peftfx.SpecError, match=rf"adapters\.a\.{field}: 'a' is merged"):
+        peftfx.compile(model, merged, mlp_inputs())
+    folded = {"adapters": {"a": {**lora(2, 8.0, 0, None), field: value}, "mix": {"combine": ["a"], "method": "cat"}}}
+    with pytest.raises(peftfx.SpecError, match=rf"adapters\.a\.{field}: 'a' is not active"):
+        peftfx.compile(model, folded, mlp_inputs())
