@@ -6,11 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .capture import Inputs, capture
-from .passes import Cleanup, Insert, Merge, run_passes
+from .errors import SpecError
+from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
+from .passes.insert import Override
 from .plan import make_plan, targets
+from .rewrite import get_attr
 from .spec import Spec, load_spec
 
 SpecLike = Spec | dict[str, Any] | str | Path
@@ -23,12 +27,37 @@ def compile(
     spec, base_dir = load_spec(spec)
     gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
     plan = make_plan(gm, spec, base_dir)
-    passes = [Insert(plan.placements, plan.overrides, plan.configs)]
+    routed = spec.routed_adapters()
+    passes: list[Pass] = []
+    if routed:
+        _check_routed(gm, plan.overrides, routed)
+        passes.append(Route(routed, [p for p in plan.placements if p.adapter in routed]))
+    always = [p for p in plan.placements if p.adapter not in routed]
+    overrides = [o for o in plan.overrides if o.adapter not in routed]
+    passes.append(Insert(always, overrides, plan.configs))
     merged = spec.merged_adapters()
     if merged:
         passes.append(Merge(merged))
     passes.append(Cleanup())
     return run_passes(gm, passes)
+
+
+def _check_routed(gm: fx.GraphModule, overrides: list[Override], routed: list[str]) -> None:
+    """A routed adapter may not replace base tensors, except with their own values (PEFT saves embeddings)."""
+    for o in overrides:
+        if o.adapter in routed and not _same(gm, o):
+            raise SpecError(
+                f"routing.adapters[{routed.index(o.adapter)}]: {o.adapter!r} replaces the base tensor {o.target} "
+                f"({o.key} in {o.file}: modules_to_save or a trained bias), which cannot differ per sample"
+            )
+
+
+def _same(gm: fx.GraphModule, o: Override) -> bool:
+    try:
+        current = get_attr(gm, o.target)
+    except AttributeError:
+        return False
+    return current.shape == o.tensor.shape and torch.equal(current, o.tensor.to(current.dtype))
 
 
 @dataclass(frozen=True)
