@@ -218,13 +218,12 @@ class Routing(Strict):
         "model; a routed adapter runs only for the samples that pick it",
     )
 
-    @field_validator("adapters")
-    @classmethod
-    def _check_unique(cls, value: list[str]) -> list[str]:
-        for i, name in enumerate(value):
-            if name in value[:i]:
+    @model_validator(mode="after")
+    def _check_unique(self) -> Routing:
+        for i, name in enumerate(self.adapters):
+            if name in self.adapters[:i]:
                 raise ValueError(f"adapters[{i}]: {name!r} is listed twice")
-        return value
+        return self
 
 
 class Spec(Strict):

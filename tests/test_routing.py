@@ -1,0 +1,190 @@
+"""Per-sample routing: one graph, many adapters per batch, checked against PEFT's ``adapter_names``.
+
+Two LoRA checkpoints of different ranks (rank_pattern too) and targets (``b`` adapts the embedding as well) on
+a tiny Llama. Tolerance: float32, rtol 1e-5 / atol 1e-6: the gathered batched matmuls sum the same products as
+PEFT's per-sub-batch linears, possibly in another order (measured: bit-identical here).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import peft
+import pytest
+import torch
+from models import mlp, mlp_inputs, tiny_llama
+from oracle import Tolerance, assert_close, assert_unchanged, peft_checkpoint, perturb, run, snapshot
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import peftfx
+
+TOL = Tolerance(1e-5, 1e-6)
+BASE = "__base__"
+CONFIGS = {
+    "a": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": peft.LoraConfig(
+        r=8,
+        lora_alpha=4,
+        use_rslora=True,
+        rank_pattern={"up_proj": 2},
+        target_modules=["v_proj", "o_proj", "up_proj", "embed_tokens"],
+    ),
+}
+IDS = torch.randint(0, 64, (5, 6), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The base Llama, the two checkpoints, and PEFT holding both adapters."""
+    base = tiny_llama()
+    root = tmp_path_factory.mktemp("routing")
+    for seed, (name, config) in enumerate(CONFIGS.items()):
+        peft_checkpoint(base, config, root / name, functools.partial(perturb, seed=seed))
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), root / "a", adapter_name="a").eval()
+    peft_model.load_adapter(root / "b", adapter_name="b")
+    return base, root, peft_model
+
+
+def spec(root, routed=("a", "b"), **extra):
+    return {"adapters": {n: {"peft": str(root / n)} for n in CONFIGS}, "routing": {"adapters": list(routed)}, **extra}
+
+
+def index(names: list[str], routed) -> torch.Tensor:
+    return torch.tensor([-1 if n == BASE else list(routed).index(n) for n in names])
+
+
+def expected(peft_model, names: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return peft_model(input_ids=IDS, adapter_names=names).logits
+
+
+ORDERS = [
+    ["a", "b", BASE, "b", "a"],
+    [BASE, "a", "a", "b", BASE],
+    ["b"] * 5,
+    [BASE] * 5,
+]
+
+
+@pytest.mark.parametrize("routed", [("a", "b"), ("b", "a")])
+def test_matches_peft_adapter_names(setup, routed):
+    base, root, peft_model = setup
+    before = snapshot(base)
+    gm = peftfx.compile(base, spec(root, routed), {"input_ids": IDS})
+    for names in ORDERS:
+        out = run(gm, {"input_ids": IDS, "adapter_index": index(names, routed)})
+        assert_close(out, expected(peft_model, names), TOL, f"routing {names}")
+    assert not torch.allclose(expected(peft_model, ORDERS[0]), run(base, {"input_ids": IDS}), atol=1e-3)
+    assert_unchanged(base, before)
+
+
+def test_stacked_factors_are_padded_trainable_parameters(setup):
+    base, root, _ = setup
+    gm = peftfx.compile(base, spec(root), {"input_ids": IDS})
+    params = dict(gm.named_parameters())
+    prefix = "peftfx.routing.model__layers__0__"
+    v_a, v_b = params[prefix + "self_attn__v_proj.lora_A"], params[prefix + "self_attn__v_proj.lora_B"]
+    assert v_a.shape == (3, 8, 32) and v_b.shape == (3, 16, 8) and v_a.requires_grad  # rows: a, b, base
+    assert not v_a[0, 4:].any() and not v_a[2].any() and not v_b[2].any()  # a's rank 4 padded to 8; base zeros
+    q_a = params[prefix + "self_attn__q_proj.lora_A"]
+    assert q_a.shape == (3, 4, 32) and not q_a[1].any()  # b does not target q_proj: a zero row
+    assert params[prefix + "mlp__up_proj.lora_A"].shape == (3, 2, 32)  # b's rank_pattern
+    assert gm.meta["peftfx"]["routing"] == {"input": "adapter_index", "adapters": ["a", "b"]}
+    assert not [r for r in gm.meta["peftfx"].get("records", []) if r.adapter in ("a", "b")]
+
+
+def test_other_adapters_stay_always_on(setup):
+    """Adapters not routed apply to every sample (here ``b``, merged by ``merge: true``); ``a`` to its samples."""
+    base, root, _ = setup
+    gm = peftfx.compile(base, spec(root, routed=["a"], merge=True), {"input_ids": IDS})
+    assert not any(n.startswith("peftfx.b.") for n, _ in gm.named_parameters())
+    out = run(gm, {"input_ids": IDS, "adapter_index": torch.tensor([0, -1, -1, 0, -1])})
+    both = peftfx.compile(base, {**spec(root), "routing": None, "merge": ["b"]}, {"input_ids": IDS})
+    b_only = peftfx.compile(base, {**spec(root), "routing": None, "active": ["b"], "merge": True}, {"input_ids": IDS})
+    assert_close(out[[0, 3]], run(both, {"input_ids": IDS})[[0, 3]], TOL, "a routed on top of b")
+    assert_close(out[[1, 2, 4]], run(b_only, {"input_ids": IDS})[[1, 2, 4]], TOL, "b alone")
+
+
+@pytest.mark.slow
+def test_compiled_without_graph_breaks_or_recompiles(setup):
+    base, root, peft_model = setup
+    gm = peftfx.compile(base, spec(root), {"input_ids": IDS})
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    for names in ORDERS:
+        out = run(compiled, {"input_ids": IDS, "adapter_index": index(names, ("a", "b"))})
+        assert_close(out, expected(peft_model, names), TOL, f"compiled, routing {names}")
+    assert counter.frame_count == 1, "changing the routing recompiled the graph"
+
+
+def test_dynamic_batch(setup):
+    base, root, peft_model = setup
+    gm = peftfx.compile(base, spec(root), {"input_ids": IDS}, dynamic_shapes="auto")
+    names = ["b", BASE, "a"]
+    ids = IDS[:3, :4]
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, adapter_names=names).logits
+    assert_close(run(gm, {"input_ids": ids, "adapter_index": index(names, ("a", "b"))}), want, TOL, "batch 3")
+
+
+@pytest.mark.slow
+def test_onnx_export_takes_adapter_index(setup):
+    import onnxruntime as ort
+
+    base, root, peft_model = setup
+    gm = peftfx.compile(base, spec(root), {"input_ids": IDS})
+    example = {"input_ids": IDS, "adapter_index": index(ORDERS[0], ("a", "b"))}
+    program = torch.onnx.export(gm, (), kwargs=example, dynamo=True, verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "adapter_index"]
+    for names in ORDERS[1:3]:
+        feeds = {"input_ids": IDS.numpy(), "adapter_index": index(names, ("a", "b")).numpy()}
+        out = torch.from_numpy(session.run(None, feeds)[0])
+        assert_close(out, expected(peft_model, names), TOL, f"onnxruntime, routing {names}")
+
+
+def test_symbolic_trace_capture(tmp_path):
+    """A plain module (symbolic_trace, no pytree spec) gets the keyword input too."""
+    base, inputs = mlp(sizes=(12, 16, 16, 8)), mlp_inputs()
+    configs = {
+        "a": peft.LoraConfig(r=2, target_modules=["layers.0"]),
+        "b": peft.LoraConfig(r=4, target_modules=["layers.0", "layers.2"]),
+    }
+    for seed, (name, config) in enumerate(configs.items()):
+        peft_checkpoint(base, config, tmp_path / name, functools.partial(perturb, seed=seed))
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
+    peft_model.load_adapter(tmp_path / "b", adapter_name="b")
+    adapters = {n: {"peft": str(tmp_path / n)} for n in configs}
+    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["b", "a"]}}, inputs)
+    names = ["a", BASE, "b"]
+    with torch.no_grad():
+        want = peft_model(*inputs, adapter_names=names)
+    assert_close(gm(*inputs, adapter_index=index(names, ["b", "a"])), want, TOL, "MLP")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"routing": {"adapters": ["a", "c"]}}, r"routing\.adapters\[1\]: 'c' is not an active adapter"),
+        ({"active": ["b"]}, r"routing\.adapters\[0\]: 'a' is not an active adapter"),
+        ({"merge": ["a"]}, r"routing\.adapters\[0\]: 'a' is merged"),
+        ({"routing": {"adapters": ["a", "a"]}}, r"routing\.adapters\[1\]: 'a' is listed twice"),
+        ({"routing": {"adapters": []}}, r"routing\.adapters: List should have at least 1 item"),
+    ],
+)
+def test_spec_errors(setup, extra, message):
+    base, root, _ = setup
+    with pytest.raises(peftfx.SpecError, match=message):
+        peftfx.compile(base, {**spec(root), **extra}, {"input_ids": IDS})
+
+
+def test_unroutable_kind_is_refused():
+    base, inputs = mlp(), mlp_inputs()
+    adapters = {
+        "plain": {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2}},
+        "ia3": {"type": "ia3", "at": {"op": "linear"}},
+    }
+    with pytest.raises(peftfx.SpecError, match=r"routing\.adapters\[1\]: 'ia3' is a ia3 adapter"):
+        peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["plain", "ia3"]}}, inputs)
