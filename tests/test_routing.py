@@ -39,11 +39,7 @@ def setup(tmp_path_factory):
     """The base Llama, the two checkpoints, and PEFT holding both adapters."""
     base = tiny_llama()
     root = tmp_path_factory.mktemp("routing")
-    for seed, (name, config) in enumerate(CONFIGS.items()):
-        peft_checkpoint(base, config, root / name, functools.partial(perturb, seed=seed))
-    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), root / "a", adapter_name="a").eval()
-    peft_model.load_adapter(root / "b", adapter_name="b")
-    return base, root, peft_model
+    return base, root, _peft_pair(base, CONFIGS, root)
 
 
 def spec(root, routed=("a", "b"), **extra):
@@ -145,23 +141,67 @@ def test_onnx_export_takes_adapter_index(setup):
         assert_close(out, expected(peft_model, names), TOL, f"onnxruntime, routing {names}")
 
 
-def test_symbolic_trace_capture(tmp_path):
-    """A plain module (symbolic_trace, no pytree spec) gets the keyword input too."""
-    base, inputs = mlp(sizes=(12, 16, 16, 8)), mlp_inputs()
-    configs = {
+MLP_CONFIGS = {
+    "lora": {
         "a": peft.LoraConfig(r=2, target_modules=["layers.0"]),
         "b": peft.LoraConfig(r=4, target_modules=["layers.0", "layers.2"]),
-    }
-    for seed, (name, config) in enumerate(configs.items()):
-        peft_checkpoint(base, config, tmp_path / name, functools.partial(perturb, seed=seed))
-    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
-    peft_model.load_adapter(tmp_path / "b", adapter_name="b")
-    adapters = {n: {"peft": str(tmp_path / n)} for n in configs}
+    },
+    "dora-bias": {  # DoRA on biased linears next to a LoRA with lora_bias
+        "a": peft.LoraConfig(r=2, target_modules=["layers.0", "layers.1"], lora_bias=True),
+        "b": peft.LoraConfig(r=4, target_modules=["layers.0", "layers.2"], use_dora=True),
+    },
+}
+
+
+@pytest.mark.parametrize("case", MLP_CONFIGS)
+def test_plain_module(tmp_path, case):
+    """A plain module (symbolic_trace: no pytree spec) gets the keyword input too."""
+    base, inputs = mlp(sizes=(12, 16, 16, 8)), mlp_inputs()
+    peft_model = _peft_pair(base, MLP_CONFIGS[case], tmp_path)
+    adapters = {n: {"peft": str(tmp_path / n)} for n in MLP_CONFIGS[case]}
     gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["b", "a"]}}, inputs)
     names = ["a", BASE, "b"]
+    want = one_by_one(peft_model, lambda: peft_model(*inputs), names)
+    assert_close(gm(*inputs, adapter_index=index(names, ["b", "a"])), want, TOL, case)
+
+
+def test_dora_on_llama(setup, tmp_path):
+    """DoRA rows (here on an embedding and attention) beside plain LoRA rows at the same sites."""
+    base, _, _ = setup
+    dora = peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True)
+    peft_model = _peft_pair(base, {"a": CONFIGS["a"], "d": dora}, tmp_path)
+    adapters = {n: {"peft": str(tmp_path / n)} for n in ("a", "d")}
+    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["d", "a"]}}, {"input_ids": IDS})
+    assert "peftfx.routing.model__layers__0__self_attn__q_proj.dora" in dict(gm.named_buffers())
+    for names in (["d", "a", BASE, "a", "d"], ["d"] * 5):
+        out = run(gm, {"input_ids": IDS, "adapter_index": index(names, ["d", "a"])})
+        want = one_by_one(peft_model, lambda: peft_model(input_ids=IDS).logits, names)
+        assert_close(out, want, TOL, f"DoRA routing {names}")
+
+
+def one_by_one(peft_model, call, names: list[str]) -> torch.Tensor:
+    """What adapter_names means, for DoRA, which PEFT refuses to mix in a batch: each adapter on its own, row by row."""
+    rows = {}
     with torch.no_grad():
-        want = peft_model(*inputs, adapter_names=names)
-    assert_close(gm(*inputs, adapter_index=index(names, ["b", "a"])), want, TOL, "MLP")
+        for name in set(names):
+            if name == BASE:
+                with peft_model.disable_adapter():
+                    rows[name] = call()
+            else:
+                peft_model.set_adapter(name)
+                rows[name] = call()
+    return torch.stack([rows[name][k] for k, name in enumerate(names)])
+
+
+def _peft_pair(base, configs, root):
+    """Checkpoints of ``configs`` saved under ``root``, and one PeftModel holding them all."""
+    for seed, (name, config) in enumerate(configs.items()):
+        peft_checkpoint(base, config, root / name, functools.partial(perturb, seed=seed))
+    first, *rest = configs
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), root / first, adapter_name=first).eval()
+    for name in rest:
+        peft_model.load_adapter(root / name, adapter_name=name)
+    return peft_model
 
 
 @pytest.mark.parametrize(
@@ -186,5 +226,5 @@ def test_unroutable_kind_is_refused():
         "plain": {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2}},
         "ia3": {"type": "ia3", "at": {"op": "linear"}},
     }
-    with pytest.raises(peftfx.SpecError, match=r"routing\.adapters\[1\]: 'ia3' is a ia3 adapter"):
+    with pytest.raises(peftfx.SpecError, match=r"routing\.adapters\[1\]: 'ia3' is a ia3 adapter; routing handles"):
         peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["plain", "ia3"]}}, inputs)
