@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..adapters import SiteAdapter
-from ..errors import SpecError
+from ..errors import PeftfxError, SpecError
 from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr
 from ..sites import Site
 from .base import Pass
@@ -62,24 +62,31 @@ class Route(Pass):
         # negative indices (the base model) pick row n, the zero row
         index, _ = build_after(placeholder, lambda i: torch.where(i < 0, n, i), [placeholder], _TAG)
         for node, row in by_site.items():
-            _route(gm, node, row, index)
+            _route(gm, node, row, index, self.adapters)
         gm.meta.setdefault("peftfx", {})["routing"] = {"input": INPUT, "adapters": list(self.adapters)}
         return gm
 
 
 def _check(p: Placement, i: int) -> None:
-    a = p.site_adapter
-    if a.kind.name not in ("lora", "dora") or a.site.op not in ("linear", "embedding"):
-        what = f"is a {a.kind.name} adapter" if a.kind.name not in ("lora", "dora") else f"targets {a.site.describe()}"
+    site = p.site_adapter.site
+    if site.op not in ("linear", "embedding"):
         raise SpecError(
-            f"routing.adapters[{i}]: {p.adapter!r} {what}; routing handles LoRA and DoRA on linear and embedding sites"
+            f"routing.adapters[{i}]: {p.adapter!r} targets {site.describe()}; routing handles linear and embedding "
+            "sites"
         )
 
 
+def _low_rank(a: SiteAdapter | None) -> bool:
+    return a is not None and a.kind.name in ("lora", "dora")
+
+
 def _stack(row: list[SiteAdapter | None]) -> dict[str, torch.Tensor]:
-    """Every adapter's tensors at one site as rows of one tensor each, zero-padded to the largest rank; one zero
-    row more for the base model. DoRA rows are marked in ``dora``; the other rows' magnitudes are never read."""
-    first = next(a for a in row if a is not None)
+    """The LoRA/DoRA adapters' tensors at one site as rows of one tensor each, zero-padded to the largest rank; one
+    zero row more for the base model. DoRA rows are marked in ``dora``; the other rows' magnitudes are never read."""
+    row = [a if _low_rank(a) else None for a in row]
+    first = next((a for a in row if a is not None), None)
+    if first is None:
+        return {}
     dtype, n = first.tensors["lora_A"].dtype, len(row) + 1
     rank = max(a.hyper["r"] for a in row if a is not None)
     width, out = first.tensors["lora_A"].shape[1], first.tensors["lora_B"].shape[0]
@@ -108,9 +115,35 @@ def _stack(row: list[SiteAdapter | None]) -> dict[str, torch.Tensor]:
     return t
 
 
-def _route(gm: fx.GraphModule, node: fx.Node, row: list[SiteAdapter | None], index: fx.Node) -> None:
+def _dense(gm: fx.GraphModule, row: list[SiteAdapter | None], adapters: list[str]) -> dict[str, torch.Tensor]:
+    """Any other kind as its merged weight's difference from the base (``merge(W) - W``, logical layout), one dense
+    row per adapter: what the kind computes, in ``out x in`` numbers per adapter rather than its own few."""
+    if all(a is None or _low_rank(a) for a in row):
+        return {}
     site = next(a for a in row if a is not None).site
-    stacked = _stack(row)
+    weight = get_attr(gm, str(site.weight.target))
+    bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
+    t = {"delta": torch.zeros(len(row) + 1, *site.weight_shape, dtype=site.dtype)}  # embeddings: [vocab, dim]
+    for k, a in enumerate(row):
+        if a is None or _low_rank(a):
+            continue
+        try:
+            merged, merged_bias = a.kind.merge(a, weight, weight, bias, bias, a.tensors)
+        except PeftfxError as error:
+            raise SpecError(f"routing.adapters[{k}]: {adapters[k]!r} cannot be expressed per sample: {error}") from None
+        delta = merged.double() - weight.double()
+        t["delta"][k] = (delta.t() if site.transposed else delta).to(site.dtype)
+        if merged_bias is not bias:
+            t.setdefault("delta_bias", torch.zeros(len(row) + 1, site.out_features, dtype=site.dtype))
+            t["delta_bias"][k] = (merged_bias.double() - bias.double()).to(site.dtype)
+    return t
+
+
+def _route(
+    gm: fx.GraphModule, node: fx.Node, row: list[SiteAdapter | None], index: fx.Node, adapters: list[str]
+) -> None:
+    site = next(a for a in row if a is not None).site
+    stacked = {**_stack(row), **_dense(gm, row, adapters)}
     prefix = f"peftfx.routing.{_key(site.module)}"
     cursor, attrs = node, []
     for role, tensor in stacked.items():
@@ -118,41 +151,61 @@ def _route(gm: fx.GraphModule, node: fx.Node, row: list[SiteAdapter | None], ind
         try:
             get_attr(gm, target)  # a module called at several sites has one set of tensors
         except AttributeError:
-            trainable = role not in ("scaling", "dora")  # PEFT's scalings are numbers, not weights
+            # PEFT's scalings are numbers, not weights; a dense delta is a result, not the kind's parameters
+            trainable = role not in ("scaling", "dora", "delta", "delta_bias")
             set_attr(gm, target, nn.Parameter(tensor) if trainable else tensor)
         with gm.graph.inserting_after(cursor):
             cursor = tagged_get_attr(gm.graph, target, _TAG)
         attrs.append(cursor)
     roles = list(stacked)
-    dtype = stacked["lora_A"].dtype
+    dtype = stacked["lora_A"].dtype if "lora_A" in stacked else site.dtype
     embedding, cast = site.op == "embedding", dtype != site.dtype
-    rank, width = stacked["lora_A"].shape[1:]
+    width = site.weight_shape[0] if embedding else site.in_features
+    rank = stacked["lora_A"].shape[1] if "lora_A" in stacked else 0
 
     def forward(x, y, weight, bias, i, *tensors):
         t = dict(zip(roles, tensors, strict=True))
-        A, B, s = t["lora_A"], t["lora_B"], t["scaling"]
         batch = i.shape[0]
-        if embedding:  # look up row x of the sample's own A: one table of all adapters' rows
-            xa = F.embedding(x.reshape(batch, -1) + (i * width).reshape(-1, 1), A.transpose(1, 2).reshape(-1, rank))
-        else:
-            x3 = x.reshape(batch, -1, width)
-            xa = torch.bmm(x3.to(dtype) if cast else x3, torch.index_select(A, 0, i).transpose(1, 2))
-        delta = torch.bmm(xa, torch.index_select(B, 0, i).transpose(1, 2))
-        if "lora_B_bias" in t:
-            delta = delta + torch.index_select(t["lora_B_bias"], 0, i).unsqueeze(1)
-        delta = delta * torch.index_select(s, 0, i).reshape(-1, 1, 1)
-        delta = delta.to(site.dtype) if cast else delta
-        if "dora" not in t:
-            return y + delta.view_as(y)
-        y3 = y.reshape(batch, -1, delta.shape[-1])
-        g = torch.index_select(_dora_scale(site, weight, t, cast), 0, i).unsqueeze(1)
-        base = y3 if bias is None else y3 - bias
-        return (y3 + (g - 1) * base + g * delta).view_as(y)
+        rows = x.reshape(batch, -1) + (i * width).reshape(-1, 1) if embedding else x.reshape(batch, -1, width)
+        out = y.reshape(batch, -1, site.out_features)
+        if "lora_A" in t:
+            delta = _low_rank_delta(t, rows, i, rank, embedding, dtype if cast else None)
+            delta = delta.to(site.dtype) if cast else delta
+            if "dora" in t:
+                g = torch.index_select(_dora_scale(site, weight, t, cast), 0, i).unsqueeze(1)
+                out = out + (g - 1) * (out if bias is None else out - bias) + g * delta
+            else:
+                out = out + delta
+        if "delta" in t:
+            out = out + _dense_delta(t, rows, i, embedding, site.out_features)
+        return out.view_as(y)
 
     inputs = [site.live_input, node, site.weight, site.bias, index, *attrs]
     out, created = build_after(cursor, forward, inputs, _TAG)
     created_set = set(created)
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in created_set)
+
+
+def _low_rank_delta(t: dict[str, Any], rows: Any, i: Any, rank: int, embedding: bool, cast: torch.dtype | None) -> Any:
+    """``s[k] (B[k] A[k] x + b[k])`` for each sample's adapter ``k``: a gather, then two batched matmuls."""
+    A, B = t["lora_A"], t["lora_B"]
+    if embedding:  # ids, offset into one table of every adapter's rows of A
+        xa = F.embedding(rows, A.transpose(1, 2).reshape(-1, rank))
+    else:
+        xa = torch.bmm(rows.to(cast) if cast else rows, torch.index_select(A, 0, i).transpose(1, 2))
+    delta = torch.bmm(xa, torch.index_select(B, 0, i).transpose(1, 2))
+    if "lora_B_bias" in t:
+        delta = delta + torch.index_select(t["lora_B_bias"], 0, i).unsqueeze(1)
+    return delta * torch.index_select(t["scaling"], 0, i).reshape(-1, 1, 1)
+
+
+def _dense_delta(t: dict[str, Any], rows: Any, i: Any, embedding: bool, out: int) -> Any:
+    if embedding:
+        return F.embedding(rows, t["delta"].reshape(-1, out))
+    delta = torch.bmm(rows, torch.index_select(t["delta"], 0, i).transpose(1, 2))
+    if "delta_bias" in t:
+        delta = delta + torch.index_select(t["delta_bias"], 0, i).unsqueeze(1)
+    return delta
 
 
 def _dora_scale(site: Site, weight: Any, t: dict[str, Any], cast: bool) -> Any:

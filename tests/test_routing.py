@@ -13,7 +13,7 @@ import functools
 import peft
 import pytest
 import torch
-from models import mlp, mlp_inputs, tiny_llama
+from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_llama
 from oracle import Tolerance, assert_close, assert_unchanged, peft_checkpoint, perturb, run, snapshot
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -150,6 +150,11 @@ MLP_CONFIGS = {
         "a": peft.LoraConfig(r=2, target_modules=["layers.0", "layers.1"], lora_bias=True),
         "b": peft.LoraConfig(r=4, target_modules=["layers.0", "layers.2"], use_dora=True),
     },
+    "dense": {  # other kinds, as dense per-adapter deltas: IA3 scales the bias too, LoHa sits beside a LoRA
+        "a": peft.LoHaConfig(r=2, target_modules=["layers.0", "layers.1"]),
+        "b": peft.IA3Config(target_modules=["layers.1", "layers.2"], feedforward_modules=["layers.2"]),
+        "c": peft.LoraConfig(r=4, target_modules=["layers.0"]),
+    },
 }
 
 
@@ -157,39 +162,38 @@ MLP_CONFIGS = {
 def test_plain_module(tmp_path, case):
     """A plain module (symbolic_trace: no pytree spec) gets the keyword input too."""
     base, inputs = mlp(sizes=(12, 16, 16, 8)), mlp_inputs()
-    peft_model = _peft_pair(base, MLP_CONFIGS[case], tmp_path)
+    x = torch.cat([inputs[0], -inputs[0]])  # batch 6
+    names = [*MLP_CONFIGS[case], BASE, "a", BASE, "b"][:6]
+    want = one_by_one(base, MLP_CONFIGS[case], tmp_path, lambda m: m(x), names)
     adapters = {n: {"peft": str(tmp_path / n)} for n in MLP_CONFIGS[case]}
-    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["b", "a"]}}, inputs)
-    names = ["a", BASE, "b"]
-    want = one_by_one(peft_model, lambda: peft_model(*inputs), names)
-    assert_close(gm(*inputs, adapter_index=index(names, ["b", "a"])), want, TOL, case)
+    routed = sorted(adapters, reverse=True)
+    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": routed}}, inputs)
+    assert_close(gm(x, adapter_index=index(names, routed)), want, TOL, case)
 
 
 def test_dora_on_llama(setup, tmp_path):
     """DoRA rows (here on an embedding and attention) beside plain LoRA rows at the same sites."""
     base, _, _ = setup
-    dora = peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True)
-    peft_model = _peft_pair(base, {"a": CONFIGS["a"], "d": dora}, tmp_path)
-    adapters = {n: {"peft": str(tmp_path / n)} for n in ("a", "d")}
+    configs = {"a": CONFIGS["a"], "d": peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True)}
+    names = ["d", "a", BASE, "a", "d"]
+    want = one_by_one(base, configs, tmp_path, lambda m: m(input_ids=IDS).logits, names)
+    adapters = {n: {"peft": str(tmp_path / n)} for n in configs}
     gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["d", "a"]}}, {"input_ids": IDS})
     assert "peftfx.routing.model__layers__0__self_attn__q_proj.dora" in dict(gm.named_buffers())
-    for names in (["d", "a", BASE, "a", "d"], ["d"] * 5):
-        out = run(gm, {"input_ids": IDS, "adapter_index": index(names, ["d", "a"])})
-        want = one_by_one(peft_model, lambda: peft_model(input_ids=IDS).logits, names)
-        assert_close(out, want, TOL, f"DoRA routing {names}")
+    out = run(gm, {"input_ids": IDS, "adapter_index": index(names, ["d", "a"])})
+    assert_close(out, want, TOL, f"DoRA routing {names}")
 
 
-def one_by_one(peft_model, call, names: list[str]) -> torch.Tensor:
-    """What adapter_names means, for DoRA, which PEFT refuses to mix in a batch: each adapter on its own, row by row."""
+def one_by_one(base, configs, root, call, names: list[str]) -> torch.Tensor:
+    """What adapter_names means, where PEFT cannot mix a batch (DoRA, other tuners): each adapter alone, by rows.
+
+    Saves each config's checkpoint (perturbed) under ``root``.
+    """
     rows = {}
     with torch.no_grad():
-        for name in set(names):
-            if name == BASE:
-                with peft_model.disable_adapter():
-                    rows[name] = call()
-            else:
-                peft_model.set_adapter(name)
-                rows[name] = call()
+        rows[BASE] = call(base)
+        for seed, (name, config) in enumerate(configs.items()):
+            rows[name] = call(peft_checkpoint(base, config, root / name, functools.partial(perturb, seed=seed)))
     return torch.stack([rows[name][k] for k, name in enumerate(names)])
 
 
@@ -220,11 +224,11 @@ def test_spec_errors(setup, extra, message):
         peftfx.compile(base, {**spec(root), **extra}, {"input_ids": IDS})
 
 
-def test_unroutable_kind_is_refused():
-    base, inputs = mlp(), mlp_inputs()
+def test_unroutable_site_is_refused():
+    base, inputs = conv_net(), conv_inputs()
     adapters = {
-        "plain": {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2}},
-        "ia3": {"type": "ia3", "at": {"op": "linear"}},
+        "head": {"type": "lora", "at": {"module": "head"}, "with": {"r": 2}},
+        "conv": {"type": "lora", "at": {"op": "conv2d"}, "with": {"r": 2}},
     }
-    with pytest.raises(peftfx.SpecError, match=r"routing\.adapters\[1\]: 'ia3' is a ia3 adapter; routing handles"):
-        peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["plain", "ia3"]}}, inputs)
+    with pytest.raises(peftfx.SpecError, match=r"routing\.adapters\[1\]: 'conv' targets conv2d conv1 .*linear and emb"):
+        peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["head", "conv"]}}, inputs)
