@@ -171,17 +171,25 @@ def test_plain_module(tmp_path, case):
     assert_close(gm(x, adapter_index=index(names, routed)), want, TOL, case)
 
 
-def test_dora_on_llama(setup, tmp_path):
-    """DoRA rows (here on an embedding and attention) beside plain LoRA rows at the same sites."""
+def test_dora_and_dense_rows_on_llama(setup, tmp_path):
+    """DoRA rows and a dense row (trainable tokens) beside plain LoRA rows, on the embedding and attention."""
     base, _, _ = setup
-    configs = {"a": CONFIGS["a"], "d": peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True)}
-    names = ["d", "a", BASE, "a", "d"]
-    want = one_by_one(base, configs, tmp_path, lambda m: m(input_ids=IDS).logits, names)
+    configs = {
+        "a": CONFIGS["a"],
+        "d": peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True),
+        "t": peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 9, 30]),
+    }
+    names = ["d", "a", BASE, "t", "d"]
+    ids = IDS.clone()
+    ids[:, 0] = 5  # every sample reads a trained token
+    want = one_by_one(base, configs, tmp_path, lambda m: m(input_ids=ids).logits, names)
     adapters = {n: {"peft": str(tmp_path / n)} for n in configs}
-    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["d", "a"]}}, {"input_ids": IDS})
-    assert "peftfx.routing.model__layers__0__self_attn__q_proj.dora" in dict(gm.named_buffers())
-    out = run(gm, {"input_ids": IDS, "adapter_index": index(names, ["d", "a"])})
-    assert_close(out, want, TOL, f"DoRA routing {names}")
+    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["d", "t", "a"]}}, {"input_ids": ids})
+    buffers = dict(gm.named_buffers())
+    assert "peftfx.routing.model__layers__0__self_attn__q_proj.dora" in buffers
+    assert "peftfx.routing.model__embed_tokens.delta" in buffers
+    out = run(gm, {"input_ids": ids, "adapter_index": index(names, ["d", "t", "a"])})
+    assert_close(out, want, TOL, f"routing {names}")
 
 
 def one_by_one(base, configs, root, call, names: list[str]) -> torch.Tensor:
