@@ -140,6 +140,10 @@ def compile_(
     }
     if output is not None:
         args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
+        routing = gm.meta.get("peftfx", {}).get("routing")
+        if routing is not None:  # every sample on the base model: any routing traces the same graph
+            batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
+            kwargs[routing["input"]] = torch.full((batch,), -1)
         program = torch.export.export(gm, args, kwargs, strict=False)
         output.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, output)
