@@ -1,6 +1,6 @@
 """route: per-sample adapters in one graph, chosen by the graph input ``adapter_index``.
 
-requires: the placements of the routed adapters (LoRA or DoRA on linear and embedding sites), in routing order;
+requires: the placements of the routed adapters (on linear and embedding sites), in routing order;
           runs before ``insert``, so always-on adapters at a routed site apply first and the routed delta after.
 ensures:  a keyword input ``adapter_index`` (int64 ``[batch]``: a position in the routing list, -1 the base
           model); at every site some routed adapter targets, one subgraph adding, sample by sample, the delta
@@ -8,10 +8,10 @@ ensures:  a keyword input ``adapter_index`` (int64 ``[batch]``: a position in th
           largest rank at the site (parameters ``peftfx.routing.<site>.lora_A`` ``[n+1, r, in]`` and ``lora_B``
           ``[n+1, out, r]``, buffer ``scaling`` ``[n+1]``; ``lora_B_bias``, ``lora_magnitude`` and the ``dora``
           mask where an adapter there has them), gathered by index and applied with batched matmuls, as punica's
-          BGMV does; DoRA rows rescale by their own ``m / ‖W + ΔW‖``, gathered the same way. Row ``n`` and the
-          rows of adapters that do not target the site are zeros, so those samples get the site's output
-          unchanged. No loop over samples and no data-dependent control flow: changing the routing changes an
-          input, never the graph.
+          BGMV does; DoRA rows rescale by their own ``m / ‖W + ΔW‖``, gathered the same way; any other kind is a
+          dense row of ``merge(W) - W`` (buffer ``delta``). Row ``n`` and the rows of adapters that do not target
+          the site are zeros, so those samples get the site's output unchanged. No loop over samples and no
+          data-dependent control flow: changing the routing changes an input, never the graph.
 The first dim of a routed site's input is taken as the batch (rows ``[batch, ...]``, or ``[batch * seq, ...]``
 for transformers' Conv1D): true of every batch-first model.
 """
@@ -39,7 +39,7 @@ _TAG = {"adapter": "routing", "node": INPUT}
 class Route(Pass):
     name = "route"
     requires = "placements of the routed adapters, before insert"
-    ensures = "input adapter_index; one gathered low-rank delta per routed site"
+    ensures = "input adapter_index; one gathered per-sample delta per routed site"
 
     def __init__(self, adapters: Sequence[str], placements: Sequence[Placement]) -> None:
         self.adapters = list(adapters)
@@ -54,7 +54,7 @@ class Route(Pass):
             if row[position[p.adapter]] is not None:
                 raise SpecError(
                     f"routing.adapters[{position[p.adapter]}]: {p.adapter!r} is several adapters at "
-                    f"{p.site_adapter.site.describe()}; a routed adapter is one LoRA per site"
+                    f"{p.site_adapter.site.describe()}; a routed adapter is one adapter per site"
                 )
             row[position[p.adapter]] = p.site_adapter
         placeholder = add_input(gm, INPUT)
@@ -133,9 +133,9 @@ def _dense(gm: fx.GraphModule, row: list[SiteAdapter | None], adapters: list[str
             raise SpecError(f"routing.adapters[{k}]: {adapters[k]!r} cannot be expressed per sample: {error}") from None
         delta = merged.double() - weight.double()
         t["delta"][k] = (delta.t() if site.transposed else delta).to(site.dtype)
-        if merged_bias is not bias:
+        if merged_bias is not None and merged_bias is not bias:
             t.setdefault("delta_bias", torch.zeros(len(row) + 1, site.out_features, dtype=site.dtype))
-            t["delta_bias"][k] = (merged_bias.double() - bias.double()).to(site.dtype)
+            t["delta_bias"][k] = (merged_bias.double() - (0 if bias is None else bias.double())).to(site.dtype)
     return t
 
 
