@@ -57,7 +57,10 @@ class Route(Pass):
                     f"{p.site_adapter.site.describe()}; a routed adapter is one adapter per site"
                 )
             row[position[p.adapter]] = p.site_adapter
-        placeholder = add_input(gm, INPUT)
+        try:
+            placeholder = add_input(gm, INPUT)
+        except SpecError as error:
+            raise SpecError(f"routing: {error}") from None
         n = len(self.adapters)
         # negative indices (the base model) pick row n, the zero row
         index, _ = build_after(placeholder, lambda i: torch.where(i < 0, n, i), [placeholder], _TAG)

@@ -240,3 +240,18 @@ def test_unroutable_site_is_refused():
     }
     with pytest.raises(peftfx.SpecError, match=r"routing\.adapters\[1\]: 'conv' targets conv2d conv1 .*linear and emb"):
         peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["head", "conv"]}}, inputs)
+
+
+class _TakesAdapterIndex(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, adapter_index):
+        return self.lin(x) * adapter_index
+
+
+def test_a_model_input_of_the_same_name_is_refused():
+    lora = {"type": "lora", "at": {"op": "linear"}}
+    with pytest.raises(peftfx.SpecError, match="routing: the model already has an input named 'adapter_index'"):
+        peftfx.compile(_TakesAdapterIndex(), {"adapters": {"a": lora}, "routing": {"adapters": ["a"]}})
