@@ -190,16 +190,17 @@ def _route(
 
 
 def _low_rank_delta(t: dict[str, Any], rows: Any, i: Any, rank: int, embedding: bool, cast: torch.dtype | None) -> Any:
-    """``s[k] (B[k] A[k] x + b[k])`` for each sample's adapter ``k``: a gather, then two batched matmuls."""
+    """``s[k] (B[k] A[k] x + b[k])`` for each sample's adapter ``k``: gathers, then two batched matmuls."""
     A, B = t["lora_A"], t["lora_B"]
     if embedding:  # ids, offset into one table of every adapter's rows of A
         xa = F.embedding(rows, A.transpose(1, 2).reshape(-1, rank))
     else:
         xa = torch.bmm(rows.to(cast) if cast else rows, torch.index_select(A, 0, i).transpose(1, 2))
-    delta = torch.bmm(xa, torch.index_select(B, 0, i).transpose(1, 2))
+    s = torch.index_select(t["scaling"], 0, i).reshape(-1, 1, 1)
+    delta = torch.bmm(xa * s, torch.index_select(B, 0, i).transpose(1, 2))  # scaled at rank r: the fewest numbers
     if "lora_B_bias" in t:
-        delta = delta + torch.index_select(t["lora_B_bias"], 0, i).unsqueeze(1)
-    return delta * torch.index_select(t["scaling"], 0, i).reshape(-1, 1, 1)
+        delta = delta + torch.index_select(t["lora_B_bias"], 0, i).unsqueeze(1) * s
+    return delta
 
 
 def _dense_delta(t: dict[str, Any], rows: Any, i: Any, embedding: bool, out: int) -> Any:
