@@ -13,7 +13,7 @@ import functools
 import peft
 import pytest
 import torch
-from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_llama
+from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_gpt2, tiny_llama
 from oracle import Tolerance, assert_close, assert_unchanged, peft_checkpoint, perturb, run, snapshot
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -190,6 +190,51 @@ def test_dora_and_dense_rows_on_llama(setup, tmp_path):
     assert "peftfx.routing.model__embed_tokens.delta" in buffers
     out = run(gm, {"input_ids": ids, "adapter_index": index(names, ["d", "t", "a"])})
     assert_close(out, want, TOL, f"routing {names}")
+
+
+def test_gpt2_conv1d_rows(tmp_path):
+    """transformers' Conv1D sites see ``[batch * seq, in]`` rows: still one adapter per sample."""
+    base = tiny_gpt2().eval()
+    configs = {
+        "a": peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True),
+        "b": peft.LoraConfig(r=4, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True),
+    }
+    peft_model = _peft_pair(base, configs, tmp_path)
+    adapters = {n: {"peft": str(tmp_path / n)} for n in configs}
+    ids = IDS[:4]
+    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["a", "b"]}}, {"input_ids": ids})
+    names = ["b", BASE, "a", "b"]
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, adapter_names=names).logits
+    assert_close(run(gm, {"input_ids": ids, "adapter_index": index(names, ["a", "b"])}), want, TOL, "GPT-2")
+
+
+def test_bfloat16_model_keeps_float32_factors(tmp_path):
+    """As PEFT: adapters of a half-precision model stay float32; the input is upcast, the delta cast back.
+
+    Tolerance: bfloat16 outputs, atol 1e-2 (a few bf16 ulps of values ~1 after three layers).
+    """
+    base = mlp(sizes=(12, 16, 16, 8), dtype=torch.bfloat16)
+    x = torch.randn(4, 12, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+    configs = {"a": peft.LoraConfig(r=2, target_modules=["layers.0"]), "b": MLP_CONFIGS["lora"]["b"]}
+    peft_model = _peft_pair(base, configs, tmp_path)
+    adapters = {n: {"peft": str(tmp_path / n)} for n in configs}
+    gm = peftfx.compile(base, {"adapters": adapters, "routing": {"adapters": ["a", "b"]}}, (x,))
+    assert dict(gm.named_parameters())["peftfx.routing.layers__0.lora_A"].dtype == torch.float32
+    names = ["a", "b", BASE, "b"]
+    with torch.no_grad():
+        want = peft_model(x, adapter_names=names)
+    assert_close(gm(x, adapter_index=index(names, ["a", "b"])), want, Tolerance(1e-2, 1e-2), "bfloat16")
+    assert not torch.allclose(want[[0, 1, 3]].float(), run(base, (x,))[[0, 1, 3]].float(), atol=5e-2)
+
+
+def test_gradients_reach_only_the_picked_rows():
+    """The stacked factors train: a batch routed to adapter 0 and the base model moves row 0 only."""
+    adapters = {n: {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2, "init": False}, "seed": 0} for n in "ab"}
+    gm = peftfx.compile(mlp(), {"adapters": adapters, "routing": {"adapters": ["a", "b"]}}, mlp_inputs())
+    gm(*mlp_inputs(), adapter_index=torch.tensor([0, -1, 0])).sum().backward()
+    grad = dict(gm.named_parameters())["peftfx.routing.layers__0.lora_A"].grad
+    assert grad[0].abs().sum() > 0 and not grad[1:].any()
 
 
 def one_by_one(base, configs, root, call, names: list[str]) -> torch.Tensor:
