@@ -82,18 +82,17 @@ def validate(spec: SpecArg, fmt: FormatOpt = Format.text) -> None:
     """Check a spec file without loading a model."""
     try:
         parsed, _ = load_spec(spec)
+        active, merged, routed = parsed.active_adapters(), parsed.merged_adapters(), parsed.routed_adapters()
     except PeftfxError as e:
         if fmt is Format.json:
             _emit({"valid": False, "error": str(e)}, fmt, "")
             raise typer.Exit(2) from None
         _fail(e)
-    active = parsed.active_adapters()
-    merged = parsed.merged_adapters()
     _emit(
-        {"valid": True, "adapters": sorted(parsed.adapters), "active": active, "merged": merged},
+        {"valid": True, "adapters": sorted(parsed.adapters), "active": active, "merged": merged, "routed": routed},
         fmt,
         f"{spec}: valid ({len(parsed.adapters)} adapters; active: {', '.join(active) or '-'}; "
-        f"merged: {', '.join(merged) or '-'})",
+        f"merged: {', '.join(merged) or '-'}; routed: {', '.join(routed) or '-'})",
     )
 
 
