@@ -13,6 +13,8 @@ import functools
 import peft
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import conv_inputs, conv_net, mlp, mlp_inputs, tiny_gpt2, tiny_llama
 from oracle import Tolerance, assert_close, assert_unchanged, peft_checkpoint, perturb, run, snapshot
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -235,6 +237,35 @@ def test_gradients_reach_only_the_picked_rows():
     gm(*mlp_inputs(), adapter_index=torch.tensor([0, -1, 0])).sum().backward()
     grad = dict(gm.named_parameters())["peftfx.routing.layers__0.lora_A"].grad
     assert grad[0].abs().sum() > 0 and not grad[1:].any()
+
+
+FRESH = {
+    "lo": {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2, "init": False}, "seed": 1},
+    "do": {"type": "dora", "at": {"module": "layers.1"}, "with": {"r": 3, "init": False}, "seed": 2},
+    "rs": {"type": "lora", "at": {"module": ["layers.0", "layers.2"]}, "with": {"r": 5, "rslora": True, "init": False}, "seed": 3},
+}
+
+
+@functools.cache
+def _fresh_graphs():
+    """The routed MLP graph, and each adapter's ordinary graph (base model under -1), on a pool of 6 rows."""
+    base, x = mlp(sizes=(12, 16, 16, 8)), torch.randn(6, 12, generator=torch.Generator().manual_seed(3))
+    routed = peftfx.compile(base, {"adapters": FRESH, "routing": {"adapters": list(FRESH)}}, (x,))
+    alone = {-1: run(base, (x,))}
+    for k, name in enumerate(FRESH):
+        alone[k] = run(peftfx.compile(base, {"adapters": {name: FRESH[name]}}, (x,)), (x,))
+    return routed, x, alone
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(-1, len(FRESH) - 1), min_size=1, max_size=6))
+def test_each_row_is_its_adapter_alone(picks):
+    """Whatever the routing, row k is what adapter picks[k] alone computes for it (the base model for -1)."""
+    routed, x, alone = _fresh_graphs()
+    with torch.no_grad():
+        out = routed(x[: len(picks)], adapter_index=torch.tensor(picks))
+    want = torch.stack([alone[k][row] for row, k in enumerate(picks)])
+    assert_close(out, want, TOL, f"routing {picks}")
 
 
 def one_by_one(base, configs, root, call, names: list[str]) -> torch.Tensor:
