@@ -242,7 +242,7 @@ def test_gradients_reach_only_the_picked_rows():
 FRESH = {
     "lo": {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2, "init": False}, "seed": 1},
     "do": {"type": "dora", "at": {"module": "layers.1"}, "with": {"r": 3, "init": False}, "seed": 2},
-    "rs": {"type": "lora", "at": {"module": ["layers.0", "layers.2"]}, "with": {"r": 5, "rslora": True, "init": False}, "seed": 3},
+    "rs": {"type": "lora", "at": {"module": "layers.[02]"}, "with": {"r": 5, "rslora": True, "init": False}, "seed": 3},
 }
 
 
