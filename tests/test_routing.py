@@ -1,8 +1,10 @@
 """Per-sample routing: one graph, many adapters per batch, checked against PEFT's ``adapter_names``.
 
 Two LoRA checkpoints of different ranks (rank_pattern too) and targets (``b`` adapts the embedding as well) on
-a tiny Llama. Tolerance: float32, rtol 1e-5 / atol 1e-6: the gathered batched matmuls sum the same products as
-PEFT's per-sub-batch linears, possibly in another order (measured: bit-identical here).
+a tiny Llama, in several orders, eager, compiled and in ONNX. Where PEFT refuses to mix a batch (DoRA, other
+tuners), the oracle is each PEFT adapter alone on the whole batch, row by row. Tolerance: float32, rtol 1e-5 /
+atol 1e-6: the gathered batched matmuls sum the same products as PEFT's per-sub-batch linears, possibly in another
+order (measured: bit-identical on the Llama); dense rows are merged weights, a few ulps from PEFT's unmerged path.
 """
 
 from __future__ import annotations
