@@ -119,6 +119,7 @@ def test_compiled_without_graph_breaks_or_recompiles(setup):
     assert counter.frame_count == 1, "changing the routing recompiled the graph"
 
 
+@pytest.mark.slow
 def test_dynamic_batch(setup):
     base, root, peft_model = setup
     gm = peftfx.compile(base, spec(root), {"input_ids": IDS}, dynamic_shapes="auto")
