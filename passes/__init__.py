@@ -9,7 +9,8 @@ from .base import Pass, run_passes
 from .cleanup import Cleanup
 from .insert import Insert, Placement
 from .merge import Merge
+from .route import Route
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (Insert, Merge, Cleanup)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (Route, Insert, Merge, Cleanup)}
 
-__all__ = ["PASSES", "Cleanup", "Insert", "Merge", "Pass", "Placement", "run_passes"]
+__all__ = ["PASSES", "Cleanup", "Insert", "Merge", "Pass", "Placement", "Route", "run_passes"]

@@ -82,18 +82,17 @@ def validate(spec: SpecArg, fmt: FormatOpt = Format.text) -> None:
     """Check a spec file without loading a model."""
     try:
         parsed, _ = load_spec(spec)
+        active, merged, routed = parsed.active_adapters(), parsed.merged_adapters(), parsed.routed_adapters()
     except PeftfxError as e:
         if fmt is Format.json:
             _emit({"valid": False, "error": str(e)}, fmt, "")
             raise typer.Exit(2) from None
         _fail(e)
-    active = parsed.active_adapters()
-    merged = parsed.merged_adapters()
     _emit(
-        {"valid": True, "adapters": sorted(parsed.adapters), "active": active, "merged": merged},
+        {"valid": True, "adapters": sorted(parsed.adapters), "active": active, "merged": merged, "routed": routed},
         fmt,
         f"{spec}: valid ({len(parsed.adapters)} adapters; active: {', '.join(active) or '-'}; "
-        f"merged: {', '.join(merged) or '-'})",
+        f"merged: {', '.join(merged) or '-'}; routed: {', '.join(routed) or '-'})",
     )
 
 
@@ -140,6 +139,10 @@ def compile_(
     }
     if output is not None:
         args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
+        routing = gm.meta.get("peftfx", {}).get("routing")
+        if routing is not None:  # every sample on the base model: any routing traces the same graph
+            batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
+            kwargs[routing["input"]] = torch.full((batch,), -1)
         program = torch.export.export(gm, args, kwargs, strict=False)
         output.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, output)

@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .capture import Inputs, capture
 from .errors import SpecError
-from .passes import Cleanup, Insert, Merge, run_passes
+from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
+from .passes.insert import Override
 from .passes.records import adapters
 from .plan import make_plan, targets
+from .rewrite import get_attr
 from .spec import Spec, load_spec
 
 SpecLike = Spec | dict[str, Any] | str | Path
@@ -25,9 +28,16 @@ def compile(
     spec, base_dir = load_spec(spec)
     gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
     plan = make_plan(gm, spec, base_dir)
-    passes = [Insert(plan.placements, plan.overrides, plan.configs)]
+    routed = spec.routed_adapters()
+    passes: list[Pass] = []
+    if routed:
+        _check_routed(gm, plan.overrides, routed)
+        passes.append(Route(routed, [p for p in plan.placements if p.adapter in routed]))
+    always = [p for p in plan.placements if p.adapter not in routed]
+    overrides = [o for o in plan.overrides if o.adapter not in routed]
+    passes.append(Insert(always, overrides, plan.configs))
     merged = spec.merged_adapters()
-    _check_deployable(spec, merged)
+    _check_deployable(spec, merged, routed)
     if merged:
         passes.append(Merge(merged))
     passes.append(Cleanup())
@@ -37,7 +47,7 @@ def compile(
     return gm
 
 
-def _check_deployable(spec: Spec, merged: list[str]) -> None:
+def _check_deployable(spec: Spec, merged: list[str], routed: list[str]) -> None:
     """``max_rank`` and ``as_inputs`` shape a live adapter of the graph; anywhere else they would do nothing."""
     active = spec.active_adapters()
     for name, adapter in spec.adapters.items():
@@ -49,6 +59,26 @@ def _check_deployable(spec: Spec, merged: list[str]) -> None:
                 raise SpecError(f"{where} is not active (not in the graph), so it would do nothing")
             if name in merged:
                 raise SpecError(f"{where} is merged, so it has no tensors it could apply to")
+            if name in routed:
+                raise SpecError(f"{where} is routed: its tensors live in the routing stacks, padded already")
+
+
+def _check_routed(gm: fx.GraphModule, overrides: list[Override], routed: list[str]) -> None:
+    """A routed adapter may not replace base tensors, except with their own values (PEFT saves embeddings)."""
+    for o in overrides:
+        if o.adapter in routed and not _same(gm, o):
+            raise SpecError(
+                f"routing.adapters[{routed.index(o.adapter)}]: {o.adapter!r} replaces the base tensor {o.target} "
+                f"({o.key} in {o.file}: modules_to_save or a trained bias), which cannot differ per sample"
+            )
+
+
+def _same(gm: fx.GraphModule, o: Override) -> bool:
+    try:
+        current = get_attr(gm, o.target)
+    except AttributeError:
+        return False
+    return current.shape == o.tensor.shape and torch.equal(current, o.tensor.to(current.dtype))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Small graph-editing tools the passes share: attributes, proxy-built subgraphs, weight rebinding."""
+"""Small graph-editing tools the passes share: attributes, proxy-built subgraphs, weight rebinding, new inputs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.proxy import GraphAppendingTracer, Proxy
+from torch.utils._pytree import tree_structure, tree_unflatten
+
+from .errors import SpecError
 
 TAG = "peftfx"  # node.meta key: {"adapter": name, "site": module path} on every node peftfx inserted
 
@@ -126,3 +129,29 @@ def take_name_back(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> None:
     del_attr(gm, str(new.target))
     new.replace_all_uses_with(old)
     gm.graph.erase_node(new)
+
+
+def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
+    """Give ``gm`` a keyword input ``name`` after its others, and return its placeholder.
+
+    A ``torch.export`` capture's forward is generated from a pytree spec of ``(args, kwargs)`` (the codegen's
+    and ``gm._in_spec``, which export's input check reads): the new key is appended to both, so the graph is
+    called as ``gm(..., name=tensor)`` eagerly, under ``torch.compile`` and when exported again (ONNX).
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if any(n.target == name for n in placeholders):
+        raise SpecError(f"the model already has an input named {name!r}")
+    where = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(next(iter(graph.nodes)))
+    with where:
+        node = graph.placeholder(name)
+    codegen = graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        args, kwargs = tree_unflatten([object() for _ in range(info.in_spec.num_leaves)], info.in_spec)
+        spec = tree_structure((args, {**kwargs, name: object()}))
+        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=spec)
+        if hasattr(gm, "_in_spec"):
+            gm._in_spec = spec
+    gm.recompile()
+    return node

@@ -223,6 +223,23 @@ Adapter = Annotated[
 ]
 
 
+class Routing(Strict):
+    """Per-sample adapters in one graph: the graph takes ``adapter_index``, an int64 tensor of shape [batch]."""
+
+    adapters: list[str] = Field(
+        min_length=1,
+        description="live adapters a sample can pick: adapter_index[i] is a position in this list, -1 the base "
+        "model; a routed adapter runs only for the samples that pick it",
+    )
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> Routing:
+        for i, name in enumerate(self.adapters):
+            if name in self.adapters[:i]:
+                raise ValueError(f"adapters[{i}]: {name!r} is listed twice")
+        return self
+
+
 class Spec(Strict):
     """What peftfx.compile does to a model."""
 
@@ -230,8 +247,13 @@ class Spec(Strict):
     active: list[str] | None = Field(
         None, description="adapters that run in the graph, in order (default: all not consumed by a combine)"
     )
-    merge: bool | list[str] = Field(False, description="true, or the adapters to fold into the weights")
+    merge: bool | list[str] = Field(
+        False, description="true (every active adapter but the routed ones), or the adapters to fold into the weights"
+    )
     capture: Literal["auto", "export", "symbolic_trace"] = "auto"
+    routing: Routing | None = Field(
+        None, description="adapters chosen per sample through the graph input adapter_index (see Routing)"
+    )
 
     @model_validator(mode="after")
     def _check_combines(self) -> Spec:
@@ -270,10 +292,23 @@ class Spec(Strict):
                 raise SpecError(f"active[{i}]: no adapter named {name!r} (have: {_names(self.adapters)})")
         return names
 
+    def routed_adapters(self) -> list[str]:
+        """The routed adapters, checked: each must be active and stay live."""
+        if self.routing is None:
+            return []
+        active, merged = self.active_adapters(), self.merged_adapters()
+        for i, name in enumerate(self.routing.adapters):
+            if name not in active:
+                raise SpecError(f"routing.adapters[{i}]: {name!r} is not an active adapter (active: {_names(active)})")
+            if name in merged:
+                raise SpecError(f"routing.adapters[{i}]: {name!r} is merged; a routed adapter must stay live")
+        return list(self.routing.adapters)
+
     def merged_adapters(self) -> list[str]:
         active = self.active_adapters()
-        if self.merge is True:
-            return active
+        if self.merge is True:  # every active adapter but the routed ones, which are live by definition
+            routed = self.routing.adapters if self.routing is not None else []
+            return [name for name in active if name not in routed]
         if self.merge is False:
             return []
         for i, name in enumerate(self.merge):

@@ -40,7 +40,13 @@ def test_schema_is_the_spec_json_schema(tmp_path):
 def test_validate_ok_and_json():
     result = invoke("validate", SPECS / "fresh_attention_lora.yaml", "--format", "json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"valid": True, "adapters": ["style"], "active": ["style"], "merged": []}
+    assert json.loads(result.output) == {
+        "valid": True,
+        "adapters": ["style"],
+        "active": ["style"],
+        "merged": [],
+        "routed": [],
+    }
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
@@ -76,6 +82,31 @@ def test_compile_saves_an_exported_program(tmp_path):
     got = program.module()(input_ids=ids)
     expected = run(tiny_llama(), {"input_ids": ids})  # a fresh DoRA is the identity at init
     assert_close(got.logits if hasattr(got, "logits") else got["logits"], expected, Tolerance(1e-5, 2e-6), "pt2")
+
+
+def test_validate_checks_routing(tmp_path):
+    lora = {"type": "lora", "at": {"op": "linear"}}
+    spec = tmp_path / "routed.json"
+    spec.write_text(json.dumps({"adapters": {"a": lora, "b": lora}, "routing": {"adapters": ["b"]}, "merge": True}))
+    assert json.loads(invoke("validate", spec, "-f", "json").output)["routed"] == ["b"]
+    spec.write_text(json.dumps({"adapters": {"a": lora}, "routing": {"adapters": ["a"]}, "merge": ["a"]}))
+    result = invoke("validate", spec)
+    assert result.exit_code == 2 and "routing.adapters[0]: 'a' is merged" in result.output
+
+
+def test_compile_saves_a_routed_program_taking_adapter_index(tmp_path):
+    lora = {"type": "lora", "at": {"module": "*.q_proj"}, "with": {"r": 2, "init": False}, "seed": 0}
+    spec = tmp_path / "routed.yaml"
+    spec.write_text(json.dumps({"adapters": {"a": lora}, "routing": {"adapters": ["a"]}}))
+    out = tmp_path / "model.pt2"
+    result = invoke("compile", spec, "--model", "models:tiny_llama", "--output", out)
+    assert result.exit_code == 0, result.output
+    module = torch.export.load(out).module()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    base = run(tiny_llama(), {"input_ids": ids})
+    as_base, adapted = (module(input_ids=ids, adapter_index=torch.tensor([k]))["logits"] for k in (-1, 0))
+    assert_close(as_base, base, Tolerance(1e-5, 2e-6), "the base model's row")
+    assert not torch.allclose(adapted, base, atol=1e-3)
 
 
 @pytest.mark.parametrize(
