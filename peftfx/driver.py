@@ -1,34 +1,122 @@
-"""The two entry points: ``compile`` (capture, plan, rewrite) and ``explain`` (capture, plan, report)."""
+"""The entry points: ``compile`` (capture, plan, rewrite), ``build`` (the same, with a summary) and ``explain``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import fx, nn
 
 from .capture import Inputs, capture
+from .errors import PeftfxError
 from .passes import Cleanup, Insert, Merge, run_passes
-from .plan import make_plan, targets
-from .spec import Spec, load_spec
+from .plan import Plan, make_plan, place, targets
+from .spec import CombineAdapter, Spec, load_spec
 
 SpecLike = Spec | dict[str, Any] | str | Path
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What one active adapter became: its kind, how many sites it took, its tensor count in numbers."""
+
+    name: str
+    kind: str
+    sites: int
+    parameters: int
+    merged: bool
+
+
+@dataclass(frozen=True)
+class Build:
+    """A compiled graph, what each adapter added to it (or merged into it), and the seconds each step took."""
+
+    gm: fx.GraphModule
+    adapters: list[AdapterSummary]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        live = [p for name, p in self.gm.named_parameters() if name.startswith("peftfx.")]
+        return {
+            "nodes": len(self.gm.graph.nodes),
+            "adapter_tensors": len(live),
+            "adapter_parameters": sum(p.numel() for p in live),
+            "adapters": [asdict(a) for a in self.adapters],
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
 
 
 def compile(
     model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = None, *, dynamic_shapes: Any = None
 ) -> fx.GraphModule:
     """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model."""
+    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes).gm
+
+
+def build(
+    model: nn.Module,
+    spec: SpecLike,
+    example_inputs: Inputs | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> Build:
+    """``compile``, also saying what each adapter became; ``progress`` hears the name of each step as it starts."""
     spec, base_dir = load_spec(spec)
-    gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
-    plan = make_plan(gm, spec, base_dir)
+    seconds: dict[str, float] = {}
+    step = _Steps(seconds, progress)
+    with step("capture"):
+        gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+    with step("plan"):
+        plan = make_plan(gm, spec, base_dir)
+    with step("rewrite"):
+        gm = rewrite(gm, spec, plan)
+    return Build(gm, summarize(spec, plan), seconds)
+
+
+def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
+    """Run the passes a planned spec needs on a captured graph (rewritten in place)."""
     passes = [Insert(plan.placements, plan.overrides, plan.configs)]
     merged = spec.merged_adapters()
     if merged:
         passes.append(Merge(merged))
     passes.append(Cleanup())
     return run_passes(gm, passes)
+
+
+def summarize(spec: Spec, plan: Plan) -> list[AdapterSummary]:
+    merged = set(spec.merged_adapters())
+    out = []
+    for target in plan.targets:
+        mine = [p.site_adapter for p in plan.placements if p.adapter == target.name]
+        adapter = spec.adapters[target.name]
+        kind = f"{adapter.method or 'svd'} fold" if isinstance(adapter, CombineAdapter) else target.kind.name
+        tensors: dict[str, int] = {}
+        for i, a in enumerate(mine):
+            for role, tensor in a.tensors.items():
+                tensors[role if role in a.shared else f"{i}.{role}"] = tensor.numel()
+        out.append(AdapterSummary(target.name, kind, len(mine), sum(tensors.values()), target.name in merged))
+    return out
+
+
+class _Steps:
+    def __init__(self, seconds: dict[str, float], progress: Callable[[str], None] | None) -> None:
+        self.seconds, self.progress, self.name, self.start = seconds, progress, "", 0.0
+
+    def __call__(self, name: str) -> _Steps:
+        self.name = name
+        return self
+
+    def __enter__(self) -> None:
+        if self.progress is not None:
+            self.progress(self.name)
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self.name] = time.perf_counter() - self.start
 
 
 @dataclass(frozen=True)
@@ -40,37 +128,87 @@ class Row:
     layer: int | None
     matched: bool
     reason: str
+    params: dict[str, Any]  # the adapter's resolved values at this site (rank, alpha, fold weights, ...)
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """For every site and every active adapter: matched, or the first predicate that failed."""
+    """For every site and every active adapter: matched, or the first predicate that failed.
+
+    ``errors`` holds, per adapter, what compiling it would raise (a selector matching too few sites, a bad
+    value at one site): explain reports it rather than raising, since finding it is what a dry run is for.
+    """
 
     rows: list[Row]
+    errors: dict[str, str]
 
     def matches(self, adapter: str) -> list[str]:
         return [r.module for r in self.rows if r.adapter == adapter and r.matched]
 
     def to_dict(self) -> list[dict[str, Any]]:
-        return [r.__dict__.copy() for r in self.rows]
+        return [asdict(r) for r in self.rows]
 
     def __str__(self) -> str:
         width = max((len(r.module) for r in self.rows), default=6)
         lines = [f"{'adapter':<10} {'op':<10} {'module':<{width}}  verdict"]
         for r in self.rows:
-            verdict = "match" if r.matched else f"no: {r.reason}"
+            verdict = f"match {format_params(r.params)}".rstrip() if r.matched else f"no: {r.reason}"
             lines.append(f"{r.adapter:<10} {r.op:<10} {r.module:<{width}}  {verdict}")
+        lines += [f"{name}: {error}" for name, error in self.errors.items()]
         return "\n".join(lines)
 
 
 def explain(model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = None) -> Explanation:
-    """Which sites each active adapter selects, and why the others are left out. Rewrites nothing."""
+    """Which sites each active adapter selects, why the others are left out, and its values at each site.
+
+    Rewrites nothing; the model is never mutated.
+    """
     spec, base_dir = load_spec(spec)
     gm = capture(model, example_inputs, method=spec.capture)
     plan = targets(gm, spec, base_dir)
+    errors = {}
+    for target in plan.targets:
+        try:
+            place(plan, spec, target)
+        except PeftfxError as e:
+            errors[target.name] = str(e)
+    params: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in plan.placements:
+        node = p.site_adapter.site.node.name
+        params[p.adapter, node] = {**_shown(p.site_adapter.hyper), **plan.fold_values.get((p.adapter, node), {})}
     rows = []
     for target in plan.targets:
         for site in plan.matcher.sites:
             verdict = plan.matcher.test(target.selector, site)
-            rows.append(Row(target.name, site.node.name, site.op, site.module, site.layer, verdict.ok, verdict.reason))
-    return Explanation(rows)
+            values = params.get((target.name, site.node.name), {})
+            rows.append(
+                Row(target.name, site.node.name, site.op, site.module, site.layer, verdict.ok, verdict.reason, values)
+            )
+    return Explanation(rows, errors)
+
+
+def _shown(hyper: dict[str, Any]) -> dict[str, Any]:
+    """The values worth a reader's eye: numbers and set flags, not defaults (off flags, a scale of 1)."""
+    shown = {}
+    for key, value in hyper.items():
+        if isinstance(value, bool):
+            if value:
+                shown[key] = value
+        elif isinstance(value, int | float | str) and not (key == "scale" and value == 1.0):
+            shown[key] = value
+    return shown
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``r=4 alpha=16 scaling=4 weights=[1, -0.4]``: compact, numbers to four significant digits."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return str(value)
+
+    return " ".join(k if v is True else f"{k}={fmt(v)}" for k, v in params.items())

@@ -59,6 +59,7 @@ class Plan:
     overrides: list[Override] = field(default_factory=list)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapter -> the PEFT config it came from
     resolved: dict[str, Target] = field(default_factory=dict)  # every adapter resolved so far, combine sources too
+    fold_values: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (fold, node) -> weights, density
 
 
 def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
@@ -71,7 +72,7 @@ def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
 def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
     plan = targets(gm, spec, base_dir)
     for target in plan.targets:
-        _place(plan, spec, target)
+        place(plan, spec, target)
     return plan
 
 
@@ -89,7 +90,8 @@ def _target(plan: Plan, gm: fx.GraphModule, spec: Spec, name: str, base_dir: Pat
     return plan.resolved[name]
 
 
-def _place(plan: Plan, spec: Spec, target: Target) -> None:
+def place(plan: Plan, spec: Spec, target: Target) -> None:
+    """Choose ``target``'s sites and build its adapter at each of them."""
     adapter = spec.adapters[target.name]
     if isinstance(adapter, CombineAdapter):
         _place_combine(plan, spec, target, adapter)
@@ -109,7 +111,7 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
     per_source: list[dict[fx.Node, SiteAdapter]] = []
     for i, source in enumerate(adapter.combine):
         scratch = Plan(plan.matcher, [], resolved=plan.resolved)
-        _place(scratch, spec, plan.resolved[source])
+        place(scratch, spec, plan.resolved[source])
         if scratch.overrides:
             o = scratch.overrides[0]
             raise SpecError(
@@ -146,6 +148,10 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
         generator = None
         if adapter.seed is not None:  # one stream per site: stable whatever else the spec selects
             generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter.seed}:{site.module}".encode()))
+        plan.fold_values[name, node.name] = {
+            "weights": [t.weight for t in tasks],
+            **({"density": density} if density is not None else {}),
+        }
         ctx = Context(
             method=adapter.method,
             field=f"adapters.{name}",

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from .errors import SpecError
+from .model_ref import ModelRef
 
 Scalar = bool | int | float | str
 
@@ -218,6 +219,7 @@ class Spec(Strict):
     )
     merge: bool | list[str] = Field(False, description="true, or the adapters to fold into the weights")
     capture: Literal["auto", "export", "symbolic_trace"] = "auto"
+    model: ModelRef | None = Field(None, description="the base model the CLI loads (`--model` overrides it)")
 
     @model_validator(mode="after")
     def _check_combines(self) -> Spec:
