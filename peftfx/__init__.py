@@ -1,15 +1,17 @@
 """peftfx: a declarative graph-rewriting compiler for PEFT adapters, on torch.fx."""
 
 from .capture import capture
-from .driver import Explanation, compile, explain
+from .driver import Build, Explanation, build, compile, explain
 from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
+from .verify import Tolerance, VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Build",
     "CaptureError",
     "CheckpointError",
     "Explanation",
@@ -20,6 +22,9 @@ __all__ = [
     "Site",
     "Spec",
     "SpecError",
+    "Tolerance",
+    "VerifyReport",
+    "build",
     "capture",
     "compile",
     "explain",
@@ -27,4 +32,5 @@ __all__ = [
     "load_spec",
     "save_adapter",
     "spec_schema",
+    "verify",
 ]
