@@ -191,7 +191,7 @@ def peft_fold(model: nn.Module, sources: Mapping[str, Path], name: str, combine:
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), first_dir, adapter_name=first)
     for source, directory in rest:
         peft_model.load_adapter(directory, source)
-    weights = [float(w) for w in combine.weight_values()]  # type: ignore[arg-type]
+    weights = [float(w) for w in combine.weight_values()]
     if peft_model.peft_config[first].peft_type == "IA3":
         peft_model.add_weighted_adapter(list(sources), weights, name)
     else:
@@ -214,8 +214,11 @@ def _not_a_peft_fold(spec: Spec, combine: CombineAdapter) -> str | None:
     method = combine.method or "svd"
     if method not in PEFT_FOLDS:
         return f"method {method} is {'random' if method.startswith('dare') else 'not one of PEFT'}'s"
-    if any(not isinstance(spec.adapters[s], PeftAdapter) for s in combine.combine):
+    sources = [spec.adapters[s] for s in combine.combine]
+    if any(not isinstance(s, PeftAdapter) for s in sources):
         return "a source is not a PEFT checkpoint"
+    if any(s.scale != 1.0 for s in sources):
+        return "a source is loaded with a scale, which PEFT's checkpoint does not carry"
     if any(not isinstance(w, int | float) for w in [*combine.weight_values(), combine.density or 0.0]):
         return "per-layer weights or density, which PEFT's add_weighted_adapter has no form for"
     if METHODS[method].needs_density and combine.density is None:
