@@ -21,7 +21,15 @@ from typing import Annotated, Any, NoReturn
 import torch
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from . import model_ref
@@ -89,19 +97,24 @@ def _out() -> Console:
 
 
 @contextmanager
-def _progress() -> Iterator[Callable[[str], None]]:
-    """A spinner per step on stderr (nothing when it is not a terminal); yields the 'step started' callback."""
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True
-    ) as bar:
-        current: list[Any] = []
+def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
+    """Progress on stderr (nothing when it is not a terminal): a spinner per step, a bar where the total is known.
 
-        def step(name: str) -> None:
-            if current:
-                bar.update(current[-1], completed=1, total=1)
-            current.append(bar.add_task(name, total=None))
+    Yields the callback ``(what, done, total)``: a new ``what`` starts a line, the same one advances it.
+    """
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
 
-        yield step
+        def report(what: str, done: int = 0, total: int | None = None) -> None:
+            for other in tasks.values():
+                bar.stop_task(other)
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+            bar.start_task(tasks[what])
+
+        yield report
 
 
 @app.command()
@@ -232,8 +245,7 @@ def verify(
         default = DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE[torch.float32])
         tolerance = Tolerance(default.rtol if rtol is None else rtol, default.atol if atol is None else atol)
         with _progress() as step:
-            step("verifying: live, merged and PEFT outputs")
-            report = verify_spec(module, spec, example, tolerance=tolerance, peft=peft, perturb=perturb)
+            report = verify_spec(module, spec, example, tolerance=tolerance, peft=peft, perturb=perturb, progress=step)
     except PeftfxError as e:
         _fail(e)
     if fmt is Format.json:

@@ -62,16 +62,21 @@ def build(
     example_inputs: Inputs | None = None,
     *,
     dynamic_shapes: Any = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Build:
-    """``compile``, also saying what each adapter became; ``progress`` hears the name of each step as it starts."""
+    """``compile``, also saying what each adapter became.
+
+    ``progress(what, done, total)`` hears of each step as it starts (``total`` None), and of each site placed
+    while planning (``what`` is then ``plan <adapter>``).
+    """
     spec, base_dir = load_spec(spec)
     seconds: dict[str, float] = {}
     step = _Steps(seconds, progress)
     with step("capture"):
         gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
     with step("plan"):
-        plan = make_plan(gm, spec, base_dir)
+        sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
+        plan = make_plan(gm, spec, base_dir, sites)
     with step("rewrite"):
         gm = rewrite(gm, spec, plan)
     return Build(gm, summarize(spec, plan), seconds)
@@ -103,7 +108,7 @@ def summarize(spec: Spec, plan: Plan) -> list[AdapterSummary]:
 
 
 class _Steps:
-    def __init__(self, seconds: dict[str, float], progress: Callable[[str], None] | None) -> None:
+    def __init__(self, seconds: dict[str, float], progress: Callable[[str, int, int | None], None] | None) -> None:
         self.seconds, self.progress, self.name, self.start = seconds, progress, "", 0.0
 
     def __call__(self, name: str) -> _Steps:
@@ -112,7 +117,7 @@ class _Steps:
 
     def __enter__(self) -> None:
         if self.progress is not None:
-            self.progress(self.name)
+            self.progress(self.name, 0, None)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:

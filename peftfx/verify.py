@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,13 +103,15 @@ def verify(
     tolerance: Tolerance | None = None,
     peft: bool = True,
     perturb: bool = True,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> VerifyReport:
     """Compare live, merged and (with ``peft``) PEFT's outputs on ``example_inputs``; nothing is saved.
 
     ``example_inputs`` default to random token ids for a model with a vocabulary; ``tolerance`` to one for the
     model's dtype. The spec's own ``merge`` is ignored: every active adapter is checked live, then that same
     graph merged. With ``perturb``, fresh adapters are first moved off their initial value (as if trained,
-    seeded), since at init most are the identity and merging them would prove nothing.
+    seeded), since at init most are the identity and merging them would prove nothing. ``progress(what, done,
+    total)`` hears of each adapter as its turn comes.
     """
     spec, base_dir = load_spec(spec)
     inputs = token_inputs(model, batch=2, seq_len=8) if example_inputs is None else example_inputs
@@ -129,7 +131,9 @@ def verify(
     groups = [(name, [name]) for name in active]
     if len(active) > 1:
         groups.append(("all", active))
-    for label, names in groups:
+    for done, (label, names) in enumerate(groups, start=1):
+        if progress is not None:
+            progress(f"verify {label}", done, len(groups))
         variant = spec.model_copy(update={"active": names, "merge": False})
         live, merged = (_outputs(o) for o in _live_and_merged(model, variant, base_dir, inputs, fresh))
         report.rows += _compare(label, "live vs base", live, base, None)

@@ -11,11 +11,12 @@ import pytest
 import torch
 from examples import SPECS as EXAMPLES
 from examples import example
-from models import tiny_llama
+from models import tiny_llama, token_inputs
 from oracle import Tolerance, assert_close, run
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import peftfx
 from peftfx.cli import app
 
 SPECS = Path(__file__).parent.parent / "specs"
@@ -239,3 +240,12 @@ def test_a_real_subprocess(tmp_path):
     done = subprocess.run([*command, "compile", bad, "--model", "peftfx.demo:tiny_llama"], capture_output=True)
     assert done.returncode == 2
     assert "adapters.x.with.rank: unknown field" in done.stderr.decode() and not done.stdout
+
+
+def test_build_reports_progress_per_step_and_per_site():
+    heard = []
+    spec = SPECS / "fresh_attention_lora.yaml"
+    built = peftfx.build(tiny_llama(), spec, token_inputs(), progress=lambda *a: heard.append(a))
+    assert [w for w, _, total in heard if total is None] == ["capture", "plan", "rewrite"]
+    assert [(w, d, t) for w, d, t in heard if t is not None] == [("plan style", i, 4) for i in range(1, 5)]
+    assert built.seconds.keys() == {"capture", "plan", "rewrite"}
