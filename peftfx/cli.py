@@ -21,6 +21,7 @@ from typing import Annotated, Any, NoReturn
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,7 +38,7 @@ from .driver import Build, build, format_params
 from .driver import explain as explain_spec
 from .errors import PeftfxError, SpecError
 from .spec import load_spec, spec_schema
-from .verify import DEFAULT_TOLERANCE, Tolerance
+from .verify import Tolerance, default_tolerance
 from .verify import verify as verify_spec
 
 EPILOG = "Exit codes: 0 ok, 1 verification failed, 2 bad input (spec, checkpoint, model, inputs)."
@@ -80,7 +81,7 @@ FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="output format
 
 
 def _fail(error: PeftfxError) -> NoReturn:
-    err.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -170,11 +171,17 @@ def explain(
         for column in table.columns[:3]:
             column.no_wrap = True
         for row in explanation.rows:
-            verdict = f"[green]match[/] {format_params(row.params)}" if row.matched else f"[dim]no: {row.reason}[/]"
-            table.add_row(row.adapter, row.op, row.module, verdict)
+            verdict = (
+                f"[green]match[/] {escape(format_params(row.params))}"
+                if row.matched
+                else f"[dim]no: {escape(row.reason)}[/]"
+            )
+            table.add_row(escape(row.adapter), row.op, escape(row.module), verdict)
         _out().print(table)
     for name, error in explanation.errors.items():
-        err.print(f"[red]error:[/] compiling {name} would fail: {error}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[red]error:[/] compiling {escape(name)} would fail: {escape(error)}", highlight=False, soft_wrap=True
+        )
     if explanation.errors:
         raise typer.Exit(2)
 
@@ -215,7 +222,7 @@ def compile_(
         return
     table = Table("adapter", "kind", "sites", "parameters", "state", title=f"peftfx compile {spec}")
     for a in result.adapters:
-        table.add_row(a.name, a.kind, str(a.sites), f"{a.parameters:,}", "merged" if a.merged else "live")
+        table.add_row(escape(a.name), a.kind, str(a.sites), f"{a.parameters:,}", "merged" if a.merged else "live")
     console = _out()
     if result.adapters:
         console.print(table)
@@ -241,8 +248,7 @@ def verify(
     """Check that merged graphs match live ones, and PEFT, per adapter and output; exit 1 past the tolerance."""
     try:
         module, example = _model(spec, model, inputs, seq_len)
-        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-        default = DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE[torch.float32])
+        default = default_tolerance(module)
         tolerance = Tolerance(default.rtol if rtol is None else rtol, default.atol if atol is None else atol)
         with _progress() as step:
             report = verify_spec(module, spec, example, tolerance=tolerance, peft=peft, perturb=perturb, progress=step)
@@ -254,11 +260,12 @@ def verify(
         table = Table("adapter", "check", "output", "max abs", "max rel", "verdict", title=f"peftfx verify {spec}")
         for r in report.rows:
             verdict = "[dim]info[/]" if r.ok is None else ("[green]ok[/]" if r.ok else "[red bold]FAIL[/]")
-            table.add_row(r.adapter, r.check, r.output, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", verdict)
+            numbers = f"{r.max_abs:.2e}", f"{r.max_rel:.2e}"
+            table.add_row(escape(r.adapter), r.check, escape(r.output), *numbers, verdict)
         console = _out()
         console.print(table)
         for note in report.notes:
-            console.print(f"note: {note}", highlight=False, soft_wrap=True)
+            console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
         checked = sum(r.ok is not None for r in report.rows)
         bound = f"rtol={tolerance.rtol:g}, atol={tolerance.atol:g}"
         if report.ok:

@@ -13,6 +13,7 @@ the reference's largest magnitude (robust where outputs cross zero). A check pas
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -52,6 +53,12 @@ DEFAULT_TOLERANCE = {
 }
 # add_weighted_adapter's methods, minus the DARE ones: they drop entries at random, so no run repeats another's.
 PEFT_FOLDS = frozenset({"linear", "cat", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd"})
+
+
+def default_tolerance(model: nn.Module) -> Tolerance:
+    """The tolerance for the dtype of the model's first floating-point parameter."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE[torch.float32])
 
 
 @dataclass(frozen=True)
@@ -115,15 +122,14 @@ def verify(
     """
     spec, base_dir = load_spec(spec)
     inputs = token_inputs(model, batch=2, seq_len=8) if example_inputs is None else example_inputs
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    tol = tolerance or DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE[torch.float32])
+    tol = tolerance or default_tolerance(model)
     active = spec.active_adapters()
     if not active:
         raise SpecError("verify: the spec has no active adapter, so there is nothing to verify")
     report = VerifyReport([], tol)
     base = _outputs(_call(model, inputs))
-    peft_module = _import_peft() if peft else None
-    if peft and peft_module is None:
+    with_peft = peft and _peft_installed()
+    if peft and not with_peft:
         report.notes.append("peft is not installed: no comparison with PEFT (pip install peft)")
     fresh = [n for n in active if isinstance(spec.adapters[n], FreshAdapter)] if perturb else []
     if fresh:
@@ -140,7 +146,7 @@ def verify(
         if all(r.max_abs == 0 for r in report.rows[-len(live) :]):
             report.notes.append(f"{label}: the adapter leaves every output unchanged (an identity, e.g. at init)")
         report.rows += _compare(label, "merged vs live", merged, live, tol)
-        if peft_module is not None and label != "all":
+        if with_peft and label != "all":
             report.rows += _against_peft(model, spec, base_dir, label, inputs, live, merged, tol, report.notes)
     return report
 
@@ -293,9 +299,6 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _import_peft() -> Any:
-    try:
-        import peft
-    except ImportError:
-        return None
-    return peft
+def _peft_installed() -> bool:
+    """peft is an optional dependency: without it, verify compares peftfx's graphs with each other only."""
+    return importlib.util.find_spec("peft") is not None

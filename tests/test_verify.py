@@ -108,7 +108,7 @@ def test_every_output_tensor_is_compared():
 
 def test_without_peft_the_report_says_so(checkpoints, monkeypatch):
     model, ckpt = checkpoints
-    monkeypatch.setattr(verify_module, "_import_peft", lambda: None)
+    monkeypatch.setattr(verify_module, "_peft_installed", lambda: False)
     report = peftfx.verify(model, {"adapters": {"a": {"peft": str(ckpt / "a")}}}, token_inputs())
     assert report.ok and {r.check for r in report.rows} == {"live vs base", "merged vs live"}
     assert any("peft is not installed" in n for n in report.notes)
