@@ -9,7 +9,6 @@ stdout; progress and errors go to stderr.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -299,31 +298,28 @@ def load_model(reference: str, seq_len: int = 8) -> tuple[torch.nn.Module, Any]:
 
 
 def _save(result: Build, inputs: Any, output: Path) -> None:
-    """Export the graph and write it whole or not at all: to a temporary sibling, then renamed into place."""
+    """Export the graph and write it whole or not at all: staged in a temporary sibling, then renamed into place."""
+    single = output.suffix == ".pt2"
+    foreign = output.is_file() or (
+        output.is_dir() and any(output.iterdir()) and not (output / "summary.json").is_file()
+    )
+    if not single and foreign:
+        raise PeftfxError(f"--output {output}: exists and is not a peftfx output directory; remove it or pick another")
     args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
     program = torch.export.export(result.gm, args, kwargs, strict=False)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".pt2":
-        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=False) as tmp:
-            torch.export.save(program, tmp.name)
-        Path(tmp.name).replace(output)
-        return
-    if output.exists() and (output.is_file() or (any(output.iterdir()) and not (output / "summary.json").is_file())):
-        raise PeftfxError(f"--output {output}: exists and is not a peftfx output directory; remove it or pick another")
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        torch.export.save(program, tmp / "program.pt2")
-        (tmp / "graph.py").write_text(result.gm.code)
-        (tmp / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            output.replace(old)
-            tmp.replace(output)
-            shutil.rmtree(old)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        staged = Path(tmp) / "new"
+        if single:
+            torch.export.save(program, staged)
         else:
-            tmp.replace(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            staged.mkdir()
+            torch.export.save(program, staged / "program.pt2")
+            (staged / "graph.py").write_text(result.gm.code)
+            (staged / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            if output.exists():  # the previous output goes into the temporary folder, and away with it
+                output.replace(Path(tmp) / "old")
+        staged.replace(output)
 
 
 if __name__ == "__main__":
