@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ SpecLike = Spec | dict[str, Any] | str | Path
 
 @dataclass(frozen=True)
 class AdapterSummary:
-    """What one active adapter became: its kind, how many sites it took, its tensor count in numbers."""
+    """What one active adapter became: its kind, how many sites it took, how many numbers its tensors hold."""
 
     name: str
     kind: str
@@ -71,13 +72,12 @@ def build(
     """
     spec, base_dir = load_spec(spec)
     seconds: dict[str, float] = {}
-    step = _Steps(seconds, progress)
-    with step("capture"):
+    with _step("capture", seconds, progress):
         gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
-    with step("plan"):
+    with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)
-    with step("rewrite"):
+    with _step("rewrite", seconds, progress):
         gm = rewrite(gm, spec, plan)
     return Build(gm, summarize(spec, plan), seconds)
 
@@ -93,12 +93,15 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
 
 
 def summarize(spec: Spec, plan: Plan) -> list[AdapterSummary]:
+    """Per active adapter, from its placements: adapter-wide (shared) tensors count once."""
     merged = set(spec.merged_adapters())
     out = []
     for target in plan.targets:
         mine = [p.site_adapter for p in plan.placements if p.adapter == target.name]
         adapter = spec.adapters[target.name]
-        kind = f"{adapter.method or 'svd'} fold" if isinstance(adapter, CombineAdapter) else target.kind.name
+        kind = target.kind.name
+        if isinstance(adapter, CombineAdapter):
+            kind = f"{adapter.method} fold" if adapter.method else "fold"
         tensors: dict[str, int] = {}
         for i, a in enumerate(mine):
             for role, tensor in a.tensors.items():
@@ -107,21 +110,15 @@ def summarize(spec: Spec, plan: Plan) -> list[AdapterSummary]:
     return out
 
 
-class _Steps:
-    def __init__(self, seconds: dict[str, float], progress: Callable[[str, int, int | None], None] | None) -> None:
-        self.seconds, self.progress, self.name, self.start = seconds, progress, "", 0.0
-
-    def __call__(self, name: str) -> _Steps:
-        self.name = name
-        return self
-
-    def __enter__(self) -> None:
-        if self.progress is not None:
-            self.progress(self.name, 0, None)
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self.name] = time.perf_counter() - self.start
+@contextmanager
+def _step(
+    name: str, seconds: dict[str, float], progress: Callable[[str, int, int | None], None] | None
+) -> Iterator[None]:
+    if progress is not None:
+        progress(name, 0, None)
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
 
 
 @dataclass(frozen=True)
