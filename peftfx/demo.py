@@ -141,9 +141,13 @@ def _verify_table(report: peftfx.VerifyReport) -> Table:
 
 def _summary_table(builds: list[peftfx.Build], report: peftfx.VerifyReport, onnx: Any) -> Table:
     measured = {r.check: r.max_abs for r in report.rows}
-    table = Table(title="peftfx on a tiny Llama: the graphs it made")
-    for column in ("graph", "nodes", "adapter params", "compile s", "max |Δ|", "vs"):
-        table.add_column(column, justify="left" if column in ("graph", "vs") else "right")
+    table = Table(
+        title="peftfx on a tiny Llama: the graphs it made",
+        caption="nodes: FX graph nodes (ONNX nodes in the last row); params: live adapter numbers",
+    )
+    for column in ("graph", "nodes", "params", "compile s", "max |Δ|", "against"):
+        left = column in ("graph", "against")
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
     labels = ("base (spec {})", "TIES fold, live", "TIES fold, merged")
     references = [
         (None, ""),
@@ -161,10 +165,10 @@ def _summary_table(builds: list[peftfx.Build], report: peftfx.VerifyReport, onnx
             against,
         )
     if isinstance(onnx, str):
-        table.add_row("merged → ONNX", "", "", "", "", f"[dim]skipped: {onnx}[/]")
+        table.add_row("ONNX of the merged", "", "", "", "", f"[dim]skipped: {onnx}[/]")
     else:
         diff, nodes = onnx
-        table.add_row("merged → ONNX (its nodes)", f"{nodes}", "0", "", f"{diff:.1e}", "merged graph, in onnxruntime")
+        table.add_row("ONNX of the merged", f"{nodes}", "0", "", f"{diff:.1e}", "merged graph (onnxruntime)")
     return table
 
 

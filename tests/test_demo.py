@@ -14,6 +14,6 @@ def test_the_demo_runs_and_verifies():
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "verified: live and merged match PEFT" in out
-    for row in ("live vs PEFT", "merged vs PEFT merged", "TIES fold, merged", "merged → ONNX"):
+    for row in ("live vs PEFT", "merged vs PEFT merged", "TIES fold, merged", "ONNX of the merged"):
         assert row in out
     assert "FAIL" not in out
