@@ -74,7 +74,7 @@ InputsOpt = Annotated[
     typer.Option(help="a .safetensors file of named example inputs (input_ids, ...)", show_default=False),
 ]
 SeqOpt = Annotated[
-    int | None, typer.Option(help="sequence length of the random token ids made for a transformers model [8]")
+    int | None, typer.Option(help="sequence length of the random token ids made for a transformers model (default 8)")
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="output format")]
 
@@ -236,8 +236,8 @@ def verify(
     model: ModelOpt = None,
     inputs: InputsOpt = None,
     seq_len: SeqOpt = None,
-    rtol: Annotated[float | None, typer.Option(help="relative tolerance [by dtype; float32: 1e-4]")] = None,
-    atol: Annotated[float | None, typer.Option(help="absolute tolerance [by dtype; float32: 1e-5]")] = None,
+    rtol: Annotated[float | None, typer.Option(help="relative tolerance (default by dtype; float32: 1e-4)")] = None,
+    atol: Annotated[float | None, typer.Option(help="absolute tolerance (default by dtype; float32: 1e-5)")] = None,
     peft: Annotated[bool, typer.Option(help="also compare with PEFT's own model of PEFT checkpoints")] = True,
     perturb: Annotated[
         bool, typer.Option(help="move fresh adapters off their init (as if trained) before comparing")

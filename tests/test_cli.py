@@ -44,6 +44,8 @@ def test_every_command_has_complete_help(command):
     options = {"--output"} if command == "schema" else {"--format"}
     if command in ("explain", "compile", "verify"):
         options |= {"--model", "--inputs", "--seq-len"}
+    if command == "verify":
+        options |= {"--rtol", "--atol", "float32: 1e-4", "--no-peft", "--no-perturb"}  # defaults survive rich markup
     for option in options:
         assert option in text, f"{command} --help does not document {option}"
 
