@@ -1,17 +1,19 @@
 """peftfx: a declarative graph-rewriting compiler for PEFT adapters, on torch.fx."""
 
 from .capture import capture
-from .driver import Explanation, compile, explain
+from .driver import Build, Explanation, build, compile, explain
 from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
 from .export import adapter_inputs, dynamic_shapes, export_onnx
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
 from .swap import swap_adapter
+from .verify import Tolerance, VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Build",
     "CaptureError",
     "CheckpointError",
     "Explanation",
@@ -22,7 +24,10 @@ __all__ = [
     "Site",
     "Spec",
     "SpecError",
+    "Tolerance",
+    "VerifyReport",
     "adapter_inputs",
+    "build",
     "capture",
     "compile",
     "dynamic_shapes",
@@ -33,4 +38,5 @@ __all__ = [
     "save_adapter",
     "spec_schema",
     "swap_adapter",
+    "verify",
 ]

@@ -1,14 +1,18 @@
-"""The ``peftfx`` command: schema, validate, explain, compile, export.
+"""The ``peftfx`` command: schema, validate, explain, compile, verify, export.
 
-Exit codes: 0 success, 1 an unexpected failure, 2 a user error (bad spec, checkpoint, model reference),
-reported in one line naming the culprit. ``--format json`` prints machine-readable results on stdout.
+Exit codes: 0 success; 1 verification failed (``verify`` found an output past the tolerance); 2 bad input (a
+bad spec, checkpoint, model reference or inputs file), reported in one line naming the culprit. An unexpected
+exception (a bug) prints its traceback and also exits 1. ``--format json`` prints machine-readable results on
+stdout; progress and errors go to stderr.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -16,16 +20,31 @@ from typing import Annotated, Any, NoReturn
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from .driver import compile as compile_spec
+from . import model_ref
+from .driver import Build, build, format_params
 from .driver import explain as explain_spec
-from .errors import PeftfxError
+from .errors import PeftfxError, SpecError
 from .spec import load_spec, spec_schema
+from .verify import Tolerance, default_tolerance
+from .verify import verify as verify_spec
 
+EPILOG = "Exit codes: 0 ok, 1 verification failed, 2 bad input (spec, checkpoint, model, inputs)."
 app = typer.Typer(
     name="peftfx",
     help="Declarative graph-rewriting compiler for PEFT adapters, on torch.fx.",
+    epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -40,21 +59,28 @@ class Format(StrEnum):
 
 SpecArg = Annotated[Path, typer.Argument(help="spec file (.yaml, .yml or .json)", show_default=False)]
 ModelOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--model",
         "-m",
-        help="a local transformers model directory, or 'package.module:factory' returning a model or "
+        help="the base model, overriding the spec's `model:` block: a local transformers directory, a "
+        "transformers config.json (a random model), or 'package.module:factory' returning a model or "
         "(model, example_inputs)",
         show_default=False,
     ),
 ]
-SeqOpt = Annotated[int, typer.Option(help="sequence length of the token inputs made for a transformers model")]
+InputsOpt = Annotated[
+    Path | None,
+    typer.Option(help="a .safetensors file of named example inputs (input_ids, ...)", show_default=False),
+]
+SeqOpt = Annotated[
+    int | None, typer.Option(help="sequence length of the random token ids made for a transformers model (default 8)")
+]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="output format")]
 
 
 def _fail(error: PeftfxError) -> NoReturn:
-    err.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -62,7 +88,33 @@ def _emit(data: Any, fmt: Format, text: str) -> None:
     if fmt is Format.json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
-        Console().print(text, highlight=False, soft_wrap=True)
+        _out().print(text, highlight=False, soft_wrap=True)
+
+
+def _out() -> Console:
+    """stdout; 120 columns when it is not a terminal (CI logs, pipes) so tables are not squeezed to 80."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
+    """Progress on stderr (nothing when it is not a terminal): a spinner per step, a bar where the total is known.
+
+    Yields the callback ``(what, done, total)``: a new ``what`` starts a line, the same one advances it.
+    """
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def report(what: str, done: int = 0, total: int | None = None) -> None:
+            for other in tasks.values():
+                bar.stop_task(other)
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+            bar.start_task(tasks[what])
+
+        yield report
 
 
 @app.command()
@@ -97,89 +149,180 @@ def validate(spec: SpecArg, fmt: FormatOpt = Format.text) -> None:
 
 
 @app.command()
-def explain(spec: SpecArg, model: ModelOpt, seq_len: SeqOpt = 8, fmt: FormatOpt = Format.text) -> None:
-    """Show, per site, which adapter selects it or the first predicate that failed."""
+def explain(
+    spec: SpecArg,
+    model: ModelOpt = None,
+    inputs: InputsOpt = None,
+    seq_len: SeqOpt = None,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """Show, per site, which adapter selects it (with its values there) or the first predicate that failed."""
     try:
-        module, inputs = load_model(model, seq_len)
-        explanation = explain_spec(module, spec, inputs)
+        module, example = _model(spec, model, inputs, seq_len)
+        explanation = explain_spec(module, spec, example)
     except PeftfxError as e:
         _fail(e)
     if fmt is Format.json:
         _emit(explanation.to_dict(), fmt, "")
-        return
-    table = Table("adapter", "op", "module", "verdict")
-    for row in explanation.rows:
-        verdict = "[green]match[/]" if row.matched else f"no: {row.reason}"
-        table.add_row(row.adapter, row.op, row.module, verdict)
-    Console().print(table)
+    else:
+        table = Table("adapter", "op", "module", "verdict", title=f"peftfx explain {spec}")
+        for column in table.columns[:3]:
+            column.no_wrap = True
+        for row in explanation.rows:
+            verdict = (
+                f"[green]match[/] {escape(format_params(row.params))}"
+                if row.matched
+                else f"[dim]no: {escape(row.reason)}[/]"
+            )
+            table.add_row(escape(row.adapter), row.op, escape(row.module), verdict)
+        _out().print(table)
+    for name, error in explanation.errors.items():
+        err.print(
+            f"[red]error:[/] compiling {escape(name)} would fail: {escape(error)}", highlight=False, soft_wrap=True
+        )
+    if explanation.errors:
+        raise typer.Exit(2)
 
 
 @app.command(name="compile")
 def compile_(
     spec: SpecArg,
-    model: ModelOpt,
+    model: ModelOpt = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="save the result with torch.export (.pt2) for deployment"),
+        typer.Option(
+            "--output",
+            "-o",
+            help="save the result: a directory (program.pt2 from torch.export, the graph's code as graph.py, "
+            "summary.json), or a single .pt2 file",
+            show_default=False,
+        ),
     ] = None,
-    seq_len: SeqOpt = 8,
+    inputs: InputsOpt = None,
+    seq_len: SeqOpt = None,
     fmt: FormatOpt = Format.text,
 ) -> None:
-    """Compile a model with a spec; print a summary and optionally save the exported program."""
+    """Compile a model with a spec; print what each adapter added or merged, and save the result."""
     try:
-        module, inputs = load_model(model, seq_len)
-        gm = compile_spec(module, spec, inputs)
+        module, example = _model(spec, model, inputs, seq_len)
+        with _progress() as step:
+            result = build(module, spec, example, progress=step)
+            if output is not None:
+                step(f"saving {output}")
+                _save(result, example, output)
     except PeftfxError as e:
         _fail(e)
-    adapter_tensors = [name for name, _ in gm.named_parameters() if name.startswith("peftfx.")]
-    summary: dict[str, Any] = {
-        "nodes": len(gm.graph.nodes),
-        "adapter_tensors": len(adapter_tensors),
-        "adapter_parameters": sum(p.numel() for name, p in gm.named_parameters() if name in set(adapter_tensors)),
-    }
+    summary = result.to_dict()
     if output is not None:
-        args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
-        routing = gm.meta.get("peftfx", {}).get("routing")
-        if routing is not None:  # every sample on the base model: any routing traces the same graph
-            batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
-            kwargs[routing["input"]] = torch.full((batch,), -1)
-        program = torch.export.export(gm, args, kwargs, strict=False)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, output)
         summary["output"] = str(output)
-    text = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items())
-    _emit(summary, fmt, f"compiled: {text}")
+    if fmt is Format.json:
+        _emit(summary, fmt, "")
+        return
+    table = Table("adapter", "kind", "sites", "parameters", "state", title=f"peftfx compile {spec}")
+    for a in result.adapters:
+        table.add_row(escape(a.name), a.kind, str(a.sites), f"{a.parameters:,}", "merged" if a.merged else "live")
+    console = _out()
+    if result.adapters:
+        console.print(table)
+    seconds = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
+    saved = f"; saved to {output}" if output is not None else ""
+    console.print(f"{summary['nodes']} graph nodes; {seconds}{saved}", highlight=False)
+
+
+@app.command()
+def verify(
+    spec: SpecArg,
+    model: ModelOpt = None,
+    inputs: InputsOpt = None,
+    seq_len: SeqOpt = None,
+    rtol: Annotated[float | None, typer.Option(help="relative tolerance (default by dtype; float32: 1e-4)")] = None,
+    atol: Annotated[float | None, typer.Option(help="absolute tolerance (default by dtype; float32: 1e-5)")] = None,
+    peft: Annotated[bool, typer.Option(help="also compare with PEFT's own model of PEFT checkpoints")] = True,
+    perturb: Annotated[
+        bool, typer.Option(help="move fresh adapters off their init (as if trained) before comparing")
+    ] = True,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """Check that merged graphs match live ones, and PEFT, per adapter and output; exit 1 past the tolerance."""
+    try:
+        module, example = _model(spec, model, inputs, seq_len)
+        default = default_tolerance(module)
+        tolerance = Tolerance(default.rtol if rtol is None else rtol, default.atol if atol is None else atol)
+        with _progress() as step:
+            report = verify_spec(module, spec, example, tolerance=tolerance, peft=peft, perturb=perturb, progress=step)
+    except PeftfxError as e:
+        _fail(e)
+    if fmt is Format.json:
+        _emit(report.to_dict(), fmt, "")
+    else:
+        table = Table("adapter", "check", "output", "max abs", "max rel", "verdict", title=f"peftfx verify {spec}")
+        for r in report.rows:
+            verdict = "[dim]info[/]" if r.ok is None else ("[green]ok[/]" if r.ok else "[red bold]FAIL[/]")
+            numbers = f"{r.max_abs:.2e}", f"{r.max_rel:.2e}"
+            table.add_row(escape(r.adapter), r.check, escape(r.output), *numbers, verdict)
+        console = _out()
+        console.print(table)
+        for note in report.notes:
+            console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+        checked = sum(r.ok is not None for r in report.rows)
+        bound = f"rtol={tolerance.rtol:g}, atol={tolerance.atol:g}"
+        if report.ok:
+            console.print(f"[green]verified[/]: {checked} checks within {bound}", highlight=False)
+        else:
+            console.print(f"[red]FAILED[/]: {len(report.failures)} of {checked} checks past {bound}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _model(spec: Path, reference: str | None, inputs: Path | None, seq_len: int | None) -> tuple[torch.nn.Module, Any]:
+    """The base model: ``--model`` if given, else the spec's ``model:`` block; ``--inputs`` wins over both."""
+    if reference is not None:
+        module, example = load_model(reference, 8 if seq_len is None else seq_len)
+    else:
+        parsed, base_dir = load_spec(spec)
+        if parsed.model is None:
+            raise SpecError(f"{spec}: no model to compile: give --model, or a `model:` block in the spec")
+        ref = parsed.model
+        if seq_len is not None:
+            ref = ref.model_copy(update={"inputs": ref.inputs.model_copy(update={"seq_len": seq_len})})
+        module, example = model_ref.load_model(ref, base_dir)
+    if inputs is not None:
+        example = model_ref.read_inputs(inputs, "--inputs")
+    return module, example
 
 
 def load_model(reference: str, seq_len: int = 8) -> tuple[torch.nn.Module, Any]:
-    """A model and example inputs from a local transformers directory or a ``module:factory`` reference."""
-    if ":" in reference and not Path(reference).exists():
-        module_name, _, attr = reference.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise PeftfxError(f"--model {reference}: cannot import it ({e})") from None
-        made = factory()
-        model, inputs = made if isinstance(made, tuple) else (made, None)
-    else:
-        path = Path(reference)
-        if not (path / "config.json").is_file():
-            raise PeftfxError(f"--model {reference}: not a transformers model directory (no config.json)")
-        from transformers import AutoModel, AutoModelForCausalLM
+    """A model and example inputs from ``--model``: a transformers directory or config, or ``module:factory``."""
+    return model_ref.load_model(model_ref.parse_reference(reference, seq_len), where=f"--model {reference}")
 
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path)
-        except ValueError:
-            model = AutoModel.from_pretrained(path)
-        inputs = None
-    if not isinstance(model, torch.nn.Module):
-        raise PeftfxError(f"--model {reference}: the factory returned {type(model).__name__}, not an nn.Module")
-    if inputs is None:
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is None:
-            raise PeftfxError(f"--model {reference}: return (model, example_inputs) from the factory")
-        inputs = {"input_ids": torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))}
-    return model.eval(), inputs
+
+def _save(result: Build, inputs: Any, output: Path) -> None:
+    """Export the graph and write it whole or not at all: staged in a temporary sibling, then renamed into place."""
+    single = output.suffix == ".pt2"
+    foreign = output.is_file() or (
+        output.is_dir() and any(output.iterdir()) and not (output / "summary.json").is_file()
+    )
+    if not single and foreign:
+        raise PeftfxError(f"--output {output}: exists and is not a peftfx output directory; remove it or pick another")
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
+    routing = result.gm.meta.get("peftfx", {}).get("routing")
+    if routing is not None:  # every sample on the base model: any routing traces the same graph
+        batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
+        kwargs[routing["input"]] = torch.full((batch,), -1)
+    program = torch.export.export(result.gm, args, kwargs, strict=False)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        staged = Path(tmp) / "new"
+        if single:
+            torch.export.save(program, staged)
+        else:
+            staged.mkdir()
+            torch.export.save(program, staged / "program.pt2")
+            (staged / "graph.py").write_text(result.gm.code)
+            (staged / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            if output.exists():  # the previous output goes into the temporary folder, and away with it
+                output.replace(Path(tmp) / "old")
+        staged.replace(output)
 
 
 class ExportFormat(StrEnum):
@@ -189,26 +332,27 @@ class ExportFormat(StrEnum):
 @app.command(name="export")
 def export_(
     spec: SpecArg,
-    model: ModelOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="the file to write", show_default=False)],
+    model: ModelOpt = None,
+    inputs: InputsOpt = None,
+    seq_len: SeqOpt = None,
     export_format: Annotated[ExportFormat, typer.Option("--format", "-f", help="export format")] = ExportFormat.onnx,
     dynamic: Annotated[
         bool, typer.Option("--dynamic", help="let the batch dim (and the sequence dim of token inputs) vary")
     ] = False,
-    seq_len: SeqOpt = 8,
 ) -> None:
     """Compile a model with a spec and export it; adapters declared as_inputs become graph inputs."""
     from .export import adapter_inputs, dynamic_shapes, export_onnx
 
     try:
-        module, inputs = load_model(model, seq_len)
+        module, example = _model(spec, model, inputs, seq_len)
         if dynamic:  # torch.export fixes dims of size 1: capture a batch of two
-            inputs = _batch_of_two(inputs)
-        gm = compile_spec(module, spec, inputs, dynamic_shapes=dynamic_shapes(inputs) if dynamic else None)
-        path = export_onnx(gm, inputs, output, dynamic=dynamic)
+            example = _batch_of_two(example)
+        gm = build(module, spec, example, dynamic_shapes=dynamic_shapes(example) if dynamic else None).gm
+        path = export_onnx(gm, example, output, dynamic=dynamic)
     except PeftfxError as e:
         _fail(e)
-    Console().print(f"exported {export_format}: {path} ({len(adapter_inputs(gm))} adapter inputs)", highlight=False)
+    _out().print(f"exported {export_format}: {path} ({len(adapter_inputs(gm))} adapter inputs)", highlight=False)
 
 
 def _batch_of_two(inputs: Any) -> Any:

@@ -1,31 +1,53 @@
-"""``make demo``: the main job on an embedded default, end to end and offline.
+"""``make demo``: the user's path end to end, offline, on an embedded default.
 
-A tiny random Llama is built from a transformers config, PEFT makes a LoRA adapter for it (moved off its
-identity init, as if trained) and saves it; peftfx compiles the model with that checkpoint live and merged,
-and both are compared with PEFT's own outputs.
+A tiny random Llama; three LoRA adapters made and saved by PEFT (moved off their identity init, as if trained);
+a spec that folds them with TIES; peftfx compiles it live and merged, verifies both against PEFT's own
+``add_weighted_adapter`` and ``merge_and_unload``, exports the merged graph to ONNX when onnxruntime is there,
+and sums it up in one table.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
+from rich.syntax import Syntax
 from rich.table import Table
 
 import peftfx
+from peftfx.model_ref import load_model
 
+ADAPTERS = ("sql", "chat", "code")
 SPEC = """\
+# three PEFT LoRA checkpoints folded into one with TIES (PEFT's numbers)
 adapters:
-  default: {peft: %s}
+  sql:  {peft: sql}
+  chat: {peft: chat}
+  code: {peft: code}
+  blend:
+    combine: [sql, chat, code]
+    weights: [1.0, 0.7, -0.4]    # a negative weight subtracts a behaviour
+    method: ties
+    density: 0.5                 # keep each task's largest half
+model:                           # a random tiny Llama, built offline
+  config: {model_type: llama, vocab_size: 128, hidden_size: 64,
+           intermediate_size: 128, num_hidden_layers: 2,
+           num_attention_heads: 4, num_key_value_heads: 2}
+  seed: 0
+  inputs: {batch: 2, seq_len: 16}
 """
 
 
 def tiny_llama() -> torch.nn.Module:
+    """The demo's base model: also a factory for ``--model peftfx.demo:tiny_llama``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -41,60 +63,113 @@ def tiny_llama() -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def make_adapter(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
-    """A PEFT LoRA on every linear layer, with random non-zero factors, saved as PEFT saves it."""
+def make_adapter(model: torch.nn.Module, directory: Path, seed: int) -> None:
+    """A PEFT LoRA on the attention and MLP projections, random non-zero factors, saved as PEFT saves it."""
     import peft
 
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)
-    peft_model = peft.get_peft_model(copy.deepcopy(model), config).eval()
-    generator = torch.Generator().manual_seed(1)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0.0, 0.05, generator=generator)
     peft_model.save_pretrained(directory)
-    return peft_model
+
+
+def onnx_check(gm: torch.fx.GraphModule, inputs: dict[str, torch.Tensor]) -> tuple[float, int] | str:
+    """Export ``gm`` to ONNX and run it in onnxruntime: (max |Δ| vs the graph, ONNX nodes), or why not."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime not installed (pip install peftfx[onnx])"
+    program = torch.onnx.export(gm, (), kwargs=inputs, dynamo=True, verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    (logits, *_) = session.run(None, {n: v.numpy() for n, v in zip(names, inputs.values(), strict=True)})
+    with torch.no_grad():
+        expected = gm(**inputs).logits
+    return (torch.from_numpy(logits) - expected).abs().max().item(), len(program.model_proto.graph.node)
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations, not ours
-    console = Console()
-    model = tiny_llama()
-    inputs = {"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))}
+    warnings.filterwarnings("ignore")  # deprecation chatter of transformers, torch.onnx and onnxscript, not ours
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    console = Console() if sys.stdout.isatty() else Console(width=100)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "adapter"
-        with console.status("PEFT: making a LoRA adapter for a tiny random Llama"):
-            peft_model = make_adapter(model, ckpt)
-            with torch.no_grad():
-                expected = peft_model(**inputs).logits
-                expected_merged = peft_model.merge_and_unload()(**inputs).logits
-        spec_file = Path(tmp) / "spec.yaml"
-        spec_file.write_text(SPEC % ckpt)
-        console.print(f"[bold]spec[/] ({spec_file.name}):\n{spec_file.read_text()}")
+        spec = Path(tmp) / "spec.yaml"
+        spec.write_text(SPEC)
+        model, inputs = load_model(peftfx.load_spec(spec)[0].model)
+        with console.status("PEFT: making three LoRA adapters for a tiny random Llama"):
+            for i, name in enumerate(ADAPTERS):
+                make_adapter(model, Path(tmp) / name, seed=i + 1)
+        console.print("[bold]spec.yaml[/] (merged: the same with [bold]merge: true[/])")
+        console.print(Syntax(SPEC, "yaml", theme="ansi_dark", background_color="default"))
 
-        table = Table(title="peftfx vs PEFT on a tiny Llama (float32)")
-        for column in ("graph", "compile s", "graph nodes", "adapter tensors", "max |Δ| vs PEFT"):
-            table.add_column(column, justify="right" if column != "graph" else "left")
-        rows = [("base (spec {})", {}, None), ("LoRA live", spec_file, expected)]
-        rows.append(("LoRA merged", {"adapters": {"default": {"peft": str(ckpt)}}, "merge": True}, expected_merged))
-        worst = 0.0
-        for label, spec, reference in rows:
-            start = time.perf_counter()
+        merged_spec = Path(tmp) / "merged.yaml"
+        merged_spec.write_text(SPEC + "merge: true\n")
+        builds = []
+        for label, variant in (("the base model", {}), ("the fold, live", spec), ("the fold, merged", merged_spec)):
             with console.status(f"peftfx: compiling {label}"):
-                gm = peftfx.compile(model, spec, inputs)
-            seconds = time.perf_counter() - start
-            with torch.no_grad():
-                logits = gm(**inputs).logits
-            adapter_tensors = sum(1 for name, _ in gm.named_parameters() if name.startswith("peftfx."))
-            diff = "—" if reference is None else f"{(logits - reference).abs().max().item():.2e}"
-            if reference is not None:
-                worst = max(worst, (logits - reference).abs().max().item())
-            table.add_row(label, f"{seconds:.2f}", str(len(gm.graph.nodes)), str(adapter_tensors), diff)
-        console.print(table)
-    verdict = "[green]match[/]" if worst < 1e-4 else "[red]MISMATCH[/]"
-    console.print(f"peftfx live and merged graphs vs PEFT: {verdict} (worst |Δ| {worst:.2e}, logits of size ~1)")
-    if worst >= 1e-4:
+                builds.append(peftfx.build(model, variant, inputs))
+        with console.status("peftfx verify: live and merged against PEFT's add_weighted_adapter"):
+            report = peftfx.verify(model, spec, inputs)
+        with console.status("ONNX: exporting the merged graph, running it in onnxruntime"):
+            onnx = onnx_check(builds[-1].gm, inputs)
+
+    console.print(_verify_table(report))
+    console.print(_summary_table(builds, report, onnx))
+    seconds = time.perf_counter() - start
+    if report.ok:
+        worst = max(r.max_abs for r in report.rows if r.ok is not None)
+        console.print(f"[green]verified[/]: live and merged match PEFT (worst |Δ| {worst:.1e}) in {seconds:.0f} s")
+    else:
+        console.print(f"[red]MISMATCH[/]: {len(report.failures)} checks failed")
         raise SystemExit(1)
+
+
+def _verify_table(report: peftfx.VerifyReport) -> Table:
+    table = Table(title="peftfx verify (float32 logits; tolerance rtol 1e-4, atol 1e-5)")
+    for column in ("adapter", "check", "max |Δ|", "max |Δ| / max |ref|", "verdict"):
+        table.add_column(column, justify="left" if column in ("adapter", "check") else "right")
+    for r in report.rows:
+        verdict = "[dim]info[/]" if r.ok is None else ("[green]ok[/]" if r.ok else "[red]FAIL[/]")
+        table.add_row(r.adapter, r.check, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", verdict)
+    return table
+
+
+def _summary_table(builds: list[peftfx.Build], report: peftfx.VerifyReport, onnx: Any) -> Table:
+    measured = {r.check: r.max_abs for r in report.rows}
+    table = Table(
+        title="peftfx on a tiny Llama: the graphs it made",
+        caption="nodes: FX graph nodes (ONNX nodes in the last row); params: live adapter numbers",
+    )
+    for column in ("graph", "nodes", "params", "compile s", "max |Δ|", "against"):
+        left = column in ("graph", "against")
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
+    labels = ("base (spec {})", "TIES fold, live", "TIES fold, merged")
+    references = [
+        (None, ""),
+        (measured.get("live vs PEFT"), "PEFT add_weighted_adapter"),
+        (measured.get("merged vs PEFT merged"), "PEFT merge_and_unload"),
+    ]
+    for label, built, (diff, against) in zip(labels, builds, references, strict=True):
+        summary = built.to_dict()
+        table.add_row(
+            label,
+            str(summary["nodes"]),
+            f"{summary['adapter_parameters']:,}",
+            f"{sum(built.seconds.values()):.2f}",
+            "—" if diff is None else f"{diff:.1e}",
+            against,
+        )
+    if isinstance(onnx, str):
+        table.add_row("ONNX of the merged", "", "", "", "", f"[dim]skipped: {onnx}[/]")
+    else:
+        diff, nodes = onnx
+        table.add_row("ONNX of the merged", f"{nodes}", "0", "", f"{diff:.1e}", "merged graph (onnxruntime)")
+    return table
 
 
 if __name__ == "__main__":

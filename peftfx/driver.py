@@ -1,8 +1,11 @@
-"""The two entry points: ``compile`` (capture, plan, rewrite) and ``explain`` (capture, plan, report)."""
+"""The entry points: ``compile`` (capture, plan, rewrite), ``build`` (the same, with a summary) and ``explain``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,24 +13,81 @@ import torch
 from torch import fx, nn
 
 from .capture import Inputs, capture
-from .errors import SpecError
+from .errors import PeftfxError, SpecError
 from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
 from .passes.insert import Override
 from .passes.records import adapters
-from .plan import make_plan, targets
+from .plan import Plan, make_plan, place, targets
 from .rewrite import get_attr
-from .spec import Spec, load_spec
+from .spec import CombineAdapter, Spec, load_spec
 
 SpecLike = Spec | dict[str, Any] | str | Path
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What one active adapter became: its kind, how many sites it took, how many numbers its tensors hold."""
+
+    name: str
+    kind: str
+    sites: int
+    parameters: int
+    merged: bool
+
+
+@dataclass(frozen=True)
+class Build:
+    """A compiled graph, what each adapter added to it (or merged into it), and the seconds each step took."""
+
+    gm: fx.GraphModule
+    adapters: list[AdapterSummary]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        live = [p for name, p in self.gm.named_parameters() if name.startswith("peftfx.")]
+        return {
+            "nodes": len(self.gm.graph.nodes),
+            "adapter_tensors": len(live),
+            "adapter_parameters": sum(p.numel() for p in live),
+            "adapters": [asdict(a) for a in self.adapters],
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
 
 
 def compile(
     model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = None, *, dynamic_shapes: Any = None
 ) -> fx.GraphModule:
     """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model."""
+    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes).gm
+
+
+def build(
+    model: nn.Module,
+    spec: SpecLike,
+    example_inputs: Inputs | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> Build:
+    """``compile``, also saying what each adapter became.
+
+    ``progress(what, done, total)`` hears of each step as it starts (``total`` None), and of each site placed
+    while planning (``what`` is then ``plan <adapter>``).
+    """
     spec, base_dir = load_spec(spec)
-    gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
-    plan = make_plan(gm, spec, base_dir)
+    seconds: dict[str, float] = {}
+    with _step("capture", seconds, progress):
+        gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+    with _step("plan", seconds, progress):
+        sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
+        plan = make_plan(gm, spec, base_dir, sites)
+    with _step("rewrite", seconds, progress):
+        gm = rewrite(gm, spec, plan)
+    return Build(gm, summarize(spec, plan), seconds)
+
+
+def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
+    """Run the passes a planned spec needs on a captured graph (rewritten in place)."""
     routed = spec.routed_adapters()
     passes: list[Pass] = []
     if routed:
@@ -81,6 +141,35 @@ def _same(gm: fx.GraphModule, o: Override) -> bool:
     return current.shape == o.tensor.shape and torch.equal(current, o.tensor.to(current.dtype))
 
 
+def summarize(spec: Spec, plan: Plan) -> list[AdapterSummary]:
+    """Per active adapter, from its placements: adapter-wide (shared) tensors count once."""
+    merged = set(spec.merged_adapters())
+    out = []
+    for target in plan.targets:
+        mine = [p.site_adapter for p in plan.placements if p.adapter == target.name]
+        adapter = spec.adapters[target.name]
+        kind = target.kind.name
+        if isinstance(adapter, CombineAdapter):
+            kind = f"{adapter.method} fold" if adapter.method else "fold"
+        tensors: dict[str, int] = {}
+        for i, a in enumerate(mine):
+            for role, tensor in a.tensors.items():
+                tensors[role if role in a.shared else f"{i}.{role}"] = tensor.numel()
+        out.append(AdapterSummary(target.name, kind, len(mine), sum(tensors.values()), target.name in merged))
+    return out
+
+
+@contextmanager
+def _step(
+    name: str, seconds: dict[str, float], progress: Callable[[str, int, int | None], None] | None
+) -> Iterator[None]:
+    if progress is not None:
+        progress(name, 0, None)
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+
+
 @dataclass(frozen=True)
 class Row:
     adapter: str
@@ -90,37 +179,87 @@ class Row:
     layer: int | None
     matched: bool
     reason: str
+    params: dict[str, Any]  # the adapter's resolved values at this site (rank, alpha, fold weights, ...)
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """For every site and every active adapter: matched, or the first predicate that failed."""
+    """For every site and every active adapter: matched, or the first predicate that failed.
+
+    ``errors`` holds, per adapter, what compiling it would raise (a selector matching too few sites, a bad
+    value at one site): explain reports it rather than raising, since finding it is what a dry run is for.
+    """
 
     rows: list[Row]
+    errors: dict[str, str]
 
     def matches(self, adapter: str) -> list[str]:
         return [r.module for r in self.rows if r.adapter == adapter and r.matched]
 
     def to_dict(self) -> list[dict[str, Any]]:
-        return [r.__dict__.copy() for r in self.rows]
+        return [asdict(r) for r in self.rows]
 
     def __str__(self) -> str:
         width = max((len(r.module) for r in self.rows), default=6)
         lines = [f"{'adapter':<10} {'op':<10} {'module':<{width}}  verdict"]
         for r in self.rows:
-            verdict = "match" if r.matched else f"no: {r.reason}"
+            verdict = f"match {format_params(r.params)}".rstrip() if r.matched else f"no: {r.reason}"
             lines.append(f"{r.adapter:<10} {r.op:<10} {r.module:<{width}}  {verdict}")
+        lines += [f"{name}: {error}" for name, error in self.errors.items()]
         return "\n".join(lines)
 
 
 def explain(model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = None) -> Explanation:
-    """Which sites each active adapter selects, and why the others are left out. Rewrites nothing."""
+    """Which sites each active adapter selects, why the others are left out, and its values at each site.
+
+    Rewrites nothing; the model is never mutated.
+    """
     spec, base_dir = load_spec(spec)
     gm = capture(model, example_inputs, method=spec.capture)
     plan = targets(gm, spec, base_dir)
+    errors = {}
+    for target in plan.targets:
+        try:
+            place(plan, spec, target)
+        except PeftfxError as e:
+            errors[target.name] = str(e)
+    params: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in plan.placements:
+        node = p.site_adapter.site.node.name
+        params[p.adapter, node] = {**_shown(p.site_adapter.hyper), **plan.fold_values.get((p.adapter, node), {})}
     rows = []
     for target in plan.targets:
         for site in plan.matcher.sites:
             verdict = plan.matcher.test(target.selector, site)
-            rows.append(Row(target.name, site.node.name, site.op, site.module, site.layer, verdict.ok, verdict.reason))
-    return Explanation(rows)
+            values = params.get((target.name, site.node.name), {})
+            rows.append(
+                Row(target.name, site.node.name, site.op, site.module, site.layer, verdict.ok, verdict.reason, values)
+            )
+    return Explanation(rows, errors)
+
+
+def _shown(hyper: dict[str, Any]) -> dict[str, Any]:
+    """The values worth a reader's eye: numbers and set flags, not defaults (off flags, a scale of 1)."""
+    shown = {}
+    for key, value in hyper.items():
+        if isinstance(value, bool):
+            if value:
+                shown[key] = value
+        elif isinstance(value, int | float | str) and not (key == "scale" and value == 1.0):
+            shown[key] = value
+    return shown
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``r=4 alpha=16 scaling=4 weights=[1, -0.4]``: compact, numbers to four significant digits."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return str(value)
+
+    return " ".join(k if v is True else f"{k}={fmt(v)}" for k, v in params.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ NOT_MERGEABLE = {
 }
 
 
+Progress = Callable[[str, int, int], None]  # (adapter, the site being placed from 1, sites in all)
+
+
 @dataclass
 class Target:
     """One active adapter before placement: its kind, its selector and where the selector came from."""
@@ -59,6 +63,12 @@ class Plan:
     overrides: list[Override] = field(default_factory=list)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # adapter -> the PEFT config it came from
     resolved: dict[str, Target] = field(default_factory=dict)  # every adapter resolved so far, combine sources too
+    fold_values: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (fold, node) -> weights, density
+    progress: Progress | None = None
+
+    def placed(self, adapter: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(adapter, done, total)
 
 
 def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
@@ -68,11 +78,13 @@ def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
     return plan
 
 
-def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
+def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None, progress: Progress | None = None) -> Plan:
+    """``progress(adapter, done, total)`` hears of every site placed: folding a large model takes a while."""
     plan = targets(gm, spec, base_dir)
+    plan.progress = progress
     for target in plan.targets:
         start = len(plan.placements)
-        _place(plan, spec, target)
+        place(plan, spec, target)
         max_rank = spec.adapters[target.name].max_rank
         if max_rank is not None:  # only the active result is padded: a fold reads its sources as they are
             plan.placements[start:] = [_padded(p, max_rank) for p in plan.placements[start:]]
@@ -101,7 +113,8 @@ def _target(plan: Plan, gm: fx.GraphModule, spec: Spec, name: str, base_dir: Pat
     return plan.resolved[name]
 
 
-def _place(plan: Plan, spec: Spec, target: Target) -> None:
+def place(plan: Plan, spec: Spec, target: Target) -> None:
+    """Choose ``target``'s sites and build its adapter at each of them."""
     adapter = spec.adapters[target.name]
     if isinstance(adapter, CombineAdapter):
         _place_combine(plan, spec, target, adapter)
@@ -121,7 +134,7 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
     per_source: list[dict[fx.Node, SiteAdapter]] = []
     for i, source in enumerate(adapter.combine):
         scratch = Plan(plan.matcher, [], resolved=plan.resolved)
-        _place(scratch, spec, plan.resolved[source])
+        place(scratch, spec, plan.resolved[source])
         if scratch.overrides:
             o = scratch.overrides[0]
             raise SpecError(
@@ -146,7 +159,8 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
     first = next(iter(per_source[0].values()), None)
     first_rslora = bool(first is not None and first.kind.name == "lora" and first.hyper.get("rslora"))
     weights = adapter.weight_values()
-    for node, site in zip(nodes, sites, strict=True):
+    for done, (node, site) in enumerate(zip(nodes, sites, strict=True), start=1):
+        plan.placed(name, done, len(nodes))
         tasks = []
         for i, by_node in enumerate(per_source):
             if node in by_node:
@@ -158,6 +172,10 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
         generator = None
         if adapter.seed is not None:  # one stream per site: stable whatever else the spec selects
             generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter.seed}:{site.module}".encode()))
+        plan.fold_values[name, node.name] = {
+            "weights": [t.weight for t in tasks],
+            **({"density": density} if density is not None else {}),
+        }
         ctx = Context(
             method=adapter.method,
             field=f"adapters.{name}",
@@ -219,7 +237,8 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
             f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
         )
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
-    for site in sites:
+    for done, site in enumerate(sites, start=1):
+        plan.placed(target.name, done, len(sites))
         if site.module not in layout.modules:
             raise CheckpointError(
                 f"{ckpt.file}: adapter_config.json targets {site.module}, but the file holds "
@@ -244,7 +263,8 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
         )
     generator = torch.Generator().manual_seed(adapter.seed) if adapter.seed is not None else None
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
-    for site in sites:
+    for done, site in enumerate(sites, start=1):
+        plan.placed(target.name, done, len(sites))
         values: dict[str, Any] = {}
         for key, value in adapter.with_.items():
             values[key] = resolve(value, site, span, plan.matcher, f"adapters.{target.name}.with.{key}")

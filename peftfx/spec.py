@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from .errors import SpecError
+from .model_ref import ModelRef
 
 Scalar = bool | int | float | str
 
@@ -254,6 +255,7 @@ class Spec(Strict):
     routing: Routing | None = Field(
         None, description="adapters chosen per sample through the graph input adapter_index (see Routing)"
     )
+    model: ModelRef | None = Field(None, description="the base model the CLI loads (`--model` overrides it)")
 
     @model_validator(mode="after")
     def _check_combines(self) -> Spec:

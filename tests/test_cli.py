@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_llama
+from examples import SPECS as EXAMPLES
+from examples import example
+from models import tiny_llama, token_inputs
 from oracle import Tolerance, assert_close, run
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import peftfx
 from peftfx.cli import app
 
 SPECS = Path(__file__).parent.parent / "specs"
+COMMANDS = ("schema", "validate", "explain", "compile", "verify")
 runner = CliRunner()
 
 
@@ -21,11 +28,26 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_help_lists_the_commands():
+def test_help_lists_the_commands_and_exit_codes():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("schema", "validate", "explain", "compile"):
+    for command in COMMANDS:
         assert command in result.output
+    assert "0 ok, 1 verification failed, 2 bad input" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_complete_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    options = {"--output"} if command == "schema" else {"--format"}
+    if command in ("explain", "compile", "verify"):
+        options |= {"--model", "--inputs", "--seq-len"}
+    if command == "verify":
+        options |= {"--rtol", "--atol", "float32: 1e-4", "--no-peft", "--no-perturb"}  # defaults survive rich markup
+    for option in options:
+        assert option in text, f"{command} --help does not document {option}"
 
 
 def test_schema_is_the_spec_json_schema(tmp_path):
@@ -124,3 +146,139 @@ def test_a_transformers_directory_works(tmp_path):
     result = invoke("compile", SPECS / "fresh_attention_lora.yaml", "--model", tmp_path / "llama", "-f", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["adapter_tensors"] == 8  # on token inputs made from the config's vocabulary
+
+
+# -- every command on every example spec, as a user runs them: the spec's own model, no --model ---------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_command_on_the_example_spec(path, tmp_path):
+    spec = example(path, tmp_path).spec  # beside the PEFT checkpoints it names
+    assert invoke("validate", spec).exit_code == 0
+    explained = invoke("explain", spec, "-f", "json")
+    assert explained.exit_code == 0, explained.output
+    matched = [r for r in json.loads(explained.stdout) if r["matched"]]
+    assert matched and any(r["params"] for r in matched)  # ranks, alphas, fold weights; IA3 says feedforward
+    compiled = invoke("compile", spec, "-o", tmp_path / "out", "-f", "json")
+    assert compiled.exit_code == 0, compiled.output
+    summary = json.loads(compiled.stdout)
+    assert [a["sites"] for a in summary["adapters"]] == [len({r["module"] for r in matched})]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"program.pt2", "graph.py", "summary.json"}
+    verified = invoke("verify", spec, "-f", "json")
+    assert verified.exit_code == 0, verified.output
+    report = json.loads(verified.stdout)
+    assert report["ok"] and any(r["check"] == "merged vs live" for r in report["rows"])
+
+
+def test_explain_shows_resolved_values_per_site():
+    result = invoke("explain", SPECS / "fresh_attention_lora.yaml", "-f", "json")
+    assert result.exit_code == 0, result.output
+    params = {r["module"]: r["params"] for r in json.loads(result.stdout) if r["matched"]}
+    assert params["model.layers.0.self_attn.q_proj"] == {"r": 4, "alpha": 16, "scaling": 4.0}
+    assert params["model.layers.1.self_attn.v_proj"] == {"r": 8, "alpha": 32, "scaling": 4.0}
+    text = invoke("explain", SPECS / "fresh_attention_lora.yaml").output
+    assert "match r=8 alpha=32 scaling=4" in text
+
+
+def test_explain_shows_fold_weights_and_density(tmp_path):
+    spec = example(SPECS / "fold_ties_three.yaml", tmp_path).spec
+    result = invoke("explain", spec, "-f", "json")
+    assert result.exit_code == 0, result.output
+    (params, *_) = [r["params"] for r in json.loads(result.stdout) if r["matched"]]
+    assert params["weights"] == [1.0, 0.8, -0.5] and params["density"] == 0.5 and params["r"] == 4
+
+
+def test_explain_reports_what_compile_would_refuse_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((SPECS / "fresh_attention_lora.yaml").read_text().replace("expect: 4 ", "expect: 6 "))
+    result = invoke("explain", bad)
+    assert result.exit_code == 2
+    assert "no: module:" in result.stdout  # the table is still there, to show why
+    assert "adapters.style.at: selector matched 4 sites, expected exactly 6" in result.stderr
+
+
+def test_compile_output_directory_is_replaced_whole(tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):  # a second run replaces the first output
+        result = invoke("compile", SPECS / "fresh_dora_mlp.yaml", "-o", out)
+        assert result.exit_code == 0, result.output
+    assert "mlp" in result.stdout and "dora" in result.stdout and "live" in result.stdout
+    assert json.loads((out / "summary.json").read_text())["adapters"][0]["sites"] == 2
+    assert "peftfx" in (out / "graph.py").read_text()  # the graph's code, adapter nodes included
+    assert torch.export.load(out / "program.pt2") is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "a temporary file was left behind"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    result = invoke("compile", SPECS / "fresh_dora_mlp.yaml", "-o", other)
+    assert result.exit_code == 2 and "not a peftfx output directory" in result.output
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+
+
+def test_compile_table_counts_merged_parameters(tmp_path):
+    spec = example(SPECS / "peft_lora_merged.yaml", tmp_path).spec
+    result = invoke("compile", spec, "-f", "json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    # r=4 LoRA on q, v (32->32, 32->16) and down (64->32) of 2 layers: A [4, in] + B [out, 4] each
+    assert summary["adapters"] == [
+        {"name": "default", "kind": "lora", "sites": 6, "parameters": 2 * 4 * (64 + 48 + 96), "merged": True}
+    ]
+    assert summary["adapter_tensors"] == 0
+
+
+@pytest.mark.parametrize("command", ["explain", "compile", "verify"])
+def test_a_bad_spec_exits_2_naming_the_field(command, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((SPECS / "lora_qv_layers.yaml").read_text().replace("hidden_size: 32", "hidden_size: big"))
+    result = invoke(command, bad)
+    assert result.exit_code == 2
+    assert f"{bad}:" in result.output and "model.config.hidden_size: expected an integer" in result.output
+
+
+def test_a_spec_without_a_model_needs_model(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("adapters: {}\n")
+    result = invoke("compile", spec)
+    assert result.exit_code == 2 and "give --model" in result.output
+
+
+def test_verify_exits_1_past_the_tolerance():
+    result = invoke("verify", SPECS / "dora_all_linear.yaml", "--rtol", "0", "--atol", "0")
+    assert result.exit_code == 1
+    assert "FAIL" in result.stdout and "FAILED" in result.stdout
+    result = invoke("verify", SPECS / "dora_all_linear.yaml", "--rtol", "0", "--atol", "0", "-f", "json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["ok"] is False
+
+
+def test_verify_reads_inputs_from_a_file(tmp_path):
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(3))
+    save_file({"input_ids": ids}, str(tmp_path / "inputs.safetensors"))
+    result = invoke("verify", SPECS / "fresh_dora_mlp.yaml", "--inputs", tmp_path / "inputs.safetensors", "-f", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"]
+    result = invoke("verify", SPECS / "fresh_dora_mlp.yaml", "--inputs", tmp_path / "missing.safetensors")
+    assert result.exit_code == 2 and "--inputs" in result.output
+
+
+def test_a_real_subprocess(tmp_path):
+    """The installed entry point, as CI calls it: JSON on stdout, exit codes, errors on stderr."""
+    command = [sys.executable, "-m", "peftfx"]
+    done = subprocess.run([*command, "verify", SPECS / "graph_context.yaml", "--format", "json"], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["ok"] is True
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapters:\n  x: {type: lora, at: {op: linear}, with: {rank: 4}}\n")
+    done = subprocess.run([*command, "compile", bad, "--model", "peftfx.demo:tiny_llama"], capture_output=True)
+    assert done.returncode == 2
+    assert "adapters.x.with.rank: unknown field" in done.stderr.decode() and not done.stdout
+
+
+def test_build_reports_progress_per_step_and_per_site():
+    heard = []
+    spec = SPECS / "fresh_attention_lora.yaml"
+    built = peftfx.build(tiny_llama(), spec, token_inputs(), progress=lambda *a: heard.append(a))
+    assert [w for w, _, total in heard if total is None] == ["capture", "plan", "rewrite"]
+    assert [(w, d, t) for w, d, t in heard if t is not None] == [("plan style", i, 4) for i in range(1, 5)]
+    assert built.seconds.keys() == {"capture", "plan", "rewrite"}

@@ -32,10 +32,11 @@ from oracle import (
     run,
     snapshot,
 )
-from peftfx.passes import Cleanup, Insert, Merge, run_passes
+from peftfx.passes import Cleanup, Merge, run_passes
 
 import peftfx
 from peftfx.capture import capture
+from peftfx.driver import rewrite
 from peftfx.plan import make_plan
 from peftfx.spec import load_spec
 
@@ -120,11 +121,10 @@ def captured(kind: str) -> torch.fx.GraphModule:
 
 
 def fast_compile(kind: str, spec: dict) -> torch.fx.GraphModule:
-    """``peftfx.compile`` without re-capturing the model for every case (the driver's passes, in order)."""
+    """``peftfx.compile`` without re-capturing the model for every case."""
     spec_, base_dir = load_spec(spec)
     gm = copy.deepcopy(captured(kind))
-    plan = make_plan(gm, spec_, base_dir)
-    return run_passes(gm, [Insert(plan.placements, plan.overrides, plan.configs), Cleanup()])
+    return rewrite(gm, spec_, make_plan(gm, spec_, base_dir))
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,8 @@ def test_json_schema_export():
     schema = peftfx.spec_schema()
     json.dumps(schema)  # plain JSON
     assert schema["type"] == "object" and schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"adapters", "active", "merge", "capture", "routing"}
+    assert set(schema["properties"]) == {"adapters", "active", "merge", "capture", "routing", "model"}
+    assert schema["$defs"]["ModelRef"]["additionalProperties"] is False
     defs = schema["$defs"]
     selector = defs["Selector"]
     assert selector["additionalProperties"] is False

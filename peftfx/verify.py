@@ -1,0 +1,304 @@
+"""``verify``: the merged graph computes what the live graph does, and both what PEFT does.
+
+This is what a user's CI runs before shipping a merged model. Every active adapter is checked on its own
+(live vs merged, and against PEFT when it is a PEFT checkpoint or a PEFT fold of checkpoints), then all of
+them together. A "live vs base" row shows how far each adapter moves the outputs, informational only: an
+adapter that changes nothing passes every other check trivially, and the report says so.
+
+Errors are measured per output tensor as the largest absolute difference and that difference relative to
+the reference's largest magnitude (robust where outputs cross zero). A check passes when
+``max_abs <= atol + rtol * max|reference|``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import Inputs, capture
+from .driver import SpecLike, rewrite
+from .errors import SpecError
+from .fold import METHODS
+from .model_ref import token_inputs
+from .passes import Cleanup, Merge, run_passes
+from .plan import make_plan
+from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Spec, load_spec
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+    def allows(self, max_abs: float, scale: float) -> bool:
+        return max_abs <= self.atol + self.rtol * scale
+
+
+# Merging rounds each weight once in its dtype; outputs then differ by a few ulps times the depth of the model.
+# These leave room for deep models and still catch a wrong adapter, which moves outputs by percents.
+DEFAULT_TOLERANCE = {
+    torch.float64: Tolerance(rtol=1e-9, atol=1e-12),
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-5),
+    torch.float16: Tolerance(rtol=5e-3, atol=1e-3),
+    torch.bfloat16: Tolerance(rtol=2e-2, atol=1e-2),
+}
+# add_weighted_adapter's methods, minus the DARE ones: they drop entries at random, so no run repeats another's.
+PEFT_FOLDS = frozenset({"linear", "cat", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd"})
+
+
+def default_tolerance(model: nn.Module) -> Tolerance:
+    """The tolerance for the dtype of the model's first floating-point parameter."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE[torch.float32])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One output of one adapter (or ``all`` of them), compared one way."""
+
+    adapter: str
+    check: str  # "merged vs live", "live vs PEFT", "merged vs PEFT merged", or "live vs base" (informational)
+    output: str
+    max_abs: float
+    max_rel: float
+    ok: bool | None  # None: informational, never fails the report
+
+
+@dataclass
+class VerifyReport:
+    """The comparisons made, the tolerance they were held to and what could not be compared (``notes``)."""
+
+    rows: list[Comparison]
+    tolerance: Tolerance
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok is not False for row in self.rows)
+
+    @property
+    def failures(self) -> list[Comparison]:
+        return [row for row in self.rows if row.ok is False]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{k: _finite(v) for k, v in asdict(row).items()} for row in self.rows]
+        return {"ok": self.ok, "tolerance": asdict(self.tolerance), "rows": rows, "notes": self.notes}
+
+    def __str__(self) -> str:
+        lines = [f"{'adapter':<12} {'check':<22} {'output':<10} {'max abs':>10} {'max rel':>10}  verdict"]
+        for r in self.rows:
+            verdict = "info" if r.ok is None else ("ok" if r.ok else "FAIL")
+            numbers = f"{r.max_abs:>10.2e} {r.max_rel:>10.2e}"
+            lines.append(f"{r.adapter:<12} {r.check:<22} {r.output:<10} {numbers}  {verdict}")
+        return "\n".join([*lines, *self.notes])
+
+
+def verify(
+    model: nn.Module,
+    spec: SpecLike,
+    example_inputs: Inputs | None = None,
+    *,
+    tolerance: Tolerance | None = None,
+    peft: bool = True,
+    perturb: bool = True,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> VerifyReport:
+    """Compare live, merged and (with ``peft``) PEFT's outputs on ``example_inputs``; nothing is saved.
+
+    ``example_inputs`` default to random token ids for a model with a vocabulary; ``tolerance`` to one for the
+    model's dtype. The spec's own ``merge`` is ignored: every active adapter is checked live, then that same
+    graph merged. With ``perturb``, fresh adapters are first moved off their initial value (as if trained,
+    seeded), since at init most are the identity and merging them would prove nothing. ``progress(what, done,
+    total)`` hears of each adapter as its turn comes.
+    """
+    spec, base_dir = load_spec(spec)
+    inputs = token_inputs(model, batch=2, seq_len=8) if example_inputs is None else example_inputs
+    tol = tolerance or default_tolerance(model)
+    active = spec.active_adapters()
+    if not active:
+        raise SpecError("verify: the spec has no active adapter, so there is nothing to verify")
+    report = VerifyReport([], tol)
+    base = _outputs(_call(model, inputs))
+    with_peft = peft and _peft_installed()
+    if peft and not with_peft:
+        report.notes.append("peft is not installed: no comparison with PEFT (pip install peft)")
+    fresh = [n for n in active if isinstance(spec.adapters[n], FreshAdapter)] if perturb else []
+    if fresh:
+        report.notes.append(f"fresh adapters moved off their init before comparing: {', '.join(fresh)}")
+    groups = [(name, [name]) for name in active]
+    if len(active) > 1:
+        groups.append(("all", active))
+    for done, (label, names) in enumerate(groups, start=1):
+        if progress is not None:
+            progress(f"verify {label}", done, len(groups))
+        variant = spec.model_copy(update={"active": names, "merge": False})
+        live, merged = (_outputs(o) for o in _live_and_merged(model, variant, base_dir, inputs, fresh))
+        report.rows += _compare(label, "live vs base", live, base, None)
+        if all(r.max_abs == 0 for r in report.rows[-len(live) :]):
+            report.notes.append(f"{label}: the adapter leaves every output unchanged (an identity, e.g. at init)")
+        report.rows += _compare(label, "merged vs live", merged, live, tol)
+        if with_peft and label != "all":
+            report.rows += _against_peft(model, spec, base_dir, label, inputs, live, merged, tol, report.notes)
+    return report
+
+
+def _against_peft(
+    model: nn.Module,
+    spec: Spec,
+    base_dir: Path | None,
+    name: str,
+    inputs: Inputs,
+    live: dict[str, torch.Tensor],
+    merged: dict[str, torch.Tensor],
+    tol: Tolerance,
+    notes: list[str],
+) -> list[Comparison]:
+    adapter = spec.adapters[name]
+    try:
+        if isinstance(adapter, PeftAdapter):
+            if adapter.scale != 1.0:
+                notes.append(f"{name}: loaded with a scale, which PEFT's checkpoint does not carry: no PEFT reference")
+                return []
+            reference = load_peft(model, _directory(adapter, base_dir), name)
+        elif isinstance(adapter, CombineAdapter):
+            why = _not_a_peft_fold(spec, adapter)
+            if why:
+                notes.append(f"{name}: {why}: no PEFT reference")
+                return []
+            sources = {s: _directory(spec.adapters[s], base_dir) for s in adapter.combine}
+            reference = peft_fold(model, sources, name, adapter)
+        else:
+            return []  # a fresh adapter has no PEFT counterpart until saved
+        rows = _compare(name, "live vs PEFT", live, _outputs(_call(reference, inputs)), tol)
+        unloaded = reference.merge_and_unload()
+        return rows + _compare(name, "merged vs PEFT merged", merged, _outputs(_call(unloaded, inputs)), tol)
+    except Exception as e:  # PEFT refusing is worth reporting, not a reason to stop verifying
+        notes.append(f"{name}: PEFT could not build its reference ({type(e).__name__}: {e})")
+        return []
+
+
+def load_peft(model: nn.Module, directory: Path, name: str) -> nn.Module:
+    """PEFT's own model of a checkpoint, on a copy of ``model``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(model), directory, adapter_name=name).eval()
+
+
+def peft_fold(model: nn.Module, sources: Mapping[str, Path], name: str, combine: CombineAdapter) -> nn.Module:
+    """PEFT's ``add_weighted_adapter`` of the checkpoints ``sources`` with a combine's fields, made active."""
+    from peft import PeftModel
+
+    (first, first_dir), *rest = sources.items()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), first_dir, adapter_name=first)
+    for source, directory in rest:
+        peft_model.load_adapter(directory, source)
+    weights = [float(w) for w in combine.weight_values()]
+    if peft_model.peft_config[first].peft_type == "IA3":
+        peft_model.add_weighted_adapter(list(sources), weights, name)
+    else:
+        peft_model.add_weighted_adapter(
+            list(sources),
+            weights,
+            name,
+            combination_type=combine.method or "svd",
+            svd_rank=combine.svd_rank,
+            svd_clamp=combine.svd_clamp,
+            svd_full_matrices=combine.svd_full_matrices,
+            density=combine.density,
+            majority_sign_method=combine.majority_sign,
+        )
+    peft_model.set_adapter(name)
+    return peft_model.eval()
+
+
+def _not_a_peft_fold(spec: Spec, combine: CombineAdapter) -> str | None:
+    method = combine.method or "svd"
+    if method not in PEFT_FOLDS:
+        return f"method {method} is {'random' if method.startswith('dare') else 'not one of PEFT'}'s"
+    sources = [spec.adapters[s] for s in combine.combine]
+    if any(not isinstance(s, PeftAdapter) for s in sources):
+        return "a source is not a PEFT checkpoint"
+    if any(s.scale != 1.0 for s in sources):
+        return "a source is loaded with a scale, which PEFT's checkpoint does not carry"
+    if any(not isinstance(w, int | float) for w in [*combine.weight_values(), combine.density or 0.0]):
+        return "per-layer weights or density, which PEFT's add_weighted_adapter has no form for"
+    if METHODS[method].needs_density and combine.density is None:
+        return "no density"
+    return None
+
+
+def _directory(adapter: Any, base_dir: Path | None) -> Path:
+    directory = Path(adapter.peft)
+    return base_dir / directory if base_dir is not None and not directory.is_absolute() else directory
+
+
+def _live_and_merged(
+    model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs, perturbed: list[str]
+) -> tuple[Any, Any]:
+    """The outputs of the spec's live graph, and of that same graph with every active adapter merged."""
+    gm = capture(model, inputs, method=spec.capture)
+    live = rewrite(gm, spec, make_plan(gm, spec, base_dir))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(live.named_parameters()):
+            if p.requires_grad and name.split(".")[1] in perturbed:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype))
+    with warnings.catch_warnings():  # torch's pytree deprecations while copying an exported graph, not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        copied = copy.deepcopy(live)
+    merged = run_passes(copied, [Merge(spec.active_adapters()), Cleanup()])
+    return _call(live, inputs), _call(merged, inputs)
+
+
+def _call(module: nn.Module, inputs: Inputs) -> Any:
+    with torch.no_grad():
+        return module(**inputs) if isinstance(inputs, Mapping) else module(*inputs)
+
+
+def _outputs(out: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a (nested) output, by a short path: ``logits``, ``[0]``, ``hidden_states[1]``."""
+    if isinstance(out, torch.Tensor):
+        return {prefix or "output": out.detach()}
+    if isinstance(out, Mapping):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in out.items()]
+    elif isinstance(out, tuple | list):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(out)]
+    else:
+        return {}  # caches and other objects: their tensors feed the outputs compared anyway
+    return {k: v for key, value in items for k, v in _outputs(value, key).items()}
+
+
+def _compare(
+    adapter: str, check: str, actual: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], tol: Tolerance | None
+) -> list[Comparison]:
+    rows = []
+    for name, ref in reference.items():
+        got = actual.get(name)
+        if got is None or got.shape != ref.shape:
+            rows.append(Comparison(adapter, check, name, math.inf, math.inf, False if tol else None))
+            continue
+        diff = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+        scale = ref.double().abs().max().item() if ref.numel() else 0.0
+        rel = diff / scale if scale else (0.0 if diff == 0 else math.inf)
+        ok = None if tol is None else (math.isfinite(diff) and tol.allows(diff, scale))
+        rows.append(Comparison(adapter, check, name, diff, rel, ok))
+    return rows
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: a missing or mis-shaped output is reported as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _peft_installed() -> bool:
+    """peft is an optional dependency: without it, verify compares peftfx's graphs with each other only."""
+    return importlib.util.find_spec("peft") is not None
