@@ -26,7 +26,7 @@ def compile(
     passes = [Insert(plan.placements, plan.overrides, plan.configs)]
     merged = spec.merged_adapters()
     if merged:
-        passes.append(Merge(merged))
+        passes.append(Merge(merged, [n for n in merged if getattr(spec.adapters[n], "allow_nonfinite", False)]))
     passes.append(Cleanup())
     return run_passes(gm, passes)
 
