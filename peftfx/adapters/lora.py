@@ -128,10 +128,10 @@ class Lora(AdapterKind):
         cast = dtype != a.site.dtype
         xa = x.to(dtype) if cast and a.site.op != "embedding" else x
         lora = _low_rank_path(a.site, xa, t["lora_A"], t["lora_B"], t.get("lora_B_bias")) * h["scaling"]
+        if not h["dora"]:  # as PEFT: a half-precision output is added in float32 and rounded once
+            return (y + lora).to(a.site.dtype) if cast else y + lora
         if cast:
             lora = lora.to(a.site.dtype)
-        if not h["dora"]:
-            return y + lora
         delta = _delta(a, t, a.site.dtype)
         norm = torch.linalg.vector_norm(_logical(a.site, weight) + delta, dim=_norm_dims(a.site)).detach()
         g = (t["lora_magnitude"].reshape(-1) / norm).reshape(_broadcast_shape(a.site))
