@@ -21,6 +21,7 @@ from rich.table import Table
 from .driver import compile as compile_spec
 from .driver import explain as explain_spec
 from .errors import PeftfxError
+from .save import written_atomically
 from .spec import load_spec, spec_schema
 
 app = typer.Typer(
@@ -141,8 +142,8 @@ def compile_(
     if output is not None:
         args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
         program = torch.export.export(gm, args, kwargs, strict=False)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, output)
+        with written_atomically(output) as tmp:
+            torch.export.save(program, tmp)
         summary["output"] = str(output)
     text = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in summary.items())
     _emit(summary, fmt, f"compiled: {text}")
