@@ -260,8 +260,8 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
             params = kind.Params.model_validate(values)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(map(str, err["loc"]))
-            raise SpecError(f"adapters.{target.name}.with.{where}: {err['msg']} (at {site.describe()})") from None
+            where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+            raise SpecError(f"adapters.{target.name}.with.{where}: {message} (at {site.describe()})") from None
         try:
             created = kind.create(site, params, generator)
         except SpecError as e:

@@ -47,6 +47,13 @@ class WeightPredicate(Strict):
     in_features: int | None = None
     out_features: int | None = None
 
+    @field_validator("divisible_by")
+    @classmethod
+    def _check_divisors(cls, value: Any) -> Any:
+        if any(k is not None and k <= 0 for k in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"divisors must be positive, got {value}")
+        return value
+
 
 class Selector(Strict):
     """A set of predicates over sites; every key present must hold."""
@@ -156,7 +163,7 @@ class FreshAdapter(Strict):
             kind.Params.model_validate(scalars)
         except ValidationError as e:
             err = e.errors()[0]
-            raise ValueError(f"with.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise ValueError(f"with.{'.'.join(map(str, err['loc']))}: {_message(err)}") from None
         return self
 
 

@@ -58,6 +58,7 @@ def fails(model, spec, inputs, error=peftfx.PeftfxError, match: str = "") -> str
     assert isinstance(info.value, peftfx.PeftfxError) and isinstance(info.value, ValueError)
     message = str(info.value)
     assert re.search(match, message), f"{match!r} not in {message!r}"
+    assert "Value error" not in message  # pydantic's wording stays out of the user's message
     assert_unchanged(model, before)
     return message
 
@@ -115,6 +116,11 @@ def test_bad_spec_files(tmp_path):
 # -- unknown or misspelled keys: "did you mean" ----------------------------------------------------------------
 
 FRESH = {"type": "lora", "at": {"op": "linear"}}
+
+
+def at(**selector) -> dict:
+    """A spec with one LoRA on what ``selector`` selects."""
+    return {"adapters": {"a": {"type": "lora", "at": selector}}}
 
 
 @pytest.mark.parametrize(
@@ -206,6 +212,8 @@ def test_unknown_key_in_json_names_file_line_and_column(tmp_path):
         ({"adapters": {"a": {"type": "lora", "at": {"module": "re:("}}}}, r"adapters\.a\.at\.module: invalid regex"),
         ({"adapters": {"a": {"type": "lora", "at": {"layers": "one-two"}}}}, r"adapters\.a\.at\.layers: .*'lo-hi'"),
         ({"adapters": {"a": {"type": "lora", "at": {"expect": "lots"}}}}, r"adapters\.a\.at\.expect: "),
+        (at(weight={"divisible_by": 0}), r"adapters\.a\.at\.weight\.divisible_by: divisors must be positive"),
+        (at(weight={"divisible_by": [2, 0]}), r"adapters\.a\.at\.weight\.divisible_by: divisors must be positive"),
         ({"adapters": {"a": {**FRESH, "seed": "x"}}}, r"adapters\.a\.seed: Input should be a valid integer"),
         ({"adapters": {"a": {**FRESH, "with": {"r": "four"}}}}, r"adapters\.a\.with\.r: .*valid integer"),
         ({"adapters": {"a": {**FRESH, "with": {"r": 0}}}}, r"adapters\.a\.with\.r: .*greater than 0"),
@@ -482,6 +490,8 @@ def test_bad_fresh_parameters_name_the_field():
     fails(mlp(), gradient, mlp_inputs(), peftfx.SpecError, r"adapters\.a\.with\.r: .*greater than 0 \(at linear lay")
     no_default = {"adapters": {"a": {**FRESH, "with": {"r": {"cases": [{"when": {"layers": 0}, "value": 2}]}}}}}
     fails(mlp(), no_default, mlp_inputs(), peftfx.SpecError, r"adapters\.a\.with\.r: no case matches linear layers\.1")
+    activation = {"adapters": {"a": {"type": "peanut", "at": {"op": "linear"}, "with": {"act_fn": "nope"}}}}
+    fails(mlp(), activation, mlp_inputs(), peftfx.SpecError, r"adapters\.a\.with\.act_fn: unknown activation 'nope'")
 
 
 def test_merge_and_active_name_adapters_that_exist():

@@ -1,0 +1,255 @@
+"""A spec fuzzer: random well-formed and ill-formed specs never raise anything but ``peftfx.PeftfxError``.
+
+Specs are built from the spec's own vocabulary (every adapter kind and its ``with`` fields, selectors, values,
+folds), then some are broken: a key misspelt, dropped or added, a value swapped for random JSON. Thousands go
+through ``load_spec`` (dicts and YAML text, some of it mangled); tens go all the way through ``compile`` on a
+tiny MLP, live and merged. The examples are derandomized, so CI draws the same ones every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from models import mlp, mlp_inputs
+from oracle import assert_unchanged, snapshot
+
+import peftfx
+from peftfx.adapters import KINDS
+from peftfx.fold import METHODS
+from peftfx.spec import load_spec
+
+FAST = settings(max_examples=2500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FILES = settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+COMPILE = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+SITE_OPS = ["linear", "conv1d", "conv2d", "conv3d", "embedding", "layer_norm", "rms_norm"]
+NAMES = ["a", "b", "c", "mix"]
+
+JUNK = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    7,
+    2**70,
+    0.5,
+    -1e308,
+    float("nan"),
+    float("inf"),
+    "",
+    "x",
+    "linear",
+    [],
+    [1],
+    [[]],
+    {},
+    {"x": 1},
+    {"gradient": []},
+    {"cases": []},
+    {"value": {}},
+]
+junk = st.sampled_from(JUNK) | st.integers(-3, 40) | st.text(max_size=4)
+
+
+def selectors(depth: int) -> st.SearchStrategy[dict]:
+    leaf = {
+        "op": st.sampled_from(SITE_OPS) | st.lists(st.sampled_from([*SITE_OPS, "lnear"]), max_size=2),
+        "module": st.sampled_from(["layers.0", "layers.*", "re:layers\\.\\d+", "re:(", "*", "head"])
+        | st.lists(st.sampled_from(["layers.0", "layers.1", "0", "nope"]), max_size=2),
+        "module_type": st.sampled_from(["Linear", "Conv1D", "Embedding"]),
+        "layers": st.integers(-1, 3) | st.sampled_from(["0-1", "1-0", "x-y", "0-9"]) | st.lists(st.integers(0, 2)),
+        "weight": st.sampled_from(
+            [
+                {"shape": [None, 12]},
+                {"shape": []},
+                {"ndim": 2},
+                {"dtype": ["float32", "nope"]},
+                {"divisible_by": 0},
+                {"divisible_by": [None, 4, 0]},
+                {"in_features": 16, "out_features": 8},
+            ]
+        ),
+        "expect": st.integers(-1, 3) | st.sampled_from([">=1", "<=1", "1-2", "2-1", "any", "lots"]),
+    }
+    if depth > 0:
+        inner = selectors(depth - 1)
+        leaf |= {
+            "exclude": inner,
+            "feeds": inner,
+            "fed_by": inner,
+            "not": inner,
+            "any_of": st.lists(inner, max_size=2),
+            "all_of": st.lists(inner, max_size=1),
+        }
+    return st.fixed_dictionaries({}, optional=leaf)
+
+
+SELECTOR, LEAF_SELECTOR = selectors(1), selectors(0)
+
+
+def values(scalar: st.SearchStrategy) -> st.SearchStrategy:
+    """A parameter value: a scalar, a gradient or cases."""
+    gradient = st.fixed_dictionaries({"gradient": st.lists(st.floats(-2, 16), max_size=3)})
+    case = st.fixed_dictionaries({"value": scalar | gradient}, optional={"when": LEAF_SELECTOR})
+    return scalar | gradient | st.fixed_dictionaries({"cases": st.lists(case, max_size=3)})
+
+
+def scalar_for(annotation: typing.Any, default: typing.Any) -> st.SearchStrategy:
+    """Mostly the field's default or a nearby plausible value, sometimes anything."""
+    plausible: st.SearchStrategy
+    args = typing.get_args(annotation)
+    if annotation is bool:
+        plausible = st.booleans()
+    elif annotation is int:
+        plausible = st.integers(-1, 12)
+    elif annotation is float:
+        plausible = st.floats(-2, 16)
+    elif typing.get_origin(annotation) is typing.Literal:
+        plausible = st.sampled_from(args)
+    elif args:
+        plausible = st.one_of(*(scalar_for(a, default) for a in args if a is not type(None)))
+    else:
+        plausible = st.integers(0, 20) | st.text(max_size=5)
+    options = [plausible, junk]
+    if isinstance(default, bool | int | float | str):
+        options.insert(0, st.just(default))
+    return st.one_of(*options)
+
+
+def fresh_adapters() -> st.SearchStrategy[dict]:
+    """One strategy per kind, built once: its ``with`` fields drawn from their annotations."""
+    per_kind = []
+    for kind in sorted(KINDS):
+        fields = KINDS[kind].Params.model_fields
+        with_ = {key: values(scalar_for(info.annotation, info.default)) for key, info in fields.items()}
+        optional = {"with": st.fixed_dictionaries({}, optional=with_), "seed": st.integers(0, 2**31)}
+        per_kind.append(st.fixed_dictionaries({"type": st.just(kind), "at": SELECTOR}, optional=optional))
+    return st.one_of(per_kind)
+
+
+FRESH = fresh_adapters()
+
+
+def combine_adapters() -> st.SearchStrategy[dict]:
+    weight = values(st.floats(-2, 2))
+    return st.fixed_dictionaries(
+        {"combine": st.lists(st.sampled_from(NAMES), min_size=1, max_size=3)},
+        optional={
+            "weights": st.lists(weight, max_size=3),
+            "method": st.sampled_from([*METHODS, "tie"]),
+            "density": values(st.floats(-0.5, 1.5)),
+            "majority_sign": st.sampled_from(["total", "frequency", "vote"]),
+            "svd_rank": st.integers(-1, 6),
+            "svd_clamp": st.floats(-0.5, 1.5),
+            "svd_full_matrices": st.booleans(),
+            "seed": st.integers(0, 9),
+        },
+    )
+
+
+def peft_adapters() -> st.SearchStrategy[dict]:
+    return st.fixed_dictionaries(
+        {"peft": st.sampled_from(["missing/dir", ""])},
+        optional={"scale": values(st.floats(-2, 2)), "allow_pickle": st.booleans(), "allow_nonfinite": st.booleans()},
+    )
+
+
+def well_formed(checkpoints: bool = True) -> st.SearchStrategy[dict]:
+    """``checkpoints=False`` leaves out PEFT adapters, which compile refuses at once (their directories are made up)."""
+    adapter = FRESH | combine_adapters() | (peft_adapters() if checkpoints else st.nothing())
+    return st.fixed_dictionaries(
+        {"adapters": st.dictionaries(st.sampled_from(NAMES), adapter, max_size=3)},
+        optional={
+            "active": st.lists(st.sampled_from(NAMES), max_size=3),
+            "merge": st.booleans() | st.lists(st.sampled_from(NAMES), max_size=2),
+            "capture": st.sampled_from(["auto", "symbolic_trace", "export", "jit"]),
+        },
+    )
+
+
+def _paths(data: typing.Any, prefix: tuple = ()) -> list[tuple]:
+    """Every key path into a nested dict/list, to pick one to break."""
+    out = [prefix]
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out += _paths(value, (*prefix, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            out += _paths(value, (*prefix, i))
+    return out
+
+
+@st.composite
+def ill_formed(draw, base: st.SearchStrategy[dict]) -> typing.Any:
+    """A well-formed spec with one to three things broken."""
+    spec = copy.deepcopy(draw(base))  # strategies may hand out shared objects (sampled_from): never edit those
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_paths(spec)))
+        if not path:
+            continue
+        parent = spec
+        for part in path[:-1]:
+            parent = parent[part]
+        last = path[-1]
+        action = draw(st.sampled_from(["drop", "replace", "rename", "add"]))
+        if action == "drop":
+            del parent[last]
+        elif action == "replace":
+            parent[last] = copy.deepcopy(draw(junk))
+        elif isinstance(parent, dict) and action == "rename":
+            parent[str(last)[:-1] or "x"] = parent.pop(last)
+        elif isinstance(parent, dict):
+            parent[draw(st.text(max_size=6))] = copy.deepcopy(draw(junk))
+    return spec
+
+
+def refuses_cleanly(call: typing.Callable[[], typing.Any]) -> None:
+    """Anything but a PeftfxError escaping is a bug; a PeftfxError must say something."""
+    try:
+        call()
+    except peftfx.PeftfxError as error:
+        assert str(error).strip()
+
+
+@FAST
+@given(spec=well_formed() | ill_formed(well_formed()) | junk)
+def test_load_spec_only_raises_peftfx_errors(spec):
+    refuses_cleanly(lambda: load_spec(spec))
+
+
+@FILES
+@given(
+    spec=well_formed() | ill_formed(well_formed()),
+    cut=st.integers(0, 400),
+    mangle=st.sampled_from(["", ":", "{", "\t", "- [", "'", "&a", "*b", "!!python/object:os.system"]),
+)
+def test_spec_files_only_raise_peftfx_errors(tmp_path_factory, spec, cut, mangle):
+    text = yaml.safe_dump(spec, sort_keys=False)
+    text = text[:cut] + mangle + text[cut:]  # a mangled file: unbalanced brackets, tabs, stray colons
+    path = tmp_path_factory.getbasetemp() / "fuzz.yaml"
+    path.write_text(text)
+    refuses_cleanly(lambda: load_spec(path))
+
+
+@pytest.mark.slow
+@COMPILE
+@given(spec=well_formed(checkpoints=False) | ill_formed(well_formed(checkpoints=False)))
+def test_compile_only_raises_peftfx_errors(spec):
+    """Through capture, plan, insert, merge and cleanup on a real (tiny) model; the model is never touched."""
+    model, x = MODEL
+    before = snapshot(model)
+    if isinstance(spec, dict) and spec.get("capture") == "export":
+        spec["capture"] = "symbolic_trace"  # same graph, a fraction of the time
+    refuses_cleanly(lambda: peftfx.compile(model, spec, x))
+    assert_unchanged(model, before)
+
+
+torch.manual_seed(0)
+MODEL = (mlp(), mlp_inputs())
