@@ -72,7 +72,9 @@ def _merge(
         if other.input == record.output:
             other.input = record.input
     for name in reversed(record.nodes):
-        gm.graph.erase_node(nodes[name])
+        node = nodes.get(name)
+        if node is not None and not node.users:  # an adapter-wide tensor's get_attr may serve other sites too
+            gm.graph.erase_node(node)
     renamed = []
     for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
         if old is not None and new_value is not value:
