@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from models import mlp, mlp_inputs
-from oracle import assert_unchanged, snapshot
+from oracle import adapter_parameters, assert_unchanged, run, snapshot
 
 import peftfx
 from peftfx.adapters import KINDS
@@ -58,28 +58,37 @@ JUNK = [
 junk = st.sampled_from(JUNK) | st.integers(-3, 40) | st.text(max_size=4)
 
 
-def selectors(depth: int) -> st.SearchStrategy[dict]:
+def pick(good: list, bad: list, valid: bool) -> st.SearchStrategy:
+    """One of ``good``; while fuzzing ill-formed specs, one of ``bad`` too (values the spec must refuse)."""
+    return st.sampled_from(good if valid else good + bad)
+
+
+WEIGHTS = [
+    {"shape": [None, 12]},
+    {"shape": []},
+    {"ndim": 2},
+    {"dtype": ["float32", "nope"]},
+    {"divisible_by": 4},
+    {"divisible_by": [None, 4]},
+    {"in_features": 16, "out_features": 8},
+]
+
+
+def selectors(depth: int, valid: bool) -> st.SearchStrategy[dict]:
+    ops = pick(SITE_OPS, ["lnear", "silu"], valid)
     leaf = {
-        "op": st.sampled_from(SITE_OPS) | st.lists(st.sampled_from([*SITE_OPS, "lnear"]), max_size=2),
-        "module": st.sampled_from(["layers.0", "layers.*", "re:layers\\.\\d+", "re:(", "*", "head"])
-        | st.lists(st.sampled_from(["layers.0", "layers.1", "0", "nope"]), max_size=2),
-        "module_type": st.sampled_from(["Linear", "Conv1D", "Embedding"]),
-        "layers": st.integers(-1, 3) | st.sampled_from(["0-1", "1-0", "x-y", "0-9"]) | st.lists(st.integers(0, 2)),
-        "weight": st.sampled_from(
-            [
-                {"shape": [None, 12]},
-                {"shape": []},
-                {"ndim": 2},
-                {"dtype": ["float32", "nope"]},
-                {"divisible_by": 0},
-                {"divisible_by": [None, 4, 0]},
-                {"in_features": 16, "out_features": 8},
-            ]
-        ),
-        "expect": st.integers(-1, 3) | st.sampled_from([">=1", "<=1", "1-2", "2-1", "any", "lots"]),
+        "op": ops | st.lists(ops, max_size=2),
+        "module": pick(["layers.0", "layers.*", "re:layers\\.\\d+", "re:(?P<layer>\\d)", "*"], ["re:(", "re:"], valid)
+        | st.lists(pick(["layers.0", "layers.1", "0", "nope"], [""], valid), max_size=2),
+        "module_type": pick(["Linear", "Conv1D", "Embedding"], [""], valid),
+        "layers": st.integers(0, 3)
+        | pick(["0-1", "1-0", "0-9", " 1-1 "], ["x-y", "1-", "-1"], valid)
+        | st.lists(st.integers(0, 2), max_size=3),
+        "weight": pick(WEIGHTS, [{"divisible_by": 0}, {"divisible_by": [None, -4]}, {"shape": "x"}], valid),
+        "expect": st.integers(0, 3) | pick([">=1", "<=1", "1-2", "2-1", "any", " 2 "], ["lots", ">=", "-1"], valid),
     }
     if depth > 0:
-        inner = selectors(depth - 1)
+        inner = selectors(depth - 1, valid)
         leaf |= {
             "exclude": inner,
             "feeds": inner,
@@ -91,18 +100,17 @@ def selectors(depth: int) -> st.SearchStrategy[dict]:
     return st.fixed_dictionaries({}, optional=leaf)
 
 
-SELECTOR, LEAF_SELECTOR = selectors(1), selectors(0)
-
-
-def values(scalar: st.SearchStrategy) -> st.SearchStrategy:
+def values(scalar: st.SearchStrategy, valid: bool) -> st.SearchStrategy:
     """A parameter value: a scalar, a gradient or cases."""
-    gradient = st.fixed_dictionaries({"gradient": st.lists(st.floats(-2, 16), max_size=3)})
-    case = st.fixed_dictionaries({"value": scalar | gradient}, optional={"when": LEAF_SELECTOR})
-    return scalar | gradient | st.fixed_dictionaries({"cases": st.lists(case, max_size=3)})
+    least = 1 if valid else 0
+    gradient = st.fixed_dictionaries({"gradient": st.lists(st.floats(-2, 16), min_size=least, max_size=3)})
+    case = st.fixed_dictionaries({"value": scalar | gradient}, optional={"when": selectors(0, valid)})
+    cases = st.lists(case, min_size=least, max_size=3)
+    return scalar | gradient | st.fixed_dictionaries({"cases": cases})
 
 
-def scalar_for(annotation: typing.Any, default: typing.Any) -> st.SearchStrategy:
-    """Mostly the field's default or a nearby plausible value, sometimes anything."""
+def scalar_for(annotation: typing.Any, default: typing.Any, valid: bool) -> st.SearchStrategy:
+    """Mostly the field's default or a small value of its type; anything at all when fuzzing ill-formed specs."""
     plausible: st.SearchStrategy
     args = typing.get_args(annotation)
     if annotation is bool:
@@ -114,64 +122,74 @@ def scalar_for(annotation: typing.Any, default: typing.Any) -> st.SearchStrategy
     elif typing.get_origin(annotation) is typing.Literal:
         plausible = st.sampled_from(args)
     elif args:
-        plausible = st.one_of(*(scalar_for(a, default) for a in args if a is not type(None)))
+        plausible = st.one_of(*(scalar_for(a, default, valid) for a in args if a is not type(None)))
     else:
         plausible = st.integers(0, 20) | st.text(max_size=5)
-    options = [plausible, junk]
+    options = [plausible] if valid else [plausible, junk]
     if isinstance(default, bool | int | float | str):
         options.insert(0, st.just(default))
     return st.one_of(*options)
 
 
-def fresh_adapters() -> st.SearchStrategy[dict]:
-    """One strategy per kind, built once: its ``with`` fields drawn from their annotations."""
+def fresh_adapters(valid: bool) -> st.SearchStrategy[dict]:
+    """One strategy per kind: its ``with`` fields drawn from their annotations."""
     per_kind = []
     for kind in sorted(KINDS):
         fields = KINDS[kind].Params.model_fields
-        with_ = {key: values(scalar_for(info.annotation, info.default)) for key, info in fields.items()}
+        with_ = {key: values(scalar_for(info.annotation, info.default, valid), valid) for key, info in fields.items()}
         optional = {"with": st.fixed_dictionaries({}, optional=with_), "seed": st.integers(0, 2**31)}
-        per_kind.append(st.fixed_dictionaries({"type": st.just(kind), "at": SELECTOR}, optional=optional))
+        at = selectors(1, valid)
+        per_kind.append(st.fixed_dictionaries({"type": st.just(kind), "at": at}, optional=optional))
     return st.one_of(per_kind)
 
 
-FRESH = fresh_adapters()
-
-
-def combine_adapters() -> st.SearchStrategy[dict]:
-    weight = values(st.floats(-2, 2))
+def combine_adapters(valid: bool) -> st.SearchStrategy[dict]:
     return st.fixed_dictionaries(
         {"combine": st.lists(st.sampled_from(NAMES), min_size=1, max_size=3)},
         optional={
-            "weights": st.lists(weight, max_size=3),
-            "method": st.sampled_from([*METHODS, "tie"]),
-            "density": values(st.floats(-0.5, 1.5)),
-            "majority_sign": st.sampled_from(["total", "frequency", "vote"]),
-            "svd_rank": st.integers(-1, 6),
-            "svd_clamp": st.floats(-0.5, 1.5),
+            "weights": st.lists(values(st.floats(-2, 2), valid), max_size=3),
+            "method": pick(list(METHODS), ["tie", ""], valid),
+            "density": values(st.floats(0, 1) if valid else st.floats(-0.5, 1.5), valid),
+            "majority_sign": pick(["total", "frequency"], ["vote"], valid),
+            "svd_rank": st.integers(1 if valid else -1, 6),
+            "svd_clamp": st.floats(0, 1) if valid else st.floats(-0.5, 1.5),
             "svd_full_matrices": st.booleans(),
             "seed": st.integers(0, 9),
         },
     )
 
 
-def peft_adapters() -> st.SearchStrategy[dict]:
+def peft_adapters(valid: bool) -> st.SearchStrategy[dict]:
     return st.fixed_dictionaries(
         {"peft": st.sampled_from(["missing/dir", ""])},
-        optional={"scale": values(st.floats(-2, 2)), "allow_pickle": st.booleans(), "allow_nonfinite": st.booleans()},
-    )
-
-
-def well_formed(checkpoints: bool = True) -> st.SearchStrategy[dict]:
-    """``checkpoints=False`` leaves out PEFT adapters, which compile refuses at once (their directories are made up)."""
-    adapter = FRESH | combine_adapters() | (peft_adapters() if checkpoints else st.nothing())
-    return st.fixed_dictionaries(
-        {"adapters": st.dictionaries(st.sampled_from(NAMES), adapter, max_size=3)},
         optional={
-            "active": st.lists(st.sampled_from(NAMES), max_size=3),
-            "merge": st.booleans() | st.lists(st.sampled_from(NAMES), max_size=2),
-            "capture": st.sampled_from(["auto", "symbolic_trace", "export", "jit"]),
+            "scale": values(st.floats(-2, 2), valid),
+            "allow_pickle": st.booleans(),
+            "allow_nonfinite": st.booleans(),
         },
     )
+
+
+@st.composite
+def specs(draw, valid: bool = True, checkpoints: bool = True) -> dict:
+    """A spec in the spec's own vocabulary. ``valid``: every value one the spec accepts (compile may still refuse
+    the whole: a selector matching nothing, a rank too large for a site); ``checkpoints=False`` leaves out PEFT
+    adapters, whose made-up directories compile refuses at once."""
+    forms = [fresh_adapters(valid), combine_adapters(valid)] + ([peft_adapters(valid)] if checkpoints else [])
+    adapters = draw(st.dictionaries(st.sampled_from(NAMES), st.one_of(forms), max_size=3))
+    spec: dict = {"adapters": adapters}
+    names = st.sampled_from(sorted(adapters) if valid and adapters else NAMES)
+    if draw(st.booleans()):
+        spec["merge"] = draw(st.booleans() | st.lists(names, max_size=2, unique=True))
+    if draw(st.integers(0, 3)) == 0:
+        spec["active"] = draw(st.lists(names, max_size=3, unique=True))
+    if draw(st.integers(0, 3)) == 0:
+        spec["capture"] = draw(pick(["auto", "symbolic_trace", "export"], ["jit"], valid))
+    return spec
+
+
+WELL_FORMED, NEAR_MISS = specs(valid=True), specs(valid=False)
+COMPILABLE = specs(valid=True, checkpoints=False)
 
 
 def _paths(data: typing.Any, prefix: tuple = ()) -> list[tuple]:
@@ -219,14 +237,14 @@ def refuses_cleanly(call: typing.Callable[[], typing.Any]) -> None:
 
 
 @FAST
-@given(spec=well_formed() | ill_formed(well_formed()) | junk)
+@given(spec=WELL_FORMED | NEAR_MISS | ill_formed(WELL_FORMED) | junk)
 def test_load_spec_only_raises_peftfx_errors(spec):
     refuses_cleanly(lambda: load_spec(spec))
 
 
 @FILES
 @given(
-    spec=well_formed() | ill_formed(well_formed()),
+    spec=WELL_FORMED | NEAR_MISS | ill_formed(WELL_FORMED),
     cut=st.integers(0, 400),
     mangle=st.sampled_from(["", ":", "{", "\t", "- [", "'", "&a", "*b", "!!python/object:os.system"]),
 )
@@ -240,7 +258,7 @@ def test_spec_files_only_raise_peftfx_errors(tmp_path_factory, spec, cut, mangle
 
 @pytest.mark.slow
 @COMPILE
-@given(spec=well_formed(checkpoints=False) | ill_formed(well_formed(checkpoints=False)))
+@given(spec=COMPILABLE | specs(valid=False, checkpoints=False) | ill_formed(COMPILABLE))
 def test_compile_only_raises_peftfx_errors(spec):
     """Through capture, plan, insert, merge and cleanup on a real (tiny) model; the model is never touched."""
     model, x = MODEL
@@ -253,3 +271,14 @@ def test_compile_only_raises_peftfx_errors(spec):
 
 torch.manual_seed(0)
 MODEL = (mlp(), mlp_inputs())
+
+
+# -- what the fuzzer found ---------------------------------------------------------------------------------------
+# (`divisible_by: 0` crashed the matcher with a ZeroDivisionError: now a row of tests/test_bad_input.py)
+
+
+def test_merging_an_adapter_that_matched_nothing_it_may_is_no_error():
+    """`expect: any` may select no site; merging it then merges nothing."""
+    spec = {"adapters": {"a": {"type": "lora", "at": {"module": "nope", "expect": "any"}}}, "merge": True}
+    gm = peftfx.compile(mlp(), spec, mlp_inputs())
+    assert adapter_parameters(gm) == [] and torch.equal(run(gm, mlp_inputs()), run(mlp(), mlp_inputs()))
