@@ -2,7 +2,7 @@
 
 Specs are built from the spec's own vocabulary (every adapter kind and its ``with`` fields, selectors, values,
 folds), then some are broken: a key misspelt, dropped or added, a value swapped for random JSON. Thousands go
-through ``load_spec`` (dicts and YAML text, some of it mangled); tens go all the way through ``compile`` on a
+through ``load_spec`` (dicts and YAML text, some of it mangled); a couple of hundred go all the way through ``compile`` on a
 tiny MLP, live and merged. The examples are derandomized, so CI draws the same ones every run.
 """
 
@@ -24,9 +24,9 @@ from peftfx.adapters import KINDS
 from peftfx.fold import METHODS
 from peftfx.spec import load_spec
 
-FAST = settings(max_examples=2500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FAST = settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 FILES = settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-COMPILE = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+COMPILE = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 SITE_OPS = ["linear", "conv1d", "conv2d", "conv3d", "embedding", "layer_norm", "rms_norm"]
 NAMES = ["a", "b", "c", "mix"]
@@ -100,11 +100,14 @@ def selectors(depth: int, valid: bool) -> st.SearchStrategy[dict]:
     return st.fixed_dictionaries({}, optional=leaf)
 
 
+SELECTORS = {(valid, depth): selectors(depth, valid) for valid in (True, False) for depth in (0, 1)}
+
+
 def values(scalar: st.SearchStrategy, valid: bool) -> st.SearchStrategy:
     """A parameter value: a scalar, a gradient or cases."""
     least = 1 if valid else 0
     gradient = st.fixed_dictionaries({"gradient": st.lists(st.floats(-2, 16), min_size=least, max_size=3)})
-    case = st.fixed_dictionaries({"value": scalar | gradient}, optional={"when": selectors(0, valid)})
+    case = st.fixed_dictionaries({"value": scalar | gradient}, optional={"when": SELECTORS[valid, 0]})
     cases = st.lists(case, min_size=least, max_size=3)
     return scalar | gradient | st.fixed_dictionaries({"cases": cases})
 
@@ -138,8 +141,7 @@ def fresh_adapters(valid: bool) -> st.SearchStrategy[dict]:
         fields = KINDS[kind].Params.model_fields
         with_ = {key: values(scalar_for(info.annotation, info.default, valid), valid) for key, info in fields.items()}
         optional = {"with": st.fixed_dictionaries({}, optional=with_), "seed": st.integers(0, 2**31)}
-        at = selectors(1, valid)
-        per_kind.append(st.fixed_dictionaries({"type": st.just(kind), "at": at}, optional=optional))
+        per_kind.append(st.fixed_dictionaries({"type": st.just(kind), "at": SELECTORS[valid, 1]}, optional=optional))
     return st.one_of(per_kind)
 
 
@@ -175,7 +177,8 @@ def specs(draw, valid: bool = True, checkpoints: bool = True) -> dict:
     """A spec in the spec's own vocabulary. ``valid``: every value one the spec accepts (compile may still refuse
     the whole: a selector matching nothing, a rank too large for a site); ``checkpoints=False`` leaves out PEFT
     adapters, whose made-up directories compile refuses at once."""
-    forms = [fresh_adapters(valid), combine_adapters(valid)] + ([peft_adapters(valid)] if checkpoints else [])
+    fresh, combine, peft = FORMS[valid]
+    forms = [fresh, combine, peft] if checkpoints else [fresh, combine]
     adapters = draw(st.dictionaries(st.sampled_from(NAMES), st.one_of(forms), max_size=3))
     spec: dict = {"adapters": adapters}
     names = st.sampled_from(sorted(adapters) if valid and adapters else NAMES)
@@ -188,6 +191,7 @@ def specs(draw, valid: bool = True, checkpoints: bool = True) -> dict:
     return spec
 
 
+FORMS = {valid: (fresh_adapters(valid), combine_adapters(valid), peft_adapters(valid)) for valid in (True, False)}
 WELL_FORMED, NEAR_MISS = specs(valid=True), specs(valid=False)
 COMPILABLE = specs(valid=True, checkpoints=False)
 
