@@ -1,9 +1,10 @@
 """A spec fuzzer: random well-formed and ill-formed specs never raise anything but ``peftfx.PeftfxError``.
 
 Specs are built from the spec's own vocabulary (every adapter kind and its ``with`` fields, selectors, values,
-folds), then some are broken: a key misspelt, dropped or added, a value swapped for random JSON. Thousands go
-through ``load_spec`` (dicts and YAML text, some of it mangled); a couple of hundred go all the way through ``compile`` on a
-tiny MLP, live and merged. The examples are derandomized, so CI draws the same ones every run.
+folds): well-formed ones, near misses (values the spec must refuse), and well-formed ones broken afterwards (a key
+misspelt, dropped or added, a value swapped for junk). Thousands go through ``load_spec`` (dicts, and YAML text,
+some of it mangled); two hundred go all the way through ``compile`` on a tiny MLP, live and merged. The examples
+are derandomized, so CI draws the same ones every run.
 """
 
 from __future__ import annotations
