@@ -123,6 +123,11 @@ def at(**selector) -> dict:
     return {"adapters": {"a": {"type": "lora", "at": selector}}}
 
 
+def kind(name: str, **params) -> dict:
+    """A spec with one adapter of kind ``name`` on every linear, with these ``with`` fields."""
+    return {"adapters": {"a": {"type": name, "at": {"op": "linear"}, "with": params}}}
+
+
 @pytest.mark.parametrize(
     ("spec", "field", "hint"),
     [
@@ -217,6 +222,14 @@ def test_unknown_key_in_json_names_file_line_and_column(tmp_path):
         ({"adapters": {"a": {**FRESH, "seed": "x"}}}, r"adapters\.a\.seed: Input should be a valid integer"),
         ({"adapters": {"a": {**FRESH, "with": {"r": "four"}}}}, r"adapters\.a\.with\.r: .*valid integer"),
         ({"adapters": {"a": {**FRESH, "with": {"r": 0}}}}, r"adapters\.a\.with\.r: .*greater than 0"),
+        # random inits with a negative bound or std (a fuzz find: torch's uniform_ raised a RuntimeError)
+        (
+            kind("unilora", init_theta_d_bound=-1e-58),
+            r"adapters\.a\.with\.init_theta_d_bound: .*greater than or equal to 0",
+        ),
+        (kind("vblora", init_logits_std=-1), r"adapters\.a\.with\.init_logits_std: .*greater than or equal to 0"),
+        (kind("vblora", init_vector_bank_bound=-1), r"adapters\.a\.with\.init_vector_bank_bound: .*greater than or"),
+        (kind("deft", init_scale=-1), r"adapters\.a\.with\.init_scale: .*greater than or equal to 0"),
         ({"adapters": {"a": {**FRESH, "with": {"r": {"gradient": []}}}}}, r"adapters\.a\.with\.r\.gradient: "),
         ({"adapters": {"a": {"combine": "a"}}}, r"adapters\.a\.combine: Input should be a valid list"),
     ],
