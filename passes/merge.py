@@ -27,8 +27,9 @@ class Merge(Pass):
     requires = "records for the adapters to merge"
     ensures = "no node or tensor of a merged adapter; merged weights in place"
 
-    def __init__(self, adapters: Sequence[str]) -> None:
+    def __init__(self, adapters: Sequence[str], allow_nonfinite: Sequence[str] = ()) -> None:
         self.adapters = list(adapters)
+        self.allow_nonfinite = set(allow_nonfinite)
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         all_records = records(gm)
@@ -39,22 +40,24 @@ class Merge(Pass):
         renamed: list[tuple[fx.Node, fx.Node]] = []
         for record in all_records:
             if record.adapter in self.adapters and not record.merged:
-                renamed += _merge(gm, record, all_records)
+                renamed += _merge(gm, record, all_records, record.adapter in self.allow_nonfinite)
         for new, old in reversed(renamed):
             take_name_back(gm, new, old)
         return gm
 
 
-def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> list[tuple[fx.Node, fx.Node]]:
+def _merge(
+    gm: fx.GraphModule, record: Record, all_records: list[Record], allow_nonfinite: bool
+) -> list[tuple[fx.Node, fx.Node]]:
     """Fold one record; return the (new, old) get_attr pairs of weights that had to take a new name."""
     nodes = nodes_by_name(gm)
     a = record.site_adapter(gm, nodes)
     _check_order(record, a.kind.additive(a), all_records, gm, nodes)
     for role, tensor in a.tensors.items():
-        if not torch.isfinite(tensor).all():
+        if not allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MergeError(
                 f"merge: adapter {record.adapter!r} at {record.module}: tensor {role} holds NaN or inf; "
-                "merging it would corrupt the weights"
+                "merging it would corrupt the weights (set `allow_nonfinite: true` on the adapter to fold it anyway)"
             )
     site = a.site
     raw = get_attr(gm, record.raw_weight)
@@ -62,14 +65,16 @@ def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> lis
     bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
     raw_bias = get_attr(gm, record.raw_bias) if record.raw_bias is not None else None
     new_weight, new_bias = a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
-    if not torch.isfinite(new_weight).all():
+    if not allow_nonfinite and not torch.isfinite(new_weight).all():
         raise MergeError(f"merge: adapter {record.adapter!r} at {record.module}: the merged weight is not finite")
     nodes[record.output].replace_all_uses_with(nodes[record.input])
     for other in all_records:
         if other.input == record.output:
             other.input = record.input
     for name in reversed(record.nodes):
-        gm.graph.erase_node(nodes[name])
+        node = nodes.get(name)
+        if node is not None and not node.users:  # an adapter-wide tensor's get_attr may serve other sites too
+            gm.graph.erase_node(node)
     renamed = []
     for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
         if old is not None and new_value is not value:

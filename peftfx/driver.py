@@ -96,10 +96,11 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     always = [p for p in plan.placements if p.adapter not in routed]
     overrides = [o for o in plan.overrides if o.adapter not in routed]
     passes.append(Insert(always, overrides, plan.configs))
-    merged = spec.merged_adapters()
+    placed = {p.adapter for p in plan.placements}
+    merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
     if merged:
-        passes.append(Merge(merged))
+        passes.append(Merge(merged, [n for n in merged if getattr(spec.adapters[n], "allow_nonfinite", False)]))
     passes.append(Cleanup())
     gm = run_passes(gm, passes)
     for name, info in adapters(gm).items():

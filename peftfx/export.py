@@ -11,8 +11,6 @@ input per adapter tensor named as its attribute in the graph, ``peftfx.<adapter>
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from .capture import Inputs
 from .errors import CaptureError, SpecError
 from .passes.records import adapters, records
 from .rewrite import get_attr
+from .save import written_atomically
 
 Dynamic = bool | Mapping[str, Mapping[int, str]]
 
@@ -102,7 +101,9 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     _drop_stack_traces(program.model)
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
-    return _write_atomic(Path(path), proto.SerializeToString())
+    with written_atomically(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+    return Path(path)
 
 
 class _Flat(nn.Module):
@@ -156,16 +157,3 @@ def _drop_stack_traces(model: Any) -> None:
 
 
 _STACK_TRACE = "pkg.torch.onnx.stack_trace"
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -16,8 +16,8 @@ from functools import lru_cache
 from torch import fx
 
 from .errors import MatchError
-from .sites import OpView, Site, consumers, producers, view_of
-from .spec import Selector, WeightPredicate
+from .sites import SIGNATURES, OpView, Site, consumers, producers, view_of
+from .spec import Selector, WeightPredicate, suggest
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,10 @@ class Matcher:
         if not reasons:
             return " (the graph has no weight-owning ops)"
         common = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
-        return "; most common reasons: " + "; ".join(f"{r} ({n} sites)" for r, n in common)
+        site_ops = sorted({signature.kind for signature in SIGNATURES.values()})
+        unknown = [op for op in _as_list(selector.op or []) if op not in site_ops]
+        typos = "".join(f"; {op!r} is no site op{suggest(op, site_ops, 'site ops')}" for op in unknown)
+        return "; most common reasons: " + "; ".join(f"{r} ({n} sites)" for r, n in common) + typos
 
 
 def _as_list(value: str | list[str]) -> list[str]:

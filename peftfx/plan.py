@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from torch import fx
 
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
-from .checkpoint import Checkpoint, Layout, read_checkpoint
+from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
 from .passes.insert import Override, Placement
 from .pattern import Matcher
@@ -169,6 +169,8 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
         density = adapter.density
         if density is not None:
             density = float(resolve(density, site, span, plan.matcher, f"adapters.{name}.density"))
+            if not 0 <= density <= 1:
+                raise SpecError(f"adapters.{name}.density: must be in [0, 1], got {density} at {site.describe()}")
         generator = None
         if adapter.seed is not None:  # one stream per site: stable whatever else the spec selects
             generator = torch.Generator().manual_seed(zlib.crc32(f"{adapter.seed}:{site.module}".encode()))
@@ -248,9 +250,25 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
         tensors = layout.modules[site.module]
         keys = {r: ckpt.key(site.module, r) for r in tensors}
         source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared)
-        plan.placements.append(Placement(target.name, target.kind.from_peft(site, source, float(scale))))
+        site_adapter = target.kind.from_peft(site, source, float(scale))
+        _check_dtypes(site_adapter, source, ckpt)
+        plan.placements.append(Placement(target.name, site_adapter))
     for attr, (key, tensor) in layout.overrides.items():
         plan.overrides.append(Override(target.name, attr, tensor, key, ckpt.file))
+
+
+def _check_dtypes(a: SiteAdapter, source: PeftSource, ckpt: Checkpoint) -> None:
+    """A float tensor read from an integer or complex one is not a cast but a different number: refuse it.
+
+    Float to float is cast to the adapter's dtype, as PEFT's ``load_state_dict`` does (float64 files into a
+    float32 model, float16 ones into float32 adapters of a half-precision model).
+    """
+    for role, tensor in a.tensors.items():
+        suffix = a.peft_keys.get(role)
+        stored = (source.shared if role in a.shared else source.tensors).get(suffix) if suffix else None
+        if stored is not None and tensor.is_floating_point() and not stored.is_floating_point():
+            key = f"{SHARED_PREFIX}{suffix}" if role in a.shared else source.keys.get(suffix, suffix)
+            raise CheckpointError(f"{ckpt.file}: {key!r} is {stored.dtype}, but {a.kind.name} needs a float tensor")
 
 
 def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[Site]) -> None:
@@ -274,8 +292,8 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
             params = kind.Params.model_validate(values)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(map(str, err["loc"]))
-            raise SpecError(f"adapters.{target.name}.with.{where}: {err['msg']} (at {site.describe()})") from None
+            where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+            raise SpecError(f"adapters.{target.name}.with.{where}: {message} (at {site.describe()})") from None
         try:
             created = kind.create(site, params, generator)
         except SpecError as e:

@@ -2,15 +2,19 @@
 
 The tensors are read from the graph (so training shows), keyed by the table each kind declares
 (``SiteAdapter.peft_keys``), and written beside the config PEFT needs: the one the adapter was loaded from,
-or one the kind derives from its fresh sites. Files are written to a temporary directory and moved into
-place, so a failure leaves nothing half-written.
+or one the kind derives from its fresh sites. Files are written to a temporary directory that is renamed into
+place (or whose files replace those of an existing directory, one rename each), so a failure leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,10 +54,29 @@ def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
     config = {**config, "inference_mode": True}
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(Path(tmp) / WEIGHTS))
-        (Path(tmp) / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        out.mkdir(exist_ok=True)
-        for file in (WEIGHTS, CONFIG):
-            shutil.move(str(Path(tmp) / file), str(out / file))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.exists():  # each file replaced in one step; the weights first, so the config never runs ahead
+            for file in (WEIGHTS, CONFIG):
+                os.replace(tmp / file, out / file)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def written_atomically(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it becomes ``path`` in one step, only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(name)
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)

@@ -6,8 +6,11 @@ for YAML files, the line.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,7 +33,7 @@ Scalar = bool | int | float | str
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
 
 
 class WeightPredicate(Strict):
@@ -44,6 +47,13 @@ class WeightPredicate(Strict):
     )
     in_features: int | None = None
     out_features: int | None = None
+
+    @field_validator("divisible_by")
+    @classmethod
+    def _check_divisors(cls, value: Any) -> Any:
+        if any(k is not None and k <= 0 for k in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"divisors must be positive, got {value}")
+        return value
 
 
 class Selector(Strict):
@@ -71,6 +81,16 @@ class Selector(Strict):
     expect: int | str | None = Field(
         None, description="how many sites must match: 4, '>=1' (the default), '<=8', '2-4' or 'any'"
     )
+
+    @field_validator("module")
+    @classmethod
+    def _check_module(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("re:"):
+            try:
+                re.compile(value[3:])
+            except re.error as e:
+                raise ValueError(f"invalid regex {value[3:]!r}: {e}") from None
+        return value
 
     @field_validator("layers")
     @classmethod
@@ -131,6 +151,7 @@ class PeftAdapter(Deployable):
     allow_pickle: bool = Field(
         False, description="also read adapter_model.bin (a pickle: only for checkpoints you trust)"
     )
+    allow_nonfinite: bool = Field(False, description="let merge fold tensors holding NaN or inf into the weights")
 
 
 class FreshAdapter(Deployable):
@@ -147,17 +168,17 @@ class FreshAdapter(Deployable):
 
         kind = KINDS.get(self.type)
         if kind is None:
-            raise ValueError(f"type: unknown adapter kind {self.type!r} (known: {', '.join(KINDS)})")
+            raise ValueError(f"type: unknown adapter kind {self.type!r}{suggest(self.type, KINDS, 'known')}")
         fields = kind.Params.model_fields
         for key in self.with_:
             if key not in fields:
-                raise ValueError(f"with.{key}: unknown field for {self.type} (fields: {', '.join(fields)})")
+                raise ValueError(f"with.{key}: unknown field for {self.type}{suggest(key, fields, 'fields')}")
         scalars = {k: v for k, v in self.with_.items() if not isinstance(v, Gradient | Cases)}
         try:
             kind.Params.model_validate(scalars)
         except ValidationError as e:
             err = e.errors()[0]
-            raise ValueError(f"with.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise ValueError(f"with.{'.'.join(map(str, err['loc']))}: {_message(err)}") from None
         return self
 
 
@@ -185,11 +206,11 @@ class CombineAdapter(Deployable):
         if self.weights is not None and len(self.weights) != len(self.combine):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.combine)} combined adapters")
         if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"method: unknown fold method {self.method!r} (known: {', '.join(METHODS)})")
+            raise ValueError(f"method: unknown fold method {self.method!r}{suggest(self.method, METHODS, 'known')}")
         if self.method is not None and METHODS[self.method].needs_density and self.density is None:
             raise ValueError(f"density: method {self.method} needs a density (the fraction of entries kept)")
-        if isinstance(self.density, (int, float)) and self.density < 0:
-            raise ValueError(f"density: must be >= 0, got {self.density}")
+        if isinstance(self.density, (int, float)) and not 0 <= self.density <= 1:
+            raise ValueError(f"density: must be in [0, 1], got {self.density}")
         for i, name in enumerate(self.combine):
             if name in self.combine[:i]:
                 raise ValueError(f"combine[{i}]: {name!r} is listed twice")
@@ -264,8 +285,8 @@ class Spec(Strict):
                 continue
             for i, source in enumerate(adapter.combine):
                 if source not in self.adapters:
-                    have = _names(n for n in self.adapters if n != name)
-                    raise ValueError(f"adapters.{name}.combine[{i}]: no adapter named {source!r} (have: {have})")
+                    have = suggest(source, (n for n in self.adapters if n != name), "have")
+                    raise ValueError(f"adapters.{name}.combine[{i}]: no adapter named {source!r}{have}")
         for name in self.adapters:
             self._combine_order(name, [])
         return self
@@ -291,7 +312,7 @@ class Spec(Strict):
             names = list(self.active)
         for i, name in enumerate(names):
             if name not in self.adapters:
-                raise SpecError(f"active[{i}]: no adapter named {name!r} (have: {_names(self.adapters)})")
+                raise SpecError(f"active[{i}]: no adapter named {name!r}{suggest(name, self.adapters, 'have')}")
         return names
 
     def routed_adapters(self) -> list[str]:
@@ -315,12 +336,19 @@ class Spec(Strict):
             return []
         for i, name in enumerate(self.merge):
             if name not in active:
-                raise SpecError(f"merge[{i}]: {name!r} is not an active adapter (active: {_names(active)})")
+                raise SpecError(f"merge[{i}]: {name!r} is not an active adapter{suggest(name, active, 'active')}")
         return list(self.merge)
 
 
 def _names(names: Any) -> str:
     return ", ".join(names) or "none"
+
+
+def suggest(word: str, options: typing.Iterable[str], listed: str = "allowed") -> str:
+    """`` (did you mean 'x'?)`` for the closest option, else the options listed: a typo should be one edit away."""
+    options = list(options)
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" ({listed}: {_names(options)})"
 
 
 def spec_schema() -> dict[str, Any]:
@@ -368,39 +396,79 @@ def _validate(data: Any, path: Path | None, text: str | None) -> Spec:
         return Spec.model_validate(data)
     except ValidationError as e:
         by_field: dict[str, list[str]] = {}
-        lines: dict[str, int | None] = {}
+        marks: dict[str, str | None] = {}
         for err in e.errors():
-            loc = [part for part in err["loc"] if not _is_union_member(part)]
+            loc = [part for i, part in enumerate(err["loc"]) if not _is_union_member(err["loc"], i)]
             field, message = _field_path(loc), _message(err)
             inner = re.match(r"([\w.\[\]]+): (.*)", message) if err["type"] == "value_error" else None
             if inner:  # a validator that names the sub-field itself
                 field, message = (f"{field}.{inner[1]}" if field else inner[1]), inner[2]
             by_field.setdefault(field, []).append(message)
-            lines[field] = (
-                _yaml_line(text, [*loc, *(_split_path(inner[1]) if inner else [])])
-                if text and path and path.suffix != ".json"
-                else None
-            )
+            marks[field] = _mark(text, [*loc, *(_split_path(inner[1]) if inner else [])]) if text else None
         out = []
         for field, messages in by_field.items():
-            where = f"{path}:{lines[field]}: " if lines[field] else (f"{path}: " if path else "")
+            where = f"{path}:{marks[field]}: " if marks[field] else (f"{path}: " if path else "")
             unique = list(dict.fromkeys(messages))
             message = unique[0] if len(unique) == 1 else "fits none of its allowed forms (" + "; ".join(unique) + ")"
             out.append(f"{where}{field}: {message}")
         raise SpecError("invalid spec\n  " + "\n  ".join(out)) from None
 
 
-def _is_union_member(part: Any) -> bool:
-    """pydantic puts the tried member's name in an error's location: Gradient, float, peft, ..."""
-    return isinstance(part, str) and (
-        part[:1].isupper() or part in ("float", "int", "bool", "str", "peft", "fresh", "combine") or "[" in part
-    )
+def _is_union_member(loc: tuple[Any, ...], i: int) -> bool:
+    """pydantic puts the tried member's name in an error's location: Gradient, float, ... and an adapter's form."""
+    part = loc[i]
+    if i == 2 and loc[0] == "adapters":
+        return part in _FORMS
+    return isinstance(part, str) and (part[:1].isupper() or part in ("float", "int", "bool", "str") or "[" in part)
 
 
 def _message(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
-        return "unknown field"
+        return "unknown field" + suggest(str(err["loc"][-1]), _fields_at(err["loc"][:-1]))
     return str(err["msg"]).removeprefix("Value error, ")
+
+
+_FORMS: dict[str, type[BaseModel]] = {"peft": PeftAdapter, "fresh": FreshAdapter, "combine": CombineAdapter}
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the spec model at ``loc`` (a pydantic error location, union tags included) accepts."""
+    annotation: Any = Spec
+    for part in loc:
+        annotation = _step(annotation, part)
+        if annotation is None:
+            return []
+    models = [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return [f.alias or name for m in models[:1] for name, f in m.model_fields.items()]
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a (possibly optional, union or Annotated) annotation stands for."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _step(annotation: Any, part: Any) -> Any:
+    members = _members(annotation)
+    models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+    for model in models:
+        if part == model.__name__ or _FORMS.get(part) is model:
+            return model
+    for model in models:
+        for name, info in model.model_fields.items():
+            if part in (name, info.alias):
+                return info.annotation
+    for member in members:
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if origin is dict and isinstance(part, str):
+            return args[1]
+        if origin is list and isinstance(part, int):
+            return args[0]
+    return None
 
 
 def _field_path(loc: list[Any]) -> str:
@@ -420,24 +488,27 @@ def _split_path(path: str) -> list[str | int]:
     return [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
 
 
-def _yaml_line(text: str, loc: list[Any]) -> int | None:
-    """The 1-based line of the deepest YAML node along ``loc`` (the key itself for unknown keys)."""
+def _mark(text: str, loc: list[Any]) -> str | None:
+    """``line:column`` (1-based) of the deepest node along ``loc`` (the key itself for unknown keys).
+
+    JSON is read as YAML here, so JSON files get a line and column too.
+    """
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return None
-    line = None
+    mark = None
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if key.value == str(part).removesuffix("_") or (part == "not_" and key.value == "not"):
-                    line, node = key.start_mark.line + 1, value
+                    mark, node = key.start_mark, value
                     break
             else:
-                return line
+                break
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
-            line = node.start_mark.line + 1
+            mark = node.start_mark
         else:
-            return line
-    return line
+            break
+    return f"{mark.line + 1}:{mark.column + 1}" if mark else None

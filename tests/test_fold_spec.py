@@ -19,7 +19,7 @@ from models import mlp, mlp_inputs
 from oracle import Tolerance, adapter_parameters, assert_close, peft_checkpoint, perturb, run
 
 import peftfx
-from peftfx.errors import PeftfxError, SpecError
+from peftfx.errors import PeftfxError
 
 EXACT = Tolerance(1e-5, 1e-6)
 SVD = Tolerance(1e-4, 1e-5)
@@ -187,23 +187,6 @@ def test_unrepresentable_folds_are_refused(ckpt, names, mix, message):
     base, inputs = base_and_inputs()
     with pytest.raises(PeftfxError, match=message):
         peftfx.compile(base, spec_of(paths, names, **mix), inputs)
-
-
-@pytest.mark.parametrize(
-    ("mix", "message"),
-    [
-        ({"combine": ["a", "nope"]}, r"adapters\.mix\.combine\[1\]: no adapter named 'nope'"),
-        ({"combine": ["a"], "weights": [1.0, 2.0]}, r"adapters\.mix\.weights: 2 weights for 1 combined"),
-        ({"combine": ["a"], "method": "ties"}, r"adapters\.mix\.density: method ties needs a density"),
-        ({"combine": ["a"], "method": "nope"}, r"adapters\.mix\.method: unknown fold method 'nope'"),
-        ({"combine": ["a"], "ratio": 1}, r"adapters\.mix\.ratio: unknown field"),
-        ({"combine": ["a"], "majority_sign": "vote"}, r"adapters\.mix\.majority_sign"),
-        ({"combine": ["a", "mix"]}, r"adapters\.mix\.combine: .*cycle"),
-    ],
-)
-def test_spec_errors_name_the_field(mix, message):
-    with pytest.raises(SpecError, match=message):
-        peftfx.load_spec({"adapters": {"a": {"peft": "somewhere"}, "mix": mix}})
 
 
 def test_active_defaults_to_adapters_not_consumed():

@@ -19,6 +19,7 @@ from peftfx.passes import Cleanup, Merge, run_passes
 from torch import nn
 
 import peftfx
+import peftfx.adapters
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # float64 throughout: both sides compute the same sums in a different order, so they agree to ~1e-15 relative
@@ -225,3 +226,48 @@ def test_dora_after_lora_bias_merged_equals_unmerged():
         "b": {"type": "dora", "at": {"op": "linear"}, "with": {"r": 1}, "seed": 1},
     }
     check(model, x, adapters, seed=0)
+
+
+# -- any mergeable kind, on the sites a random selector picks --------------------------------------------------
+
+# kinds that merge into a linear's weight and accept a tiny one (rank 1 where they have a rank)
+MERGEABLE = ["lora", "dora", "loha", "lokr", "ia3", "hira", "vera", "delora", "miss", "glora", "hra", "beft", "c3a"]
+
+
+@st.composite
+def site_selectors(draw, depth: int) -> dict:
+    """A selector over ``layers.0`` .. ``layers.{depth-1}``: by path, by index, by regex, or all but some."""
+    chosen = draw(st.lists(st.integers(0, depth - 1), min_size=1, max_size=depth, unique=True))
+    form = draw(st.sampled_from(["module", "layers", "regex", "exclude"]))
+    if form == "module":
+        return {"module": [f"layers.{i}" for i in chosen]}
+    if form == "layers":
+        return {"op": "linear", "layers": chosen}
+    if form == "regex":
+        return {"module": "re:layers\\.(" + "|".join(map(str, chosen)) + ")"}
+    return {"op": "linear", "exclude": {"layers": chosen}}
+
+
+@SETTINGS
+@given(data=st.data(), sizes=st.lists(st.integers(2, 8), min_size=2, max_size=4), seed=st.integers(0, 2**16))
+def test_any_kind_on_any_selection_merged_equals_unmerged(data, sizes, seed):
+    torch.manual_seed(seed)
+    model = RandomMLP(sizes, bias=True)
+    x = (torch.randn(2, sizes[0], dtype=torch.float64),)
+    kind = data.draw(st.sampled_from(MERGEABLE), "kind")
+    fields = peftfx.adapters.KINDS[kind].Params.model_fields
+    params = {"r": 1} if "r" in fields else {}
+    if kind == "c3a":
+        params["block_size"] = 1  # must divide both dims
+    selector = data.draw(site_selectors(len(sizes) - 1), "selector")
+    assume(selector.get("exclude") is None or len(selector["exclude"]["layers"]) < len(sizes) - 1)
+    check(model, x, {"a": {"type": kind, "at": selector, "with": params, "seed": seed}}, seed)
+
+
+def test_merge_pass_on_a_compiled_graph_with_shared_tensors():
+    """Regression (found by the test above): VeRA's projections are one get_attr for every site once cleanup has
+    run, so merging the first site must leave the node the others still read."""
+    torch.manual_seed(0)
+    model = RandomMLP([2, 2, 2, 2], bias=True)
+    x = (torch.randn(2, 2, dtype=torch.float64),)
+    check(model, x, {"a": {"type": "vera", "at": {"module": ["layers.1", "layers.2"]}, "with": {"r": 1}}}, seed=0)

@@ -84,98 +84,6 @@ def test_relative_checkpoint_paths_resolve_against_the_spec_file(tmp_path):
         peftfx.compile(model, {"adapters": {"a": {"peft": "../ckpt"}}}, x)
 
 
-# -- unknown keys ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("spec", "field"),
-    [
-        ({"adapterz": {}}, "adapterz"),
-        ({"adapters": {}, "merged": True}, "merged"),
-        ({"adapters": {"a": {"peft": "x", "scal": 1}}}, "adapters.a.scal"),
-        ({"adapters": {"a": {"type": "lora", "at": {"op": "linear", "modul": "x"}}}}, "adapters.a.at.modul"),
-        ({"adapters": {"a": {"type": "lora", "at": {"weight": {"shap": [1]}}}}}, "adapters.a.at.weight.shap"),
-        (
-            {"adapters": {"a": {"type": "lora", "at": {"any_of": [{"op": "linear"}, {"opp": "x"}]}}}},
-            "adapters.a.at.any_of[1].opp",
-        ),
-        ({"adapters": {"a": {"type": "lora", "at": {"exclude": {"layer": 1}}}}}, "adapters.a.at.exclude.layer"),
-        ({"adapters": {"a": {"type": "lora", "at": {}, "with": {"rank": 4}}}}, "adapters.a.with.rank"),
-        (
-            {"adapters": {"a": {"type": "lora", "at": {}, "with": {"r": {"cases": [{"whn": {}, "value": 1}]}}}}},
-            "adapters.a.with.r.cases[0].whn",
-        ),
-    ],
-)
-def test_unknown_keys_are_rejected_by_field_path(spec, field):
-    with pytest.raises(peftfx.SpecError) as info:
-        load_spec(spec)
-    assert f"{field}: unknown field" in str(info.value)
-    model, x = _model()
-    with pytest.raises(peftfx.PeftfxError, match=field.replace(".", r"\.").replace("[", r"\[")):
-        peftfx.compile(model, spec, x)
-
-
-def test_unknown_key_in_yaml_names_file_and_line(tmp_path):
-    text = "adapters:\n  a:\n    type: lora\n    at:\n      op: linear\n      modul: x\n"
-    path = _write(tmp_path / "spec.yaml", text)
-    with pytest.raises(peftfx.SpecError, match=rf"{path}:6: adapters\.a\.at\.modul: unknown field"):
-        load_spec(path)
-
-
-def test_unknown_key_in_json_names_file(tmp_path):
-    path = _write(tmp_path / "spec.json", json.dumps({"adapters": {"a": {"type": "lora", "at": {"bogus": 1}}}}))
-    with pytest.raises(peftfx.SpecError, match=rf"{path}: adapters\.a\.at\.bogus: unknown field"):
-        load_spec(path)
-
-
-def test_bad_values_name_the_field():
-    with pytest.raises(peftfx.SpecError, match=r"adapters\.a\.type: unknown adapter kind 'lorax'"):
-        load_spec({"adapters": {"a": {"type": "lorax", "at": {}}}})
-    with pytest.raises(peftfx.SpecError, match=r"adapters\.a\.with\.r: .*greater than 0"):
-        load_spec({"adapters": {"a": {"type": "lora", "at": {}, "with": {"r": 0}}}})
-    with pytest.raises(peftfx.SpecError, match=r"adapters\.a\.at\.layers"):
-        load_spec({"adapters": {"a": {"type": "lora", "at": {"layers": "one-two"}}}})
-    with pytest.raises(peftfx.SpecError, match=r"adapters\.a\.at\.expect"):
-        load_spec({"adapters": {"a": {"type": "lora", "at": {"expect": "lots"}}}})
-    with pytest.raises(peftfx.SpecError, match=r"adapters\.a: an adapter needs `peft: <dir>`.*`type: <kind>`"):
-        load_spec({"adapters": {"a": {"r": 4}}})
-    with pytest.raises(peftfx.SpecError, match=r"capture"):
-        load_spec({"capture": "jit"})
-
-
-# -- malformed files -------------------------------------------------------------------------------------------
-
-
-def test_malformed_yaml_names_file_and_line(tmp_path):
-    path = _write(tmp_path / "bad.yaml", "adapters:\n  a:\n    type: lora\n    at: {op: linear\n    with: {r: 2}\n")
-    with pytest.raises(peftfx.SpecError, match=rf"{path}:5:\d+: invalid YAML") as info:
-        load_spec(path)
-    assert isinstance(info.value, ValueError)
-    with pytest.raises(peftfx.SpecError, match=rf"{path}:5"):
-        peftfx.compile(mlp(), path, mlp_inputs())
-
-
-def test_malformed_json_names_file_and_line(tmp_path):
-    text = '{\n "adapters": {\n  "a": {"type": "lora",\n   "at": {"op": "linear",, }}}}\n'
-    path = _write(tmp_path / "bad.json", text)
-    with pytest.raises(peftfx.SpecError, match=rf"{path}:4:\d+: invalid JSON"):
-        load_spec(path)
-
-
-def test_bad_spec_files(tmp_path):
-    with pytest.raises(peftfx.SpecError, match=r"missing\.yaml: spec file not found"):
-        load_spec(tmp_path / "missing.yaml")
-    with pytest.raises(peftfx.SpecError, match=r"spec\.txt: a spec file must end in"):
-        load_spec(_write(tmp_path / "spec.txt", "{}"))
-    with pytest.raises(peftfx.SpecError, match=r"list\.yaml: a spec is a mapping, not list"):
-        load_spec(_write(tmp_path / "list.yaml", "- adapters\n"))
-    with pytest.raises(peftfx.SpecError, match=r"spec must be a path, a dict or a peftfx\.Spec, not int"):
-        load_spec(42)
-    # an empty YAML file is the empty spec
-    assert load_spec(_write(tmp_path / "empty.yaml", ""))[0] == peftfx.Spec()
-
-
 # -- JSON Schema -------------------------------------------------------------------------------------------------
 
 
@@ -226,16 +134,6 @@ def test_merge_true_vs_list():
     none = peftfx.compile(model, {**TWO, "merge": []}, x)
     assert len(adapter_parameters(none)) == len(adapter_parameters(live))
     assert_unchanged(model, before)
-
-
-def test_merge_and_active_name_adapters_that_exist():
-    model, x = _model()
-    with pytest.raises(peftfx.SpecError, match=r"merge\[1\]: 'c' is not an active adapter"):
-        peftfx.compile(model, {**TWO, "merge": ["a", "c"]}, x)
-    with pytest.raises(peftfx.SpecError, match=r"active\[0\]: no adapter named 'z'"):
-        peftfx.compile(model, {**TWO, "active": ["z"]}, x)
-    with pytest.raises(peftfx.SpecError, match=r"merge\[0\]: 'b' is not an active adapter"):
-        peftfx.compile(model, {**TWO, "active": ["a"], "merge": ["b"]}, x)
 
 
 def test_inactive_adapter_is_left_out():

@@ -36,7 +36,7 @@ class DeftParams(BaseModel):
     alpha: float | None = Field(None, description="scale the injection by alpha / r (none: by 1)")
     para: bool = Field(False, description="PaRa: subspace removal only, no injection matrix R")
     init: bool = Field(True, description="true: R chosen so the adapter is the identity at init; false: random R")
-    init_scale: float = Field(1.0, description="std multiplier of the random R when init is false")
+    init_scale: float = Field(1.0, ge=0, description="std multiplier of the random R when init is false")
 
 
 class Deft(AdapterKind):

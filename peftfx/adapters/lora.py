@@ -134,10 +134,10 @@ class Lora(AdapterKind):
         xa = x.to(dtype) if cast and a.site.op != "embedding" else x
         scaling = t.get("scaling", h["scaling"])  # a tensor once padded to max_rank, so a swap can change it
         lora = _low_rank_path(a.site, xa, t["lora_A"], t["lora_B"], t.get("lora_B_bias")) * scaling
+        if not h["dora"]:  # as PEFT: a half-precision output is added in float32 and rounded once
+            return (y + lora).to(a.site.dtype) if cast else y + lora
         if cast:
             lora = lora.to(a.site.dtype)
-        if not h["dora"]:
-            return y + lora
         delta = _delta(a, t, a.site.dtype, scaling)
         norm = torch.linalg.vector_norm(_logical(a.site, weight) + delta, dim=_norm_dims(a.site)).detach()
         g = (t["lora_magnitude"].reshape(-1) / norm).reshape(_broadcast_shape(a.site))

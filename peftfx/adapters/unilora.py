@@ -53,7 +53,7 @@ class UniLoRAParams(BaseModel):
 
     r: int = Field(4, gt=0, description="rank of the LoRA factors built from θ")
     theta_d_length: int = Field(256, gt=0, description="length of the shared trained vector θ (one per adapter)")
-    init_theta_d_bound: float = Field(0.02, description="θ init U(-bound, bound) when init_weights is true")
+    init_theta_d_bound: float = Field(0.02, ge=0, description="θ init U(-bound, bound) when init_weights is true")
     init_weights: bool = Field(True, description="true: θ ~ U(±init_theta_d_bound); false: θ ~ N(0, 1)")
 
 

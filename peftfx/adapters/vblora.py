@@ -46,8 +46,8 @@ class VBLoRAParams(BaseModel):
     num_vectors: int = Field(256, gt=0, description="vectors in the shared bank (one bank for the whole adapter)")
     vector_length: int = Field(256, gt=0, description="length of a bank vector; must divide in and out")
     topk: int = Field(2, gt=0, description="bank vectors mixed per piece")
-    init_vector_bank_bound: float = Field(0.02, description="bank init: U(-bound, bound)")
-    init_logits_std: float = Field(0.1, description="logits init: N(0, std²)")
+    init_vector_bank_bound: float = Field(0.02, ge=0, description="bank init: U(-bound, bound)")
+    init_logits_std: float = Field(0.1, ge=0, description="logits init: N(0, std²)")
 
 
 class VBLoRA(AdapterKind):

@@ -16,7 +16,7 @@ from ..adapters import KINDS, SiteAdapter
 from ..adapters.base import adapter_dtype
 from ..adapters.delta import build as build_delta
 from ..adapters.lora import _factor_shapes, _hyper, _peft_keys
-from ..errors import SpecError
+from ..errors import MergeError, SpecError
 from ..sites import Site, attr
 
 
@@ -120,3 +120,8 @@ def check_foldable(task: Task) -> None:
         raise SpecError(f"{task.field}: a LoRA with lora_bias cannot be folded (the bias has no folded form)")
     if name not in KINDS:
         raise SpecError(f"{task.field}: unknown adapter kind {name!r}")
+    for role, tensor in task.adapter.tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MergeError(
+                f"{task.field}: tensor {role} at {task.adapter.site.module} holds NaN or inf, which no fold can combine"
+            )

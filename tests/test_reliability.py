@@ -1,0 +1,234 @@
+"""Nothing lost, nothing silently wrong: the model survives every failure, outputs appear whole or not at all,
+half-precision merges are rounded once, and the same spec gives the same bits every time, in every process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from models import mlp, mlp_inputs
+from oracle import peft_checkpoint, replace_tensor, run
+from safetensors.torch import load, load_file
+from torch import nn
+
+import peftfx
+from peftfx.save import written_atomically
+
+KEY_B = "base_model.model.layers.1.lora_B.weight"
+LORA = {"type": "lora", "at": {"op": "linear"}, "with": {"init": False}, "seed": 0}
+DORA = {"type": "dora", "at": {"module": "layers.1"}, "with": {"init": False}, "seed": 1}
+IA3_FF = {"type": "ia3", "at": {"module": "layers.1"}, "with": {"feedforward": True, "init": False}, "seed": 2}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("ckpt") / "lora"
+    peft_checkpoint(mlp(), peft.LoraConfig(r=2, target_modules=["layers.0", "layers.1"]), directory)
+    return directory
+
+
+def tree(model: nn.Module) -> list[tuple]:
+    """The module tree as the user sees it: names, classes, parameter objects and their flags."""
+    return [
+        (name, type(m), [(n, id(p), p.requires_grad, p.grad) for n, p in m.named_parameters(recurse=False)])
+        for name, m in model.named_modules()
+    ]
+
+
+def bits(model: nn.Module) -> dict[str, bytes]:
+    """The state dict, bit for bit (NaN-safe, unlike torch.equal)."""
+    return {k: v.detach().contiguous().view(torch.uint8).numpy().tobytes() for k, v in model.state_dict().items()}
+
+
+# -- the input model is never mutated --------------------------------------------------------------------------
+
+
+def failing_specs(ckpt: Path, tmp: Path) -> dict[str, tuple[dict, str]]:
+    """Specs that fail at each stage, each after a first adapter that succeeded."""
+    nan = tmp / "nan"
+    shutil.copytree(ckpt, nan)
+    replace_tensor(nan, KEY_B, lambda t: t.index_fill(0, torch.tensor([3]), float("nan")))
+    return {
+        "spec": ({"adapters": {"a": LORA, "b": {**LORA, "with": {"r": 0}}}}, r"adapters\.b\.with\.r"),
+        "checkpoint": ({"adapters": {"a": LORA, "b": {"peft": str(tmp / "missing")}}}, r"adapters\.b\.peft"),
+        "match": ({"adapters": {"a": LORA, "b": {**LORA, "at": {"module": "nope"}}}}, r"adapters\.b\.at: selector"),
+        "insert": ({"adapters": {"a": LORA, "b": IA3_FF}}, r"adapters\.b: ia3 recomputes"),
+        "merge order": ({"adapters": {"d": DORA, "a": LORA}, "merge": ["a"]}, r"do not commute"),
+        "merge nan": ({"adapters": {"a": LORA, "n": {"peft": str(nan)}}, "merge": True}, r"adapter 'n' .* NaN"),
+        "fold": (
+            {"adapters": {"a": LORA, "n": {"peft": str(nan)}, "m": {"combine": ["a", "n"]}}},
+            r"adapters\.m\.combine\[1\]: .*NaN",
+        ),
+    }
+
+
+@pytest.mark.parametrize("stage", ["spec", "checkpoint", "match", "insert", "merge order", "merge nan", "fold"])
+def test_failures_at_every_stage_leave_the_model_untouched(ckpt, tmp_path, stage):
+    model, x = mlp(), mlp_inputs()
+    before_bits, before_tree, before_out = bits(model), tree(model), run(model, x)
+    spec, match = failing_specs(ckpt, tmp_path)[stage]
+    with pytest.raises(peftfx.PeftfxError, match=match):
+        peftfx.compile(model, spec, x)
+    assert bits(model) == before_bits and tree(model) == before_tree
+    assert torch.equal(run(model, x), before_out)
+
+
+def test_training_the_graph_never_reaches_the_model():
+    """Success too: a step of training on a live graph and a merge leave the model's tensors as they were."""
+    model, x = mlp(), mlp_inputs()
+    before_bits, before_tree = bits(model), tree(model)
+    gm = peftfx.compile(model, {"adapters": {"a": LORA, "d": DORA}}, x)
+    gm(*x).square().sum().backward()
+    with torch.no_grad():
+        for p in gm.parameters():
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad)
+    peftfx.compile(model, {"adapters": {"a": LORA, "d": DORA}, "merge": True}, x)
+    assert bits(model) == before_bits and tree(model) == before_tree
+
+
+# -- outputs are written atomically ----------------------------------------------------------------------------
+
+
+def _breaking_save_file(tensors, filename):
+    Path(filename).write_bytes(b"half a safetensors fi")
+    raise OSError("disk full")
+
+
+def test_a_save_that_fails_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    gm = peftfx.compile(mlp(), {"adapters": {"a": LORA}}, mlp_inputs())
+    monkeypatch.setattr("peftfx.save.save_file", _breaking_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        peftfx.save_adapter(gm, "a", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary one
+
+
+def test_a_save_that_fails_keeps_the_previous_adapter_whole(tmp_path, monkeypatch):
+    first = peftfx.compile(mlp(), {"adapters": {"a": LORA}}, mlp_inputs())
+    out = peftfx.save_adapter(first, "a", tmp_path / "out")
+    saved = {f.name: f.read_bytes() for f in out.iterdir()}
+    old_b = load(saved["adapter_model.safetensors"])[KEY_B]
+    second = peftfx.compile(mlp(), {"adapters": {"a": {**LORA, "seed": 5}}}, mlp_inputs())
+    monkeypatch.setattr("peftfx.save.save_file", _breaking_save_file)
+    with pytest.raises(OSError):
+        peftfx.save_adapter(second, "a", out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.undo()
+    peftfx.save_adapter(second, "a", out)  # and a save that works replaces it
+    assert not torch.equal(load_file(out / "adapter_model.safetensors")[KEY_B], old_b)
+
+
+def test_written_atomically(tmp_path):
+    """What ``peftfx compile --output`` writes through: the old file stays until the new one is complete."""
+    target = tmp_path / "model.pt2"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), written_atomically(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("export failed")
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with written_atomically(target) as tmp:
+        assert tmp.suffix == ".pt2"
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
+
+
+# -- dtypes: half precisions merge once-rounded ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_merge_is_the_rounded_float64_merge(ckpt, dtype):
+    """The merged weight is the float64 merge rounded once to the model's dtype (so within half an ulp of it, the
+    best any rounding can do); PEFT adds a delta already rounded to that dtype, within one ulp."""
+    model, x = mlp(dtype=dtype), mlp_inputs(dtype=dtype)
+    merged = peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}, "merge": True}, x).state_dict()
+    peft_model = peft.PeftModel.from_pretrained(mlp(dtype=dtype), ckpt).eval()
+    scaling = peft_model.base_model.model.layers[1].scaling["default"]
+    peft_merged = peft_model.merge_and_unload().state_dict()
+    tensors = load_file(ckpt / "adapter_model.safetensors")
+    for i in (0, 1):
+        a, b = (tensors[f"base_model.model.layers.{i}.lora_{f}.weight"].double() for f in "AB")
+        reference = model.layers[i].weight.double() + scaling * b @ a
+        ours, theirs = merged[f"layers.{i}.weight"], peft_merged[f"layers.{i}.weight"]
+        assert ours.dtype == dtype and torch.equal(ours, reference.to(dtype))
+        ulp = _ulp(reference.to(dtype))
+        assert ((theirs.double() - reference).abs() <= ulp).all()  # PEFT: one ulp
+        assert ((ours.double() - reference).abs() <= (theirs.double() - reference).abs()).all()  # never worse
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``x``'s dtype at each entry, in float64."""
+    info = torch.finfo(x.dtype)
+    exponent = torch.floor(torch.log2(x.double().abs().clamp_min(info.tiny)))
+    return torch.exp2(exponent) * info.eps
+
+
+# -- determinism ---------------------------------------------------------------------------------------------
+
+MIXED = {
+    "adapters": {
+        "a": {**LORA, "with": {"r": {"gradient": [2, 4]}, "init": False}},
+        "v": {"type": "vera", "at": {"module": "layers.0"}, "with": {"r": 4, "init": False}, "seed": 3},
+        "l": {"type": "loha", "at": {"module": "layers.1"}, "with": {"r": 2, "init_weights": False}, "seed": 4},
+        "d": {"combine": ["a", "l"], "method": "dare_ties_svd", "density": 0.5, "seed": 7},
+    },
+    "active": ["v", "d"],
+}
+MERGED = {**MIXED, "merge": ["v"]}
+
+
+def fingerprint(gm: torch.fx.GraphModule) -> str:
+    """One digest of a graph's code, every tensor's name, dtype and bits, and its output."""
+    h = hashlib.sha256(gm.code.encode())
+    for name, tensor in sorted(gm.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    with torch.no_grad():
+        h.update(gm(*mlp_inputs()).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_same_spec_same_bits():
+    model, x = mlp(), mlp_inputs()
+    for spec in (MIXED, MERGED):
+        first, second = peftfx.compile(model, spec, x), peftfx.compile(model, spec, x)
+        assert first.code == second.code
+        assert bits(first) == bits(second)
+        assert torch.equal(run(first, x), run(second, x))
+        assert fingerprint(first) == fingerprint(second)
+    reference = fingerprint(peftfx.compile(model, MIXED, x))
+    torch.manual_seed(123)  # the global RNG does not enter a seeded spec
+    assert fingerprint(peftfx.compile(model, MIXED, x)) == reference
+    assert fingerprint(peftfx.compile(model, MERGED, x)) != reference
+
+
+SCRIPT = """
+import sys
+sys.path[:0] = [{tests!r}]
+import torch
+torch.set_num_threads(1)
+import peftfx
+from models import mlp, mlp_inputs
+from test_reliability import MERGED, MIXED, fingerprint
+print(*(fingerprint(peftfx.compile(mlp(), spec, mlp_inputs())) for spec in (MIXED, MERGED)))
+"""
+
+
+@pytest.mark.slow
+def test_same_bits_across_processes():
+    """Python's hash seed reorders sets and dict-of-set iteration between processes: nothing may depend on it."""
+    tests = str(Path(__file__).parent)
+    here = " ".join(fingerprint(peftfx.compile(mlp(), spec, mlp_inputs())) for spec in (MIXED, MERGED))
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT.format(tests=tests)], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.split() == here.split(), out.stderr
