@@ -17,7 +17,7 @@ from torch import fx
 
 from ..adapters import KINDS
 from ..errors import MergeError
-from ..rewrite import get_attr, rebind, take_name_back
+from ..rewrite import AttrIndex, get_attr, rebind, take_name_back
 from .base import Pass
 from .records import Record, nodes_by_name, records
 
@@ -37,17 +37,20 @@ class Merge(Pass):
             if name not in known:
                 raise MergeError(f"merge: adapter {name!r} is not in the graph (have: {', '.join(known) or 'none'})")
         renamed: list[tuple[fx.Node, fx.Node]] = []
+        # once per pass, not per site: merging erases only the merged adapter's nodes and adds none a record names
+        nodes, index = nodes_by_name(gm), AttrIndex(gm)
         for record in all_records:
             if record.adapter in self.adapters and not record.merged:
-                renamed += _merge(gm, record, all_records)
+                renamed += _merge(gm, record, all_records, nodes, index)
         for new, old in reversed(renamed):
             take_name_back(gm, new, old)
         return gm
 
 
-def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> list[tuple[fx.Node, fx.Node]]:
+def _merge(
+    gm: fx.GraphModule, record: Record, all_records: list[Record], nodes: dict[str, fx.Node], index: AttrIndex
+) -> list[tuple[fx.Node, fx.Node]]:
     """Fold one record; return the (new, old) get_attr pairs of weights that had to take a new name."""
-    nodes = nodes_by_name(gm)
     a = record.site_adapter(gm, nodes)
     _check_order(record, a.kind.additive(a), all_records, gm, nodes)
     for role, tensor in a.tensors.items():
@@ -73,7 +76,7 @@ def _merge(gm: fx.GraphModule, record: Record, all_records: list[Record]) -> lis
     renamed = []
     for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
         if old is not None and new_value is not value:
-            new = rebind(gm, [site.node], old, new_value, "merged")
+            new = rebind(gm, [site.node], old, new_value, "merged", index)
             if new is not None:
                 renamed.append((new, old))
     record.merged = True

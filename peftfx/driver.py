@@ -22,6 +22,11 @@ def compile(
     """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model."""
     spec, base_dir = load_spec(spec)
     gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+    return apply(gm, spec, base_dir)
+
+
+def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.GraphModule:
+    """``compile`` after the capture: rewrites ``gm`` itself (the benchmarks time it apart from the capture)."""
     plan = make_plan(gm, spec, base_dir)
     passes = [Insert(plan.placements, plan.overrides, plan.configs)]
     merged = spec.merged_adapters()
