@@ -1,0 +1,164 @@
+"""What every benchmark shares: the models, interleaved timing, the machine's description and the result files.
+
+Each script writes ``results/<name>.md`` (its tables) and ``results/<name>.json`` (its figures against their
+goals, and the data ``report.py`` plots); ``report.py`` assembles ``RESULTS.md`` from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured ratio and its goal (``value <= goal``); ``goal`` None for a figure reported for context."""
+
+    figure: str
+    value: float
+    goal: float | None = None
+
+    @property
+    def meets(self) -> bool | None:
+        return None if self.goal is None else self.value <= self.goal
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--output-dir", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one: the machine is shared)")
+    return p
+
+
+def llama(hidden: int, layers: int, *, vocab: int = 1024, intermediate: int | None = None, seed: int = 0) -> Any:
+    """A random float32 Llama: 32-wide heads, a quarter of them for keys and values (grouped-query attention)."""
+    torch.manual_seed(seed)
+    heads = max(hidden // 32, 2)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 4, 1),
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        use_cache=False,  # a captured graph returns no cache (torch.export rejects it): nor do the eager models
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_lora(base: torch.nn.Module, directory: Path, rank: int, seed: int = 1) -> Path:
+    """A PEFT LoRA on every linear layer but the head, with random (non-identity) factors, saved to disk."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(copy.deepcopy(base), config).save_pretrained(directory)
+    return directory
+
+
+def interleave(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each variant, one call of each per round, so load changes hit all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(values)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, Python {platform.python_version()}"
+    )
+
+
+def load() -> float:
+    """The 1-minute load average: above the core count, other jobs were competing for the CPU."""
+    return os.getloadavg()[0]
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> list[str]:
+    align = align or "-" + "r" * (len(header) - 1)
+    rule = ["---" if a == "-" else "---:" for a in align]
+    return [f"| {' | '.join(header)} |", f"| {' | '.join(rule)} |", *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def write(
+    output_dir: Path,
+    name: str,
+    title: str,
+    lines: list[str],
+    figures: Sequence[Figure],
+    data: dict[str, Any],
+    load_start: float,
+) -> None:
+    """``<name>.md``: title, machine and load, the script's lines; ``<name>.json``: figures and plot data."""
+    load_end = load()
+    head = [
+        f"# {title}",
+        "",
+        f"Machine: {machine()}. Load average {load_start:.1f} at the start, {load_end:.1f} at the end "
+        f"({os.cpu_count()} cores, shared with other jobs: ratios from one interleaved run are steadier than times).",
+        "",
+    ]
+    if figures:
+        head += table(
+            ["figure", "value", "goal", "meets"],
+            [(f.figure, f"{f.value:.3f}", _goal(f), _verdict(f)) for f in figures],
+            "-rr-",
+        )
+        head.append("")
+    text = "\n".join(head + lines) + "\n"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.md").write_text(text)
+    record = {
+        "name": name,
+        "title": title,
+        "machine": machine(),
+        "load": [load_start, load_end],
+        "figures": [asdict(f) | {"meets": f.meets} for f in figures],
+        "data": data,
+    }
+    (output_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(text)
+
+
+def _goal(f: Figure) -> str:
+    return "" if f.goal is None else f"≤ {f.goal:g}"
+
+
+def _verdict(f: Figure) -> str:
+    return {None: "", True: "yes", False: "**no**"}[f.meets]
