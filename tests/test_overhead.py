@@ -1,4 +1,4 @@
-"""What a captured graph costs per call, and what the pass loop checks: no more than the model needs."""
+"""Cheaper paths that must stay exact: the captured graph's call, the pass loop, the merge's finiteness check."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from models import tiny_llama, token_inputs
 from oracle import run
 from peftfx.passes import Cleanup, Pass, run_passes
+from peftfx.passes.merge import finite
 from torch import fx
 
 import peftfx
@@ -66,3 +67,15 @@ def test_run_passes_lints_each_pass_and_generates_the_code_at_the_end():
     assert gm.code.count("torch.relu(") == 2
     with pytest.raises(PassError, match=r"pass 'broken' \(after relu\) left an invalid graph"):
         run_passes(peftfx.capture(model, (x,)), [_Relu(), _Broken()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_sees_every_nan_and_infinity(dtype):
+    t = torch.randn(4, 5).to(dtype)
+    assert finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[1, 2] = bad
+        assert not finite(u)
+    assert finite(torch.arange(3)) and finite(torch.empty(0, dtype=dtype))
+    assert not finite(torch.tensor([1 + 1j, complex("nan")]))
