@@ -93,7 +93,7 @@ def finite(tensor: torch.Tensor) -> bool:
         return bool(torch.isfinite(tensor).all())
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return True
-    low, high = torch.aminmax(tensor)
+    low, high = torch.aminmax(tensor.detach())
     return math.isfinite(low) and math.isfinite(high)
 
 
