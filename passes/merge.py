@@ -10,7 +10,9 @@ it at the same site, or any live adapter before a non-additive one, makes the fo
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -40,9 +42,14 @@ class Merge(Pass):
         renamed: list[tuple[fx.Node, fx.Node]] = []
         # once per pass, not per site: merging erases only the merged adapter's nodes and adds none a record names
         nodes, index = nodes_by_name(gm), AttrIndex(gm)
+        untrimmed = 0  # bytes of weights merged since freed memory was last given back
         for record in all_records:
             if record.adapter in self.adapters and not record.merged:
                 renamed += _merge(gm, record, all_records, nodes, index)
+                untrimmed += get_attr(gm, record.raw_weight).nbytes
+                if untrimmed >= _TRIM_EVERY:
+                    _give_back_freed_memory()
+                    untrimmed = 0
         for new, old in reversed(renamed):
             take_name_back(gm, new, old)
         return gm
@@ -82,6 +89,22 @@ def _merge(
                 renamed.append((new, old))
     record.merged = True
     return renamed
+
+
+_TRIM_EVERY = 32 * 2**20
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def _give_back_freed_memory() -> None:
+    """Return the merges' freed float64 temporaries to the OS (glibc only; elsewhere nothing to do).
+
+    glibc keeps freed heap memory resident when later allocations sit above it: site after site, the peak
+    grew to about twice the merged weights. A trim costs tens of milliseconds on a large heap (the pages are
+    faulted in again), so it runs once per ``_TRIM_EVERY`` bytes merged, which bounds what stays resident.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def finite(tensor: torch.Tensor) -> bool:
