@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 RESULTS = Path(__file__).parent / "results"
+
+# PEFT calls a transformers method deprecated in 5.x on every load: one warning a call would bury the tables.
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -72,17 +76,24 @@ def save_lora(base: torch.nn.Module, directory: Path, rank: int, seed: int = 1) 
     return directory
 
 
-def interleave(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one call of each per round, so load changes hit all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
+def interleave(
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, tuple[list[float], list[float]]]:
+    """(wall, CPU) seconds per call of each variant, one call of each per round, so load hits all alike.
+
+    With one torch thread a call's CPU time is its latency on an idle machine: other jobs' time slices add to
+    the wall clock but not to it, which makes it the steadier measure on a shared machine.
+    """
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in variants}
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     for _ in range(repeats):
         for name, fn in variants.items():
-            t = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[name][1].append(time.process_time() - cpu)
+            times[name][0].append(time.perf_counter() - wall)
     return times
 
 

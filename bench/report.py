@@ -105,7 +105,7 @@ def _latency(ax: Any, data: dict[str, Any]) -> None:
     ax.barh(list(ms), [v / base for v in ms.values()], color="tab:blue")
     ax.axvline(1.0, color="grey", lw=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel("forward latency / base model (eager)")
+    ax.set_xlabel("forward CPU time / base model (eager)")
     ax.set_title("LoRA r=16 on all linear layers")
 
 
