@@ -4,18 +4,18 @@
 
 A small hidden size keeps it quick: tracing costs per op, not per weight element. Each round times, for
 every depth, the capture, the rest of ``compile`` on that capture (``compile`` is their sum, per round), and
-PEFT's from_pretrained (on a deep copy) + merge_and_unload. Results: results/scaling.md and .json.
+PEFT's from_pretrained (on a deep copy) + merge_and_unload; in CPU time (steady on a shared machine, see
+bench_compile.py). Results: results/scaling.md and .json.
 """
 
 from __future__ import annotations
 
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import Figure, llama, load, median, parser, save_lora, table, write
+from common import Figure, llama, load, median, parser, save_lora, table, timed, write
 from peft import PeftModel
 
 import peftfx
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     load_start = load()
 
-    times: dict[tuple[int, str], list[float]] = {}
+    times: dict[tuple[int, str], tuple[list[float], list[float]]] = {}
     with tempfile.TemporaryDirectory() as directory:
         models = {}
         for n in args.layers:
@@ -43,27 +43,18 @@ def main(argv: list[str] | None = None) -> None:
             models[n] = base, save_lora(base, Path(directory) / str(n), args.rank)
         inputs = {"input_ids": torch.randint(0, 256, (1, 16))}
 
-        def timed(key: tuple[int, str], fn, *a):
-            t = time.perf_counter()
-            out = fn(*a)
-            times.setdefault(key, []).append(time.perf_counter() - t)
-            return out
-
         for round_ in range(args.repeats + 1):  # round 0 (the smallest model only) warms up and is dropped
             for n, (base, ckpt) in list(models.items())[: 1 if round_ == 0 else None]:
                 spec = {"adapters": {"a": {"peft": str(ckpt)}}, "merge": True}
-                gm = timed((n, "capture"), peftfx.capture, base, inputs)
-                timed((n, "compile minus capture"), apply, gm, load_spec(spec)[0])
-                times.setdefault((n, "compile"), []).append(
-                    times[n, "capture"][-1] + times[n, "compile minus capture"][-1]
-                )
-                timed(
-                    (n, "PEFT load + merge"),
-                    lambda b=base, c=ckpt: PeftModel.from_pretrained(copy.deepcopy(b), c).merge_and_unload(),
-                )
+                gm = timed(times, (n, "capture"), peftfx.capture, base, inputs)
+                timed(times, (n, "compile minus capture"), apply, gm, load_spec(spec)[0])
+                timed(times, (n, "PEFT load + merge"), _peft_merge, base, ckpt)
             if round_ == 0:
                 times.clear()
-    s = {key: median(ts) for key, ts in times.items()}
+    s = {key: median(cpu) for key, (_, cpu) in times.items()}
+    for n in args.layers:  # compile = capture + the rest, round by round
+        rounds = zip(times[n, "capture"][1], times[n, "compile minus capture"][1], strict=True)
+        s[n, "compile"] = median(map(sum, rounds))
     rows, steps = [], []
     for i, n in enumerate(args.layers):
         step = s[n, "compile"] / s[args.layers[i - 1], "compile"] if i else None
@@ -81,13 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     figures = [Figure("compile time as layers double: largest step", max(steps), 2.2)] if steps else []
     lines = [
         f"Llama hidden {args.hidden}, LoRA r={args.rank} on every linear layer but the head (7 sites a layer), merged; "
-        f"medians of {args.repeats} interleaved rounds after a warm-up round. Times in ms. Linear means a constant "
+        f"medians of {args.repeats} interleaved rounds after a warm-up round. CPU times in ms. Linear means a constant "
         "(or, with a fixed cost, falling) time per layer.",
         "",
         *table(["layers", *STAGES, "compile / PEFT", "compile ms / layer", "step (x2 layers)"], rows),
     ]
     data = {"layers": args.layers, "ms": {stage: [s[n, stage] * 1e3 for n in args.layers] for stage in STAGES}}
     write(args.output_dir, "scaling", "Compile time against depth", lines, figures, data, load_start)
+
+
+def _peft_merge(base: torch.nn.Module, checkpoint: Path) -> None:
+    PeftModel.from_pretrained(copy.deepcopy(base), checkpoint).merge_and_unload()
 
 
 if __name__ == "__main__":

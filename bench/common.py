@@ -97,6 +97,16 @@ def interleave(
     return times
 
 
+def timed(times: dict[Any, tuple[list[float], list[float]]], key: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn(*args)``, appending its (wall, CPU) seconds to ``times[key]``; return what it returns."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    walls, cpus = times.setdefault(key, ([], []))
+    cpus.append(time.process_time() - cpu)
+    walls.append(time.perf_counter() - wall)
+    return out
+
+
 def median(values: Iterable[float]) -> float:
     return statistics.median(values)
 
