@@ -81,17 +81,20 @@ def interleave(
 ) -> dict[str, tuple[list[float], list[float]]]:
     """(wall, CPU) seconds per call of each variant, one call of each per round, so load hits all alike.
 
-    With one torch thread a call's CPU time is its latency on an idle machine: other jobs' time slices add to
-    the wall clock but not to it, which makes it the steadier measure on a shared machine.
+    Each round starts one variant later than the one before, so none always runs right after the same one
+    (which had made identical models differ by several percent). With one torch thread a call's CPU time is
+    its latency on an idle machine: other jobs' time slices add to the wall clock but not to it, which makes
+    it the steadier measure on a shared machine.
     """
-    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in variants}
+    names = list(variants)
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
     for _ in range(warmup):
         for fn in variants.values():
             fn()
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             wall, cpu = time.perf_counter(), time.process_time()
-            fn()
+            variants[name]()
             times[name][1].append(time.process_time() - cpu)
             times[name][0].append(time.perf_counter() - wall)
     return times
