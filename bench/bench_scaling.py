@@ -1,6 +1,6 @@
 """How ``peftfx.compile`` with merge scales with depth: 2, 4, 8, 16, 32 layers, beside PEFT's load + merge.
 
-    .venv/bin/python bench/bench_scaling.py [--hidden 64 --layers 2 4 8 16 32 --rank 8 --repeats 3]
+    .venv/bin/python bench/bench_scaling.py [--hidden 64 --layers 2 4 8 16 32 --rank 8 --repeats 5]
 
 A small hidden size keeps it quick: tracing costs per op, not per weight element. Each round times, for
 every depth, the capture, the rest of ``compile`` on that capture (``compile`` is their sum, per round), and
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = load()
