@@ -113,7 +113,7 @@ def _compile(ax: Any, data: dict[str, Any]) -> None:
     seconds = data["seconds"]
     ax.barh(list(seconds), [v * 1e3 for v in seconds.values()], color="tab:orange")
     ax.invert_yaxis()
-    ax.set_xlabel("ms (median)")
+    ax.set_xlabel("CPU ms (median)")
     ax.set_title(f"to a merged model ({data['layers']} layers, hidden {data['hidden']})")
 
 
@@ -125,7 +125,7 @@ def _scaling(ax: Any, data: dict[str, Any]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("layers")
-    ax.set_ylabel("ms (median)")
+    ax.set_ylabel("CPU ms (median)")
     ax.set_title("compile with merge against depth")
     ax.legend(fontsize=8)
 
