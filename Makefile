@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Each creates .venv when missing.
+# Two commands: `make demo` and `make test` (and `make bench`). Each creates .venv when missing.
 # torch is installed first, pinned, so pip never pulls a multi-GB CUDA build for the project's torch range.
 PYTHON ?= python3
 VENV := .venv
@@ -25,8 +25,10 @@ test: $(BIN)/peftfx
 lint: $(BIN)/peftfx
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# CPU benchmarks beside PEFT (each writes bench/results/<name>.md and .json), then bench/RESULTS.md and its plot.
 bench: $(BIN)/peftfx
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -3,24 +3,24 @@
     .venv/bin/python bench/bench_fold.py [--hidden 256 --layers 4 --rank 16 --repeats 3 --threads 1]
 
 For each method both sides start from the same three checkpoints on disk and end with a model running the
-folded adapter: PEFT loads the adapters and calls ``add_weighted_adapter``; peftfx plans a spec with a
-``combine`` on a captured graph (load, fold, insert: ``peftfx.compile`` minus the capture, which is done once
-and reported apart, since PEFT has no equivalent). The fold step alone is timed too (PEFT's
-``add_weighted_adapter`` call; peftfx's per-site folds).
+folded adapter: PEFT loads the adapters and calls ``add_weighted_adapter``; peftfx applies a spec with a
+``combine`` to a captured graph (load, fold, insert: ``peftfx.compile`` minus the capture, which is done once
+and reported apart, since PEFT has no equivalent). "ties + merge" also merges the folded adapter into the
+weights (PEFT: ``merge_and_unload``; peftfx: ``merge: [mix]``). The fold step alone is timed too (PEFT's
+``add_weighted_adapter`` call; peftfx's per-site folds). The model each run starts from (a deep copy of the
+base for PEFT, of the capture for peftfx) is made before the clock starts.
 
 Peak memory is the largest growth of the C heap in use (glibc's mallinfo2, where torch's CPU tensors live;
 the resident set where that is unavailable) over the run's start, sampled every millisecond by a thread
 (torch's allocations are invisible to tracemalloc). After one unmeasured warm-up of every variant, runs are
-interleaved; times are medians, peaks maxima. Results go to bench/results/fold.md with the machine noted.
+interleaved; times are medians, peaks maxima. Results: results/fold.md and .json.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -29,16 +29,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peftfx.passes import Cleanup, Insert, run_passes
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import Figure, llama, load, parser, save_lora, table, write
+from peft import PeftModel
 
 import peftfx.fold
 from peftfx.capture import capture
-from peftfx.plan import make_plan
+from peftfx.driver import apply
 from peftfx.spec import load_spec
 
 METHODS = {"cat": {}, "ties": {"density": 0.5}, "svd": {}, "ties_svd": {"density": 0.5}}
+VARIANTS = [(method, False) for method in METHODS] + [("ties", True)]  # (method, merge)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -92,28 +92,18 @@ def measure(fn: Callable[[], float]) -> tuple[float, float, int]:
     return seconds, fold_s, max(peak[0], rss() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "fold.md")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
-    args = parser.parse_args()
-
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=1024,
-    )
-    base = LlamaForCausalLM(config).eval()
-    inputs = {"input_ids": torch.randint(0, config.vocab_size, (1, 16))}
+    load_start = load()
+
+    base = llama(args.hidden, args.layers)
+    inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (1, 16))}
     t = time.perf_counter()
     captured = capture(base, inputs)
     capture_s = time.perf_counter() - t
@@ -133,91 +123,118 @@ def main() -> None:
     peftfx.fold.fold_site = timed_fold
 
     with tempfile.TemporaryDirectory() as directory:
-        dirs = {}
-        for i, name in enumerate(names):
-            torch.manual_seed(i + 1)
-            lora = LoraConfig(
-                r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False
-            )
-            dirs[name] = Path(directory) / name
-            get_peft_model(copy.deepcopy(base), lora).save_pretrained(dirs[name])
+        dirs = {name: save_lora(base, Path(directory) / name, args.rank, seed=i + 1) for i, name in enumerate(names)}
 
-        def run_peft(method: str) -> Callable[[], float]:
+        def run_peft(method: str, merge: bool) -> Callable[[], float]:
+            model = copy.deepcopy(base)
+
             def go() -> float:
-                model = PeftModel.from_pretrained(copy.deepcopy(base), dirs["a"], adapter_name="a")
+                peft_model = PeftModel.from_pretrained(model, dirs["a"], adapter_name="a")
                 for name in names[1:]:
-                    model.load_adapter(dirs[name], adapter_name=name)
+                    peft_model.load_adapter(dirs[name], adapter_name=name)
                 t = time.perf_counter()
-                model.add_weighted_adapter(names, weights, "mix", combination_type=method, **METHODS[method])
+                peft_model.add_weighted_adapter(names, weights, "mix", combination_type=method, **METHODS[method])
                 fold_s = time.perf_counter() - t
-                model.set_adapter("mix")
+                peft_model.set_adapter("mix")
+                if merge:
+                    peft_model.merge_and_unload()
                 return fold_s
 
             return go
 
-        def run_peftfx(method: str) -> Callable[[], float]:
+        def run_peftfx(method: str, merge: bool) -> Callable[[], float]:
             params = {"combine": names, "weights": weights, "method": method, **METHODS[method]}
             spec = {"adapters": {**{n: {"peft": str(dirs[n])} for n in names}, "mix": params}}
+            if merge:
+                spec["merge"] = ["mix"]
+            gm = copy.deepcopy(captured)
 
             def go() -> float:
                 fold_time[0] = 0.0
-                gm = copy.deepcopy(captured)
-                plan = make_plan(gm, load_spec(spec)[0], None)
-                run_passes(gm, [Insert(plan.placements, plan.overrides, plan.configs), Cleanup()])
+                apply(gm, load_spec(spec)[0])
                 return fold_time[0]
 
             return go
 
-        for method in METHODS:  # warm-up: first-call costs (imports, export caches) are not the fold's
-            run_peft(method)()
-            run_peftfx(method)()
-        results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+        for variant in VARIANTS:  # warm-up: first-call costs (imports, export caches) are not the fold's
+            run_peft(*variant)()
+            run_peftfx(*variant)()
+        results: dict[tuple[tuple[str, bool], str], list[tuple[float, float, int]]] = {}
         for _ in range(args.repeats):
-            for method in METHODS:
+            for variant in VARIANTS:
                 for side, make in (("PEFT", run_peft), ("peftfx", run_peftfx)):
-                    results.setdefault((method, side), []).append(measure(make(method)))
+                    results.setdefault((variant, side), []).append(measure(make(*variant)))
 
-    def summary(method: str, side: str) -> tuple[float, float, float]:
-        runs = results[method, side]
+    def summary(variant: tuple[str, bool], side: str) -> tuple[float, float, float]:
+        runs = results[variant, side]
         return (
             statistics.median(r[0] for r in runs),
             statistics.median(r[1] for r in runs),
             max(r[2] for r in runs) / 2**20,
         )
 
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    lines = [
-        "# Folding 3 LoRA adapters: peftfx combine vs PEFT add_weighted_adapter",
-        "",
-        f"Machine: {machine}. Llama hidden {args.hidden}, {args.layers} layers: {sites} linear sites; 3 LoRAs "
-        f"r={args.rank} on all of them, weights {weights}; medians of {args.repeats} interleaved runs, peak = max "
-        f"growth of {MEMORY} over the run's start, sampled every ms.",
-        "",
-        "Load+fold = PEFT: load 3 adapters + add_weighted_adapter; peftfx: load + fold + insert on a captured graph "
-        f"(the capture, {capture_s:.2f} s once per model, is left out). Fold = PEFT's add_weighted_adapter call; "
-        "peftfx's per-site folds.",
-        "",
-        "| method | PEFT load+fold s | peftfx load+fold s | ratio | PEFT fold s | peftfx fold s | fold ratio "
-        "| PEFT peak MiB | peftfx peak MiB | peak ratio |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for method in METHODS:
-        (pt, pf, pm), (xt, xf, xm) = summary(method, "PEFT"), summary(method, "peftfx")
-        lines.append(
-            f"| {method} | {pt:.3f} | {xt:.3f} | {xt / pt:.2f} | {pf:.3f} | {xf:.3f} | {xf / pf:.2f} "
-            f"| {pm:.1f} | {xm:.1f} | {xm / max(pm, 1e-9):.2f} |"
+    rows, ratios = [], {}
+    for variant in VARIANTS:
+        (pt, pf, pm), (xt, xf, xm) = summary(variant, "PEFT"), summary(variant, "peftfx")
+        label = f"{variant[0]} + merge" if variant[1] else variant[0]
+        ratios[label] = xt / pt
+        rows.append(
+            (
+                label,
+                f"{pt:.3f}",
+                f"{xt:.3f}",
+                f"{xt / pt:.2f}",
+                f"{pf:.3f}",
+                f"{xf:.3f}",
+                f"{xf / pf:.2f}",
+                f"{pm:.1f}",
+                f"{xm:.1f}",
+                f"{xm / max(pm, 1e-9):.2f}",
+            )
         )
-    lines += [
-        "",
-        "Ratios are peftfx / PEFT (below 1: peftfx is cheaper). The machine is shared with other jobs, so "
-        "differences under about 30% are within run-to-run noise.",
+    figures = [
+        Figure("TIES fold of 3 adapters + merge / PEFT add_weighted_adapter(ties) + merge", ratios["ties + merge"], 1.0)
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    figures += [
+        Figure(f"{label} fold (load + fold + insert) / PEFT", r) for label, r in ratios.items() if "merge" not in label
+    ]
+    lines = [
+        f"Llama hidden {args.hidden}, {args.layers} layers: {sites} linear sites; 3 LoRAs r={args.rank} on all of "
+        f"them, weights {weights}; medians of {args.repeats} interleaved runs, peak = max growth of {MEMORY} over the "
+        "run's start, sampled every ms.",
+        "",
+        "Load+fold = PEFT: load 3 adapters + add_weighted_adapter (+ merge_and_unload); peftfx: load + fold + insert "
+        f"(+ merge) on a captured graph (the capture, {capture_s:.2f} s once per model, is left out). Fold = PEFT's "
+        "add_weighted_adapter call; peftfx's per-site folds.",
+        "",
+        *table(
+            [
+                "method",
+                "PEFT load+fold s",
+                "peftfx load+fold s",
+                "ratio",
+                "PEFT fold s",
+                "peftfx fold s",
+                "fold ratio",
+                "PEFT peak MiB",
+                "peftfx peak MiB",
+                "peak ratio",
+            ],
+            rows,
+        ),
+        "",
+        "Ratios are peftfx / PEFT (below 1: peftfx is cheaper).",
+    ]
+    data = {"ratios": ratios, "capture_s": capture_s}
+    write(
+        args.output_dir,
+        "fold",
+        "Folding 3 LoRA adapters: peftfx combine beside PEFT add_weighted_adapter",
+        lines,
+        figures,
+        data,
+        load_start,
+    )
 
 
 if __name__ == "__main__":

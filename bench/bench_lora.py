@@ -1,104 +1,157 @@
-"""Forward latency of peftfx graphs against PEFT's eager model, side by side in one run.
+"""Forward latency of peftfx graphs beside PEFT's eager model and the base model, in one process.
 
     .venv/bin/python bench/bench_lora.py [--hidden 256 --layers 4 --batch 4 --seq 64 --rank 16 --repeats 30]
 
-Runs are interleaved (one call of each variant per round) and reported as medians and as ratios to the
-base model, with the machine noted, to bench/results/lora.md.
+One call of each variant per round (eager, and torch.compile'd unless ``--no-compile``), medians and ratios,
+of CPU time (the figures: with one thread, the latency other jobs' time slices do not inflate) and of wall
+time. A second table times a tiny input, where the call itself dominates: the captured graph's wrapper
+overhead (``ep.module()`` as torch.export returns it, and as peftfx trims it). Results: results/lora.md, .json.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import Figure, interleave, llama, load, median, parser, save_lora, table, write
+from peft import PeftModel
 
 import peftfx
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "lora.md")
-    args = parser.parse_args()
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=1024,
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--tiny-repeats", type=int, default=300)
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile'd graphs"
     )
-    base = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
-    with tempfile.TemporaryDirectory() as directory:
-        get_peft_model(copy.deepcopy(base), lora).save_pretrained(directory)
-        peft_live = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
-        t = time.perf_counter()
-        peft_merged = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval().merge_and_unload()
-        peft_merge_s = time.perf_counter() - t
-        inputs = {"input_ids": ids}
-        fx_live = peftfx.compile(base, {"adapters": {"a": {"peft": directory}}}, inputs)
-        t = time.perf_counter()
-        fx_merged = peftfx.compile(base, {"adapters": {"a": {"peft": directory}}, "merge": True}, inputs)
-        fx_merge_s = time.perf_counter() - t
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_start = load()
 
-    variants = {
+    base = llama(args.hidden, args.layers)
+    inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (args.batch, args.seq))}
+    with tempfile.TemporaryDirectory() as directory:
+        save_lora(base, Path(directory), args.rank)
+        peft_live = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+        peft_merged = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval().merge_and_unload()
+        fx_live = peftfx.compile(base, {"adapters": {"a": {"peft": directory}}}, inputs)
+        fx_merged = peftfx.compile(base, {"adapters": {"a": {"peft": directory}}, "merge": True}, inputs)
+    models = {
         "base (eager)": base,
         "PEFT unmerged": peft_live,
         "peftfx unmerged": fx_live,
         "PEFT merged": peft_merged,
         "peftfx merged": fx_merged,
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    compile_s = {}
+    if args.compile:
+        for name, model in (("PEFT unmerged", peft_live), ("peftfx unmerged", fx_live)):
+            compiled = torch.compile(model)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                compiled(**inputs)
+            compile_s[name] = time.perf_counter() - t
+            models[f"{name}, torch.compile"] = compiled
     with torch.inference_mode():
-        for model in variants.values():
-            model(**inputs)
-        for _ in range(args.repeats):
-            for name, model in variants.items():
-                t = time.perf_counter()
-                model(**inputs)
-                times[name].append(time.perf_counter() - t)
-    medians = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-    lines = [
-        "# LoRA forward latency: peftfx vs PEFT",
-        "",
-        f"Machine: {machine}. Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch}x{args.seq}, "
-        f"LoRA r={args.rank} on all linear layers; medians of {args.repeats} interleaved runs.",
-        "",
-        "| variant | median ms | ratio to base |",
-        "| --- | ---: | ---: |",
-        *(f"| {name} | {ms:.2f} | {ms / medians['base (eager)']:.3f} |" for name, ms in medians.items()),
-        "",
-        f"peftfx unmerged / PEFT unmerged: {medians['peftfx unmerged'] / medians['PEFT unmerged']:.3f}; "
-        f"peftfx merged / PEFT merged: {medians['peftfx merged'] / medians['PEFT merged']:.3f}.",
-        f"Load+merge: PEFT from_pretrained+merge_and_unload {peft_merge_s * 1e3:.0f} ms; "
-        f"peftfx compile (capture+merge) {fx_merge_s * 1e3:.0f} ms "
-        f"(ratio {fx_merge_s / peft_merge_s:.2f}; peftfx's includes the torch.export capture).",
+        times = interleave({name: _caller(model, inputs) for name, model in models.items()}, args.repeats)
+    ms = {name: median(cpu) * 1e3 for name, (_, cpu) in times.items()}
+    wall_ms = {name: median(wall) * 1e3 for name, (wall, _) in times.items()}
+    tiny = _tiny(args.rank, args.tiny_repeats)
+
+    base_ms, peft_ms = ms["base (eager)"], ms["PEFT unmerged"]
+    figures = [
+        Figure("merged graph / base model (eager)", ms["peftfx merged"] / base_ms, 1.03),
+        Figure("unmerged graph / PEFT unmerged (eager)", ms["peftfx unmerged"] / peft_ms, 1.00),
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if args.compile:
+        compiled_ms = ms["peftfx unmerged, torch.compile"]
+        figures += [
+            Figure("unmerged graph, torch.compile / PEFT unmerged (eager)", compiled_ms / peft_ms, 0.8),
+            Figure(
+                "unmerged graph, torch.compile / PEFT unmerged, torch.compile",
+                compiled_ms / ms["PEFT unmerged, torch.compile"],
+            ),
+        ]
+    figures += [
+        Figure("merged graph / PEFT merged (eager)", ms["peftfx merged"] / ms["PEFT merged"]),
+        Figure("tiny input: captured graph / base model (eager)", tiny["peftfx capture"] / tiny["base (eager)"]),
+        Figure("tiny input: untrimmed ep.module() / base model (eager)", tiny["ep.module()"] / tiny["base (eager)"]),
+    ]
+    lines = [
+        f"Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch}x{args.seq}, float32, LoRA r={args.rank} "
+        f"on every linear layer but the head; medians of {args.repeats} interleaved rounds. The ratios are of CPU "
+        "time (see above); the wall-clock ones, inflated by other jobs, are beside them.",
+        "",
+        *table(
+            ["variant", "CPU ms", "ratio to base", "ratio to PEFT unmerged", "wall ms", "wall ratio to base"],
+            [
+                (
+                    n,
+                    f"{v:.2f}",
+                    f"{v / base_ms:.3f}",
+                    f"{v / peft_ms:.3f}",
+                    f"{wall_ms[n]:.2f}",
+                    f"{wall_ms[n] / wall_ms['base (eager)']:.3f}",
+                )
+                for n, v in ms.items()
+            ],
+        ),
+        "",
+    ]
+    if compile_s:
+        first = ", ".join(f"{name} {s:.1f} s" for name, s in compile_s.items())
+        lines += [f"torch.compile (Inductor), first call: {first}.", ""]
+    lines += [
+        "Call overhead on a tiny input (Llama hidden 64, 2 layers, batch 1x8; medians of "
+        f"{args.tiny_repeats} interleaved rounds). `ep.module()` is torch.export's module as it comes: its "
+        "hooks re-flatten and match the inputs and its graph asserts each `.to`'s dtype on every call; peftfx's "
+        "capture drops both and keeps the shape guards.",
+        "",
+        *table(
+            ["variant", "CPU ms", "ratio to base"],
+            [(n, f"{v:.3f}", f"{v / tiny['base (eager)']:.3f}") for n, v in tiny.items()],
+        ),
+    ]
+    data = {"latency_ms": ms, "wall_ms": wall_ms, "tiny_ms": tiny, "torch_compile_first_call_s": compile_s}
+    write(
+        args.output_dir,
+        "lora",
+        "LoRA forward latency: peftfx beside PEFT and the base model",
+        lines,
+        figures,
+        data,
+        load_start,
+    )
+
+
+def _caller(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    return lambda: model(**inputs)
+
+
+def _tiny(rank: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per call on a tiny input: the wrapper's own cost shows, the arithmetic hardly does."""
+    base = llama(64, 2, vocab=128)
+    inputs = {"input_ids": torch.randint(0, 128, (1, 8))}
+    with tempfile.TemporaryDirectory() as directory:
+        save_lora(base, Path(directory), rank)
+        merged = peftfx.compile(base, {"adapters": {"a": {"peft": directory}}, "merge": True}, inputs)
+    raw = torch.export.export(base, (), inputs, strict=False).module()
+    models = {"base (eager)": base, "ep.module()": raw, "peftfx capture": peftfx.capture(base, inputs)}
+    models["peftfx merged"] = merged
+    with torch.inference_mode():
+        times = interleave({name: _caller(m, inputs) for name, m in models.items()}, repeats, warmup=10)
+    return {name: median(cpu) * 1e3 for name, (_, cpu) in times.items()}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Rewrite passes. Each takes a GraphModule and returns it rewritten; each states what it requires and ensures.
 
-The driver lints and recompiles the graph after every pass, so a broken pass is caught where it happened.
+The driver lints the graph after every pass, so a broken pass is caught where it happened, and recompiles it once.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ it at the same site, or any live adapter before a non-additive one, makes the fo
 
 from __future__ import annotations
 
+import ctypes
+import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +20,7 @@ from torch import fx
 
 from ..adapters import KINDS
 from ..errors import MergeError
-from ..rewrite import get_attr, rebind, take_name_back
+from ..rewrite import AttrIndex, get_attr, rebind, take_name_back
 from .base import Pass
 from .records import Record, nodes_by_name, records
 
@@ -38,23 +41,34 @@ class Merge(Pass):
             if name not in known:
                 raise MergeError(f"merge: adapter {name!r} is not in the graph (have: {', '.join(known) or 'none'})")
         renamed: list[tuple[fx.Node, fx.Node]] = []
+        # once per pass, not per site: merging erases only the merged adapter's nodes and adds none a record names
+        nodes, index = nodes_by_name(gm), AttrIndex(gm)
+        untrimmed = 0  # bytes of weights merged since freed memory was last given back
         for record in all_records:
             if record.adapter in self.adapters and not record.merged:
-                renamed += _merge(gm, record, all_records, record.adapter in self.allow_nonfinite)
+                renamed += _merge(gm, record, all_records, nodes, index, record.adapter in self.allow_nonfinite)
+                untrimmed += get_attr(gm, record.raw_weight).nbytes
+                if untrimmed >= _TRIM_EVERY:
+                    _give_back_freed_memory()
+                    untrimmed = 0
         for new, old in reversed(renamed):
             take_name_back(gm, new, old)
         return gm
 
 
 def _merge(
-    gm: fx.GraphModule, record: Record, all_records: list[Record], allow_nonfinite: bool
+    gm: fx.GraphModule,
+    record: Record,
+    all_records: list[Record],
+    nodes: dict[str, fx.Node],
+    index: AttrIndex,
+    allow_nonfinite: bool,
 ) -> list[tuple[fx.Node, fx.Node]]:
     """Fold one record; return the (new, old) get_attr pairs of weights that had to take a new name."""
-    nodes = nodes_by_name(gm)
     a = record.site_adapter(gm, nodes)
     _check_order(record, a.kind.additive(a), all_records, gm, nodes)
     for role, tensor in a.tensors.items():
-        if not allow_nonfinite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not allow_nonfinite and not finite(tensor):
             raise MergeError(
                 f"merge: adapter {record.adapter!r} at {record.module}: tensor {role} holds NaN or inf; "
                 "merging it would corrupt the weights (set `allow_nonfinite: true` on the adapter to fold it anyway)"
@@ -65,7 +79,7 @@ def _merge(
     bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
     raw_bias = get_attr(gm, record.raw_bias) if record.raw_bias is not None else None
     new_weight, new_bias = a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
-    if not allow_nonfinite and not torch.isfinite(new_weight).all():
+    if not allow_nonfinite and not finite(new_weight):
         raise MergeError(f"merge: adapter {record.adapter!r} at {record.module}: the merged weight is not finite")
     nodes[record.output].replace_all_uses_with(nodes[record.input])
     for other in all_records:
@@ -78,11 +92,40 @@ def _merge(
     renamed = []
     for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
         if old is not None and new_value is not value:
-            new = rebind(gm, [site.node], old, new_value, "merged")
+            new = rebind(gm, [site.node], old, new_value, "merged", index)
             if new is not None:
                 renamed.append((new, old))
     record.merged = True
     return renamed
+
+
+_TRIM_EVERY = 32 * 2**20
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def _give_back_freed_memory() -> None:
+    """Return the merges' freed float64 temporaries to the OS (glibc only; elsewhere nothing to do).
+
+    glibc keeps freed heap memory resident when later allocations sit above it: site after site, the peak
+    grew to about twice the merged weights. A trim costs tens of milliseconds on a large heap (the pages are
+    faulted in again), so it runs once per ``_TRIM_EVERY`` bytes merged, which bounds what stays resident.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """``isfinite(tensor).all()`` without its boolean copy: a NaN or an infinity shows in the min or the max.
+
+    On CPU this is some 40 times faster; the check of every merged weight had been a third of a merge's time.
+    """
+    if tensor.is_complex():
+        return bool(torch.isfinite(tensor).all())
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return math.isfinite(low) and math.isfinite(high)
 
 
 def _check_order(record: Record, additive: bool, all_records: list[Record], gm: fx.GraphModule, nodes: dict) -> None:

@@ -86,6 +86,11 @@ def build(
     return Build(gm, summarize(spec, plan), seconds)
 
 
+def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.GraphModule:
+    """``compile`` after the capture: rewrites ``gm`` itself (the benchmarks time it apart from the capture)."""
+    return rewrite(gm, spec, make_plan(gm, spec, base_dir))
+
+
 def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     """Run the passes a planned spec needs on a captured graph (rewritten in place)."""
     routed = spec.routed_adapters()

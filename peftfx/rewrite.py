@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -90,24 +91,56 @@ def tagged_get_attr(graph: fx.Graph, target: str, tag: dict[str, str]) -> fx.Nod
 
 def attr_users(gm: fx.GraphModule, value: Any) -> list[fx.Node]:
     """Every node that reads ``value`` through any get_attr (aliases, such as tied weights, included)."""
-    return [
-        user
-        for node in gm.graph.nodes
-        if node.op == "get_attr" and get_attr(gm, str(node.target)) is value
-        for user in node.users
-    ]
+    return [user for node in _getters(gm).get(id(value), (None, []))[1] for user in node.users]
 
 
-def rebind(gm: fx.GraphModule, readers: list[fx.Node], old: fx.Node, tensor: torch.Tensor, hint: str) -> fx.Node | None:
+class AttrIndex:
+    """The get_attr nodes of every attribute, found once for a pass that rebinds many weights.
+
+    A walk per weight made merging quadratic in the model's depth. The index stays exact as long as the pass
+    adds no get_attr of an indexed tensor (``rebind`` only adds ones of new tensors, which it does not index).
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.getters = _getters(gm)
+
+    def users(self, value: Any) -> list[fx.Node]:
+        held, nodes = self.getters.get(id(value), (None, []))
+        if held is not value:
+            return attr_users(self.gm, value)
+        still = [n for n in nodes if not n._erased and get_attr(self.gm, str(n.target)) is value]
+        return [user for node in still for user in node.users]
+
+
+def _getters(gm: fx.GraphModule) -> dict[int, tuple[Any, list[fx.Node]]]:
+    """id -> (the attribute, its get_attr nodes); every parameter and buffer named in one walk of the modules."""
+    named = dict(itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)))
+    getters: dict[int, tuple[Any, list[fx.Node]]] = {}
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = named[node.target] if node.target in named else get_attr(gm, str(node.target))
+        getters.setdefault(id(value), (value, []))[1].append(node)
+    return getters
+
+
+def rebind(
+    gm: fx.GraphModule,
+    readers: list[fx.Node],
+    old: fx.Node,
+    tensor: torch.Tensor,
+    hint: str,
+    index: AttrIndex | None = None,
+) -> fx.Node | None:
     """Make ``readers`` read ``tensor`` where they read the get_attr ``old``, leaving every other reader as is.
 
     When ``readers`` are the tensor's only readers the attribute is replaced under its own name (so a merged
     graph has the base graph's names and node count); otherwise, e.g. for a tied weight, the new tensor gets
     a name of its own, and its get_attr node is returned. The old tensor is never written to: it may be the
-    user's storage.
+    user's storage. ``index`` spares a pass that rebinds many weights a walk of the graph for each.
     """
     current = get_attr(gm, str(old.target))
-    if set(attr_users(gm, current)) <= set(readers):
+    users = index.users(current) if index is not None else attr_users(gm, current)
+    if set(users) <= set(readers):
         set_attr(gm, str(old.target), nn.Parameter(tensor, requires_grad=False))
         return None
     target = fresh_target(gm, f"{old.target}_{hint}")
