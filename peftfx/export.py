@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
 
     The model is checked with ``onnx.checker``; the same spec and model give byte-identical files, in any process
     or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as for ``dynamic_shapes``; a
-    dim asked dynamic that the capture fixed raises ``CaptureError``.
+    dim asked dynamic that the capture fixed raises ``CaptureError``. The graph is exported in eval mode (no
+    dropout), whatever its modules' modes, which are left as they were.
     """
     import onnx
 
@@ -85,7 +87,10 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     if axes:
         flat = dynamic_shapes(dict(zip(names, values, strict=True)), axes)
         shapes = ((*flat.values(), *[None] * len(feeds)),)
-    program = torch.onnx.export(module, (*values, *feeds.values()), dynamic_shapes=shapes, dynamo=True, verbose=False)
+    with _eval_mode(module):
+        program = torch.onnx.export(
+            module, (*values, *feeds.values()), dynamic_shapes=shapes, dynamo=True, verbose=False
+        )
     graph_inputs = list(program.model.graph.inputs)
     if len(graph_inputs) != len(names) + len(feeds):
         raise RuntimeError(f"export_onnx: the exporter gave {len(graph_inputs)} inputs for {len(names) + len(feeds)}")
@@ -111,13 +116,31 @@ class _Flat(nn.Module):
     def __init__(self, gm: fx.GraphModule, n_args: int, kwargs: Sequence[str], tensors: Sequence[str]) -> None:
         super().__init__()
         self.gm, self.n_args, self.kwargs, self.tensors = gm, n_args, list(kwargs), list(tensors)
-        self.training = gm.training  # not train(): an exported program's module refuses it
 
     def forward(self, *flat: torch.Tensor) -> Any:
         n, k = self.n_args, len(self.kwargs)
         kwargs = dict(zip(self.kwargs, flat[n : n + k], strict=True))
         tensors = dict(zip(self.tensors, flat[n + k :], strict=True))
         return torch.func.functional_call(self.gm, tensors, flat[:n], kwargs)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every module of ``module`` in eval mode for the export, each one's mode restored after.
+
+    A served model is an eval model. A graph from ``symbolic_trace`` still calls its dropout (and batch norm)
+    modules, which would export as their training ops (measured: an ONNX ``Dropout`` zeroing outputs at random);
+    a ``torch.export`` graph has them fixed already, but the exporter warns of training mode all the same.
+    ``training`` is set directly: an exported program's module refuses ``train()`` and ``eval()``.
+    """
+    modes = {m: m.training for m in module.modules()}
+    try:
+        for m in modes:
+            m.training = False
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _named(example_inputs: Inputs) -> tuple[list[str], list[Any]]:
