@@ -25,6 +25,7 @@ from torch.export import Dim
 from .capture import Inputs
 from .errors import CaptureError, SpecError
 from .passes.records import adapters, records
+from .passes.route import batch_size
 from .rewrite import get_attr
 
 Dynamic = bool | Mapping[str, Mapping[int, str]]
@@ -71,12 +72,17 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     The model is checked with ``onnx.checker``; the same spec and model give byte-identical files, in any process
     or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as for ``dynamic_shapes``; a
     dim asked dynamic that the capture fixed raises ``CaptureError``. The graph is exported in eval mode (no
-    dropout), whatever its modules' modes, which are left as they were.
+    dropout), whatever its modules' modes, which are left as they were. A routed graph's file takes
+    ``adapter_index`` after the model's inputs; ``example_inputs`` need not hold it (``dynamic=True``: its dim 0
+    is the batch).
     """
     import onnx
 
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, Mapping) else ((), example_inputs)
-    names, values = _named(example_inputs)
+    routing = gm.meta.get("peftfx", {}).get("routing")
+    if routing is not None and routing["input"] not in kwargs:  # its values never change the graph: no branch
+        kwargs = {**kwargs, routing["input"]: torch.full((batch_size(example_inputs),), -1, dtype=torch.int64)}
+    names, values = [f"input_{i}" for i in range(len(args))] + list(kwargs), [*args, *kwargs.values()]
     for name, value in zip(names, values, strict=True):
         if not isinstance(value, torch.Tensor):
             raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")

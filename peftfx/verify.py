@@ -34,6 +34,7 @@ from .errors import SpecError
 from .fold import METHODS
 from .model_ref import token_inputs
 from .passes import Cleanup, Merge, run_passes
+from .passes.route import batch_size
 from .plan import make_plan
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Spec, load_spec
 
@@ -178,7 +179,7 @@ def _against_routing(
     so every row meets every routed adapter and the base model, mixed within a batch whenever it has two rows."""
     routed = spec.routed_adapters()
     always = [n for n in spec.active_adapters() if n not in routed]
-    batch = _batch(inputs)
+    batch = batch_size(inputs)
     picks = [[(row + shift) % (len(routed) + 1) - 1 for row in range(batch)] for shift in range(len(routed) + 1)]
     graph = _live(model, spec.model_copy(update={"merge": False}), base_dir, inputs)
     runs = [_outputs(_call(graph, inputs, adapter_index=torch.tensor(p))) for p in picks]
@@ -213,15 +214,6 @@ def _alone(spec: Spec, names: list[str]) -> Spec:
 def _by_rows(alone: dict[int, dict[str, torch.Tensor]], picks: list[list[int]], names: list[str]) -> dict[str, Any]:
     """What the routed runs should give: row r of run s is row r of adapter ``picks[s][r]`` alone."""
     return {n: torch.cat([torch.stack([alone[k][n][r] for r, k in enumerate(p)]) for p in picks]) for n in names}
-
-
-def _batch(inputs: Inputs) -> int:
-    """The batch size: dim 0 of the first tensor input, as routing reads it."""
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    first = next((v for v in values if isinstance(v, torch.Tensor) and v.ndim), None)
-    if first is None:
-        raise SpecError("routing: verify needs a tensor example input whose dim 0 is the batch")
-    return first.shape[0]
 
 
 def _against_peft(

@@ -149,6 +149,7 @@ def routed(tmp_path):
     return model, spec
 
 
+@pytest.mark.slow
 def test_a_routed_spec_checks_each_row_against_its_adapter_alone_and_peft(routed):
     model, spec = routed
     report = peftfx.verify(model, spec, token_inputs())
@@ -159,6 +160,7 @@ def test_a_routed_spec_checks_each_row_against_its_adapter_alone_and_peft(routed
     assert not [c for c in checks if c[0] == "all"]  # every adapter on every sample is not what the spec runs
 
 
+@pytest.mark.slow
 def test_a_routed_spec_with_an_always_on_adapter_has_no_peft_row(routed):
     """PEFT's adapter_names has no adapter that runs for every sample: rows are compared with the graphs alone."""
     model, spec = routed
@@ -169,6 +171,7 @@ def test_a_routed_spec_with_an_always_on_adapter_has_no_peft_row(routed):
     assert routing == ["routed vs alone"]
 
 
+@pytest.mark.slow
 def test_a_wrong_routed_graph_fails(routed, monkeypatch):
     route = importlib.import_module("peftfx.passes.route")
     low_rank_delta = route._low_rank_delta
