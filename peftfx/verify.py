@@ -68,7 +68,7 @@ def default_tolerance(model: nn.Module) -> Tolerance:
 
 @dataclass(frozen=True)
 class Comparison:
-    """One output of one adapter (or ``all`` of them), compared one way."""
+    """One output of one adapter (or ``all`` of them, or the ``routing`` graph), compared one way."""
 
     adapter: str
     check: str  # "merged vs live", "live vs PEFT", "merged vs PEFT merged", "routed vs alone", "routed vs PEFT",
@@ -324,6 +324,7 @@ def _live_and_merged(
 
 
 def _live(model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs) -> Any:
+    """The spec's graph as compile makes it, from an already loaded spec (``base_dir`` resolves its paths)."""
     gm = capture(model, inputs, method=spec.capture)
     return rewrite(gm, spec, make_plan(gm, spec, base_dir))
 
