@@ -18,7 +18,7 @@ for transformers' Conv1D): true of every batch-first model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..adapters import SiteAdapter
+from ..capture import Inputs
 from ..errors import PeftfxError, SpecError
 from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr
 from ..sites import Site
@@ -68,6 +69,15 @@ class Route(Pass):
             _route(gm, node, row, index, self.adapters)
         gm.meta.setdefault("peftfx", {})["routing"] = {"input": INPUT, "adapters": list(self.adapters)}
         return gm
+
+
+def batch_size(inputs: Inputs) -> int:
+    """The batch of a model's inputs as routing reads it, dim 0 of the first tensor: an ``adapter_index``'s length."""
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    first = next((v for v in values if isinstance(v, torch.Tensor) and v.ndim), None)
+    if first is None:
+        raise SpecError("routing: the example inputs have no tensor whose dim 0 is the batch")
+    return first.shape[0]
 
 
 def _check(p: Placement, i: int) -> None:

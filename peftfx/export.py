@@ -11,7 +11,8 @@ input per adapter tensor named as its attribute in the graph, ``peftfx.<adapter>
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.export import Dim
 from .capture import Inputs
 from .errors import CaptureError, SpecError
 from .passes.records import adapters, records
+from .passes.route import batch_size
 from .rewrite import get_attr
 from .save import written_atomically
 
@@ -68,12 +70,18 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
 
     The model is checked with ``onnx.checker``; the same spec and model give byte-identical files, in any process
     or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as for ``dynamic_shapes``; a
-    dim asked dynamic that the capture fixed raises ``CaptureError``.
+    dim asked dynamic that the capture fixed raises ``CaptureError``. The graph is exported in eval mode (no
+    dropout), whatever its modules' modes, which are left as they were. A routed graph's file takes
+    ``adapter_index`` after the model's inputs; ``example_inputs`` need not hold it (``dynamic=True``: its dim 0
+    is the batch).
     """
     import onnx
 
     args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, Mapping) else ((), example_inputs)
-    names, values = _named(example_inputs)
+    routing = gm.meta.get("peftfx", {}).get("routing")
+    if routing is not None and routing["input"] not in kwargs:  # its values never change the graph: no branch
+        kwargs = {**kwargs, routing["input"]: torch.full((batch_size(example_inputs),), -1, dtype=torch.int64)}
+    names, values = [f"input_{i}" for i in range(len(args))] + list(kwargs), [*args, *kwargs.values()]
     for name, value in zip(names, values, strict=True):
         if not isinstance(value, torch.Tensor):
             raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
@@ -84,7 +92,10 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     if axes:
         flat = dynamic_shapes(dict(zip(names, values, strict=True)), axes)
         shapes = ((*flat.values(), *[None] * len(feeds)),)
-    program = torch.onnx.export(module, (*values, *feeds.values()), dynamic_shapes=shapes, dynamo=True, verbose=False)
+    with _eval_mode(module):
+        program = torch.onnx.export(
+            module, (*values, *feeds.values()), dynamic_shapes=shapes, dynamo=True, verbose=False
+        )
     graph_inputs = list(program.model.graph.inputs)
     if len(graph_inputs) != len(names) + len(feeds):
         raise RuntimeError(f"export_onnx: the exporter gave {len(graph_inputs)} inputs for {len(names) + len(feeds)}")
@@ -112,13 +123,31 @@ class _Flat(nn.Module):
     def __init__(self, gm: fx.GraphModule, n_args: int, kwargs: Sequence[str], tensors: Sequence[str]) -> None:
         super().__init__()
         self.gm, self.n_args, self.kwargs, self.tensors = gm, n_args, list(kwargs), list(tensors)
-        self.training = gm.training  # not train(): an exported program's module refuses it
 
     def forward(self, *flat: torch.Tensor) -> Any:
         n, k = self.n_args, len(self.kwargs)
         kwargs = dict(zip(self.kwargs, flat[n : n + k], strict=True))
         tensors = dict(zip(self.tensors, flat[n + k :], strict=True))
         return torch.func.functional_call(self.gm, tensors, flat[:n], kwargs)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every module of ``module`` in eval mode for the export, each one's mode restored after.
+
+    A served model is an eval model. A graph from ``symbolic_trace`` still calls its dropout (and batch norm)
+    modules, which would export as their training ops (measured: an ONNX ``Dropout`` zeroing outputs at random);
+    a ``torch.export`` graph has them fixed already, but the exporter warns of training mode all the same.
+    ``training`` is set directly: an exported program's module refuses ``train()`` and ``eval()``.
+    """
+    modes = {m: m.training for m in module.modules()}
+    try:
+        for m in modes:
+            m.training = False
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _named(example_inputs: Inputs) -> tuple[list[str], list[Any]]:

@@ -2,8 +2,12 @@
 
 This is what a user's CI runs before shipping a merged model. Every active adapter is checked on its own
 (live vs merged, and against PEFT when it is a PEFT checkpoint or a PEFT fold of checkpoints), then all of
-them together. A "live vs base" row shows how far each adapter moves the outputs, informational only: an
-adapter that changes nothing passes every other check trivially, and the report says so.
+them together. A routed spec (``routing:``) has no "all together": its routed graph runs a batch mixing every
+routed adapter and the base model, and each row must be what its adapter computes alone over the always-on
+adapters (``routed vs alone``), and, when every active adapter is a PEFT checkpoint, what PEFT's
+``adapter_names`` computes (``routed vs PEFT``). A "live vs base" row shows how far each adapter moves the
+outputs, informational only: an adapter that changes nothing passes every other check trivially, and the report
+says so.
 
 Errors are measured per output tensor as the largest absolute difference and that difference relative to
 the reference's largest magnitude (robust where outputs cross zero). A check passes when
@@ -30,6 +34,7 @@ from .errors import SpecError
 from .fold import METHODS
 from .model_ref import token_inputs
 from .passes import Cleanup, Merge, run_passes
+from .passes.route import batch_size
 from .plan import make_plan
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Spec, load_spec
 
@@ -63,10 +68,11 @@ def default_tolerance(model: nn.Module) -> Tolerance:
 
 @dataclass(frozen=True)
 class Comparison:
-    """One output of one adapter (or ``all`` of them), compared one way."""
+    """One output of one adapter (or ``all`` of them, or the ``routing`` graph), compared one way."""
 
     adapter: str
-    check: str  # "merged vs live", "live vs PEFT", "merged vs PEFT merged", or "live vs base" (informational)
+    check: str  # "merged vs live", "live vs PEFT", "merged vs PEFT merged", "routed vs alone", "routed vs PEFT",
+    # or "live vs base" (informational)
     output: str
     max_abs: float
     max_rel: float
@@ -134,13 +140,15 @@ def verify(
     fresh = [n for n in active if isinstance(spec.adapters[n], FreshAdapter)] if perturb else []
     if fresh:
         report.notes.append(f"fresh adapters moved off their init before comparing: {', '.join(fresh)}")
+    routed = spec.routed_adapters()
     groups = [(name, [name]) for name in active]
-    if len(active) > 1:
+    if len(active) > 1 and not routed:
         groups.append(("all", active))
+    total = len(groups) + bool(routed)
     for done, (label, names) in enumerate(groups, start=1):
         if progress is not None:
-            progress(f"verify {label}", done, len(groups))
-        variant = spec.model_copy(update={"active": names, "merge": False})
+            progress(f"verify {label}", done, total)
+        variant = spec.model_copy(update={"active": names, "merge": False, "routing": None})
         live, merged = (_outputs(o) for o in _live_and_merged(model, variant, base_dir, inputs, fresh))
         report.rows += _compare(label, "live vs base", live, base, None)
         if all(r.max_abs == 0 for r in report.rows[-len(live) :]):
@@ -148,7 +156,64 @@ def verify(
         report.rows += _compare(label, "merged vs live", merged, live, tol)
         if with_peft and label != "all":
             report.rows += _against_peft(model, spec, base_dir, label, inputs, live, merged, tol, report.notes)
+    if routed:
+        if progress is not None:
+            progress("verify routing", total, total)
+        if set(fresh) & set(routed):
+            report.notes.append("routing: fresh routed adapters are compared at their init, not moved off it")
+        report.rows += _against_routing(model, spec, base_dir, inputs, base, tol, with_peft, report.notes)
     return report
+
+
+def _against_routing(
+    model: nn.Module,
+    spec: Spec,
+    base_dir: Path | None,
+    inputs: Inputs,
+    base: dict[str, torch.Tensor],
+    tol: Tolerance,
+    with_peft: bool,
+    notes: list[str],
+) -> list[Comparison]:
+    """The routed graph, live, on the example batch routed n+1 ways (row r, shift s: pick ``(r + s) % (n+1) - 1``),
+    so every row meets every routed adapter and the base model, mixed within a batch whenever it has two rows."""
+    routed = spec.routed_adapters()
+    always = [n for n in spec.active_adapters() if n not in routed]
+    batch = batch_size(inputs)
+    picks = [[(row + shift) % (len(routed) + 1) - 1 for row in range(batch)] for shift in range(len(routed) + 1)]
+    graph = _live(model, spec.model_copy(update={"merge": False}), base_dir, inputs)
+    runs = [_outputs(_call(graph, inputs, adapter_index=torch.tensor(p))) for p in picks]
+    alone = {-1: _outputs(_call(_live(model, _alone(spec, always), base_dir, inputs), inputs)) if always else base}
+    for k, name in enumerate(routed):
+        alone[k] = _outputs(_call(_live(model, _alone(spec, [*always, name]), base_dir, inputs), inputs))
+    batched = [name for name, ref in base.items() if ref.ndim and ref.shape[0] == batch]
+    if len(batched) < len(base):
+        notes.append(f"routing: outputs without the batch as dim 0 not compared per row ({len(base) - len(batched)})")
+    actual = {n: torch.cat([run[n] for run in runs]) for n in batched if all(n in run for run in runs)}
+    rows = _compare("routing", "routed vs alone", actual, _by_rows(alone, picks, batched), tol)
+    adapters = [spec.adapters[n] for n in routed]
+    if not with_peft or always or not all(isinstance(a, PeftAdapter) and a.scale == 1.0 for a in adapters):
+        return rows
+    try:
+        reference = load_peft(model, _directory(adapters[0], base_dir), routed[0])
+        for name, adapter in zip(routed[1:], adapters[1:], strict=True):
+            reference.load_adapter(_directory(adapter, base_dir), adapter_name=name)
+        names = [[routed[k] if k >= 0 else "__base__" for k in p] for p in picks]
+        peft_runs = [_outputs(_call(reference, inputs, adapter_names=n)) for n in names]
+        expected = {n: torch.cat([run[n] for run in peft_runs]) for n in batched}
+    except Exception as e:  # PEFT refuses some mixed batches (DoRA, other tuners): the rows above still hold
+        notes.append(f"routing: PEFT could not run adapter_names ({type(e).__name__}: {e})")
+        return rows
+    return rows + _compare("routing", "routed vs PEFT", actual, expected, tol)
+
+
+def _alone(spec: Spec, names: list[str]) -> Spec:
+    return spec.model_copy(update={"active": names, "merge": False, "routing": None})
+
+
+def _by_rows(alone: dict[int, dict[str, torch.Tensor]], picks: list[list[int]], names: list[str]) -> dict[str, Any]:
+    """What the routed runs should give: row r of run s is row r of adapter ``picks[s][r]`` alone."""
+    return {n: torch.cat([torch.stack([alone[k][n][r] for r, k in enumerate(p)]) for p in picks]) for n in names}
 
 
 def _against_peft(
@@ -245,8 +310,7 @@ def _live_and_merged(
     model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs, perturbed: list[str]
 ) -> tuple[Any, Any]:
     """The outputs of the spec's live graph, and of that same graph with every active adapter merged."""
-    gm = capture(model, inputs, method=spec.capture)
-    live = rewrite(gm, spec, make_plan(gm, spec, base_dir))
+    live = _live(model, spec, base_dir, inputs)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in sorted(live.named_parameters()):
@@ -259,9 +323,16 @@ def _live_and_merged(
     return _call(live, inputs), _call(merged, inputs)
 
 
-def _call(module: nn.Module, inputs: Inputs) -> Any:
+def _live(model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs) -> Any:
+    """The spec's graph as compile makes it, from an already loaded spec (``base_dir`` resolves its paths)."""
+    gm = capture(model, inputs, method=spec.capture)
+    return rewrite(gm, spec, make_plan(gm, spec, base_dir))
+
+
+def _call(module: nn.Module, inputs: Inputs, **extra: Any) -> Any:
+    """Call like the model, with ``extra`` keyword inputs (``adapter_index``, PEFT's ``adapter_names``)."""
     with torch.no_grad():
-        return module(**inputs) if isinstance(inputs, Mapping) else module(*inputs)
+        return module(**inputs, **extra) if isinstance(inputs, Mapping) else module(*inputs, **extra)
 
 
 def _outputs(out: Any, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -20,8 +20,11 @@ from peftfx.model_ref import ModelRef, load_model
 
 SPECS = sorted((Path(__file__).parent.parent / "specs").glob("*.yaml"))
 LORA = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-# PEFT configs of the checkpoints a spec names, when not a LoRA
-CONFIGS = {"ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
+# PEFT configs of the checkpoints a spec names, by directory, when not LORA
+CONFIGS = {
+    "ia3_adapter": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "legal": peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["v_proj", "o_proj", "up_proj"]),
+}
 
 
 @dataclass
@@ -41,7 +44,7 @@ def example(path: Path, tmp_path: Path) -> Example:
     out = Example(spec, data, model, inputs)
     for i, (name, adapter) in enumerate(data.get("adapters", {}).items()):
         if "peft" in adapter:
-            config = CONFIGS.get(path.stem, LORA)
+            config = CONFIGS.get(adapter["peft"], LORA)
             prepare = functools.partial(perturb, seed=i)
             out.peft_models[name] = peft_checkpoint(model, config, tmp_path / adapter["peft"], prepare)
     return out

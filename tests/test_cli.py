@@ -163,12 +163,24 @@ def test_every_command_on_the_example_spec(path, tmp_path):
     compiled = invoke("compile", spec, "-o", tmp_path / "out", "-f", "json")
     assert compiled.exit_code == 0, compiled.output
     summary = json.loads(compiled.stdout)
-    assert [a["sites"] for a in summary["adapters"]] == [len({r["module"] for r in matched})]
+    for adapter in summary["adapters"]:
+        assert adapter["sites"] == len({r["module"] for r in matched if r["adapter"] == adapter["name"]})
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"program.pt2", "graph.py", "summary.json"}
     verified = invoke("verify", spec, "-f", "json")
     assert verified.exit_code == 0, verified.output
     report = json.loads(verified.stdout)
     assert report["ok"] and any(r["check"] == "merged vs live" for r in report["rows"])
+
+
+@pytest.mark.slow
+def test_export_of_a_routed_spec_takes_adapter_index(tmp_path):
+    """The spec's example inputs have no adapter_index; the exported file takes it after the model's inputs."""
+    import onnx
+
+    spec = example(SPECS / "routing.yaml", tmp_path).spec
+    result = invoke("export", spec, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input] == ["input_ids", "adapter_index"]
 
 
 def test_explain_shows_resolved_values_per_site():

@@ -9,6 +9,7 @@ of size ~1).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import onnx
@@ -105,6 +106,29 @@ def test_the_same_spec_and_model_give_byte_identical_files(tmp_path):
         gm = peftfx.compile(mlp(), spec, mlp_inputs())
         paths.append(peftfx.export_onnx(gm, mlp_inputs(), tmp_path / f"{i}.onnx"))
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+class _Dropout(torch.nn.Module):
+    """A plain module captured by symbolic_trace: its dropout stays a module call, whose mode decides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop = torch.nn.Linear(12, 8), torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.lin(x))
+
+
+def test_a_graph_in_training_mode_exports_in_eval_mode_without_a_warning(tmp_path):
+    model, inputs = _Dropout().train(), mlp_inputs()
+    gm = peftfx.compile(model, {"adapters": {"a": lora({"op": "linear"})}}, inputs)
+    assert gm.training and gm.drop.training  # a training-mode ONNX file would drop outputs at random
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Exporting a model while it is in training mode")
+        path = peftfx.export_onnx(gm, inputs, tmp_path / "m.onnx")
+    assert gm.training and gm.drop.training, "the caller's modes are restored"
+    gm.eval()
+    assert_close(ort_run(path, named(inputs)), run(gm, inputs), TOL, "onnxruntime vs the graph in eval mode")
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):

@@ -146,6 +146,26 @@ def test_onnx_export_takes_adapter_index(setup):
         assert_close(out, expected(peft_model, names), TOL, f"onnxruntime, routing {names}")
 
 
+@pytest.mark.slow
+def test_export_onnx_adds_adapter_index_with_a_dynamic_batch(setup, tmp_path):
+    """Example inputs without adapter_index (as the CLI's): the file takes it anyway, its dim 0 the batch."""
+    import onnxruntime as ort
+
+    base, root, peft_model = setup
+    gm = peftfx.compile(base, spec(root), {"input_ids": IDS}, dynamic_shapes=peftfx.dynamic_shapes({"input_ids": IDS}))
+    path = peftfx.export_onnx(gm, {"input_ids": IDS}, tmp_path / "m.onnx", dynamic=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert {i.name: i.shape for i in session.get_inputs()} == {
+        "input_ids": ["batch", "sequence"],
+        "adapter_index": ["batch"],
+    }
+    names, ids = ["b", BASE, "a"], IDS[:3, :4]
+    feeds = {"input_ids": ids.numpy(), "adapter_index": index(names, ("a", "b")).numpy()}
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, adapter_names=names).logits
+    assert_close(torch.from_numpy(session.run(None, feeds)[0]), want, TOL, "onnxruntime, batch 3")
+
+
 MLP_CONFIGS = {
     "lora": {
         "a": peft.LoraConfig(r=2, target_modules=["layers.0"]),

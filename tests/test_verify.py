@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 
@@ -9,7 +10,7 @@ import peft
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_llama, token_inputs
-from oracle import assert_unchanged, peft_checkpoint, snapshot
+from oracle import assert_unchanged, peft_checkpoint, perturb, snapshot
 
 import peftfx
 from peftfx.adapters import KINDS
@@ -132,3 +133,51 @@ def test_tolerance_follows_the_dtype_and_an_empty_spec_is_an_error():
     assert report.tolerance == peftfx.Tolerance(rtol=1e-9, atol=1e-12) and report.ok
     with pytest.raises(peftfx.SpecError, match="no active adapter"):
         peftfx.verify(mlp(), {}, mlp_inputs())
+
+
+@pytest.fixture
+def routed(tmp_path):
+    """A tiny Llama and two PEFT LoRAs of other ranks and targets (distinct seeds), routed per sample."""
+    model = tiny_llama()
+    configs = {
+        "a": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        "b": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "o_proj"]),
+    }
+    for seed, (name, config) in enumerate(configs.items()):
+        peft_checkpoint(model, config, tmp_path / name, functools.partial(perturb, seed=seed))
+    spec = {"adapters": {n: {"peft": str(tmp_path / n)} for n in configs}, "routing": {"adapters": ["a", "b"]}}
+    return model, spec
+
+
+@pytest.mark.slow
+def test_a_routed_spec_checks_each_row_against_its_adapter_alone_and_peft(routed):
+    model, spec = routed
+    report = peftfx.verify(model, spec, token_inputs())
+    assert report.ok, str(report)
+    checks = [(r.adapter, r.check) for r in report.rows]
+    assert ("a", "merged vs PEFT merged") in checks and ("b", "merged vs PEFT merged") in checks
+    assert checks[-2:] == [("routing", "routed vs alone"), ("routing", "routed vs PEFT")]
+    assert not [c for c in checks if c[0] == "all"]  # every adapter on every sample is not what the spec runs
+
+
+@pytest.mark.slow
+def test_a_routed_spec_with_an_always_on_adapter_has_no_peft_row(routed):
+    """PEFT's adapter_names has no adapter that runs for every sample: rows are compared with the graphs alone."""
+    model, spec = routed
+    fresh = {"type": "lora", "at": {"module": "*.up_proj"}, "with": {"r": 2, "init": False}, "seed": 0}
+    report = peftfx.verify(model, {**spec, "adapters": {**spec["adapters"], "up": fresh}}, token_inputs())
+    assert report.ok, str(report)
+    routing = [r.check for r in report.rows if r.adapter == "routing"]
+    assert routing == ["routed vs alone"]
+
+
+@pytest.mark.slow
+def test_a_wrong_routed_graph_fails(routed, monkeypatch):
+    route = importlib.import_module("peftfx.passes.route")
+    low_rank_delta = route._low_rank_delta
+    monkeypatch.setattr(route, "_low_rank_delta", lambda *args: 1.01 * low_rank_delta(*args))
+    report = peftfx.verify(*routed, token_inputs())
+    assert {(r.adapter, r.check) for r in report.failures} == {
+        ("routing", "routed vs alone"),
+        ("routing", "routed vs PEFT"),
+    }
