@@ -78,10 +78,10 @@ class Insert(Pass):
 def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.Node:
     site = a.site
     tag = {"adapter": adapter, "node": site.node.name}
-    prefix = f"peftfx.{_key(adapter)}"
+    prefix = f"peftfx.{attr_key(adapter)}"
     targets = {}
     for role, tensor in a.tensors.items():
-        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{_key(site.module)}.{role}"
+        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.module)}.{role}"
         try:
             get_attr(gm, targets[role])  # shared roles, and a module called at several sites, reuse one tensor
         except AttributeError:
@@ -128,7 +128,8 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
     return out
 
 
-def _key(name: str) -> str:
+def attr_key(name: str) -> str:
+    """A module path or adapter name as one attribute name: adapter tensors live at ``peftfx.<adapter>.<site>``."""
     return re.sub(r"\W", "_", name.replace(".", "__"))
 
 
@@ -156,7 +157,7 @@ def _apply_override(gm: fx.GraphModule, o: Override) -> None:
         raise CheckpointError(f"{o.file}: tensor {o.key!r} replaces {o.target!r}, which the graph never reads")
     for old, users in readers.items():
         if users:
-            rebind(gm, users, old, tensor, _key(o.adapter))
+            rebind(gm, users, old, tensor, attr_key(o.adapter))
 
 
 def _within(path: str, module: str) -> bool:

@@ -18,7 +18,7 @@ for transformers' Conv1D): true of every batch-first model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..adapters import SiteAdapter
-from ..capture import Inputs
+from ..capture import Inputs, split_inputs
 from ..errors import PeftfxError, SpecError
 from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr
 from ..sites import Site
 from .base import Pass
-from .insert import Placement, _key
+from .insert import Placement, attr_key
 
 INPUT = "adapter_index"
 _TAG = {"adapter": "routing", "node": INPUT}
@@ -73,11 +73,21 @@ class Route(Pass):
 
 def batch_size(inputs: Inputs) -> int:
     """The batch of a model's inputs as routing reads it, dim 0 of the first tensor: an ``adapter_index``'s length."""
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    first = next((v for v in values if isinstance(v, torch.Tensor) and v.ndim), None)
+    args, kwargs = split_inputs(inputs)
+    first = next((v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor) and v.ndim), None)
     if first is None:
         raise SpecError("routing: the example inputs have no tensor whose dim 0 is the batch")
     return first.shape[0]
+
+
+def with_index(gm: fx.GraphModule, inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``inputs`` as (args, kwargs), with an all-base ``adapter_index`` added when ``gm`` is routed and they lack
+    one: its values never change the graph, so any routing traces (and exports) the same one."""
+    args, kwargs = split_inputs(inputs)
+    routing = gm.meta.get("peftfx", {}).get("routing")
+    if routing is not None and routing["input"] not in kwargs:
+        kwargs[routing["input"]] = torch.full((batch_size(inputs),), -1, dtype=torch.int64)
+    return args, kwargs
 
 
 def _check(p: Placement, i: int) -> None:
@@ -157,7 +167,7 @@ def _route(
 ) -> None:
     site = next(a for a in row if a is not None).site
     stacked = {**_stack(row), **_dense(gm, row, adapters)}
-    prefix = f"peftfx.routing.{_key(site.module)}"
+    prefix = f"peftfx.routing.{attr_key(site.module)}"
     cursor, attrs = node, []
     for role, tensor in stacked.items():
         target = f"{prefix}.{role}"

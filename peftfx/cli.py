@@ -36,6 +36,7 @@ from . import model_ref
 from .driver import Build, build, format_params
 from .driver import explain as explain_spec
 from .errors import PeftfxError, SpecError
+from .passes.route import with_index
 from .spec import load_spec, spec_schema
 from .verify import Tolerance, default_tolerance
 from .verify import verify as verify_spec
@@ -304,11 +305,7 @@ def _save(result: Build, inputs: Any, output: Path) -> None:
     )
     if not single and foreign:
         raise PeftfxError(f"--output {output}: exists and is not a peftfx output directory; remove it or pick another")
-    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), dict(inputs))
-    routing = result.gm.meta.get("peftfx", {}).get("routing")
-    if routing is not None:  # every sample on the base model: any routing traces the same graph
-        batch = next(t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)).shape[0]
-        kwargs[routing["input"]] = torch.full((batch,), -1)
+    args, kwargs = with_index(result.gm, inputs)
     program = torch.export.export(result.gm, args, kwargs, strict=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:

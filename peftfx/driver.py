@@ -96,7 +96,7 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     routed = spec.routed_adapters()
     passes: list[Pass] = []
     if routed:
-        _check_routed(gm, plan.overrides, routed)
+        _check_routed(gm, plan, routed)
         passes.append(Route(routed, [p for p in plan.placements if p.adapter in routed]))
     always = [p for p in plan.placements if p.adapter not in routed]
     overrides = [o for o in plan.overrides if o.adapter not in routed]
@@ -105,12 +105,17 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
     if merged:
-        passes.append(Merge(merged, [n for n in merged if getattr(spec.adapters[n], "allow_nonfinite", False)]))
+        passes.append(merge_pass(spec, merged))
     passes.append(Cleanup())
     gm = run_passes(gm, passes)
     for name, info in adapters(gm).items():
         info.as_inputs = name in spec.adapters and spec.adapters[name].as_inputs
     return gm
+
+
+def merge_pass(spec: Spec, names: list[str]) -> Merge:
+    """The merge of ``names``, each with the NaN/inf opt-in its spec entry gives (``verify`` merges this way too)."""
+    return Merge(names, [n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)])
 
 
 def _check_deployable(spec: Spec, merged: list[str], routed: list[str]) -> None:
@@ -129,9 +134,18 @@ def _check_deployable(spec: Spec, merged: list[str], routed: list[str]) -> None:
                 raise SpecError(f"{where} is routed: its tensors live in the routing stacks, padded already")
 
 
-def _check_routed(gm: fx.GraphModule, overrides: list[Override], routed: list[str]) -> None:
-    """A routed adapter may not replace base tensors, except with their own values (PEFT saves embeddings)."""
-    for o in overrides:
+def _check_routed(gm: fx.GraphModule, plan: Plan, routed: list[str]) -> None:
+    """A routed adapter may not replace base tensors, except with their own values (PEFT saves embeddings); one
+    that does more than add to its site's output reads the raw site, so no always-on adapter may share it."""
+    always = {p.site_adapter.site.node: p.adapter for p in plan.placements if p.adapter not in routed}
+    for p in plan.placements:
+        a, other = p.site_adapter, always.get(p.site_adapter.site.node)
+        if p.adapter in routed and other is not None and not a.kind.additive(a):
+            raise SpecError(
+                f"routing.adapters[{routed.index(p.adapter)}]: {p.adapter!r} ({a.kind.name}) does more than add to "
+                f"{a.site.module}, where always-on {other!r} runs too: its rows would skip {other!r}'s effect there"
+            )
+    for o in plan.overrides:
         if o.adapter in routed and not _same(gm, o):
             raise SpecError(
                 f"routing.adapters[{routed.index(o.adapter)}]: {o.adapter!r} replaces the base tensor {o.target} "

@@ -20,10 +20,10 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from .capture import Inputs
+from .capture import Inputs, split_inputs
 from .errors import CaptureError, SpecError
 from .passes.records import adapters, records
-from .passes.route import batch_size
+from .passes.route import with_index
 from .rewrite import get_attr
 from .save import written_atomically
 
@@ -77,10 +77,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     """
     import onnx
 
-    args, kwargs = (tuple(example_inputs), {}) if not isinstance(example_inputs, Mapping) else ((), example_inputs)
-    routing = gm.meta.get("peftfx", {}).get("routing")
-    if routing is not None and routing["input"] not in kwargs:  # its values never change the graph: no branch
-        kwargs = {**kwargs, routing["input"]: torch.full((batch_size(example_inputs),), -1, dtype=torch.int64)}
+    args, kwargs = with_index(gm, example_inputs)
     names, values = [f"input_{i}" for i in range(len(args))] + list(kwargs), [*args, *kwargs.values()]
     for name, value in zip(names, values, strict=True):
         if not isinstance(value, torch.Tensor):
@@ -151,9 +148,8 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def _named(example_inputs: Inputs) -> tuple[list[str], list[Any]]:
-    if isinstance(example_inputs, Mapping):
-        return list(example_inputs), list(example_inputs.values())
-    return [f"input_{i}" for i in range(len(example_inputs))], list(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
+    return [f"input_{i}" for i in range(len(args))] + list(kwargs), [*args, *kwargs.values()]
 
 
 def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, dict[int, str]]:

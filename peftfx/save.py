@@ -62,6 +62,7 @@ def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
             for file in (WEIGHTS, CONFIG):
                 os.replace(tmp / file, out / file)
         else:
+            _as_if_created(tmp, 0o777)
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +78,14 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(name)
+        _as_if_created(Path(name), 0o666)
         os.replace(name, path)
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+def _as_if_created(path: Path, mode: int) -> None:
+    """Temporary files and folders are private (0600, 0700); what they become gets the mode ``open`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(mode & ~umask)

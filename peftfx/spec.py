@@ -320,6 +320,11 @@ class Spec(Strict):
         if self.routing is None:
             return []
         active, merged = self.active_adapters(), self.merged_adapters()
+        if "routing" in active and "routing" not in self.routing.adapters:
+            raise SpecError(
+                "adapters.routing: with `routing:` set, the name is taken by the routing tensors "
+                "(peftfx.routing.<module>); give this always-on adapter another name"
+            )
         for i, name in enumerate(self.routing.adapters):
             if name not in active:
                 raise SpecError(f"routing.adapters[{i}]: {name!r} is not an active adapter (active: {_names(active)})")

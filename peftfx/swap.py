@@ -36,9 +36,18 @@ def swap_adapter(gm: fx.GraphModule, name: str, source: Source) -> None:
     leaves the graph as it was.
     """
     mine = [r for r in records(gm) if r.adapter == name]
+    routing = gm.meta.get("peftfx", {}).get("routing")
+    if not mine and routing is not None and name in routing["adapters"]:
+        raise SpecError(f"swap_adapter: {name!r} is routed; its tensors are rows of the routing stacks, not swappable")
     if not mine:
         live = ", ".join(sorted({r.adapter for r in records(gm)})) or "none"
         raise SpecError(f"swap_adapter: no live adapter {name!r} in this graph (live: {live}; merged ones are gone)")
+    if adapters(gm)[name].overrides:
+        key = next(iter(adapters(gm)[name].overrides))
+        raise SpecError(
+            f"swap_adapter: {name!r} replaced base tensors when compiled ({key}: modules_to_save or a trained "
+            "bias), which another adapter's weights would be served beside; compile with the new adapter instead"
+        )
     spec, base_dir, label = _source_spec(source)
     active = spec.active_adapters()
     if len(active) != 1:

@@ -28,14 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import Inputs, capture
-from .driver import SpecLike, rewrite
+from .capture import Inputs, capture, split_inputs
+from .driver import SpecLike, apply, merge_pass
 from .errors import SpecError
 from .fold import METHODS
 from .model_ref import token_inputs
-from .passes import Cleanup, Merge, run_passes
+from .passes import Cleanup, run_passes
+from .passes.insert import attr_key
+from .passes.records import records
 from .passes.route import batch_size
-from .plan import make_plan
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Spec, load_spec
 
 
@@ -312,27 +313,29 @@ def _live_and_merged(
     """The outputs of the spec's live graph, and of that same graph with every active adapter merged."""
     live = _live(model, spec, base_dir, inputs)
     generator = torch.Generator().manual_seed(0)
+    keys = {attr_key(name) for name in perturbed}  # adapter names as their tensors' attribute paths spell them
     with torch.no_grad():
         for name, p in sorted(live.named_parameters()):
-            if p.requires_grad and name.split(".")[1] in perturbed:
+            if p.requires_grad and name.split(".")[1] in keys:
                 p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype))
     with warnings.catch_warnings():  # torch's pytree deprecations while copying an exported graph, not ours
         warnings.simplefilter("ignore", FutureWarning)
         copied = copy.deepcopy(live)
-    merged = run_passes(copied, [Merge(spec.active_adapters()), Cleanup()])
+    placed = {r.adapter for r in records(live)}  # an `expect: any` adapter may have placed nothing
+    merged = run_passes(copied, [merge_pass(spec, [n for n in spec.active_adapters() if n in placed]), Cleanup()])
     return _call(live, inputs), _call(merged, inputs)
 
 
 def _live(model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs) -> Any:
     """The spec's graph as compile makes it, from an already loaded spec (``base_dir`` resolves its paths)."""
-    gm = capture(model, inputs, method=spec.capture)
-    return rewrite(gm, spec, make_plan(gm, spec, base_dir))
+    return apply(capture(model, inputs, method=spec.capture), spec, base_dir)
 
 
 def _call(module: nn.Module, inputs: Inputs, **extra: Any) -> Any:
     """Call like the model, with ``extra`` keyword inputs (``adapter_index``, PEFT's ``adapter_names``)."""
+    args, kwargs = split_inputs(inputs)
     with torch.no_grad():
-        return module(**inputs, **extra) if isinstance(inputs, Mapping) else module(*inputs, **extra)
+        return module(*args, **kwargs, **extra)
 
 
 def _outputs(out: Any, prefix: str = "") -> dict[str, torch.Tensor]:

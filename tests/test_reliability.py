@@ -127,7 +127,7 @@ def test_a_save_that_fails_keeps_the_previous_adapter_whole(tmp_path, monkeypatc
 
 
 def test_written_atomically(tmp_path):
-    """What ``peftfx compile --output`` writes through: the old file stays until the new one is complete."""
+    """What ``export_onnx`` writes through: the old file stays until the new one is complete."""
     target = tmp_path / "model.pt2"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError), written_atomically(target) as tmp:
@@ -232,3 +232,15 @@ def test_same_bits_across_processes():
             [sys.executable, "-c", SCRIPT.format(tests=tests)], env=env, capture_output=True, text=True, check=True
         )
         assert out.stdout.split() == here.split(), out.stderr
+
+
+def test_outputs_get_the_mode_a_plain_write_would(tmp_path):
+    """Written through private temporaries (0600 files, 0700 folders), outputs still end up as ``open`` makes them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with written_atomically(tmp_path / "m.onnx") as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+    gm = peftfx.compile(mlp(), {"adapters": {"a": {"type": "lora", "at": {"op": "linear"}}}}, mlp_inputs())
+    peftfx.save_adapter(gm, "a", tmp_path / "saved")
+    assert (tmp_path / "saved").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -354,3 +354,40 @@ def test_a_model_input_of_the_same_name_is_refused():
     lora = {"type": "lora", "at": {"op": "linear"}}
     with pytest.raises(peftfx.SpecError, match="routing: the model already has an input named 'adapter_index'"):
         peftfx.compile(_TakesAdapterIndex(), {"adapters": {"a": lora}, "routing": {"adapters": ["a"]}})
+
+
+def _routed_mlp(extra: dict | None = None):
+    adapters = {n: {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2}, "seed": 0} for n in "ab"}
+    return peftfx.compile(
+        mlp(), {"adapters": {**adapters, **(extra or {})}, "routing": {"adapters": ["a", "b"]}}, mlp_inputs()
+    )
+
+
+def test_a_routed_adapter_is_not_swappable():
+    with pytest.raises(peftfx.SpecError, match=r"swap_adapter: 'a' is routed"):
+        peftfx.swap_adapter(_routed_mlp(), "a", {"adapters": {"x": {"type": "lora", "at": {"op": "linear"}}}})
+
+
+def test_an_always_on_adapter_may_not_be_called_routing():
+    """Its tensors would sit at peftfx.routing.<module>, where the routing stacks are."""
+    with pytest.raises(peftfx.SpecError, match=r"adapters\.routing: .* taken by the routing tensors"):
+        _routed_mlp({"routing": {"type": "lora", "at": {"op": "linear"}}})
+
+
+def test_compile_output_of_a_bare_tensor_input(tmp_path):
+    """A routed graph saved from example inputs given as one tensor gets an all-base adapter_index to trace with."""
+    from peftfx.passes.route import with_index
+
+    args, kwargs = with_index(_routed_mlp(), mlp_inputs()[0])
+    assert len(args) == 1 and kwargs["adapter_index"].tolist() == [-1] * mlp_inputs()[0].shape[0]
+
+
+def test_a_non_additive_routed_adapter_may_not_share_a_site_with_an_always_on_one():
+    """IA3 or DoRA rows start from the raw site output: an always-on adapter there would be skipped for them."""
+    with pytest.raises(peftfx.SpecError, match=r"routing\.adapters\[1\]: 'b' \(dora\) does more than add to layers\.0"):
+        _routed_mlp(
+            {
+                "b": {"type": "dora", "at": {"op": "linear"}, "with": {"r": 2}},
+                "c": {"type": "lora", "at": {"module": "layers.0"}},
+            }
+        )

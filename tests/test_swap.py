@@ -180,3 +180,27 @@ def test_deployment_fields_only_apply_to_live_adapters(model, field):
     folded = {"adapters": {"a": {**lora(2, 8.0, 0, None), field: value}, "mix": {"combine": ["a"], "method": "cat"}}}
     with pytest.raises(peftfx.SpecError, match=rf"adapters\.a\.{field}: 'a' is not active"):
         peftfx.compile(model, folded, mlp_inputs())
+
+
+def test_an_adapter_that_replaced_base_tensors_is_not_swappable(model, tmp_path):
+    """Its trained biases would stay in the graph beside the new adapter's weights: a mix of two adapters."""
+    config = peft.LoraConfig(r=2, target_modules=["layers.0"], bias="all")
+    peft_checkpoint(model, config, tmp_path / "biased")
+    gm = peftfx.compile(model, {"adapters": {"a": {"peft": str(tmp_path / "biased")}}}, mlp_inputs())
+    before = adapter_state(gm)
+    with pytest.raises(peftfx.SpecError, match=r"swap_adapter: 'a' replaced base tensors when compiled \(.*bias"):
+        peftfx.swap_adapter(
+            gm,
+            "a",
+            {
+                "adapters": {
+                    "b": lora(
+                        2,
+                        8.0,
+                        1,
+                        max_rank=None,
+                    )
+                }
+            },
+        )
+    assert all(torch.equal(v, before[k]) for k, v in adapter_state(gm).items())

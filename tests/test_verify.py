@@ -181,3 +181,15 @@ def test_a_wrong_routed_graph_fails(routed, monkeypatch):
         ("routing", "routed vs alone"),
         ("routing", "routed vs PEFT"),
     }
+
+
+def test_verify_merges_as_compile_does():
+    """An `expect: any` adapter that placed nothing, and a hyphenated fresh adapter (moved off its init too)."""
+    adapters = {
+        "none-here": {"type": "lora", "at": {"op": "conv2d", "expect": "any"}},
+        "my-lora": {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2}, "seed": 0},
+    }
+    report = peftfx.verify(mlp(), {"adapters": adapters, "merge": True}, mlp_inputs())
+    assert report.ok, str(report)
+    moved = [r for r in report.rows if r.adapter == "my-lora" and r.check == "live vs base"]
+    assert moved and moved[0].max_abs > 1e-3  # perturbed: the merge check compares a real adapter
