@@ -75,7 +75,8 @@ InputsOpt = Annotated[
     typer.Option(help="a .safetensors file of named example inputs (input_ids, ...)", show_default=False),
 ]
 SeqOpt = Annotated[
-    int | None, typer.Option(help="sequence length of the random token ids made for a transformers model (default 8)")
+    int | None,
+    typer.Option(min=1, help="sequence length of the random token ids made for a transformers model (default 8)"),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="output format")]
 

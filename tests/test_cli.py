@@ -141,6 +141,13 @@ def test_bad_model_reference_exits_2(model, message):
     assert message in result.output
 
 
+@pytest.mark.parametrize("command", ["explain", "compile", "verify", "export"])
+def test_a_sequence_length_below_one_exits_2(command):
+    result = invoke(command, SPECS / "fresh_dora_mlp.yaml", "--seq-len", "0")
+    assert result.exit_code == 2
+    assert "--seq-len" in result.output and "Traceback" not in result.output
+
+
 def test_a_transformers_directory_works(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "llama")
     result = invoke("compile", SPECS / "fresh_attention_lora.yaml", "--model", tmp_path / "llama", "-f", "json")
