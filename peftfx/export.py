@@ -72,8 +72,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as for ``dynamic_shapes``; a
     dim asked dynamic that the capture fixed raises ``CaptureError``. The graph is exported in eval mode (no
     dropout), whatever its modules' modes, which are left as they were. A routed graph's file takes
-    ``adapter_index`` after the model's inputs; ``example_inputs`` need not hold it (``dynamic=True``: its dim 0
-    is the batch).
+    ``adapter_index`` after the model's inputs; ``example_inputs`` need not hold it, and its dim 0 is dynamic
+    where the batch is (unless ``dynamic`` names it).
     """
     import onnx
 
@@ -84,7 +84,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
             raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
     feeds = adapter_inputs(gm)
     module = _Flat(gm, len(args), list(kwargs), list(feeds))
-    axes = _axes(names, values, dynamic)
+    axes = _routed_batch(gm, names, values, _axes(names, values, dynamic))
     shapes = None
     if axes:
         flat = dynamic_shapes(dict(zip(names, values, strict=True)), axes)
@@ -171,6 +171,20 @@ def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, di
             if not isinstance(value, torch.Tensor) or not 0 <= i < value.ndim:
                 raise SpecError(f"dynamic.{name}: input {name!r} has no dim {i}")
     return {name: dict(dims) for name, dims in dynamic.items()}
+
+
+def _routed_batch(
+    gm: fx.GraphModule, names: list[str], values: list[Any], axes: dict[str, dict[int, str]]
+) -> dict[str, dict[int, str]]:
+    """``axes`` with a routed graph's ``adapter_index`` sharing the batch dim, when a mapping left it unnamed: its
+    length is the batch, which routing reads as dim 0 of the first tensor input."""
+    routing = gm.meta.get("peftfx", {}).get("routing")
+    if routing is None or routing["input"] in axes:
+        return axes
+    first = next(n for n, v in zip(names, values, strict=True) if isinstance(v, torch.Tensor) and v.ndim)
+    if 0 not in axes.get(first, {}):
+        return axes
+    return {**axes, routing["input"]: {0: axes[first][0]}}
 
 
 def _drop_stack_traces(model: Any) -> None:

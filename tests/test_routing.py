@@ -147,17 +147,22 @@ def test_onnx_export_takes_adapter_index(setup):
 
 
 @pytest.mark.slow
-def test_export_onnx_adds_adapter_index_with_a_dynamic_batch(setup, tmp_path):
-    """Example inputs without adapter_index (as the CLI's): the file takes it anyway, its dim 0 the batch."""
+@pytest.mark.parametrize(
+    ("dynamic", "batch", "sequence"), [(True, "batch", "sequence"), ({"input_ids": {0: "n", 1: "t"}}, "n", "t")]
+)
+def test_export_onnx_adds_adapter_index_with_a_dynamic_batch(setup, tmp_path, dynamic, batch, sequence):
+    """Example inputs without adapter_index (as the CLI's): the file takes it anyway, its dim 0 the batch, also
+    when a ``dynamic`` mapping names only the model's inputs."""
     import onnxruntime as ort
 
     base, root, peft_model = setup
-    gm = peftfx.compile(base, spec(root), {"input_ids": IDS}, dynamic_shapes=peftfx.dynamic_shapes({"input_ids": IDS}))
-    path = peftfx.export_onnx(gm, {"input_ids": IDS}, tmp_path / "m.onnx", dynamic=True)
+    shapes = peftfx.dynamic_shapes({"input_ids": IDS}, dynamic)
+    gm = peftfx.compile(base, spec(root), {"input_ids": IDS}, dynamic_shapes=shapes)
+    path = peftfx.export_onnx(gm, {"input_ids": IDS}, tmp_path / "m.onnx", dynamic=dynamic)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert {i.name: i.shape for i in session.get_inputs()} == {
-        "input_ids": ["batch", "sequence"],
-        "adapter_index": ["batch"],
+        "input_ids": [batch, sequence],
+        "adapter_index": [batch],
     }
     names, ids = ["b", BASE, "a"], IDS[:3, :4]
     feeds = {"input_ids": ids.numpy(), "adapter_index": index(names, ("a", "b")).numpy()}
