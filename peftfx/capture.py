@@ -6,7 +6,8 @@ After symbolic tracing, the leaf modules that own weights (Linear, ConvNd, Embed
 transformers' Conv1D) are lowered to the same aten calls export produces, so the site normaliser and every
 pass see one IR whichever tracer ran. The captured module never shares a Parameter object with the user's
 model: weights are re-wrapped (same storage, no copy) and frozen, so training adapters in the graph cannot
-touch the model, and passes replace tensors rather than write into them.
+touch the model, and passes replace tensors rather than write into them. A causal mask the export computed
+from shapes alone is handed back to SDPA as ``is_causal`` (see ``causal``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .causal import restore_is_causal
 from .errors import CaptureError
 
 Inputs = tuple[Any, ...] | Mapping[str, Any]
@@ -102,6 +104,8 @@ def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {error}") from error
     gm = program.module()
     _trim_call_overhead(gm, has_module_inputs=any(isinstance(x, nn.Module) for x in tree_leaves((args, kwargs))))
+    restore_is_causal(gm)
+    gm.recompile()
     return gm
 
 
@@ -125,10 +129,10 @@ def _trim_call_overhead(gm: fx.GraphModule, *, has_module_inputs: bool) -> None:
     Its dtype asserts (one per ``.to``) re-check what the trace fixed, and its hooks re-flatten the inputs to
     match their structure (``forward``'s signature and the shape guards, which stay, check what matters) and
     toggle nn.Module inputs, when there are any. Together they made a call of a tiny model a quarter slower.
+    The graph is left to recompile.
     """
     for node in gm.graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default):
         gm.graph.erase_node(node)
-    gm.recompile()
     if not has_module_inputs:
         gm._forward_pre_hooks.clear()
         gm._forward_hooks.clear()
