@@ -68,10 +68,12 @@ def llama(hidden: int, layers: int, *, vocab: int = 1024, intermediate: int | No
     return LlamaForCausalLM(config).eval()
 
 
-def save_lora(base: torch.nn.Module, directory: Path, rank: int, seed: int = 1) -> Path:
-    """A PEFT LoRA on every linear layer but the head, with random (non-identity) factors, saved to disk."""
+def save_lora(
+    base: torch.nn.Module, directory: Path, rank: int, seed: int = 1, targets: str | list[str] = "all-linear"
+) -> Path:
+    """A PEFT LoRA on ``targets`` (default: every linear layer but the head), random (non-identity) factors, saved."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
     get_peft_model(copy.deepcopy(base), config).save_pretrained(directory)
     return directory
 

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 HERE = Path(__file__).parent
-ORDER = ["lora", "compile", "fold", "scaling", "memory"]  # then the others, by name
+ORDER = ["lora", "compile", "fold", "scaling", "memory", "routing"]  # then the others, by name
 GPU_MISSING = "GPU figures: not measured yet (no GPU was lent to the session that ran these)."
 
 
@@ -82,7 +82,7 @@ def _demote(markdown: str) -> str:
 
 
 def _anchor(title: str) -> str:
-    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -")
+    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
     return keep.replace(" ", "-")
 
 

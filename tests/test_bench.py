@@ -33,6 +33,21 @@ TINY = {
     "bench_fold": ["--hidden", "32", "--layers", "1", "--rank", "2", "--repeats", "1"],
     "bench_scaling": ["--hidden", "32", "--layers", "1", "2", "--rank", "2", "--repeats", "1"],
     "bench_memory": ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--vocab", "64", "--rank", "2"],
+    "bench_routing": [
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--batch",
+        "3",
+        "--seq",
+        "4",
+        "--adapters",
+        "2",
+        "--repeats",
+        "1",
+        "--no-compile",
+    ],
 }
 
 
@@ -51,7 +66,7 @@ def test_every_script_writes_its_results_and_the_report_assembles_them(bench, tm
         assert (tmp_path / f"{short}.md").read_text().startswith("# ")
         record = json.loads((tmp_path / f"{short}.json").read_text())
         assert record["figures"] and all(isinstance(f["value"], float) for f in record["figures"])
-    (tmp_path / "routing.md").write_text("# Another script's results\n\nno JSON: included as it is\n")
+    (tmp_path / "other.md").write_text("# Another script's results\n\nno JSON: included as it is\n")
     bench("report").main(["--results", str(tmp_path), "--output", str(tmp_path / "RESULTS.md")])
     report = (tmp_path / "RESULTS.md").read_text()
     assert "## Figures against goals" in report and "GPU figures" in report
