@@ -25,7 +25,7 @@ def attention(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def masked(gm: torch.fx.GraphModule) -> int:
-    return sum(1 for n in attention(gm) if len(n.args) > 3 and n.args[3] is not None or "attn_mask" in n.kwargs)
+    return sum(1 for n in attention(gm) if (n.args[3:4] or [n.kwargs.get("attn_mask")])[0] is not None)
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
