@@ -20,7 +20,8 @@ import copy
 import importlib.util
 import math
 import warnings
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,14 @@ import torch
 from torch import nn
 
 from .capture import Inputs, capture, split_inputs
-from .driver import SpecLike, apply, merge_pass
+from .driver import SpecLike, merge_pass, rewrite
 from .errors import SpecError
 from .fold import METHODS
 from .model_ref import token_inputs
 from .passes import Cleanup, run_passes
-from .passes.insert import attr_key
 from .passes.records import records
 from .passes.route import batch_size
+from .plan import Plan, make_plan
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Spec, load_spec
 
 
@@ -160,9 +161,7 @@ def verify(
     if routed:
         if progress is not None:
             progress("verify routing", total, total)
-        if set(fresh) & set(routed):
-            report.notes.append("routing: fresh routed adapters are compared at their init, not moved off it")
-        report.rows += _against_routing(model, spec, base_dir, inputs, base, tol, with_peft, report.notes)
+        report.rows += _against_routing(model, spec, base_dir, inputs, base, fresh, tol, with_peft, report.notes)
     return report
 
 
@@ -172,6 +171,7 @@ def _against_routing(
     base_dir: Path | None,
     inputs: Inputs,
     base: dict[str, torch.Tensor],
+    perturbed: list[str],
     tol: Tolerance,
     with_peft: bool,
     notes: list[str],
@@ -182,11 +182,13 @@ def _against_routing(
     always = [n for n in spec.active_adapters() if n not in routed]
     batch = batch_size(inputs)
     picks = [[(row + shift) % (len(routed) + 1) - 1 for row in range(batch)] for shift in range(len(routed) + 1)]
-    graph = _live(model, spec.model_copy(update={"merge": False}), base_dir, inputs)
+    graph = _live(model, spec.model_copy(update={"merge": False}), base_dir, inputs, perturbed)
     runs = [_outputs(_call(graph, inputs, adapter_index=torch.tensor(p))) for p in picks]
-    alone = {-1: _outputs(_call(_live(model, _alone(spec, always), base_dir, inputs), inputs)) if always else base}
-    for k, name in enumerate(routed):
-        alone[k] = _outputs(_call(_live(model, _alone(spec, [*always, name]), base_dir, inputs), inputs))
+
+    def by_itself(names: list[str]) -> dict[str, torch.Tensor]:
+        return _outputs(_call(_live(model, _alone(spec, names), base_dir, inputs, perturbed), inputs))
+
+    alone = {-1: by_itself(always) if always else base} | {k: by_itself([*always, n]) for k, n in enumerate(routed)}
     batched = [name for name, ref in base.items() if ref.ndim and ref.shape[0] == batch]
     if len(batched) < len(base):
         notes.append(f"routing: outputs without the batch as dim 0 not compared per row ({len(base) - len(batched)})")
@@ -311,13 +313,7 @@ def _live_and_merged(
     model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs, perturbed: list[str]
 ) -> tuple[Any, Any]:
     """The outputs of the spec's live graph, and of that same graph with every active adapter merged."""
-    live = _live(model, spec, base_dir, inputs)
-    generator = torch.Generator().manual_seed(0)
-    keys = {attr_key(name) for name in perturbed}  # adapter names as their tensors' attribute paths spell them
-    with torch.no_grad():
-        for name, p in sorted(live.named_parameters()):
-            if p.requires_grad and name.split(".")[1] in keys:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype))
+    live = _live(model, spec, base_dir, inputs, perturbed)
     with warnings.catch_warnings():  # torch's pytree deprecations while copying an exported graph, not ours
         warnings.simplefilter("ignore", FutureWarning)
         copied = copy.deepcopy(live)
@@ -326,9 +322,30 @@ def _live_and_merged(
     return _call(live, inputs), _call(merged, inputs)
 
 
-def _live(model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs) -> Any:
-    """The spec's graph as compile makes it, from an already loaded spec (``base_dir`` resolves its paths)."""
-    return apply(capture(model, inputs, method=spec.capture), spec, base_dir)
+def _live(model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs, perturbed: Collection[str] = ()) -> Any:
+    """The spec's graph as compile makes it, from an already loaded spec (``base_dir`` resolves its paths), with
+    the adapters ``perturbed`` moved off their initial values."""
+    gm = capture(model, inputs, method=spec.capture)
+    plan = make_plan(gm, spec, base_dir)
+    _perturb(plan, set(perturbed))
+    return rewrite(gm, spec, plan)
+
+
+def _perturb(plan: Plan, names: set[str]) -> None:
+    """Seeded noise on the named adapters' trainable tensors, as if trained. Each draw is keyed by where the tensor
+    lives (adapter, module, role), so every graph built from the spec (one adapter alone, the routed graph stacking
+    them) moves it alike, and a tensor shared by several sites stays one tensor."""
+    for placement in plan.placements:
+        if placement.adapter not in names:
+            continue
+        a = placement.site_adapter
+        for role, tensor in a.tensors.items():
+            if not tensor.is_floating_point() or role in a.frozen:
+                continue
+            where = role if role in a.shared else f"{a.site.module}.{role}"
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{placement.adapter}.{where}".encode()))
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+            a.tensors[role] = tensor + (0.05 * noise).to(tensor.dtype)
 
 
 def _call(module: nn.Module, inputs: Inputs, **extra: Any) -> Any:

@@ -193,3 +193,16 @@ def test_verify_merges_as_compile_does():
     assert report.ok, str(report)
     moved = [r for r in report.rows if r.adapter == "my-lora" and r.check == "live vs base"]
     assert moved and moved[0].max_abs > 1e-3  # perturbed: the merge check compares a real adapter
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_fresh_routed_adapters_are_moved_off_their_init_too(monkeypatch, wrong):
+    """At init a LoRA is the identity, so routed rows would equal the base model's whatever the routing did."""
+    fresh = {n: {"type": "lora", "at": {"op": "linear"}, "with": {"r": r}, "seed": r} for n, r in (("a", 2), ("b", 4))}
+    if wrong:
+        route = importlib.import_module("peftfx.passes.route")
+        low_rank_delta = route._low_rank_delta
+        monkeypatch.setattr(route, "_low_rank_delta", lambda *args: 1.01 * low_rank_delta(*args))
+    report = peftfx.verify(mlp(), {"adapters": fresh, "routing": {"adapters": ["a", "b"]}}, mlp_inputs())
+    assert [(r.adapter, r.check) for r in report.failures] == ([("routing", "routed vs alone")] if wrong else [])
+    assert all(r.max_abs > 1e-3 for r in report.rows if r.check == "live vs base")
