@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .rewrite import get_attr
+
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _MASK, _IS_CAUSAL = (3, "attn_mask"), (5, "is_causal")
 
@@ -60,17 +62,12 @@ def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
         if n not in needed:
             continue
         if n.op == "get_attr":
-            values[n] = _fetch(gm, str(n.target))
+            values[n] = get_attr(gm, str(n.target))
         else:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
             values[n] = n.target(*args, **kwargs)
     value = values[node]
     return value if isinstance(value, torch.Tensor) else None
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _ancestors(nodes: set[fx.Node]) -> set[fx.Node]:
