@@ -58,14 +58,17 @@ def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     if any(n.op not in ("call_function", "get_attr") for n in needed):
         return None
     values: dict[fx.Node, Any] = {}
-    for n in gm.graph.nodes:
-        if n not in needed:
-            continue
-        if n.op == "get_attr":
-            values[n] = get_attr(gm, str(n.target))
-        else:
-            args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
-            values[n] = n.target(*args, **kwargs)
+    try:
+        for n in gm.graph.nodes:
+            if n not in needed:
+                continue
+            if n.op == "get_attr":
+                values[n] = get_attr(gm, str(n.target))
+            else:
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+                values[n] = n.target(*args, **kwargs)
+    except Exception:  # an op that does not run outside its graph (a higher-order op, say): keep the mask
+        return None
     value = values[node]
     return value if isinstance(value, torch.Tensor) else None
 

@@ -84,3 +84,14 @@ def test_only_the_exact_boolean_triangle_is_rewritten(pattern, rewritten):
     assert masked(gm) == 1 - rewritten
     assert restore_is_causal(gm) == 0, "a second run finds nothing more"
     assert_close(run(gm, (q,)), model(q), TOL, f"{pattern} mask")
+
+
+def test_a_mask_that_cannot_be_evaluated_outside_its_graph_stays():
+    def no_eager_value() -> torch.Tensor:
+        raise RuntimeError("only runs inside its graph")
+
+    graph = torch.fx.Graph()
+    q = graph.placeholder("q")
+    graph.output(graph.call_function(SDPA, (q, q, q, graph.call_function(no_eager_value))))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    assert restore_is_causal(gm) == 0 and masked(gm) == 1
