@@ -71,13 +71,20 @@ class Route(Pass):
         return gm
 
 
-def batch_size(inputs: Inputs) -> int:
-    """The batch of a model's inputs as routing reads it, dim 0 of the first tensor: an ``adapter_index``'s length."""
+def batch_input(inputs: Inputs) -> int | str:
+    """Where routing reads the batch (an ``adapter_index``'s length): the position or keyword of the first tensor
+    input with a dim; the batch is its dim 0."""
     args, kwargs = split_inputs(inputs)
-    first = next((v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor) and v.ndim), None)
-    if first is None:
-        raise SpecError("routing: the example inputs have no tensor whose dim 0 is the batch")
-    return first.shape[0]
+    for key, value in [*enumerate(args), *kwargs.items()]:
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return key
+    raise SpecError("routing: the example inputs have no tensor whose dim 0 is the batch")
+
+
+def batch_size(inputs: Inputs) -> int:
+    args, kwargs = split_inputs(inputs)
+    key = batch_input(inputs)
+    return (args[key] if isinstance(key, int) else kwargs[key]).shape[0]
 
 
 def with_index(gm: fx.GraphModule, inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:

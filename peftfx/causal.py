@@ -24,7 +24,7 @@ def restore_is_causal(gm: fx.GraphModule) -> int:
     """Rewrite ``gm``'s SDPA calls whose mask is the constant causal triangle; return how many. No recompile."""
     graph = gm.graph
     constants: dict[fx.Node, torch.Tensor | None] = {}
-    rewritten, masks = 0, set()
+    rewritten, masks = 0, set[fx.Node]()
     for node in graph.find_nodes(op="call_function", target=SDPA):
         mask = _get(node, _MASK)
         if not isinstance(mask, fx.Node) or _get(node, _IS_CAUSAL):
@@ -34,7 +34,8 @@ def restore_is_causal(gm: fx.GraphModule) -> int:
         if _is_causal_triangle(constants[mask], node):
             _set(node, _MASK, None)
             _set(node, _IS_CAUSAL, True)
-            rewritten, masks = rewritten + 1, masks | {mask}
+            rewritten += 1
+            masks.add(mask)
     dropped = _ancestors(masks)
     for node in reversed(list(graph.nodes)):
         if node in dropped and not node.users:

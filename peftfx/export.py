@@ -23,7 +23,7 @@ from torch.export import Dim
 from .capture import Inputs, split_inputs
 from .errors import CaptureError, SpecError
 from .passes.records import adapters, records
-from .passes.route import with_index
+from .passes.route import batch_input, with_index
 from .rewrite import get_attr
 from .save import written_atomically
 
@@ -84,7 +84,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
             raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
     feeds = adapter_inputs(gm)
     module = _Flat(gm, len(args), list(kwargs), list(feeds))
-    axes = _routed_batch(gm, names, values, _axes(names, values, dynamic))
+    axes = _routed_batch(gm, example_inputs, _axes(names, values, dynamic))
     shapes = None
     if axes:
         flat = dynamic_shapes(dict(zip(names, values, strict=True)), axes)
@@ -173,18 +173,14 @@ def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, di
     return {name: dict(dims) for name, dims in dynamic.items()}
 
 
-def _routed_batch(
-    gm: fx.GraphModule, names: list[str], values: list[Any], axes: dict[str, dict[int, str]]
-) -> dict[str, dict[int, str]]:
-    """``axes`` with a routed graph's ``adapter_index`` sharing the batch dim, when a mapping left it unnamed: its
-    length is the batch, which routing reads as dim 0 of the first tensor input."""
+def _routed_batch(gm: fx.GraphModule, inputs: Inputs, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
+    """``axes`` with a routed graph's ``adapter_index`` sharing the batch dim, when a mapping left it unnamed."""
     routing = gm.meta.get("peftfx", {}).get("routing")
     if routing is None or routing["input"] in axes:
         return axes
-    first = next(n for n, v in zip(names, values, strict=True) if isinstance(v, torch.Tensor) and v.ndim)
-    if 0 not in axes.get(first, {}):
-        return axes
-    return {**axes, routing["input"]: {0: axes[first][0]}}
+    key = batch_input(inputs)
+    batch = axes.get(f"input_{key}" if isinstance(key, int) else key, {}).get(0)
+    return axes if batch is None else {**axes, routing["input"]: {0: batch}}
 
 
 def _drop_stack_traces(model: Any) -> None:
