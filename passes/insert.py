@@ -6,7 +6,9 @@ ensures:  every consumer of a site's output reads the last adapter's output inst
           ``peftfx.<adapter>.<site>``, adapter-wide (shared) ones once under ``peftfx.<adapter>``; a ``Record``
           per placement in ``gm.meta['peftfx']['records']`` and, per adapter, its PEFT config and overrides in
           ``gm.meta['peftfx']['adapters']`` (what ``save_adapter`` writes back); base-weight overrides (PEFT's
-          modules_to_save and trained biases) are rebound for the nodes of the module that owns them.
+          modules_to_save and trained biases) are rebound for the nodes of the module that owns them. With
+          ``runtime_scale``, a 0-d tensor keyword input ``lora_scale`` multiplies the scaling of every adapter
+          whose kind reads one (LoRA, DoRA), as PEFT's ``scale_layer``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from torch import fx, nn
 
 from ..adapters import SiteAdapter
 from ..errors import CheckpointError, SpecError
-from ..rewrite import build_after, get_attr, rebind, set_attr, tagged_get_attr
+from ..rewrite import add_input, build_after, get_attr, rebind, set_attr, tagged_get_attr
 from ..sites import module_of
 from .base import Pass
 from .records import AdapterInfo, Record, adapters, records
+
+SCALE_INPUT = "lora_scale"  # a 0-d tensor input multiplying every live LoRA's scaling (diffusers' LoRA scale)
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,12 @@ class Insert(Pass):
         placements: Sequence[Placement],
         overrides: Sequence[Override] = (),
         configs: Mapping[str, Mapping[str, Any]] | None = None,
+        runtime_scale: bool = False,
     ) -> None:
         self.placements = placements
         self.overrides = overrides
         self.configs = configs or {}
+        self.runtime_scale = runtime_scale
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         info = adapters(gm)
@@ -67,15 +73,18 @@ class Insert(Pass):
         for override in self.overrides:
             _apply_override(gm, override)
             info.setdefault(override.adapter, AdapterInfo("")).overrides[override.key] = override.tensor
+        scale = None
+        if self.runtime_scale and any(p.site_adapter.kind.runtime_scale for p in self.placements):
+            scale = add_input(gm, SCALE_INPUT)
         outputs: dict[fx.Node, fx.Node] = {}
         for placement in self.placements:
             a = placement.site_adapter
             y = outputs.get(a.site.node, a.site.node)
-            outputs[a.site.node] = _insert(gm, placement.adapter, a, y)
+            outputs[a.site.node] = _insert(gm, placement.adapter, a, y, scale if a.kind.runtime_scale else None)
         return gm
 
 
-def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.Node:
+def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node, scale: fx.Node | None = None) -> fx.Node:
     site = a.site
     tag = {"adapter": adapter, "node": site.node.name}
     prefix = f"peftfx.{attr_key(adapter)}"
@@ -96,10 +105,13 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
         attrs.append(cursor)
     roles = list(targets)
 
-    def forward(x, y_, w, b, *tensors):
-        return a.kind.forward(a, x, y_, w, b, dict(zip(roles, tensors, strict=True)))
+    def forward(x, y_, w, b, s, *tensors):
+        t = dict(zip(roles, tensors, strict=True))
+        if s is not None:
+            t[SCALE_INPUT] = s
+        return a.kind.forward(a, x, y_, w, b, t)
 
-    out, created = build_after(cursor, forward, [site.live_input, y, site.weight, site.bias, *attrs], tag)
+    out, created = build_after(cursor, forward, [site.live_input, y, site.weight, site.bias, scale, *attrs], tag)
     created_set = set(created)
     if y is not site.node and not created_set & set(y.users):
         earlier = y.meta.get("peftfx", {}).get("adapter", "an earlier adapter")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,12 +13,14 @@ import torch
 from torch import fx, nn
 
 from .capture import Inputs, capture
+from .dropin import as_dropin, lora_scale_keyword
 from .errors import PeftfxError, SpecError
 from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
-from .passes.insert import Override
+from .passes.insert import SCALE_INPUT, Override
+from .passes.route import INPUT as ROUTING_INPUT
 from .passes.records import adapters
 from .plan import Plan, make_plan, place, targets
-from .rewrite import get_attr
+from .rewrite import drop_input, get_attr
 from .spec import CombineAdapter, Spec, load_spec
 
 SpecLike = Spec | dict[str, Any] | str | Path
@@ -76,14 +78,37 @@ def build(
     """
     spec, base_dir = load_spec(spec)
     seconds: dict[str, float] = {}
+    example_inputs = _without_index(spec, example_inputs)
     with _step("capture", seconds, progress):
         gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)
     with _step("rewrite", seconds, progress):
-        gm = rewrite(gm, spec, plan)
+        scaled = lora_scale_keyword(model) is not None
+        gm = rewrite(gm, spec, plan, runtime_scale=scaled)
+        gm = as_dropin(gm, model, example_inputs, _scale_refusal(spec, plan) if scaled else None)
     return Build(gm, summarize(spec, plan), seconds)
+
+
+def _without_index(spec: Spec, example_inputs: Inputs | None) -> Inputs | None:
+    """A routed graph's callers pass ``adapter_index``, so its example inputs may too; the model never takes it."""
+    if spec.routed_adapters() and isinstance(example_inputs, Mapping) and ROUTING_INPUT in example_inputs:
+        return {k: v for k, v in example_inputs.items() if k != ROUTING_INPUT}
+    return example_inputs
+
+
+def _scale_refusal(spec: Spec, plan: Plan) -> str | None:
+    """Why a LoRA scale other than 1 cannot be honoured: merged adapters, routed ones, kinds with no scaling."""
+    placed = {p.adapter: p.site_adapter.kind for p in plan.placements}
+    routed = set(spec.routed_adapters())
+    merged = [n for n in spec.merged_adapters() if n in placed]
+    if merged:
+        return f"{', '.join(map(repr, merged))} merged into the weights (a merged graph serves scale 1 only)"
+    if routed & set(placed):
+        return f"routed adapters ({', '.join(sorted(routed & set(placed)))}) take their scaling from the routing"
+    fixed = [f"{name!r} ({kind.name})" for name, kind in placed.items() if not kind.runtime_scale]
+    return f"{', '.join(fixed)} cannot be rescaled at run time" if fixed else None
 
 
 def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.GraphModule:
@@ -91,8 +116,11 @@ def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.Gr
     return rewrite(gm, spec, make_plan(gm, spec, base_dir))
 
 
-def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
-    """Run the passes a planned spec needs on a captured graph (rewritten in place)."""
+def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan, *, runtime_scale: bool = False) -> fx.GraphModule:
+    """Run the passes a planned spec needs on a captured graph (rewritten in place).
+
+    ``runtime_scale`` gives live LoRAs the input ``lora_scale`` (dropped again when every one of them merged).
+    """
     routed = spec.routed_adapters()
     passes: list[Pass] = []
     if routed:
@@ -100,7 +128,7 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
         passes.append(Route(routed, [p for p in plan.placements if p.adapter in routed]))
     always = [p for p in plan.placements if p.adapter not in routed]
     overrides = [o for o in plan.overrides if o.adapter not in routed]
-    passes.append(Insert(always, overrides, plan.configs))
+    passes.append(Insert(always, overrides, plan.configs, runtime_scale))
     placed = {p.adapter for p in plan.placements}
     merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
@@ -108,6 +136,7 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
         passes.append(merge_pass(spec, merged))
     passes.append(Cleanup())
     gm = run_passes(gm, passes)
+    drop_input(gm, SCALE_INPUT)
     for name, info in adapters(gm).items():
         info.as_inputs = name in spec.adapters and spec.adapters[name].as_inputs
     return gm

@@ -188,3 +188,20 @@ def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
             gm._in_spec = spec
     gm.recompile()
     return node
+
+
+def drop_input(gm: fx.GraphModule, name: str) -> None:
+    """Remove the keyword input ``name`` that nothing reads any more (``add_input`` undone)."""
+    node = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == name), None)
+    if node is None or node.users:
+        return
+    gm.graph.erase_node(node)
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        args, kwargs = tree_unflatten([object() for _ in range(info.in_spec.num_leaves)], info.in_spec)
+        spec = tree_structure((args, {k: v for k, v in kwargs.items() if k != name}))
+        codegen.pytree_info = info._replace(orig_args=[a for a in info.orig_args if a != name], in_spec=spec)
+        if hasattr(gm, "_in_spec"):
+            gm._in_spec = spec
+    gm.recompile()

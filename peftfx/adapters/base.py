@@ -62,6 +62,9 @@ class AdapterKind(ABC):
     peft_prefix: ClassVar[str] = ""  # the attribute prefix of this kind's tensors in PEFT (lora_, hada_, ...)
     ops: ClassVar[frozenset[str]]
     Params: ClassVar[type[BaseModel]]
+    # forward reads a runtime multiplier of its scaling, t["lora_scale"], when the graph has that input
+    # (diffusers' LoRA scale, applied as PEFT's scale_layer does)
+    runtime_scale: ClassVar[bool] = False
 
     @abstractmethod
     def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:

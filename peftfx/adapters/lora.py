@@ -58,6 +58,7 @@ class Lora(AdapterKind):
     peft_prefix = "lora_"
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = LoraParams
+    runtime_scale = True
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -133,6 +134,8 @@ class Lora(AdapterKind):
         cast = dtype != a.site.dtype
         xa = x.to(dtype) if cast and a.site.op != "embedding" else x
         scaling = t.get("scaling", h["scaling"])  # a tensor once padded to max_rank, so a swap can change it
+        if "lora_scale" in t:  # PEFT's scale_layer multiplies the scaling, so DoRA's norm sees it too
+            scaling = scaling * t["lora_scale"]
         lora = _low_rank_path(a.site, xa, t["lora_A"], t["lora_B"], t.get("lora_B_bias")) * scaling
         if not h["dora"]:  # as PEFT: a half-precision output is added in float32 and rounded once
             return (y + lora).to(a.site.dtype) if cast else y + lora
