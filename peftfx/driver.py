@@ -17,8 +17,8 @@ from .dropin import as_dropin, lora_scale_keyword
 from .errors import PeftfxError, SpecError
 from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
 from .passes.insert import SCALE_INPUT, Override
-from .passes.route import INPUT as ROUTING_INPUT
 from .passes.records import adapters
+from .passes.route import INPUT as ROUTING_INPUT
 from .plan import Plan, make_plan, place, targets
 from .rewrite import drop_input, get_attr
 from .spec import CombineAdapter, Spec, load_spec

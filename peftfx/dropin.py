@@ -237,7 +237,7 @@ def _normalise(origin: Origin, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         if name in bound:
             raise PeftfxError(f"argument {name!r} given twice (by position and keyword)")
         bound[name] = value
-    return_dict = bound.pop(RETURN_DICT, None) if RETURN_DICT not in origin.captured else None
+    return_dict = bound.pop(RETURN_DICT, None)  # the graph gets the captured value; its output is converted
     scale = None
     if origin.scale_keyword is not None and isinstance(bound.get(origin.scale_keyword), Mapping):
         options = dict(bound[origin.scale_keyword])
