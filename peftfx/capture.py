@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .capture_hints import export_failure
 from .causal import restore_is_causal
 from .errors import CaptureError
 
@@ -58,12 +59,7 @@ def capture(
             trace_error = error
     if example_inputs is None:
         raise CaptureError(f"capturing {name} with torch.export needs example_inputs")
-    try:
-        return _finish(_export(model, example_inputs, dynamic_shapes), model)
-    except CaptureError as error:
-        if trace_error is None:
-            raise
-        raise CaptureError(f"neither tracer can capture {name}: symbolic_trace: {trace_error}; {error}") from error
+    return _finish(_export(model, example_inputs, dynamic_shapes, trace_error), model)
 
 
 def split_inputs(example_inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -92,7 +88,9 @@ def _cache_off(model: nn.Module) -> Iterator[None]:
         config.use_cache = True
 
 
-def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx.GraphModule:
+def _export(
+    model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any, trace_error: Exception | None = None
+) -> fx.GraphModule:
     args, kwargs = split_inputs(example_inputs)
     if dynamic_shapes == "auto":
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
@@ -101,7 +99,8 @@ def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx
         with _cache_off(model), _no_stack_traces():
             program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as error:
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {error}") from error
+        message = export_failure(type(model).__name__, error, dynamic_shapes is not None, trace_error)
+        raise CaptureError(message) from error
     gm = program.module()
     _trim_call_overhead(gm, has_module_inputs=any(isinstance(x, nn.Module) for x in tree_leaves((args, kwargs))))
     restore_is_causal(gm)

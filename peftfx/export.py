@@ -41,15 +41,32 @@ def adapter_inputs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return out
 
 
-def dynamic_shapes(example_inputs: Inputs, dynamic: Dynamic = True) -> dict[str, Any] | tuple[Any, ...]:
+Bounds = Mapping[str, tuple[int | None, int | None]]
+
+
+def dynamic_shapes(
+    example_inputs: Inputs, dynamic: Dynamic = True, *, bounds: Bounds | None = None
+) -> dict[str, Any] | tuple[Any, ...]:
     """``torch.export`` dynamic shapes for ``example_inputs``, for ``peftfx.compile(dynamic_shapes=...)``.
 
     ``dynamic=True`` lets dim 0 of every tensor input vary (``batch``) and dim 1 of integer inputs of two or
-    more dims (token ids, masks: ``sequence``); a mapping ``{input name: {dim: name}}`` says exactly which. A
-    graph exported with dynamic dims must have been captured with the same ones.
+    more dims (token ids, masks: ``sequence``); a mapping ``{input name: {dim: name}}`` says exactly which.
+    ``bounds`` gives a named dim its ``(min, max)`` (``None``: unbounded), for models that branch on a size
+    (diffusers' Upsample2D on ``batch >= 64``: ``bounds={"batch": (None, 63)}``; a capture that needs one says
+    which). A graph exported with dynamic dims must have been captured with the same ones.
     """
     names, values = _named(example_inputs)
     axes = _axes(names, values, dynamic)
+    bounds = dict(bounds or {})
+    named = {d for dims_of in axes.values() for d in dims_of.values()}
+    for dim, pair in bounds.items():
+        if dim not in named:
+            raise SpecError(f"bounds.{dim}: no dynamic dim named {dim!r} (dims: {', '.join(sorted(named)) or 'none'})")
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise SpecError(f"bounds.{dim}: expected (min, max), got {pair!r}")
+        low, high = pair
+        if low is not None and high is not None and low > high:
+            raise SpecError(f"bounds.{dim}: min {low} is above max {high}")
     for name, dims_of in axes.items():
         for i in dims_of:
             size = values[names.index(name)].shape[i]
@@ -58,8 +75,19 @@ def dynamic_shapes(example_inputs: Inputs, dynamic: Dynamic = True) -> dict[str,
                     f"dynamic.{name}: dim {i} has size {size} in the example inputs, and torch.export fixes dims of "
                     "size 0 or 1; give an example of size 2 or more there"
                 )
+            low, high = bounds.get(dims_of[i], (None, None))
+            if (low is not None and size < low) or (high is not None and size > high):
+                raise SpecError(
+                    f"bounds.{dims_of[i]}: the example's {name} has size {size} there, outside {low}..{high}"
+                )
     dims: dict[str, Dim] = {}
-    specs = [{i: dims.setdefault(d, Dim(d)) for i, d in axes.get(name, {}).items()} or None for name in names]
+
+    def dim(d: str) -> Dim:
+        low, high = bounds.get(d, (None, None))
+        limits = {k: v for k, v in (("min", low), ("max", high)) if v is not None}
+        return dims.setdefault(d, Dim(d, **limits))
+
+    specs = [{i: dim(d) for i, d in axes.get(name, {}).items()} or None for name in names]
     if isinstance(example_inputs, Mapping):
         return dict(zip(names, specs, strict=True))
     return tuple(specs)

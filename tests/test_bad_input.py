@@ -583,9 +583,14 @@ def test_untraceable_model():
     fails(DataDependent(), {}, None, peftfx.CaptureError, r"symbolic_trace cannot trace DataDependent.*example_inputs")
     spec = {"capture": "symbolic_trace"}
     fails(DataDependent(), spec, (torch.randn(2, 3),), peftfx.CaptureError, r"symbolic_trace cannot trace")
-    message = fails(DataDependent(), {}, (torch.randn(2, 3),), peftfx.CaptureError, r"neither tracer can capture")
-    assert "symbolic_trace:" in message and "torch.export could not capture DataDependent" in message
-    fails(ShapeDependent(), {}, "abc", peftfx.CaptureError, r"neither tracer can capture ShapeDependent")
+    # auto: export is the tracer that matters once inputs are given, so its error leads, with the line it stopped at
+    message = fails(DataDependent(), {}, (torch.randn(2, 3),), peftfx.CaptureError, r"^torch\.export could not")
+    assert re.search(
+        r"stopped at \S*test_bad_input\.py:\d+ in forward: return self\.lin\(x\) if x\.sum\(\) > 0", message
+    )
+    assert "try: " in message and "capture: symbolic_trace" in message and "wrapper" in message
+    assert message.rstrip().endswith(")") and "capture: auto tried symbolic_trace first" in message
+    fails(ShapeDependent(), {}, "abc", peftfx.CaptureError, r"^torch\.export could not capture ShapeDependent")
     # with inputs, auto falls back to export, which can capture a shape-dependent branch
     lora = {"adapters": {"a": {"type": "lora", "at": {"op": "linear"}}}}
     gm = peftfx.compile(ShapeDependent(), lora, (torch.ones(2, 3),))

@@ -323,3 +323,22 @@ def test_routed_example_inputs_may_hold_adapter_index(tmp_path):
     gm = peftfx.compile(model, spec, {**ids, "adapter_index": index})
     again = peftfx.compile(model, spec, ids)
     assert torch.equal(gm(**ids, adapter_index=index).logits, again(**ids, adapter_index=index).logits)
+
+
+def test_dynamic_batch_needs_the_bound_the_error_names():
+    unet = tiny_unet()
+    x = unet_inputs()
+    with pytest.raises(peftfx.CaptureError) as info:
+        peftfx.compile(unet, {}, x, dynamic_shapes=peftfx.dynamic_shapes(x))
+    message = str(info.value)
+    assert message.startswith("torch.export could not capture UNet2DConditionModel: Constraints violated (batch)")
+    assert "bounds={'batch': (None, 63)}" in message and "symbolic_trace first" in message.splitlines()[-1]
+    gm = peftfx.compile(unet, {}, x, dynamic_shapes=peftfx.dynamic_shapes(x, bounds={"batch": (None, 63)}))
+    three = {k: torch.cat([v, v[:1]]) if v.ndim else v for k, v in x.items()}
+    assert torch.equal(gm(**three).sample, unet(**three).sample)
+    with pytest.raises(peftfx.SpecError, match=r"bounds\.batc: no dynamic dim named 'batc' \(dims: batch\)"):
+        peftfx.dynamic_shapes(x, bounds={"batc": (None, 63)})
+    with pytest.raises(peftfx.SpecError, match=r"bounds\.batch: the example's sample has size 2 there, outside 3\.\.8"):
+        peftfx.dynamic_shapes(x, bounds={"batch": (3, 8)})
+    with pytest.raises(peftfx.SpecError, match=r"bounds\.batch: min 9 is above max 8"):
+        peftfx.dynamic_shapes(x, bounds={"batch": (9, 8)})
