@@ -74,11 +74,24 @@ class Layout:
     overrides: dict[str, tuple[str, torch.Tensor]]  # base attribute path -> (key in the file, tensor)
 
 
-def read_checkpoint(directory: str | Path, *, allow_pickle: bool = False, field: str = "peft") -> Checkpoint:
+def read_checkpoint(
+    directory: str | Path,
+    *,
+    allow_pickle: bool = False,
+    field: str = "peft",
+    component: str | None = None,
+    has_text_model: bool = True,
+) -> Checkpoint:
+    """A PEFT checkpoint directory, or a diffusers/kohya LoRA file (``component``: which part of it; see
+    ``formats.read_lora_file`` for ``has_text_model``)."""
+    from .formats import is_lora_file, read_lora_file
+
     path = Path(directory)
+    config_file = path / CONFIG
+    if not config_file.is_file() and is_lora_file(path):
+        return read_lora_file(path, component, field, has_text_model)
     if not path.is_dir():
         raise CheckpointError(f"{field}: checkpoint directory {str(path)!r} not found")
-    config_file = path / CONFIG
     if not config_file.is_file():
         raise CheckpointError(f"{field}: {config_file} not found")
     try:
@@ -89,7 +102,7 @@ def read_checkpoint(directory: str | Path, *, allow_pickle: bool = False, field:
         raise CheckpointError(f"{config_file}: not a PEFT adapter config (no peft_type)")
     weights_file = path / WEIGHTS
     if weights_file.is_file():
-        tensors = _load_safetensors(weights_file)
+        tensors = load_safetensors(weights_file)
         file = str(weights_file)
     elif (path / PICKLE).is_file():
         if not allow_pickle:
@@ -107,7 +120,7 @@ def read_checkpoint(directory: str | Path, *, allow_pickle: bool = False, field:
     return Checkpoint(path, config, file, tensors)
 
 
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:

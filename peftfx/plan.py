@@ -203,7 +203,13 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
     directory = Path(adapter.peft)
     if base_dir is not None and not directory.is_absolute():
         directory = base_dir / directory
-    ckpt = read_checkpoint(directory, allow_pickle=adapter.allow_pickle, field=f"adapters.{name}.peft")
+    ckpt = read_checkpoint(
+        directory,
+        allow_pickle=adapter.allow_pickle,
+        field=f"adapters.{name}.peft",
+        component=adapter.component,
+        has_text_model=hasattr(gm, "text_model"),
+    )
     peft_type = str(ckpt.config["peft_type"])
     kind = PEFT_TYPES.get(peft_type)
     if kind is None:

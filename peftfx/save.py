@@ -24,12 +24,22 @@ from torch import fx
 from .adapters import KINDS
 from .checkpoint import CONFIG, PREFIX, SHARED_PREFIX, WEIGHTS
 from .errors import SpecError
+from .formats import LORA_WEIGHTS, write_lora_file
 from .passes.records import adapters, nodes_by_name, records
 from .rewrite import get_attr
 
 
-def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
-    """Write adapter ``name`` of ``gm`` as ``adapter_config.json`` + ``adapter_model.safetensors``."""
+def save_adapter(
+    gm: fx.GraphModule, name: str, directory: str | Path, *, format: str = "peft", component: str = "unet"
+) -> Path:
+    """Write adapter ``name`` of ``gm`` as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``format="diffusers"`` writes a LoRA as diffusers' ``save_lora_weights`` does instead
+    (``pytorch_lora_weights.safetensors``, keys under ``component``, the config in its metadata), for
+    ``load_lora_weights``.
+    """
+    if format not in ("peft", "diffusers"):
+        raise SpecError(f"save_adapter: unknown format {format!r} (peft, diffusers)")
     info = adapters(gm).get(name)
     mine = [r for r in records(gm) if r.adapter == name]
     if info is None or not mine:
@@ -52,14 +62,25 @@ def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
     if config is None:
         config = KINDS[info.kind].peft_config([r.site_adapter(gm, nodes) for r in mine])
     config = {**config, "inference_mode": True}
+    if format == "diffusers" and (info.kind != "lora" or info.overrides):
+        raise SpecError(
+            f"save_adapter: {name!r} is {info.kind}{' with base overrides' if info.overrides else ''}; the diffusers "
+            "format holds LoRA factors only"
+        )
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tensors = {k: v.contiguous().clone() for k, v in state.items()}
+        if format == "diffusers":
+            write_lora_file(tmp, component, {k.removeprefix(PREFIX): v for k, v in tensors.items()}, config)
+            files: tuple[str, ...] = (LORA_WEIGHTS,)
+        else:
+            save_file(tensors, str(tmp / WEIGHTS))
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            files = (WEIGHTS, CONFIG)
         if out.exists():  # each file replaced in one step; the weights first, so the config never runs ahead
-            for file in (WEIGHTS, CONFIG):
+            for file in files:
                 os.replace(tmp / file, out / file)
         else:
             _as_if_created(tmp, 0o777)

@@ -146,7 +146,13 @@ class Deployable(Strict):
 class PeftAdapter(Deployable):
     """An adapter read from a PEFT checkpoint directory."""
 
-    peft: str = Field(description="directory holding adapter_config.json and adapter_model.safetensors")
+    peft: str = Field(
+        description="directory holding adapter_config.json and adapter_model.safetensors, or a diffusers/kohya "
+        "LoRA file (pytorch_lora_weights.safetensors, or its folder)"
+    )
+    component: str | None = Field(
+        None, description="the part of a diffusers/kohya LoRA file to read (unet, transformer, text_encoder, ...)"
+    )
     scale: float | Gradient | Cases = Field(1.0, description="multiplies the adapter's scaling, like PEFT's set_scale")
     allow_pickle: bool = Field(
         False, description="also read adapter_model.bin (a pickle: only for checkpoints you trust)"
