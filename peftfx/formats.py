@@ -55,14 +55,12 @@ def read_lora_file(path: Path, component: str | None, field: str, has_text_model
     if component not in parts:
         raise CheckpointError(f"{field}: {file} has no {component!r} LoRA (it has {', '.join(parts)})")
     mine = _strip(state_dict, component)
-    config = _config(mine, _strip(alphas or {}, component), _metadata(file, component), component, file)
+    config, tensors = _config(mine, _strip(alphas or {}, component), _metadata(file, component), component, file)
     if component in TEXT_ENCODERS and not has_text_model:
-        config["_tensors"] = {k.removeprefix("text_model."): v for k, v in config["_tensors"].items()}
+        tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
         config["target_modules"] = sorted({m.removeprefix("text_model.") for m in config["target_modules"]})
     folder = path if path.is_dir() else path.parent
-    return Checkpoint(
-        folder, config, str(file), {PREFIX + key: tensor for key, tensor in config.pop("_tensors").items()}
-    )
+    return Checkpoint(folder, config, str(file), {PREFIX + key: tensor for key, tensor in tensors.items()})
 
 
 def _config(
