@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import hub
 from .errors import PeftfxError, SpecError
 
 
@@ -36,7 +37,11 @@ class InputsRef(_Strict):
 class ModelRef(_Strict):
     """The base model: exactly one of ``path``, ``config`` or ``factory``."""
 
-    path: str | None = Field(None, description="a local transformers model directory (config.json + safetensors)")
+    path: str | None = Field(
+        None, description="a transformers model directory (config.json + safetensors), or a hub id (user/repo)"
+    )
+    revision: str | None = Field(None, description="the hub revision when `path` is a hub id")
+    subfolder: str | None = Field(None, description="the model's folder inside `path`")
     config: dict[str, Any] | None = Field(
         None, description="a transformers config for a random model, with its model_type (e.g. llama)"
     )
@@ -96,7 +101,9 @@ def load_model(ref: ModelRef, base_dir: Path | None = None, where: str = "model"
     elif ref.config is not None:
         model = _random_model(ref.config, ref.seed, _at(where, "config"))
     else:
-        model = _pretrained(_resolve(str(ref.path), base_dir), _at(where, "path"))
+        field = _at(where, "path")
+        local = _resolve(str(ref.path), base_dir)
+        model = _pretrained(hub.resolve(ref.path, local, field, revision=ref.revision, subfolder=ref.subfolder), field)
     if ref.inputs.file is not None:
         inputs = read_inputs(_resolve(ref.inputs.file, base_dir), _at(where, "inputs.file"))
     elif inputs is None:

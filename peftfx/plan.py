@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 from torch import fx
 
+from . import hub
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
@@ -203,10 +204,12 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
     directory = Path(adapter.peft)
     if base_dir is not None and not directory.is_absolute():
         directory = base_dir / directory
+    field = f"adapters.{name}.peft"
+    directory = hub.resolve(adapter.peft, directory, field, revision=adapter.revision, subfolder=adapter.subfolder)
     ckpt = read_checkpoint(
         directory,
         allow_pickle=adapter.allow_pickle,
-        field=f"adapters.{name}.peft",
+        field=field,
         component=adapter.component,
         has_text_model=hasattr(gm, "text_model"),
     )

@@ -153,6 +153,8 @@ class PeftAdapter(Deployable):
     component: str | None = Field(
         None, description="the part of a diffusers/kohya LoRA file to read (unet, transformer, text_encoder, ...)"
     )
+    subfolder: str | None = Field(None, description="the checkpoint's folder inside `peft` (a hub repo or a folder)")
+    revision: str | None = Field(None, description="the hub revision (branch, tag or commit) when `peft` is a hub id")
     scale: float | Gradient | Cases = Field(1.0, description="multiplies the adapter's scaling, like PEFT's set_scale")
     allow_pickle: bool = Field(
         False, description="also read adapter_model.bin (a pickle: only for checkpoints you trust)"

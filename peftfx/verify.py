@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub
 from .capture import Inputs, capture, split_inputs
 from .driver import SpecLike, merge_pass, rewrite
 from .errors import SpecError
@@ -306,7 +307,8 @@ def _not_a_peft_fold(spec: Spec, combine: CombineAdapter) -> str | None:
 
 def _directory(adapter: Any, base_dir: Path | None) -> Path:
     directory = Path(adapter.peft)
-    return base_dir / directory if base_dir is not None and not directory.is_absolute() else directory
+    local = base_dir / directory if base_dir is not None and not directory.is_absolute() else directory
+    return hub.resolve(adapter.peft, local, "peft", revision=adapter.revision, subfolder=adapter.subfolder)
 
 
 def _live_and_merged(
