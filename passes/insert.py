@@ -75,7 +75,7 @@ class Insert(Pass):
             info.setdefault(override.adapter, AdapterInfo("")).overrides[override.key] = override.tensor
         scale = None
         if self.runtime_scale and any(p.site_adapter.kind.runtime_scale for p in self.placements):
-            scale = add_input(gm, SCALE_INPUT)
+            scale = add_input(gm, SCALE_INPUT, 1.0)
         outputs: dict[fx.Node, fx.Node] = {}
         for placement in self.placements:
             a = placement.site_adapter

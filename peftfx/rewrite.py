@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -164,9 +165,10 @@ def take_name_back(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> None:
     gm.graph.erase_node(new)
 
 
-def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
+def add_input(gm: fx.GraphModule, name: str, default: Any = inspect.Parameter.empty) -> fx.Node:
     """Give ``gm`` a keyword input ``name`` after its others, and return its placeholder.
 
+    ``default`` is its value when not passed (needed after inputs with defaults, e.g. a symbolic trace's).
     A ``torch.export`` capture's forward is generated from a pytree spec of ``(args, kwargs)`` (the codegen's
     and ``gm._in_spec``, which export's input check reads): the new key is appended to both, so the graph is
     called as ``gm(..., name=tensor)`` eagerly, under ``torch.compile`` and when exported again (ONNX).
@@ -177,7 +179,7 @@ def add_input(gm: fx.GraphModule, name: str) -> fx.Node:
         raise SpecError(f"the model already has an input named {name!r}")
     where = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(next(iter(graph.nodes)))
     with where:
-        node = graph.placeholder(name)
+        node = graph.placeholder(name, default_value=default)
     codegen = graph._codegen
     info = getattr(codegen, "pytree_info", None)
     if info is not None and info.in_spec is not None:

@@ -22,9 +22,11 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils.peft_utils import apply_lora_scale
 from models import tiny_llama, token_inputs
 from oracle import peft_checkpoint
 from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 import peftfx
 from peftfx.dropin import DropIn
@@ -342,3 +344,32 @@ def test_dynamic_batch_needs_the_bound_the_error_names():
         peftfx.dynamic_shapes(x, bounds={"batch": (3, 8)})
     with pytest.raises(peftfx.SpecError, match=r"bounds\.batch: min 9 is above max 8"):
         peftfx.dynamic_shapes(x, bounds={"batch": (9, 8)})
+
+
+class ScaledBlock(nn.Module):
+    """A module whose forward takes diffusers' LoRA scale, as diffusers' own models do (traced symbolically)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    @apply_lora_scale("cross_attention_kwargs")
+    def forward(self, x: torch.Tensor, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+        return self.out(torch.relu(self.proj(x)))
+
+
+def test_scale_is_an_input_under_torch_compile(tmp_path):
+    torch.manual_seed(0)
+    block, x = ScaledBlock().eval(), torch.randn(2, 8)
+    oracle = peft_checkpoint(block, peft.LoraConfig(r=2, target_modules=["proj", "out"]), tmp_path).base_model.model
+    gm = peftfx.compile(block, {"adapters": {"a": {"peft": str(tmp_path)}}}, (x,))
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-1] == "lora_scale"
+    counter = CompileCounter()
+    compiled = torch.compile(gm, backend=counter)
+    with torch.no_grad():
+        for scale in (0.5, -2.0, 3.0):
+            reference = oracle(x, cross_attention_kwargs={"scale": scale})
+            assert torch.equal(gm(x, cross_attention_kwargs={"scale": scale}), reference)
+            assert torch.equal(compiled(x, cross_attention_kwargs={"scale": torch.tensor(scale)}), reference)
+    assert counter.frame_count == 1  # a tensor scale: one graph for every value
+    assert torch._dynamo.explain(gm)(x, cross_attention_kwargs={"scale": torch.tensor(0.5)}).graph_break_count == 0
