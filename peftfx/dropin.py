@@ -61,6 +61,7 @@ class Origin:
     defaults: dict[str, Any]
     var_keyword: bool  # the forward takes **kwargs
     captured: dict[str, Any]  # the example call by name; tensor leaves replaced by a marker
+    by_position: list[str]  # the names the example passed by position (the graph is called the same way)
     scale_keyword: str | None  # the keyword diffusers reads the LoRA scale from
     scale_refusal: str | None = None  # why a scale other than 1 cannot be honoured
     graph_inputs: list[str] = field(default_factory=list)
@@ -116,7 +117,8 @@ class DropIn(fx.GraphModule):
             )
         if SCALE_INPUT in origin.graph_inputs and SCALE_INPUT not in graph_kwargs:
             graph_kwargs[SCALE_INPUT] = scale if isinstance(scale, torch.Tensor) else torch.tensor(_float(scale))
-        out = super().__call__(**graph_kwargs)
+        args = [graph_kwargs.pop(name) for name in origin.by_position if name in graph_kwargs]
+        out = super().__call__(*args, **graph_kwargs)
         if return_dict is False and hasattr(out, "to_tuple"):
             return out.to_tuple()
         if return_dict is True and isinstance(out, tuple):
@@ -138,13 +140,24 @@ def as_dropin(
     origin.scale_refusal = scale_refusal
     out = DropIn(gm, gm.graph, type(model).__name__)
     out.meta = gm.meta
-    for name in ("_in_spec", "_out_spec", "range_constraints"):
+    for name in ("_in_spec", "_out_spec", "range_constraints", "validate_inputs"):
         if name in gm.__dict__:
             setattr(out, name, gm.__dict__[name])
     out.train(gm.training)
+    for hooks in _HOOKS:  # export's own, kept when the model takes modules as inputs
+        getattr(out, hooks).update(getattr(gm, hooks))
     out._origin = origin
     origin.graph_inputs = _graph_inputs(out)
     return out
+
+
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def lora_scale_keyword(model: nn.Module) -> str | None:
@@ -183,14 +196,18 @@ def _origin(model: nn.Module, example_inputs: Inputs | None) -> Origin:
     if config is not None and hasattr(config, "use_cache"):
         defaults["use_cache"] = False  # capture traces transformers models without their cache
     captured: dict[str, Any] = {}
+    by_position: list[str] = []
     if example_inputs is not None:
         args, kwargs = split_inputs(example_inputs)
+        by_position = parameters[: len(args)]
         captured = {**dict(zip(parameters, args, strict=False)), **kwargs}
         keyword = lora_scale_keyword(model)
         if isinstance(captured.get(keyword), Mapping):  # the scale is an input of the graph, not a constant
             captured[keyword] = {k: v for k, v in captured[keyword].items() if k != "scale"} or None
         captured = {name: _markers(value) for name, value in captured.items()}
-    return Origin(_shell(model), parameters, positional, defaults, var_keyword, captured, lora_scale_keyword(model))
+    return Origin(
+        _shell(model), parameters, positional, defaults, var_keyword, captured, by_position, lora_scale_keyword(model)
+    )
 
 
 def _markers(value: Any) -> Any:
@@ -236,6 +253,8 @@ def _normalise(origin: Origin, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     for name, value in kwargs.items():
         if name in bound:
             raise PeftfxError(f"argument {name!r} given twice (by position and keyword)")
+        if not origin.var_keyword and name not in origin.parameters and name not in origin.graph_inputs:
+            raise PeftfxError(f"the model takes no argument {name!r} (it takes {', '.join(origin.parameters)})")
         bound[name] = value
     return_dict = bound.pop(RETURN_DICT, None)  # the graph gets the captured value; its output is converted
     scale = None
@@ -266,6 +285,8 @@ def _normalise(origin: Origin, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 def _check_captured(name: str, value: Any, captured: tuple[Any, list[Any]]) -> None:
     spec, leaves = captured
+    if isinstance(value, torch.Tensor) and spec.is_leaf() and leaves[0] is _TENSOR:
+        return  # the common case, without a flatten per call
     mine, my_spec = tree_flatten(value)
     same = my_spec == spec and all(
         (c is _TENSOR) == isinstance(v, torch.Tensor) and (c is _TENSOR or _equal(c, v))
@@ -273,6 +294,8 @@ def _check_captured(name: str, value: Any, captured: tuple[Any, list[Any]]) -> N
     )
     if not same:
         shown = _show(spec.unflatten(["<tensor>" if c is _TENSOR else c for c in leaves]))
+        if shown == _show(value):
+            shown += " (another object)"
         raise PeftfxError(
             f"argument {name!r} is {_show(value)}, but the graph was captured with {shown}; capture with this value"
         )

@@ -373,3 +373,24 @@ def test_scale_is_an_input_under_torch_compile(tmp_path):
             assert torch.equal(compiled(x, cross_attention_kwargs={"scale": torch.tensor(scale)}), reference)
     assert counter.frame_count == 1  # a tensor scale: one graph for every value
     assert torch._dynamo.explain(gm)(x, cross_attention_kwargs={"scale": torch.tensor(0.5)}).graph_break_count == 0
+
+
+def test_module_inputs_and_unknown_keywords():
+    class Activated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+            return act(self.proj(x))
+
+    act, x = nn.ReLU(), torch.randn(2, 3)
+    model = Activated()
+    gm = peftfx.compile(model, {"capture": "export"}, (x, act))
+    assert torch.equal(gm(x, act), model(x, act)) and torch.equal(gm(x=x, act=act), model(x, act))
+    with pytest.raises(
+        peftfx.PeftfxError, match=r"'act' is ReLU\(\), but the graph was captured with ReLU\(\) \(another"
+    ):
+        gm(x, nn.ReLU())
+    with pytest.raises(peftfx.PeftfxError, match=r"the model takes no argument 'y' \(it takes x, act\)"):
+        gm(x, act, y=x)
