@@ -108,6 +108,10 @@ class Site(OpView):
         }
         return {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} | given
 
+    def base_weight(self) -> torch.Tensor:
+        """The weight tensor the site's op reads, in storage layout (transposed for Conv1D)."""
+        return attr(self.weight.graph.owning_module, str(self.weight.target))
+
     def describe(self) -> str:
         shape = "x".join(map(str, self.weight_shape))
         return f"{self.op} {self.module} [{shape}]"

@@ -44,6 +44,7 @@ class PeftSource:
     keys: Mapping[str, str]  # the same suffixes mapped to the full key in the file, for error messages
     file: str
     shared: Mapping[str, torch.Tensor] = field(default_factory=dict)  # adapter-wide tensors, by PEFT name
+    prepared: Any = None  # what the kind's ``prepare_peft`` computed once for the whole adapter
 
     def take(self, suffix: str) -> torch.Tensor:
         if suffix not in self.tensors:
@@ -63,9 +64,22 @@ class AdapterKind(ABC):
     ops: ClassVar[frozenset[str]]
     Params: ClassVar[type[BaseModel]]
 
+    def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> Any:
+        """What every site of one fresh adapter shares, computed once before ``create`` runs on each site.
+
+        PEFT sizes some adapter-wide tensors over all of an adapter's targets (VeRA's projections, RandLoRA's
+        bases, FRoD's per-category bases) or numbers the targets (TinyLoRA); ``create`` sees one site, so that
+        knowledge is computed here, per adapter, and handed to each ``create`` as ``prepared``.
+        """
+        return None
+
+    def prepare_peft(self, sites: Sequence[Site], config: Mapping[str, Any], file: str) -> Any:
+        """The checkpoint counterpart of ``prepare``: handed to ``from_peft`` as ``source.prepared``."""
+        return None
+
     @abstractmethod
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
-        """A fresh adapter initialised as PEFT initialises it."""
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
+        """A fresh adapter initialised as PEFT initialises it (``prepared``: what ``prepare`` returned)."""
 
     @abstractmethod
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:

@@ -45,7 +45,7 @@ class C3A(AdapterKind):
     ops = frozenset({"linear"})
     Params = C3AParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = C3AParams.model_validate(params.model_dump())
         shape = _kernel_shape(site, p.block_size, SpecError, "")
         out, inp = site.weight_shape

@@ -45,7 +45,7 @@ class Delora(AdapterKind):
     ops = frozenset({"linear"})
     Params = DeloraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = DeloraParams.model_validate(params.model_dump())
         _check_site(site, SpecError, "")
         out, inp = site.weight_shape

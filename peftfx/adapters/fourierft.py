@@ -56,7 +56,7 @@ class FourierFT(AdapterKind):
     ops = frozenset({"linear"})
     Params = FourierFTParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = FourierFTParams.model_validate(params.model_dump())
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)

@@ -60,7 +60,7 @@ class Loha(AdapterKind):
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LohaParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = LohaParams.model_validate(params.model_dump())
         check_lycoris_site(site, "LoHa", SpecError)
         cp = uses_cp(site, p.use_effective_conv2d)

@@ -61,7 +61,7 @@ class Lora(AdapterKind):
 
     # -- construction -------------------------------------------------------------------------------------------
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = LoraParams.model_validate(params.model_dump())
         _check_site(site, p.dora, p.lora_bias, SpecError)
         dtype = adapter_dtype(site.dtype)

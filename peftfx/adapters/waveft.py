@@ -72,7 +72,7 @@ class WaveFT(AdapterKind):
     ops = frozenset({"linear"})
     Params = WaveFTParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = WaveFTParams.model_validate(params.model_dump())
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
