@@ -16,7 +16,8 @@ from torch import fx
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
-from .passes.insert import Override, Placement
+from .fold import Context, Task, fold_site
+from .ir import Override, Placement, heads
 from .pattern import Matcher
 from .peft_targeting import peft_selector
 from .sites import Site, find_sites
@@ -128,8 +129,6 @@ def place(plan: Plan, spec: Spec, target: Target) -> None:
 
 def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapter) -> None:
     """Fold the sources site by site: only one site's deltas exist at a time."""
-    from .fold import Context, Task, fold_site
-
     name = target.name
     per_source: list[dict[fx.Node, SiteAdapter]] = []
     for i, source in enumerate(adapter.combine):
@@ -217,7 +216,7 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
         raise CheckpointError(f"{config_file}: peft_type {peft_type!r} is not supported (supported: {supported})")
     config_file = str(ckpt.directory / "adapter_config.json")
     kind.check_peft_config(ckpt.config, config_file)
-    selector = peft_selector(ckpt.config, sorted(kind.ops), gm.meta.get("peftfx", {}), config_file)
+    selector = peft_selector(ckpt.config, sorted(kind.ops), heads(gm), config_file)
     field_ = f"adapters.{name} (target_modules of {config_file})"
     return Target(name, kind, selector, field_, ckpt, ckpt.split(kind.peft_prefix))
 

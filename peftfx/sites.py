@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .capture import MODULE_STACK
-
 aten = torch.ops.aten
 
+MODULE_STACK = "nn_module_stack"  # the node meta torch.export fills with the modules a node ran in
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 

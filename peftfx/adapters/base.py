@@ -10,6 +10,7 @@ suffix, so loading and saving back a checkpoint are the same table read in both 
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -160,6 +161,24 @@ def uniform(adapters: Sequence[SiteAdapter], keys: Sequence[str], kind: str, not
         if any(a.hyper[key] != first[key] for a in adapters):
             raise SpecError(f"save_adapter: PEFT's {kind} needs one {key} for a whole adapter{note}")
     return first
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup (``get_pattern_key``): the first key, in file order, that
+    matches a dotted suffix of the module path (``(.*\\.)?key$``)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def strict_suffix_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """The older lookup some tuners keep (FourierFT's ``n_frequency_pattern``, C3A's ``block_size_pattern``): the
+    first key matching a dotted suffix with at least one dot before it (``.*\\.key$``), else the exact path."""
+    for key, value in patterns.items():
+        if re.match(rf".*\.{key}$", module):
+            return value
+    return patterns.get(module, default)
 
 
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, site: Site) -> torch.Tensor:

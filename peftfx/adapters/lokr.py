@@ -33,16 +33,16 @@ from .base import (
     SiteAdapter,
     adapter_dtype,
     add_to_weight,
+    pattern_value,
     per_module,
     refuse_unknown,
     target_modules,
 )
-from .loha import (
+from .lycoris import (
     add_delta_output,
     check_lycoris_site,
     cp_rebuild,
     effective_flag,
-    pattern_value,
     take_tensors,
     uses_cp,
 )
