@@ -25,7 +25,7 @@ from .adapters import KINDS
 from .checkpoint import CONFIG, PREFIX, SHARED_PREFIX, WEIGHTS
 from .errors import SpecError
 from .formats import LORA_WEIGHTS, write_lora_file
-from .passes.records import adapters, nodes_by_name, records
+from .ir import adapters, nodes_by_name, records
 from .rewrite import get_attr
 
 
