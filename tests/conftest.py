@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
+# the suite never reaches the network: a hub id (peft: user/repo) resolves from a cache the test lays out
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import huggingface_hub.constants
 import pytest
 import torch
 from hypothesis import settings
 
+huggingface_hub.constants.HF_HUB_OFFLINE = True
 torch.set_num_threads(1)
 # CI gates on this suite: property tests draw the same examples every run, so a run is reproducible
 settings.register_profile("peftfx", derandomize=True)
