@@ -168,21 +168,23 @@ def take_name_back(gm: fx.GraphModule, new: fx.Node, old: fx.Node) -> None:
 def add_input(gm: fx.GraphModule, name: str, default: Any = inspect.Parameter.empty) -> fx.Node:
     """Give ``gm`` a keyword input ``name`` after its others, and return its placeholder.
 
-    ``default`` is its value when not passed (needed after inputs with defaults, e.g. a symbolic trace's).
-    A ``torch.export`` capture's forward is generated from a pytree spec of ``(args, kwargs)`` (the codegen's
-    and ``gm._in_spec``, which export's input check reads): the new key is appended to both, so the graph is
-    called as ``gm(..., name=tensor)`` eagerly, under ``torch.compile`` and when exported again (ONNX).
+    ``default`` is its value when not passed, in a plain graph (needed after inputs with defaults, e.g. a
+    symbolic trace's). A ``torch.export`` capture's forward is generated from a pytree spec of
+    ``(args, kwargs)`` (the codegen's and ``gm._in_spec``, which export's input check reads): the new key is
+    appended to both, so the graph is called as ``gm(..., name=tensor)`` eagerly, under ``torch.compile`` and
+    when exported again (ONNX).
     """
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if any(n.target == name for n in placeholders):
         raise SpecError(f"the model already has an input named {name!r}")
     where = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(next(iter(graph.nodes)))
-    with where:
-        node = graph.placeholder(name, default_value=default)
     codegen = graph._codegen
     info = getattr(codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
+    pytree = info is not None and info.in_spec is not None
+    with where:  # a pytree forward has no defaults: its inputs are unflattened from one spec
+        node = graph.placeholder(name, default_value=inspect.Parameter.empty if pytree else default)
+    if pytree:
         args, kwargs = tree_unflatten([object() for _ in range(info.in_spec.num_leaves)], info.in_spec)
         spec = tree_structure((args, {**kwargs, name: object()}))
         codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=spec)
