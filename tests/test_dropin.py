@@ -394,3 +394,18 @@ def test_module_inputs_and_unknown_keywords():
         gm(x, nn.ReLU())
     with pytest.raises(peftfx.PeftfxError, match=r"the model takes no argument 'y' \(it takes x, act\)"):
         gm(x, act, y=x)
+
+
+def test_trainer_evaluation_step(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama()
+    batch = {**token_inputs(), "labels": token_inputs()["input_ids"]}
+    spec = {"adapters": {"s": {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2, "init": False}}}}
+    gm = peftfx.compile(model, spec, batch)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    loss, logits, labels = Trainer(model=gm, args=args).prediction_step(gm, dict(batch), prediction_loss_only=False)
+    with torch.no_grad():
+        expected = gm(**batch)
+    assert torch.equal(loss, expected.loss) and torch.equal(logits, expected.logits)
+    assert torch.equal(labels, batch["labels"]) and not torch.equal(logits, model(**batch).logits)
