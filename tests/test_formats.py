@@ -121,6 +121,10 @@ def test_save_back_in_diffusers_format(tmp_path):
     again = peftfx.compile(unet, {"adapters": {"s": {"peft": str(tmp_path / "out")}}}, x)
     with torch.no_grad():
         assert torch.equal(again(**x).sample, gm(**x).sample)
+    fresh = peftfx.compile(unet, spec, x)
+    peftfx.swap_adapter(fresh, "s", tmp_path / "out")  # a diffusers file swaps in like a PEFT checkpoint
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).sample, gm(**x).sample)
     ia3 = peftfx.compile(unet, {"adapters": {"i": {"type": "ia3", "at": {"op": "linear", "module": "*.to_k"}}}}, x)
     with pytest.raises(peftfx.SpecError, match="'i' is ia3; the diffusers format holds LoRA factors only"):
         peftfx.save_adapter(ia3, "i", tmp_path / "ia3", format="diffusers")
