@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -32,7 +31,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import model_ref
+from . import __version__, model_ref
+from .atomic import check_destination, check_owned, replaced_file, replaced_folder, write_marker
 from .driver import Build, build, format_params
 from .driver import explain as explain_spec
 from .errors import PeftfxError, SpecError
@@ -206,6 +206,8 @@ def compile_(
 ) -> None:
     """Compile a model with a spec; print what each adapter added or merged, and save the result."""
     try:
+        if output is not None:
+            _check_output_folder(output)
         module, example = _model(spec, model, inputs, seq_len)
         with _progress() as step:
             result = build(module, spec, example, progress=step)
@@ -299,28 +301,27 @@ def load_model(reference: str, seq_len: int = 8) -> tuple[torch.nn.Module, Any]:
 
 
 def _save(result: Build, inputs: Any, output: Path) -> None:
-    """Export the graph and write it whole or not at all: staged in a temporary sibling, then renamed into place."""
-    single = output.suffix == ".pt2"
-    foreign = output.is_file() or (
-        output.is_dir() and any(output.iterdir()) and not (output / "summary.json").is_file()
-    )
-    if not single and foreign:
-        raise PeftfxError(f"--output {output}: exists and is not a peftfx output directory; remove it or pick another")
+    """Export the graph and write it whole or not at all; a folder is signed, so only it is ever replaced."""
     args, kwargs = with_index(result.gm, inputs)
     program = torch.export.export(result.gm, args, kwargs, strict=False)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        staged = Path(tmp) / "new"
-        if single:
-            torch.export.save(program, staged)
-        else:
-            staged.mkdir()
-            torch.export.save(program, staged / "program.pt2")
-            (staged / "graph.py").write_text(result.gm.code)
-            (staged / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-            if output.exists():  # the previous output goes into the temporary folder, and away with it
-                output.replace(Path(tmp) / "old")
-        staged.replace(output)
+    if output.suffix == ".pt2":
+        with replaced_file(output) as tmp:
+            torch.export.save(program, tmp)
+        return
+    _check_output_folder(output)  # again: something may have been written there while compiling
+    with replaced_folder(output) as staged:
+        torch.export.save(program, staged / "program.pt2")
+        (staged / "graph.py").write_text(result.gm.code)
+        (staged / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_marker(staged, __version__)
+
+
+def _check_output_folder(output: Path) -> None:
+    """``--output`` of compile, refused before any work when it could not be written or is not peftfx's."""
+    if output.suffix == ".pt2":
+        check_destination(output, "file", f"--output {output}")
+    else:
+        check_owned(check_destination(output, "folder", f"--output {output}"), f"--output {output}")
 
 
 class ExportFormat(StrEnum):
@@ -343,6 +344,7 @@ def export_(
     from .export import adapter_inputs, dynamic_shapes, export_onnx
 
     try:
+        check_destination(output, "file", f"--output {output}")
         module, example = _model(spec, model, inputs, seq_len)
         if dynamic:  # torch.export fixes dims of size 1: capture a batch of two
             example = _batch_of_two(example)

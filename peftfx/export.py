@@ -20,12 +20,12 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from .capture import Inputs, split_inputs
+from .atomic import check_destination, replaced_file
+from .capture import TRACING, Inputs, split_inputs
 from .errors import CaptureError, SpecError
 from .passes.records import adapters, records
 from .passes.route import batch_input, with_index
 from .rewrite import get_attr
-from .save import written_atomically
 
 Dynamic = bool | Mapping[str, Mapping[int, str]]
 
@@ -77,6 +77,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     """
     import onnx
 
+    check_destination(path, "file", "export_onnx")
     args, kwargs = with_index(gm, example_inputs)
     names, values = [f"input_{i}" for i in range(len(args))] + list(kwargs), [*args, *kwargs.values()]
     for name, value in zip(names, values, strict=True):
@@ -89,7 +90,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     if axes:
         flat = dynamic_shapes(dict(zip(names, values, strict=True)), axes)
         shapes = ((*flat.values(), *[None] * len(feeds)),)
-    with _eval_mode(module):
+    with _eval_mode(module), TRACING:
         program = torch.onnx.export(
             module, (*values, *feeds.values()), dynamic_shapes=shapes, dynamo=True, verbose=False
         )
@@ -109,7 +110,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     _drop_stack_traces(program.model)
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
-    with written_atomically(path) as tmp:
+    with replaced_file(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return Path(path)
 

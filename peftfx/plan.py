@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from torch import fx
 
+from . import sizes
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
@@ -94,9 +96,30 @@ def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None, progress: P
 def _padded(placement: Placement, max_rank: int) -> Placement:
     a = placement.site_adapter
     try:
-        return Placement(placement.adapter, a.kind.pad(a, max_rank))
+        with sizes.bounded(sizes.limit(math.prod(a.site.weight_shape))):
+            return Placement(placement.adapter, a.kind.pad(a, max_rank))
     except SpecError as e:
         raise SpecError(f"adapters.{placement.adapter}.max_rank: {e}") from None
+    except sizes.TooLarge as e:
+        raise SpecError(f"adapters.{placement.adapter}.max_rank: {max_rank}: {_too_large(e, a.site)}") from None
+
+
+def _too_large(e: sizes.TooLarge, site: Site) -> str:
+    shape = "x".join(map(str, e.shape))
+    return (
+        f"asks for a {shape} tensor at {site.describe()} ({e.numel:.3g} numbers), past the limit of {e.limit:,} "
+        f"({sizes.TIMES_WEIGHT}x the site's weight, at least {sizes.FLOOR:,}); min(in, out) there is "
+        f"{min(site.in_features, site.out_features)}"
+    )
+
+
+def _size_field(params: BaseModel, values: dict[str, Any], shape: list[int]) -> str:
+    """``.with.<field>: <value>`` for the int field whose value is a dim of the refused shape (given ones first)."""
+    fields = {**params.model_dump(), **values}
+    for key, value in sorted(fields.items(), key=lambda kv: kv[0] not in values):
+        if isinstance(value, int) and not isinstance(value, bool) and value in shape and value > 1:
+            return f".with.{key}: {value}"
+    return ""
 
 
 def _target(plan: Plan, gm: fx.GraphModule, spec: Spec, name: str, base_dir: Path | None) -> Target:
@@ -295,8 +318,12 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
             where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
             raise SpecError(f"adapters.{target.name}.with.{where}: {message} (at {site.describe()})") from None
         try:
-            created = kind.create(site, params, generator)
+            with sizes.bounded(sizes.limit(math.prod(site.weight_shape))):
+                created = kind.create(site, params, generator)
         except SpecError as e:
             where = f"adapters.{target.name}"
             raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        except sizes.TooLarge as e:
+            field = _size_field(params, values, e.shape)
+            raise SpecError(f"adapters.{target.name}{field}: {_too_large(e, site)}") from None
         plan.placements.append(Placement(target.name, created))

@@ -28,6 +28,7 @@ from pydantic import (
 
 from .errors import SpecError
 from .model_ref import ModelRef
+from .sizes import Seed
 
 Scalar = bool | int | float | str
 
@@ -160,7 +161,7 @@ class FreshAdapter(Deployable):
     type: str = Field(description="adapter kind: lora, dora, ...")
     at: Selector
     with_: dict[str, ParamValue] = Field(default_factory=dict, alias="with")
-    seed: int | None = Field(None, description="seed for the random initialisation")
+    seed: Seed | None = Field(None, description="seed for the random initialisation")
 
     @model_validator(mode="after")
     def _check_kind(self) -> FreshAdapter:
@@ -197,7 +198,7 @@ class CombineAdapter(Deployable):
     svd_rank: int | None = Field(None, gt=0, description="rank of an SVD result (default: the largest source rank)")
     svd_clamp: float | None = Field(None, ge=0, le=1, description="quantile to clamp the SVD factors at")
     svd_full_matrices: bool = Field(True, description="PEFT's flag; it only changes a result with svd_clamp")
-    seed: int | None = Field(None, description="seed for DARE's random drop (default: torch's global RNG)")
+    seed: Seed | None = Field(None, description="seed for DARE's random drop (default: torch's global RNG)")
 
     @model_validator(mode="after")
     def _check_method(self) -> CombineAdapter:

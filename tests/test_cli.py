@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import peftfx
+from peftfx.atomic import MARKER
 from peftfx.cli import app
 
 SPECS = Path(__file__).parent.parent / "specs"
@@ -172,7 +173,7 @@ def test_every_command_on_the_example_spec(path, tmp_path):
     summary = json.loads(compiled.stdout)
     for adapter in summary["adapters"]:
         assert adapter["sites"] == len({r["module"] for r in matched if r["adapter"] == adapter["name"]})
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"program.pt2", "graph.py", "summary.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"program.pt2", "graph.py", "summary.json", MARKER}
     verified = invoke("verify", spec, "-f", "json")
     assert verified.exit_code == 0, verified.output
     report = json.loads(verified.stdout)
@@ -231,7 +232,7 @@ def test_compile_output_directory_is_replaced_whole(tmp_path):
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     result = invoke("compile", SPECS / "fresh_dora_mlp.yaml", "-o", other)
-    assert result.exit_code == 2 and "not a peftfx output directory" in result.output
+    assert result.exit_code == 2 and "is not a folder peftfx wrote" in result.output
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load, load_file
 from torch import nn
 
 import peftfx
-from peftfx.save import written_atomically
+from peftfx.atomic import replaced_file
 
 KEY_B = "base_model.model.layers.1.lora_B.weight"
 LORA = {"type": "lora", "at": {"op": "linear"}, "with": {"init": False}, "seed": 0}
@@ -126,15 +126,15 @@ def test_a_save_that_fails_keeps_the_previous_adapter_whole(tmp_path, monkeypatc
     assert not torch.equal(load_file(out / "adapter_model.safetensors")[KEY_B], old_b)
 
 
-def test_written_atomically(tmp_path):
+def test_replaced_file(tmp_path):
     """What ``export_onnx`` writes through: the old file stays until the new one is complete."""
     target = tmp_path / "model.pt2"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), written_atomically(target) as tmp:
+    with pytest.raises(RuntimeError), replaced_file(target) as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("export failed")
     assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
-    with written_atomically(target) as tmp:
+    with replaced_file(target) as tmp:
         assert tmp.suffix == ".pt2"
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
@@ -238,7 +238,7 @@ def test_outputs_get_the_mode_a_plain_write_would(tmp_path):
     """Written through private temporaries (0600 files, 0700 folders), outputs still end up as ``open`` makes them."""
     umask = os.umask(0)
     os.umask(umask)
-    with written_atomically(tmp_path / "m.onnx") as tmp:
+    with replaced_file(tmp_path / "m.onnx") as tmp:
         tmp.write_bytes(b"x")
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
     gm = peftfx.compile(mlp(), {"adapters": {"a": {"type": "lora", "at": {"op": "linear"}}}}, mlp_inputs())
