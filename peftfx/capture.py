@@ -53,6 +53,11 @@ def capture(
     ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary. The trace
     runs on a copy of the module tree (``isolated``), one at a time, so other threads may call the model meanwhile.
     """
+    if example_inputs is not None and not isinstance(example_inputs, tuple | list | Mapping | torch.Tensor):
+        raise CaptureError(
+            "example_inputs must be a tuple of positional arguments, a dict of keyword arguments or a tensor, "
+            f"not {type(example_inputs).__name__}"
+        )
     with TRACING:
         return _capture(isolated(model), example_inputs, method, dynamic_shapes)
 

@@ -90,9 +90,19 @@ def parse_reference(reference: str, seq_len: int = 8) -> ModelRef:
     return ModelRef(path=reference, inputs=inputs)
 
 
-def load_model(ref: ModelRef, base_dir: Path | None = None, where: str = "model") -> tuple[torch.nn.Module, Any]:
-    """The model (in eval mode) and its example inputs. ``where`` names the reference in errors."""
+def load_model(
+    ref: ModelRef, base_dir: Path | None = None, where: str = "model", *, allow_factory: bool = True
+) -> tuple[torch.nn.Module, Any]:
+    """The model (in eval mode) and its example inputs. ``where`` names the reference in errors.
+
+    A factory imports and runs code: ``allow_factory=False`` (the CLI's ``--no-factory``) refuses it.
+    """
     inputs = None
+    if ref.factory is not None and not allow_factory:
+        raise SpecError(
+            f"{_at(where, 'factory')}: {ref.factory} would import and run code, and factories are refused here "
+            "(--no-factory)"
+        )
     if ref.factory is not None:
         module_name, _, attr = ref.factory.partition(":")
         try:
