@@ -64,21 +64,27 @@ def replaced_folder(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     staged, old = holder / "new", holder / "old"
+    stranded = False  # the previous folder could be neither replaced nor put back: it stays where it is, named
     try:
         staged.mkdir()
         yield staged
         _as_if_created(staged, 0o777)
         if path.exists():
             os.replace(path, old)
-            try:
-                os.replace(staged, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-        else:
+        try:
             os.replace(staged, path)
+        except BaseException:
+            if old.exists():
+                try:
+                    os.replace(old, path)
+                except OSError as e:
+                    stranded = True
+                    shutil.rmtree(staged, ignore_errors=True)
+                    raise OSError(f"{path} could not be replaced nor put back; the previous one is at {old}") from e
+            raise
     finally:
-        shutil.rmtree(holder, ignore_errors=True)
+        if not stranded:
+            shutil.rmtree(holder, ignore_errors=True)
 
 
 def write_marker(folder: Path, version: str) -> None:

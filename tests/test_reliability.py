@@ -4,16 +4,18 @@ half-precision merges are rounded once, and the same spec gives the same bits ev
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from models import mlp, mlp_inputs
+from models import mlp, mlp_inputs, tiny_llama, token_inputs
 from oracle import peft_checkpoint, replace_tensor, run
 from safetensors.torch import load, load_file
 from torch import nn
@@ -94,6 +96,68 @@ def test_training_the_graph_never_reaches_the_model():
     assert bits(model) == before_bits and tree(model) == before_tree
 
 
+# -- threads: captures run one at a time, on a copy of the module tree ------------------------------------------
+
+
+def race(model: nn.Module, x, spec: dict, compiles: int, rounds: int) -> tuple[list, list, list[torch.Tensor]]:
+    """``compiles`` threads compiling ``model`` ``rounds`` times each while another calls it eagerly meanwhile:
+    the graphs' code, the errors, and the eager outputs of calls made while the compiles ran."""
+    codes, errors, outputs = [], [], []
+    done = threading.Event()
+
+    def compile_() -> None:
+        for _ in range(rounds):
+            try:
+                codes.append(peftfx.compile(model, spec, x).code)
+            except Exception as error:  # any error is a failure of the test, reported below
+                errors.append(f"compile: {error!r}")
+
+    def eager() -> None:
+        while not done.is_set():
+            try:
+                outputs.append(run(model, x))
+            except Exception as error:
+                errors.append(f"eager: {error!r}")
+                return
+
+    threads = [threading.Thread(target=compile_) for _ in range(compiles)]
+    caller = threading.Thread(target=eager)
+    caller.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    caller.join()
+    return codes, errors, outputs
+
+
+def test_compiles_racing_compiles_and_eager_calls_leave_the_model_whole():
+    """fx patches nn.Module.__call__ for the whole process while it traces, and torch.export's fake modes are
+    process-wide: before captures were serialised and isolated, a race left parameters fake and failed both
+    compiles, and an eager call in another thread was traced into the graph ("not installed as a submodule")."""
+    model, x = mlp(), mlp_inputs()
+    before_bits, before_tree, expected = bits(model), tree(model), run(model, x)
+    codes, errors, outputs = race(model, x, {"adapters": {"a": LORA, "d": DORA}}, compiles=2, rounds=3)
+    assert errors == [] and len(codes) == 6 and len(set(codes)) == 1
+    assert outputs and all(torch.equal(out, expected) for out in outputs)
+    assert bits(model) == before_bits and tree(model) == before_tree
+
+
+def test_exports_racing_exports_leave_the_model_whole():
+    """The same through torch.export (a transformers model). An eager call in another thread during an export
+    still runs under torch's process-wide tracing state (``torch.compiler.is_compiling()`` is true in every
+    thread, and transformers' hub kernels branch on it), so only its results are checked, not that it ran."""
+    model, x = tiny_llama(), token_inputs()
+    before_bits, before_tree, expected = bits(model), tree(model), run(model, x)
+    spec = {"adapters": {"a": {"type": "lora", "at": {"op": "linear", "module": "*.q_proj"}}}}
+    codes, errors, outputs = race(model, x, spec, compiles=2, rounds=1)
+    assert [e for e in errors if e.startswith("compile")] == [] and len(codes) == 2 and len(set(codes)) == 1
+    assert all(torch.equal(out, expected) for out in outputs)
+    assert bits(model) == before_bits and tree(model) == before_tree
+    assert model.config.use_cache  # the capture turned the cache off on its copy of the config only
+
+
 # -- outputs are written atomically ----------------------------------------------------------------------------
 
 
@@ -124,6 +188,41 @@ def test_a_save_that_fails_keeps_the_previous_adapter_whole(tmp_path, monkeypatc
     monkeypatch.undo()
     peftfx.save_adapter(second, "a", out)  # and a save that works replaces it
     assert not torch.equal(load_file(out / "adapter_model.safetensors")[KEY_B], old_b)
+
+
+@pytest.mark.parametrize("failing", [[1], [2], [2, 3]], ids=["old aside", "new in", "new in, old back"])
+def test_replacing_an_adapter_fails_whole_at_every_rename(tmp_path, monkeypatch, failing):
+    """The folder is replaced by renames: the old one aside (1), the new one in (2), the old one back if that
+    failed (3). Whichever fails, the previous adapter stays whole and loads as it did, config and weights."""
+    first = peftfx.compile(mlp(), {"adapters": {"a": LORA}}, mlp_inputs())
+    out = peftfx.save_adapter(first, "a", tmp_path / "out")
+    (out / "README.md").write_text("the user's notes")
+    saved = {f.name: f.read_bytes() for f in out.iterdir()}
+    second = peftfx.compile(mlp(), {"adapters": {"a": {**LORA, "type": "dora", "seed": 5}}}, mlp_inputs())
+    calls, rename = [], os.replace
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) in failing:
+            raise OSError(f"rename {len(calls)} failed")
+        rename(src, dst)
+
+    monkeypatch.setattr("peftfx.atomic.os.replace", flaky)
+    with pytest.raises(OSError, match=r"rename|put back") as info:
+        peftfx.save_adapter(second, "a", out)
+    monkeypatch.undo()
+    if failing == [2, 3]:  # the old folder could not be put back: it is kept, and the error says where
+        (aside,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+        assert not out.exists() and f"the previous one is at {aside / 'old'}" in str(info.value)
+        os.replace(aside / "old", out)
+        aside.rmdir()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+    gm = peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(out)}}}, mlp_inputs())
+    torch.testing.assert_close(run(gm, mlp_inputs()), run(first, mlp_inputs()), rtol=0, atol=0)
+    peftfx.save_adapter(second, "a", out)  # and one that works replaces it, keeping what is not the adapter
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    assert (out / "README.md").read_text() == "the user's notes"
 
 
 def test_replaced_file(tmp_path):
@@ -215,7 +314,7 @@ sys.path[:0] = [{tests!r}]
 import torch
 torch.set_num_threads(1)
 import peftfx
-from models import mlp, mlp_inputs
+from models import mlp, mlp_inputs, tiny_llama, token_inputs
 from test_reliability import MERGED, MIXED, fingerprint
 print(*(fingerprint(peftfx.compile(mlp(), spec, mlp_inputs())) for spec in (MIXED, MERGED)))
 """
