@@ -429,15 +429,17 @@ def _parse(text: str, path: Path) -> Any:
             raise SpecError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
     if path.suffix not in (".yaml", ".yml"):
         raise SpecError(f"{path}: a spec file must end in .yaml, .yml or .json")
-    loader = _SpecLoader(text, path)
     try:
-        data = loader.get_single_data()
+        loader = _SpecLoader(text, path)  # the reader refuses control characters at once
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from e
-    finally:
-        loader.dispose()
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise SpecError(f"{path}{where}: invalid YAML: {problem}") from e
     return {} if data is None else data
 
 
