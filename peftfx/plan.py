@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from . import sizes
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
-from .passes.insert import Override, Placement
+from .fold import Context, Task, fold_site
+from .ir import Override, Placement, heads
 from .pattern import Matcher
 from .peft_targeting import peft_selector
 from .sites import Site, find_sites
@@ -113,10 +114,10 @@ def _too_large(e: sizes.TooLarge, site: Site) -> str:
     )
 
 
-def _size_field(params: BaseModel, values: dict[str, Any], shape: list[int]) -> str:
+def _size_field(params: BaseModel, given: Iterable[str], shape: list[int]) -> str:
     """``.with.<field>: <value>`` for the int field whose value is a dim of the refused shape (given ones first)."""
-    fields = {**params.model_dump(), **values}
-    for key, value in sorted(fields.items(), key=lambda kv: kv[0] not in values):
+    given = set(given)
+    for key, value in sorted(params.model_dump().items(), key=lambda kv: kv[0] not in given):
         if isinstance(value, int) and not isinstance(value, bool) and value in shape and value > 1:
             return f".with.{key}: {value}"
     return ""
@@ -151,8 +152,6 @@ def place(plan: Plan, spec: Spec, target: Target) -> None:
 
 def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapter) -> None:
     """Fold the sources site by site: only one site's deltas exist at a time."""
-    from .fold import Context, Task, fold_site
-
     name = target.name
     per_source: list[dict[fx.Node, SiteAdapter]] = []
     for i, source in enumerate(adapter.combine):
@@ -240,7 +239,7 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
         raise CheckpointError(f"{config_file}: peft_type {peft_type!r} is not supported (supported: {supported})")
     config_file = str(ckpt.directory / "adapter_config.json")
     kind.check_peft_config(ckpt.config, config_file)
-    selector = peft_selector(ckpt.config, sorted(kind.ops), gm.meta.get("peftfx", {}), config_file)
+    selector = peft_selector(ckpt.config, sorted(kind.ops), heads(gm), config_file)
     field_ = f"adapters.{name} (target_modules of {config_file})"
     return Target(name, kind, selector, field_, ckpt, ckpt.split(kind.peft_prefix))
 
@@ -262,6 +261,7 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
             f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
         )
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
+    prepared = target.kind.prepare_peft(sites, ckpt.config, str(ckpt.directory / "adapter_config.json"))
     for done, site in enumerate(sites, start=1):
         plan.placed(target.name, done, len(sites))
         if site.module not in layout.modules:
@@ -272,7 +272,7 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
         scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
         tensors = layout.modules[site.module]
         keys = {r: ckpt.key(site.module, r) for r in tensors}
-        source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared)
+        source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared, prepared)
         site_adapter = target.kind.from_peft(site, source, float(scale))
         _check_dtypes(site_adapter, source, ckpt)
         plan.placements.append(Placement(target.name, site_adapter))
@@ -304,26 +304,41 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
         )
     generator = torch.Generator().manual_seed(adapter.seed) if adapter.seed is not None else None
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
-    for done, site in enumerate(sites, start=1):
+    params = [_fresh_params(plan, target, adapter, site, span) for site in sites]
+    where = f"adapters.{target.name}"
+    largest = max(sites, key=lambda site: math.prod(site.weight_shape), default=None)
+    try:
+        with sizes.bounded(sizes.limit(math.prod(largest.weight_shape) if largest is not None else 0)):
+            prepared = kind.prepare(sites, params)  # adapter-wide tensors (VeRA's shared projections) are bounded too
+    except SpecError as e:
+        raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    except sizes.TooLarge as e:
+        field = _size_field(params[0], adapter.with_, e.shape)
+        raise SpecError(f"{where}{field}: {_too_large(e, largest)}") from None
+    for done, (site, site_params) in enumerate(zip(sites, params, strict=True), start=1):
         plan.placed(target.name, done, len(sites))
-        values: dict[str, Any] = {}
-        for key, value in adapter.with_.items():
-            values[key] = resolve(value, site, span, plan.matcher, f"adapters.{target.name}.with.{key}")
-            if kind.Params.model_fields[key].annotation in (int, "int") and isinstance(values[key], float):
-                values[key] = round(values[key])  # a gradient over an integer field, e.g. the rank
-        try:
-            params = kind.Params.model_validate(values)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
-            raise SpecError(f"adapters.{target.name}.with.{where}: {message} (at {site.describe()})") from None
         try:
             with sizes.bounded(sizes.limit(math.prod(site.weight_shape))):
-                created = kind.create(site, params, generator)
+                created = kind.create(site, site_params, generator, prepared)
         except SpecError as e:
-            where = f"adapters.{target.name}"
             raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         except sizes.TooLarge as e:
-            field = _size_field(params, values, e.shape)
-            raise SpecError(f"adapters.{target.name}{field}: {_too_large(e, site)}") from None
+            field = _size_field(site_params, adapter.with_, e.shape)
+            raise SpecError(f"{where}{field}: {_too_large(e, site)}") from None
         plan.placements.append(Placement(target.name, created))
+
+
+def _fresh_params(plan: Plan, target: Target, adapter: FreshAdapter, site: Site, span: Any) -> BaseModel:
+    """The kind's parameters at ``site``: per-layer values resolved, validated as the kind declares them."""
+    kind = target.kind
+    values: dict[str, Any] = {}
+    for key, value in adapter.with_.items():
+        values[key] = resolve(value, site, span, plan.matcher, f"adapters.{target.name}.with.{key}")
+        if kind.Params.model_fields[key].annotation in (int, "int") and isinstance(values[key], float):
+            values[key] = round(values[key])  # a gradient over an integer field, e.g. the rank
+    try:
+        return kind.Params.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+        raise SpecError(f"adapters.{target.name}.with.{where}: {message} (at {site.describe()})") from None

@@ -23,7 +23,7 @@ from .adapters import KINDS
 from .atomic import check_destination, replaced_folder
 from .checkpoint import CONFIG, PICKLE, PREFIX, SHARED_PREFIX, WEIGHTS
 from .errors import PeftfxError, SpecError
-from .passes.records import adapters, nodes_by_name, records
+from .ir import adapters, nodes_by_name, records
 from .rewrite import get_attr
 
 

@@ -25,8 +25,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from torch import nn
 
+from .adapters import KINDS
 from .errors import SpecError
+from .fold import METHODS
+from .ir import attr_key
 from .model_ref import ModelRef
 from .sizes import Seed
 
@@ -165,8 +169,6 @@ class FreshAdapter(Deployable):
 
     @model_validator(mode="after")
     def _check_kind(self) -> FreshAdapter:
-        from .adapters import KINDS
-
         kind = KINDS.get(self.type)
         if kind is None:
             raise ValueError(f"type: unknown adapter kind {self.type!r}{suggest(self.type, KINDS, 'known')}")
@@ -202,8 +204,6 @@ class CombineAdapter(Deployable):
 
     @model_validator(mode="after")
     def _check_method(self) -> CombineAdapter:
-        from .fold import METHODS
-
         if self.weights is not None and len(self.weights) != len(self.combine):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.combine)} combined adapters")
         if self.method is not None and self.method not in METHODS:
@@ -291,10 +291,6 @@ class Spec(Strict):
     def _check_names(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
-        from torch import nn
-
-        from .passes.insert import attr_key
-
         taken: dict[str, str] = {}
         for name in value:
             if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME, name):
