@@ -727,9 +727,13 @@ def test_seeds_are_64_bits_and_inputs_bounded(spec, match):
 # -- outputs ---------------------------------------------------------------------------------------------------
 
 
-def test_save_adapter_onto_a_file_or_a_folder_not_an_adapter(tmp_path):
+def test_outputs_onto_a_file_or_a_folder_not_theirs(tmp_path):
     gm = peftfx.compile(mlp(), {"adapters": {"a": FRESH}}, mlp_inputs())
     file = write(tmp_path / "file", "mine")
+    with pytest.raises(peftfx.PeftfxError, match=rf"export_onnx: {re.escape(str(file))} is a file, so nothing"):
+        peftfx.export_onnx(gm, mlp_inputs(), file / "m.onnx")  # refused before the export, not after
+    with pytest.raises(peftfx.PeftfxError, match=rf"export_onnx: {re.escape(str(tmp_path))} is a folder"):
+        peftfx.export_onnx(gm, mlp_inputs(), tmp_path)
     with pytest.raises(peftfx.PeftfxError, match=rf"save_adapter: {re.escape(str(file))} is a file, not a folder"):
         peftfx.save_adapter(gm, "a", file)
     with pytest.raises(peftfx.PeftfxError, match=rf"save_adapter: {re.escape(str(file))} is a file, so nothing"):
