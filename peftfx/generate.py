@@ -1,0 +1,206 @@
+"""``generate``: token ids from a graph captured with a KV cache, as transformers' ``model.generate`` gives them.
+
+The prompt runs once (prefill), then one step per new token reads and extends the cache; nothing is recomputed.
+The loop drives a peftfx graph, its ``torch.compile`` wrapper, or an onnxruntime session of its ONNX export
+(``export_onnx``), so every deployment path decodes alike. Greedy by default; sampling uses transformers' own
+logits warpers (temperature, top-k, top-p, in its order) and draws from ``generator``. A row that emits
+``eos_token_id`` is finished: it gets ``pad_token_id`` from then on, and the loop stops when every row is done,
+as transformers does. Left padding is given by ``attention_mask`` (0 where padded); positions count only the
+unpadded tokens, as transformers counts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import GenerationError
+from .kv_cache import CACHE, cache_info, empty_cache, onnx_names
+
+Step = Callable[[dict[str, Any]], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+
+
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    adapter_index: torch.Tensor | Sequence[int] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    feeds: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """``[batch, prompt + new]`` token ids: the prompt, then up to ``max_new_tokens`` generated tokens.
+
+    ``model`` is a graph from ``peftfx.compile(..., max_cache_len=L)``, that graph under ``torch.compile``, or an
+    ``onnxruntime.InferenceSession`` of its ``export_onnx`` file (``feeds``: its adapter inputs, when adapters are
+    ``as_inputs``). ``adapter_index`` picks each row's adapter in a routed graph (-1 the base model).
+    ``eos_token_id`` and ``pad_token_id`` default to the model's generation config. Everything is checked before
+    the first step.
+    """
+    step, info = _stepper(model, feeds)
+    batch, length = _check(input_ids, attention_mask, max_new_tokens, info)
+    if eos_token_id is None:
+        eos_token_id = info.get("eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = info.get("pad_token_id")
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id).reshape(-1)
+    if eos is not None and pad_token_id is None:
+        pad_token_id = int(eos[0])  # as transformers does, with a warning there
+    routing = _routing(adapter_index, batch, info)
+    warp = _warpers(do_sample, temperature, top_k, top_p)
+
+    prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    mask = torch.ones(batch, info["max_cache_len"], dtype=torch.long)
+    mask[:, :length] = prompt_mask
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    cache = empty_cache(info)
+    tokens, done = input_ids, torch.zeros(batch, dtype=torch.bool)
+    ids, position = input_ids, positions
+    for offset in range(max_new_tokens):
+        start = length + offset - 1 if offset else 0
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": position,
+            "cache_position": torch.arange(start, start + ids.shape[1]),
+            CACHE: cache,
+            **routing,
+        }
+        logits, cache = step(inputs)
+        scores = logits[:, -1].float()
+        if warp is None:
+            new = scores.argmax(-1)
+        else:
+            probs = torch.softmax(warp(tokens, scores), dim=-1)
+            new = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if eos is not None:
+            new = torch.where(done, pad_token_id, new)
+        tokens = torch.cat([tokens, new[:, None]], dim=1)
+        if eos is not None:
+            done = done | torch.isin(new, eos)
+            if bool(done.all()):
+                break
+        ids, position = new[:, None], position[:, -1:] + 1
+    return tokens
+
+
+def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, info: Mapping[str, Any]) -> tuple[int, int]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise GenerationError("generate: input_ids must be an integer tensor [batch, prompt length]")
+    batch, length = input_ids.shape
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"generate: max_new_tokens={max_new_tokens!r} is not a positive int")
+    if batch != info["batch"]:
+        raise GenerationError(
+            f"generate: input_ids has batch {batch}, but the graph was captured for batch {info['batch']} (its "
+            "cache is [batch, ...]); compile with example input_ids of that batch"
+        )
+    if length < 1 or length + max_new_tokens > info["max_cache_len"]:
+        raise GenerationError(
+            f"generate: a prompt of {length} tokens plus max_new_tokens={max_new_tokens} is {length + max_new_tokens} "
+            f"positions, more than the graph's max_cache_len={info['max_cache_len']}"
+        )
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        shape = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise GenerationError(f"generate: attention_mask is {shape}, input_ids is {list(input_ids.shape)}")
+    return batch, length
+
+
+def _routing(adapter_index: Any, batch: int, info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    routed = info.get("routing")
+    if adapter_index is None:
+        if routed is None:
+            return {}
+        return {routed["input"]: torch.full((batch,), -1, dtype=torch.int64)}
+    if routed is None:
+        raise GenerationError("generate: adapter_index is given, but the graph is not routed (no routing: in its spec)")
+    index = torch.as_tensor(adapter_index, dtype=torch.int64)
+    if index.shape != (batch,):
+        raise GenerationError(f"generate: adapter_index has shape {list(index.shape)}; the batch is {batch}")
+    n = len(routed["adapters"]) if routed["adapters"] is not None else None
+    if bool((index < -1).any()) or (n is not None and bool((index >= n).any())):
+        raise GenerationError(f"generate: adapter_index {index.tolist()} leaves -1..{n - 1} (-1 is the base model)")
+    return {routed["input"]: index}
+
+
+def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> Any:
+    """transformers' sampling warpers, in the order ``generate`` applies them; None for greedy decoding."""
+    if not do_sample:
+        return None
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def _stepper(model: Any, feeds: Mapping[str, Any] | None) -> tuple[Step, dict[str, Any]]:
+    """One step as a function of the inputs, and what the loop must know of the graph (cache, batch, routing)."""
+    info = cache_info(model)
+    if info is not None:
+        root = getattr(model, "_orig_mod", model)
+        info = {**info, "routing": root.meta.get("peftfx", {}).get("routing")}
+        if feeds:
+            raise GenerationError("generate: feeds are for an onnxruntime session; a graph holds its adapters")
+
+        def run(inputs: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            logits, *present = model(**inputs)
+            return logits, tuple(present)
+
+        return run, info
+    if type(model).__name__ == "InferenceSession":
+        return _onnx_stepper(model, dict(feeds or {}))
+    raise GenerationError(
+        f"generate: {type(model).__name__} is not a graph captured with max_cache_len (peftfx.compile(..., "
+        "max_cache_len=L)), nor an onnxruntime session of one"
+    )
+
+
+def _onnx_stepper(session: Any, feeds: dict[str, Any]) -> tuple[Step, dict[str, Any]]:
+    """The loop over an ONNX export: the cache's shapes are read off the file's inputs."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    n = sum(name.startswith(f"{CACHE}.") for name in inputs)
+    past, _ = onnx_names(n)
+    if not n or any(name not in inputs for name in past):
+        raise GenerationError("generate: the ONNX file has no past_key_values.<layer>.key|value inputs")
+    shapes = [inputs[name].shape for name in past]
+    dtypes = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16}
+    info = {
+        "batch": shapes[0][0],
+        "max_cache_len": shapes[0][2],
+        "shapes": shapes,
+        "dtype": dtypes[inputs[past[0]].type],
+        "routing": None,
+    }
+    if "adapter_index" in inputs:
+        info["routing"] = {"input": "adapter_index", "adapters": None}  # the file does not say how many
+    fixed = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()}
+
+    def run(step_inputs: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        flat = {k: v.numpy() for k, v in step_inputs.items() if k != CACHE}
+        flat.update({name: t.numpy() for name, t in zip(past, step_inputs[CACHE], strict=True)})
+        logits, *present = session.run(None, {**flat, **fixed})
+        return torch.from_numpy(logits), tuple(torch.from_numpy(t) for t in present)
+
+    return run, info
