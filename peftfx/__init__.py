@@ -13,6 +13,7 @@ from .errors import (
 )
 from .export import adapter_inputs, dynamic_shapes, export_onnx
 from .generate import generate
+from .kv_cache import step_inputs
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
@@ -48,6 +49,7 @@ __all__ = [
     "load_spec",
     "save_adapter",
     "spec_schema",
+    "step_inputs",
     "swap_adapter",
     "verify",
 ]

@@ -29,7 +29,7 @@ from .capture import Inputs, capture, split_inputs
 from .errors import CaptureError, GenerationError
 
 CACHE = "past_key_values"
-STEP_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position", CACHE)
+SEQUENCE_AXES = {"input_ids": {1: "sequence"}, "position_ids": {1: "sequence"}, "cache_position": {0: "sequence"}}
 
 
 def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cache_len: int) -> fx.GraphModule:
@@ -85,6 +85,22 @@ def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cach
         "pad_token_id": getattr(generation, "pad_token_id", None),
     }
     return gm
+
+
+def step_inputs(gm: Any, input_ids: torch.Tensor) -> dict[str, Any]:
+    """The inputs of ``gm``'s first step on the prompt ``input_ids`` (no padding, an empty cache): an example for
+    ``export_onnx``, whose file then takes any prompt length (its ``sequence`` dim) and the decode steps."""
+    info = cache_info(gm)
+    if info is None:
+        raise GenerationError("step_inputs: the graph was not captured with max_cache_len")
+    batch, length = input_ids.shape
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones(batch, info["max_cache_len"], dtype=torch.long),
+        "position_ids": torch.arange(length).expand(batch, length),
+        "cache_position": torch.arange(length),
+        CACHE: empty_cache(info),
+    }
 
 
 def cache_info(gm: Any) -> dict[str, Any] | None:
