@@ -62,6 +62,26 @@ def generate(
     mask = torch.ones(batch, info["max_cache_len"], dtype=torch.long)
     mask[:, :length] = prompt_mask
     positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    with torch.no_grad():  # live adapters are trainable parameters; decoding records no graph
+        return _loop(
+            step, input_ids, mask, positions, max_new_tokens, routing, warp, generator, eos, pad_token_id, info
+        )
+
+
+def _loop(
+    step: Step,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    max_new_tokens: int,
+    routing: dict[str, torch.Tensor],
+    warp: Any,
+    generator: torch.Generator | None,
+    eos: torch.Tensor | None,
+    pad_token_id: int | None,
+    info: Mapping[str, Any],
+) -> torch.Tensor:
+    batch, length = input_ids.shape
     cache = empty_cache(info)
     tokens, done = input_ids, torch.zeros(batch, dtype=torch.bool)
     ids, position = input_ids, positions
