@@ -52,7 +52,9 @@ def generate(
         eos_token_id = info.get("eos_token_id")
     if pad_token_id is None:
         pad_token_id = info.get("pad_token_id")
-    eos = None if eos_token_id is None else torch.tensor(eos_token_id).reshape(-1)
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id, dtype=torch.long).reshape(-1)
+    if eos is not None and not eos.numel():
+        eos = None  # an empty list: no token ends a row
     if eos is not None and pad_token_id is None:
         pad_token_id = int(eos[0])  # as transformers does, with a warning there
     routing = _routing(adapter_index, batch, info)
