@@ -90,6 +90,8 @@ def build(
     with _step("capture", seconds, progress):
         if max_cache_len is None:
             gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+        elif spec.capture == "symbolic_trace":
+            raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
         else:
             gm = capture_with_cache(model, example_inputs, max_cache_len)
     with _step("plan", seconds, progress):

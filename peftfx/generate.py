@@ -119,6 +119,8 @@ def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, info: Mappi
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
         raise GenerationError("generate: input_ids must be an integer tensor [batch, prompt length]")
     batch, length = input_ids.shape
+    if not input_ids.numel():
+        raise GenerationError(f"generate: input_ids is empty ({list(input_ids.shape)})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"generate: max_new_tokens={max_new_tokens!r} is not a positive int")
     if batch != info["batch"]:
@@ -131,6 +133,10 @@ def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, info: Mappi
             f"generate: a prompt of {length} tokens plus max_new_tokens={max_new_tokens} is {length + max_new_tokens} "
             f"positions, more than the graph's max_cache_len={info['max_cache_len']}"
         )
+    vocab = info.get("vocab_size")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if vocab is not None and not 0 <= low <= high < vocab:
+        raise GenerationError(f"generate: input_ids hold {low}..{high}, outside the vocabulary 0..{vocab - 1}")
     if attention_mask is not None and (
         not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
     ):

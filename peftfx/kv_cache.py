@@ -81,6 +81,7 @@ def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cach
         "batch": batch,
         "shapes": [list(s) for s in shapes],
         "dtype": dtype,
+        "vocab_size": getattr(config.get_text_config(), "vocab_size", None),
         "eos_token_id": getattr(generation, "eos_token_id", None),
         "pad_token_id": getattr(generation, "pad_token_id", None),
     }

@@ -96,10 +96,16 @@ def test_merged_and_folded_adapters_match_peft(setup, form):
     assert torch.equal(peftfx.generate(gm, PADDED, max_new_tokens=NEW, attention_mask=MASK), peft_tokens(reference))
 
 
-def test_routed_batch_matches_peft_adapter_names(setup):
-    base, root, peft_model = setup
+@pytest.fixture(scope="module")
+def routed(setup):
+    base, root, _ = setup
     spec = {"adapters": adapters(root), "routing": {"adapters": ["a", "b"]}}
-    gm = peftfx.compile(base, spec, {"input_ids": IDS}, max_cache_len=LENGTH)
+    return peftfx.compile(base, spec, {"input_ids": IDS}, max_cache_len=LENGTH)
+
+
+def test_routed_batch_matches_peft_adapter_names(setup, routed):
+    _, _, peft_model = setup
+    gm = routed
     for names in (["a", "__base__", "b"], ["b", "b", "a"]):
         index = [{"a": 0, "b": 1}.get(n, -1) for n in names]
         got = peftfx.generate(gm, PADDED, max_new_tokens=NEW, attention_mask=MASK, adapter_index=index)
@@ -219,7 +225,7 @@ def _past(layer):
     return [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
 
 
-def test_errors_name_the_numbers_before_any_work(setup, live):
+def test_errors_name_the_numbers_before_any_work(setup, live, routed):
     base, _, _ = setup
     with pytest.raises(peftfx.GenerationError, match=r"6 tokens plus max_new_tokens=11 is 17 .* max_cache_len=16"):
         peftfx.generate(live, IDS, max_new_tokens=11)
@@ -235,5 +241,11 @@ def test_errors_name_the_numbers_before_any_work(setup, live):
         peftfx.generate(peftfx.compile(tiny_llama(), {}, {"input_ids": IDS}), IDS, max_new_tokens=2)
     with pytest.raises(peftfx.CaptureError, match="BertForSequenceClassification is not a decoder-only"):
         peftfx.compile(tiny_bert(), {}, {"input_ids": IDS}, max_cache_len=LENGTH)
+    with pytest.raises(peftfx.GenerationError, match=r"input_ids hold \d+\.\.64, outside the vocabulary 0\.\.63"):
+        peftfx.generate(live, IDS.clamp(max=61) + 3, max_new_tokens=2)
+    with pytest.raises(peftfx.GenerationError, match=r"adapter_index has shape \[2\]; the batch is 3"):
+        peftfx.generate(routed, IDS, max_new_tokens=2, adapter_index=[0, 1])
+    with pytest.raises(peftfx.SpecError, match="symbolic_trace cannot capture a KV cache"):
+        peftfx.compile(base, {"capture": "symbolic_trace"}, {"input_ids": IDS}, max_cache_len=LENGTH)
     with pytest.raises(peftfx.GenerationError, match="prompt has 6 tokens, more than max_cache_len=4"):
         peftfx.compile(base, {}, {"input_ids": IDS}, max_cache_len=4)
