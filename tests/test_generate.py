@@ -77,7 +77,21 @@ def test_live_adapter_matches_peft_and_the_model_is_untouched(setup, live):
     before = snapshot(base)
     peftfx.compile(base, {}, {"input_ids": IDS}, max_cache_len=LENGTH)
     assert_unchanged(base, before)
-    assert base.config.use_cache and type(base).forward is type(base).__mro__[0].forward
+    assert base.config.use_cache and type(base).__name__ == "LlamaForCausalLM" and "forward" not in vars(base)
+
+
+def test_the_prompt_runs_once_then_one_token_per_step(live):
+    class Spy:
+        def __init__(self, gm):
+            self._orig_mod, self.calls = gm, []
+
+        def __call__(self, **inputs):
+            self.calls.append((tuple(inputs["input_ids"].shape), inputs["cache_position"].tolist()))
+            return self._orig_mod(**inputs)
+
+    spy = Spy(live)
+    peftfx.generate(spy, PADDED, max_new_tokens=4, attention_mask=MASK, eos_token_id=[])
+    assert spy.calls == [((3, 6), [0, 1, 2, 3, 4, 5]), ((3, 1), [6]), ((3, 1), [7]), ((3, 1), [8])]
 
 
 @pytest.mark.parametrize("form", ["merged", "folded"])
