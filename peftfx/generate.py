@@ -47,46 +47,38 @@ def generate(
     the first step.
     """
     step, info = _stepper(model, feeds)
-    batch, length = _check(input_ids, attention_mask, max_new_tokens, info)
-    if eos_token_id is None:
-        eos_token_id = info.get("eos_token_id")
-    if pad_token_id is None:
-        pad_token_id = info.get("pad_token_id")
-    eos = None if eos_token_id is None else torch.tensor(eos_token_id, dtype=torch.long).reshape(-1)
-    if eos is not None and not eos.numel():
-        eos = None  # an empty list: no token ends a row
-    if eos is not None and pad_token_id is None:
-        pad_token_id = int(eos[0])  # as transformers does, with a warning there
+    batch, _ = _check(input_ids, attention_mask, max_new_tokens, info)
     routing = _routing(adapter_index, batch, info)
-    warp = _warpers(do_sample, temperature, top_k, top_p)
-
+    choose = _chooser(do_sample, temperature, top_k, top_p, generator)
+    stop = _stop(
+        info.get("eos_token_id") if eos_token_id is None else eos_token_id,
+        info.get("pad_token_id") if pad_token_id is None else pad_token_id,
+    )
     prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
-    mask = torch.ones(batch, info["max_cache_len"], dtype=torch.long)
-    mask[:, :length] = prompt_mask
-    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
     with torch.no_grad():  # live adapters are trainable parameters; decoding records no graph
-        return _loop(
-            step, input_ids, mask, positions, max_new_tokens, routing, warp, generator, eos, pad_token_id, info
-        )
+        return _loop(step, info, input_ids, prompt_mask, max_new_tokens, routing, choose, stop)
+
+
+Choose = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _loop(
     step: Step,
+    info: Mapping[str, Any],
     input_ids: torch.Tensor,
-    mask: torch.Tensor,
-    positions: torch.Tensor,
+    prompt_mask: torch.Tensor,
     max_new_tokens: int,
     routing: dict[str, torch.Tensor],
-    warp: Any,
-    generator: torch.Generator | None,
-    eos: torch.Tensor | None,
-    pad_token_id: int | None,
-    info: Mapping[str, Any],
+    choose: Choose,
+    stop: tuple[torch.Tensor, int] | None,
 ) -> torch.Tensor:
+    """Prefill, then one step per token; ``stop`` is (the eos ids, the pad id) or None."""
     batch, length = input_ids.shape
+    mask = torch.ones(batch, info["max_cache_len"], dtype=torch.long)  # later positions: the causal mask hides them
+    mask[:, :length] = prompt_mask
+    position = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)  # transformers' count, padding skipped
     cache = empty_cache(info)
-    tokens, done = input_ids, torch.zeros(batch, dtype=torch.bool)
-    ids, position = input_ids, positions
+    tokens, ids, done = input_ids, input_ids, torch.zeros(batch, dtype=torch.bool)
     for offset in range(max_new_tokens):
         start = length + offset - 1 if offset else 0
         inputs = {
@@ -98,21 +90,26 @@ def _loop(
             **routing,
         }
         logits, cache = step(inputs)
-        scores = logits[:, -1].float()
-        if warp is None:
-            new = scores.argmax(-1)
-        else:
-            probs = torch.softmax(warp(tokens, scores), dim=-1)
-            new = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        if eos is not None:
-            new = torch.where(done, pad_token_id, new)
-        tokens = torch.cat([tokens, new[:, None]], dim=1)
-        if eos is not None:
+        new = choose(tokens, logits[:, -1].float())
+        if stop is not None:
+            eos, pad = stop
+            new = torch.where(done, pad, new)
             done = done | torch.isin(new, eos)
-            if bool(done.all()):
-                break
+        tokens = torch.cat([tokens, new[:, None]], dim=1)
+        if stop is not None and bool(done.all()):
+            break
         ids, position = new[:, None], position[:, -1:] + 1
     return tokens
+
+
+def _stop(eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> tuple[torch.Tensor, int] | None:
+    """The ids that end a row and the id a finished row gets (the first eos id when none is set, as transformers)."""
+    if eos_token_id is None:
+        return None
+    eos = torch.tensor(eos_token_id, dtype=torch.long).reshape(-1)
+    if not eos.numel():
+        return None  # an empty list: no token ends a row
+    return eos, int(eos[0]) if pad_token_id is None else pad_token_id
 
 
 def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, info: Mapping[str, Any]) -> tuple[int, int]:
@@ -162,10 +159,13 @@ def _routing(adapter_index: Any, batch: int, info: Mapping[str, Any]) -> dict[st
     return {routed["input"]: index}
 
 
-def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> Any:
-    """transformers' sampling warpers, in the order ``generate`` applies them; None for greedy decoding."""
+def _chooser(
+    do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Choose:
+    """The next token from the last logits: their argmax, or a draw after transformers' own warpers, in the order
+    its ``generate`` applies them."""
     if not do_sample:
-        return None
+        return lambda tokens, scores: scores.argmax(-1)
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         TemperatureLogitsWarper,
@@ -173,14 +173,22 @@ def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: floa
         TopPLogitsWarper,
     )
 
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None and top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
+    warp = LogitsProcessorList()
+    try:
+        if temperature != 1.0:
+            warp.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k != 0:
+            warp.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warp.append(TopPLogitsWarper(top_p))
+    except ValueError as error:  # transformers' own check of the value
+        raise GenerationError(f"generate: {error}") from None
+
+    def draw(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(warp(tokens, scores), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return draw
 
 
 def _stepper(model: Any, feeds: Mapping[str, Any] | None) -> tuple[Step, dict[str, Any]]:

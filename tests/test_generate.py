@@ -259,6 +259,8 @@ def test_errors_name_the_numbers_before_any_work(setup, live, routed):
         peftfx.generate(live, IDS.clamp(max=61) + 3, max_new_tokens=2)
     with pytest.raises(peftfx.GenerationError, match=r"adapter_index has shape \[2\]; the batch is 3"):
         peftfx.generate(routed, IDS, max_new_tokens=2, adapter_index=[0, 1])
+    with pytest.raises(peftfx.GenerationError, match="temperature"):
+        peftfx.generate(live, IDS, max_new_tokens=2, do_sample=True, temperature=0.0)
     with pytest.raises(peftfx.SpecError, match="symbolic_trace cannot capture a KV cache"):
         peftfx.compile(base, {"capture": "symbolic_trace"}, {"input_ids": IDS}, max_cache_len=LENGTH)
     with pytest.raises(peftfx.GenerationError, match="prompt has 6 tokens, more than max_cache_len=4"):
