@@ -151,10 +151,8 @@ def _with_cache_forward(model: nn.Module, max_cache_len: int) -> nn.Module:
     cls = type(model)
     step = type(f"{cls.__name__}Step", (cls,), {"forward": _step_forward})
     copy = cls.__new__(step)
-    state = dict(model.__dict__)
-    for slots in ("_modules", "_parameters", "_buffers"):
-        state[slots] = dict(state[slots])
-    copy.__dict__.update(state)
+    # its own module, parameter, buffer and hook tables (dicts), holding the model's objects
+    copy.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in model.__dict__.items()})
     copy._peftfx_max_cache_len = max_cache_len
     return copy
 
