@@ -22,9 +22,9 @@ from torch.export import Dim
 
 from .capture import Inputs, split_inputs
 from .errors import CaptureError, SpecError
-from .kv_cache import CACHE, SEQUENCE_AXES, cache_info, onnx_names
-from .passes.records import adapters, records
-from .passes.route import batch_input, with_index
+from .inputs import batch_input, with_index
+from .ir import adapters, kv_cache, records, routing
+from .kv_cache import CACHE, SEQUENCE_AXES, onnx_names
 from .rewrite import get_attr
 from .save import written_atomically
 
@@ -80,7 +80,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
 
     args, kwargs = with_index(gm, example_inputs)
     kwargs, nested = _flatten_sequences(kwargs)
-    if dynamic is False and cache_info(gm) is not None:
+    if dynamic is False and kv_cache(gm) is not None:
         dynamic = dict(SEQUENCE_AXES)  # one file for the prompt and every step
     names, values = [f"input_{i}" for i in range(len(args))] + list(kwargs), [*args, *kwargs.values()]
     for name, value in zip(names, values, strict=True):
@@ -136,7 +136,7 @@ def _flatten_sequences(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 
 def _cache_names(gm: fx.GraphModule, nested: Mapping[str, int]) -> tuple[dict[str, str], list[str]]:
     """A KV-cache graph's inputs and outputs under Optimum's names (``kv_cache``); no renaming for other graphs."""
-    if cache_info(gm) is None or CACHE not in nested:
+    if kv_cache(gm) is None or CACHE not in nested:
         return {}, []
     past, present = onnx_names(nested[CACHE])
     return {f"{CACHE}.{i}": name for i, name in enumerate(past)}, ["logits", *present]
@@ -213,12 +213,12 @@ def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, di
 
 def _routed_batch(gm: fx.GraphModule, inputs: Inputs, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
     """``axes`` with a routed graph's ``adapter_index`` sharing the batch dim, when a mapping left it unnamed."""
-    routing = gm.meta.get("peftfx", {}).get("routing")
-    if routing is None or routing["input"] in axes:
+    routed = routing(gm)
+    if routed is None or routed.input in axes:
         return axes
     key = batch_input(inputs)
     batch = axes.get(f"input_{key}" if isinstance(key, int) else key, {}).get(0)
-    return axes if batch is None else {**axes, routing["input"]: {0: batch}}
+    return axes if batch is None else {**axes, routed.input: {0: batch}}
 
 
 def _drop_stack_traces(model: Any) -> None:

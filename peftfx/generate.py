@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .errors import GenerationError
-from .kv_cache import CACHE, cache_info, empty_cache, onnx_names
+from .ir import KVCache, kv_cache, routing
+from .kv_cache import CACHE, empty_cache, onnx_names
 
 Step = Callable[[dict[str, Any]], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
 
@@ -46,17 +47,17 @@ def generate(
     ``eos_token_id`` and ``pad_token_id`` default to the model's generation config. Everything is checked before
     the first step.
     """
-    step, info = _stepper(model, feeds)
-    batch, _ = _check(input_ids, attention_mask, max_new_tokens, info)
-    routing = _routing(adapter_index, batch, info)
+    step, cache, routed = _stepper(model, feeds)
+    batch, _ = _check(input_ids, attention_mask, max_new_tokens, cache)
+    index = _index(adapter_index, batch, routed)
     choose = _chooser(do_sample, temperature, top_k, top_p, generator)
     stop = _stop(
-        info.get("eos_token_id") if eos_token_id is None else eos_token_id,
-        info.get("pad_token_id") if pad_token_id is None else pad_token_id,
+        cache.eos_token_id if eos_token_id is None else eos_token_id,
+        cache.pad_token_id if pad_token_id is None else pad_token_id,
     )
     prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     with torch.no_grad():  # live adapters are trainable parameters; decoding records no graph
-        return _loop(step, info, input_ids, prompt_mask, max_new_tokens, routing, choose, stop)
+        return _loop(step, cache, input_ids, prompt_mask, max_new_tokens, index, choose, stop)
 
 
 Choose = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,20 +65,20 @@ Choose = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _loop(
     step: Step,
-    info: Mapping[str, Any],
+    cache_spec: KVCache,
     input_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
-    routing: dict[str, torch.Tensor],
+    index: dict[str, torch.Tensor],
     choose: Choose,
     stop: tuple[torch.Tensor, int] | None,
 ) -> torch.Tensor:
     """Prefill, then one step per token; ``stop`` is (the eos ids, the pad id) or None."""
     batch, length = input_ids.shape
-    mask = torch.ones(batch, info["max_cache_len"], dtype=torch.long)  # later positions: the causal mask hides them
+    mask = torch.ones(batch, cache_spec.max_cache_len, dtype=torch.long)  # later positions: the causal mask hides them
     mask[:, :length] = prompt_mask
     position = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)  # transformers' count, padding skipped
-    cache = empty_cache(info)
+    cache = empty_cache(cache_spec)
     tokens, ids, done = input_ids, input_ids, torch.zeros(batch, dtype=torch.bool)
     for offset in range(max_new_tokens):
         start = length + offset - 1 if offset else 0
@@ -87,7 +88,7 @@ def _loop(
             "position_ids": position,
             "cache_position": torch.arange(start, start + ids.shape[1]),
             CACHE: cache,
-            **routing,
+            **index,
         }
         logits, cache = step(inputs)
         new = choose(tokens, logits[:, -1].float())
@@ -112,7 +113,7 @@ def _stop(eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) ->
     return eos, int(eos[0]) if pad_token_id is None else pad_token_id
 
 
-def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, info: Mapping[str, Any]) -> tuple[int, int]:
+def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, cache: KVCache) -> tuple[int, int]:
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
         raise GenerationError("generate: input_ids must be an integer tensor [batch, prompt length]")
     batch, length = input_ids.shape
@@ -120,17 +121,17 @@ def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, info: Mappi
         raise GenerationError(f"generate: input_ids is empty ({list(input_ids.shape)})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"generate: max_new_tokens={max_new_tokens!r} is not a positive int")
-    if batch != info["batch"]:
+    if batch != cache.batch:
         raise GenerationError(
-            f"generate: input_ids has batch {batch}, but the graph was captured for batch {info['batch']} (its "
+            f"generate: input_ids has batch {batch}, but the graph was captured for batch {cache.batch} (its "
             "cache is [batch, ...]); compile with example input_ids of that batch"
         )
-    if length < 1 or length + max_new_tokens > info["max_cache_len"]:
+    if length < 1 or length + max_new_tokens > cache.max_cache_len:
         raise GenerationError(
             f"generate: a prompt of {length} tokens plus max_new_tokens={max_new_tokens} is {length + max_new_tokens} "
-            f"positions, more than the graph's max_cache_len={info['max_cache_len']}"
+            f"positions, more than the graph's max_cache_len={cache.max_cache_len}"
         )
-    vocab = info.get("vocab_size")
+    vocab = cache.vocab_size
     low, high = int(input_ids.min()), int(input_ids.max())
     if vocab is not None and not 0 <= low <= high < vocab:
         raise GenerationError(f"generate: input_ids hold {low}..{high}, outside the vocabulary 0..{vocab - 1}")
@@ -142,21 +143,23 @@ def _check(input_ids: Any, attention_mask: Any, max_new_tokens: Any, info: Mappi
     return batch, length
 
 
-def _routing(adapter_index: Any, batch: int, info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    routed = info.get("routing")
+Routed = tuple[str, int | None] | None  # a routed step's index input and its number of adapters (None: unknown)
+
+
+def _index(adapter_index: Any, batch: int, routed: Routed) -> dict[str, torch.Tensor]:
+    """The routing input of every step: each row's adapter, all base rows when none is given."""
     if adapter_index is None:
-        if routed is None:
-            return {}
-        return {routed["input"]: torch.full((batch,), -1, dtype=torch.int64)}
+        return {} if routed is None else {routed[0]: torch.full((batch,), -1, dtype=torch.int64)}
     if routed is None:
         raise GenerationError("generate: adapter_index is given, but the graph is not routed (no routing: in its spec)")
+    name, n = routed
     index = torch.as_tensor(adapter_index, dtype=torch.int64)
     if index.shape != (batch,):
         raise GenerationError(f"generate: adapter_index has shape {list(index.shape)}; the batch is {batch}")
-    n = len(routed["adapters"]) if routed["adapters"] is not None else None
     if bool((index < -1).any()) or (n is not None and bool((index >= n).any())):
-        raise GenerationError(f"generate: adapter_index {index.tolist()} leaves -1..{n - 1} (-1 is the base model)")
-    return {routed["input"]: index}
+        top = "" if n is None else f"..{n - 1}"
+        raise GenerationError(f"generate: adapter_index {index.tolist()} leaves -1{top} (-1 is the base model)")
+    return {name: index}
 
 
 def _chooser(
@@ -191,20 +194,19 @@ def _chooser(
     return draw
 
 
-def _stepper(model: Any, feeds: Mapping[str, Any] | None) -> tuple[Step, dict[str, Any]]:
-    """One step as a function of the inputs, and what the loop must know of the graph (cache, batch, routing)."""
-    info = cache_info(model)
-    if info is not None:
-        root = getattr(model, "_orig_mod", model)
-        info = {**info, "routing": root.meta.get("peftfx", {}).get("routing")}
+def _stepper(model: Any, feeds: Mapping[str, Any] | None) -> tuple[Step, KVCache, Routed]:
+    """One step as a function of the inputs, the cache it steps over, and its routing input."""
+    cache = kv_cache(model)
+    if cache is not None:
         if feeds:
             raise GenerationError("generate: feeds are for an onnxruntime session; a graph holds its adapters")
+        routes = routing(getattr(model, "_orig_mod", model))
 
         def run(inputs: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             logits, *present = model(**inputs)
             return logits, tuple(present)
 
-        return run, info
+        return run, cache, None if routes is None else (routes.input, len(routes.adapters))
     if type(model).__name__ == "InferenceSession":
         return _onnx_stepper(model, dict(feeds or {}))
     raise GenerationError(
@@ -213,24 +215,17 @@ def _stepper(model: Any, feeds: Mapping[str, Any] | None) -> tuple[Step, dict[st
     )
 
 
-def _onnx_stepper(session: Any, feeds: dict[str, Any]) -> tuple[Step, dict[str, Any]]:
-    """The loop over an ONNX export: the cache's shapes are read off the file's inputs."""
+def _onnx_stepper(session: Any, feeds: dict[str, Any]) -> tuple[Step, KVCache, Routed]:
+    """The loop over an ONNX export: the cache's shapes are read off the file's inputs (its eos: pass it)."""
     inputs = {i.name: i for i in session.get_inputs()}
     n = sum(name.startswith(f"{CACHE}.") for name in inputs)
     past, _ = onnx_names(n)
     if not n or any(name not in inputs for name in past):
         raise GenerationError("generate: the ONNX file has no past_key_values.<layer>.key|value inputs")
-    shapes = [inputs[name].shape for name in past]
+    shapes = [tuple(inputs[name].shape) for name in past]
     dtypes = {"tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16}
-    info = {
-        "batch": shapes[0][0],
-        "max_cache_len": shapes[0][2],
-        "shapes": shapes,
-        "dtype": dtypes[inputs[past[0]].type],
-        "routing": None,
-    }
-    if "adapter_index" in inputs:
-        info["routing"] = {"input": "adapter_index", "adapters": None}  # the file does not say how many
+    cache = KVCache(max_cache_len=shapes[0][2], batch=shapes[0][0], shapes=shapes, dtype=dtypes[inputs[past[0]].type])
+    routed = ("adapter_index", None) if "adapter_index" in inputs else None  # the file does not say how many
     fixed = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()}
 
     def run(step_inputs: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -239,4 +234,4 @@ def _onnx_stepper(session: Any, feeds: dict[str, Any]) -> tuple[Step, dict[str, 
         logits, *present = session.run(None, {**flat, **fixed})
         return torch.from_numpy(logits), tuple(torch.from_numpy(t) for t in present)
 
-    return run, info
+    return run, cache, routed

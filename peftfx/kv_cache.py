@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from torch.export import Dim
 
 from .capture import Inputs, capture, split_inputs
 from .errors import CaptureError, GenerationError
+from .ir import KVCache, kv_cache, set_kv_cache
 
 CACHE = "past_key_values"
 SEQUENCE_AXES = {"input_ids": {1: "sequence"}, "position_ids": {1: "sequence"}, "cache_position": {0: "sequence"}}
@@ -79,44 +80,40 @@ def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cach
     with _sdpa_gqa():
         gm = capture(_with_cache_forward(model, max_cache_len), example, method="export", dynamic_shapes=dynamic)
     generation = getattr(model, "generation_config", None)
-    gm.meta.setdefault("peftfx", {})["cache"] = {
-        "max_cache_len": max_cache_len,
-        "batch": batch,
-        "shapes": [list(s) for s in shapes],
-        "dtype": dtype,
-        "vocab_size": getattr(config.get_text_config(), "vocab_size", None),
-        "eos_token_id": getattr(generation, "eos_token_id", None),
-        "pad_token_id": getattr(generation, "pad_token_id", None),
-    }
+    set_kv_cache(
+        gm,
+        KVCache(
+            max_cache_len=max_cache_len,
+            batch=batch,
+            shapes=shapes,
+            dtype=dtype,
+            vocab_size=getattr(config.get_text_config(), "vocab_size", None),
+            eos_token_id=getattr(generation, "eos_token_id", None),
+            pad_token_id=getattr(generation, "pad_token_id", None),
+        ),
+    )
     return gm
 
 
 def step_inputs(gm: Any, input_ids: torch.Tensor) -> dict[str, Any]:
     """The inputs of ``gm``'s first step on the prompt ``input_ids`` (no padding, an empty cache): an example for
     ``export_onnx``, whose file then takes any prompt length (its ``sequence`` dim) and the decode steps."""
-    info = cache_info(gm)
-    if info is None:
+    cache = kv_cache(gm)
+    if cache is None:
         raise GenerationError("step_inputs: the graph was not captured with max_cache_len")
     batch, length = input_ids.shape
     return {
         "input_ids": input_ids,
-        "attention_mask": torch.ones(batch, info["max_cache_len"], dtype=torch.long),
+        "attention_mask": torch.ones(batch, cache.max_cache_len, dtype=torch.long),
         "position_ids": torch.arange(length).expand(batch, length),
         "cache_position": torch.arange(length),
-        CACHE: empty_cache(info),
+        CACHE: empty_cache(cache),
     }
 
 
-def cache_info(gm: Any) -> dict[str, Any] | None:
-    """What ``capture_with_cache`` recorded on ``gm`` (or on the graph a ``torch.compile`` wrapper holds)."""
-    gm = getattr(gm, "_orig_mod", gm)
-    meta = getattr(gm, "meta", None)
-    return meta.get("peftfx", {}).get("cache") if isinstance(meta, dict) else None
-
-
-def empty_cache(info: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+def empty_cache(cache: KVCache) -> tuple[torch.Tensor, ...]:
     """Zeros for every cache tensor of a graph: a fresh generation's ``past_key_values``."""
-    return tuple(torch.zeros(s, dtype=info["dtype"]) for s in info["shapes"])
+    return tuple(torch.zeros(s, dtype=cache.dtype) for s in cache.shapes)
 
 
 def onnx_names(n_tensors: int) -> tuple[list[str], list[str]]:
