@@ -59,15 +59,23 @@ def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cach
         cache = StaticCache(config=config, max_cache_len=max_cache_len)
     except Exception as error:
         raise CaptureError(f"max_cache_len: transformers' StaticCache does not support {name}: {error}") from error
-    shapes = _layer_shapes(model, cache, batch, max_cache_len)
-    dtype = next(model.parameters()).dtype
+    generation = getattr(model, "generation_config", None)
+    layout = KVCache(
+        max_cache_len=max_cache_len,
+        batch=batch,
+        shapes=_layer_shapes(model, cache, batch, max_cache_len),
+        dtype=next(model.parameters()).dtype,
+        vocab_size=getattr(config.get_text_config(), "vocab_size", None),
+        eos_token_id=getattr(generation, "eos_token_id", None),
+        pad_token_id=getattr(generation, "pad_token_id", None),
+    )
     steps = max(length, 2)  # torch.export fixes dims of size 1: trace a two-token step
     example = {
         "input_ids": torch.zeros(batch, steps, dtype=torch.long),
         "attention_mask": torch.ones(batch, max_cache_len, dtype=torch.long),
         "position_ids": torch.arange(steps).expand(batch, steps),
         "cache_position": torch.arange(steps),
-        CACHE: tuple(torch.zeros(s, dtype=dtype) for s in shapes),
+        CACHE: empty_cache(layout),
     }
     sequence = Dim("sequence", min=1, max=max_cache_len)
     dynamic = {
@@ -75,23 +83,11 @@ def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cach
         "attention_mask": None,
         "position_ids": {1: sequence},
         "cache_position": {0: sequence},
-        CACHE: (None,) * len(shapes),
+        CACHE: (None,) * len(layout.shapes),
     }
     with _sdpa_gqa():
         gm = capture(_with_cache_forward(model, max_cache_len), example, method="export", dynamic_shapes=dynamic)
-    generation = getattr(model, "generation_config", None)
-    set_kv_cache(
-        gm,
-        KVCache(
-            max_cache_len=max_cache_len,
-            batch=batch,
-            shapes=shapes,
-            dtype=dtype,
-            vocab_size=getattr(config.get_text_config(), "vocab_size", None),
-            eos_token_id=getattr(generation, "eos_token_id", None),
-            pad_token_id=getattr(generation, "pad_token_id", None),
-        ),
-    )
+    set_kv_cache(gm, layout)
     return gm
 
 
