@@ -235,6 +235,18 @@ def test_onnx_file_generates_and_serves_two_adapters(setup, tmp_path):
         assert torch.equal(got, peft_tokens(peft_model)), adapter
 
 
+def test_onnx_file_of_a_routed_graph_takes_adapter_index(setup, routed, tmp_path):
+    import onnxruntime as ort
+
+    _, _, peft_model = setup
+    path = peftfx.export_onnx(routed, peftfx.step_inputs(routed, IDS), tmp_path / "routed.onnx")
+    session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()][-1] == "adapter_index"
+    names = ["b", "__base__", "a"]
+    got = peftfx.generate(session, PADDED, max_new_tokens=NEW, attention_mask=MASK, adapter_index=[1, -1, 0])
+    assert torch.equal(got, peft_tokens(peft_model, adapter_names=names))
+
+
 def _past(layer):
     return [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
 
