@@ -2,19 +2,17 @@
 
 The tensors are read from the graph (so training shows), keyed by the table each kind declares
 (``SiteAdapter.peft_keys``), and written beside the config PEFT needs: the one the adapter was loaded from,
-or one the kind derives from its fresh sites. Files are written to a temporary directory that is renamed into
-place (or whose files replace those of an existing directory, one rename each), so a failure leaves nothing
-half-written.
+or one the kind derives from its fresh sites. The folder is written beside its destination and replaces an
+existing adapter folder in one step (``atomic.replaced_folder``), so a failure leaves the previous adapter whole,
+never new weights beside an old config. Files of an existing adapter folder that are not the adapter (a README,
+other adapters' subfolders) are carried over; a folder that is not an adapter's is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,8 +20,9 @@ from safetensors.torch import save_file
 from torch import fx
 
 from .adapters import KINDS
-from .checkpoint import CONFIG, PREFIX, SHARED_PREFIX, WEIGHTS
-from .errors import SpecError
+from .atomic import check_destination, replaced_folder
+from .checkpoint import CONFIG, PICKLE, PREFIX, SHARED_PREFIX, WEIGHTS
+from .errors import PeftfxError, SpecError
 from .formats import LORA_WEIGHTS, write_lora_file
 from .ir import adapters, nodes_by_name, records
 from .rewrite import get_attr
@@ -40,6 +39,10 @@ def save_adapter(
     """
     if format not in ("peft", "diffusers"):
         raise SpecError(f"save_adapter: unknown format {format!r} (peft, diffusers)")
+    marker = LORA_WEIGHTS if format == "diffusers" else CONFIG
+    out = check_destination(directory, "folder", "save_adapter")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise PeftfxError(f"save_adapter: {out} is not an adapter folder (no {marker}); remove it or pick another")
     info = adapters(gm).get(name)
     mine = [r for r in records(gm) if r.adapter == name]
     if info is None or not mine:
@@ -67,46 +70,35 @@ def save_adapter(
             f"save_adapter: {name!r} is {info.kind}{' with base overrides' if info.overrides else ''}; the diffusers "
             "format holds LoRA factors only"
         )
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with replaced_folder(out) as staged:
         tensors = {k: v.contiguous().clone() for k, v in state.items()}
         if format == "diffusers":
-            write_lora_file(tmp, component, {k.removeprefix(PREFIX): v for k, v in tensors.items()}, config)
-            files: tuple[str, ...] = (LORA_WEIGHTS,)
+            write_lora_file(staged, component, {k.removeprefix(PREFIX): v for k, v in tensors.items()}, config)
         else:
-            save_file(tensors, str(tmp / WEIGHTS))
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            files = (WEIGHTS, CONFIG)
-        if out.exists():  # each file replaced in one step; the weights first, so the config never runs ahead
-            for file in files:
-                os.replace(tmp / file, out / file)
-        else:
-            _as_if_created(tmp, 0o777)
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            save_file(tensors, str(staged / WEIGHTS))
+            (staged / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.is_dir():
+            _carry_over(out, staged)
     return out
 
 
-@contextlib.contextmanager
-def written_atomically(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; it becomes ``path`` in one step, only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def _carry_over(old: Path, new: Path) -> None:
+    """What an adapter folder holds besides the adapter (a README, other adapters' subfolders) stays: hard links
+    where the file system has them (free, and the old folder is deleted after), copies otherwise."""
+    for entry in old.iterdir():
+        if entry.name in (CONFIG, WEIGHTS, PICKLE) or (new / entry.name).exists():  # what was just written wins
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    if Path(source).is_symlink():
+        os.symlink(os.readlink(source), target)
+        return
     try:
-        yield Path(name)
-        _as_if_created(Path(name), 0o666)
-        os.replace(name, path)
-    finally:
-        Path(name).unlink(missing_ok=True)
-
-
-def _as_if_created(path: Path, mode: int) -> None:
-    """Temporary files and folders are private (0600, 0700); what they become gets the mode ``open`` would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(mode & ~umask)
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
