@@ -64,7 +64,7 @@ class Origin:
     by_position: list[str]  # the names the example passed by position (the graph is called the same way)
     scale_keyword: str | None  # the keyword diffusers reads the LoRA scale from
     scale_refusal: str | None = None  # why a scale other than 1 cannot be honoured
-    graph_inputs: list[str] = field(default_factory=list)
+    graph_inputs: dict[str, bool] = field(default_factory=dict)  # the graph's inputs: whether each is required
 
 
 class DropIn(fx.GraphModule):
@@ -241,8 +241,8 @@ def _delegate(gm: DropIn, shell: nn.Module, name: str) -> Any:
     return getattr(shell, name)
 
 
-def _graph_inputs(gm: fx.GraphModule) -> list[str]:
-    return [p for p in inspect.signature(gm.forward).parameters]
+def _graph_inputs(gm: fx.GraphModule) -> dict[str, bool]:
+    return {p.name: p.default is p.empty for p in inspect.signature(gm.forward).parameters.values()}
 
 
 def _normalise(origin: Origin, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
@@ -280,6 +280,9 @@ def _normalise(origin: Origin, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             if _TENSOR in leaves:
                 raise PeftfxError(f"argument {name!r} was a tensor in the captured call; the graph needs it")
             graph[name] = spec.unflatten(leaves)
+    for name, required in origin.graph_inputs.items():
+        if required and name not in graph and name != SCALE_INPUT:
+            raise PeftfxError(f"the graph needs input {name!r} (the model's call lacks it)")
     return graph, return_dict, scale
 
 

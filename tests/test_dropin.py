@@ -325,6 +325,8 @@ def test_routed_example_inputs_may_hold_adapter_index(tmp_path):
     gm = peftfx.compile(model, spec, {**ids, "adapter_index": index})
     again = peftfx.compile(model, spec, ids)
     assert torch.equal(gm(**ids, adapter_index=index).logits, again(**ids, adapter_index=index).logits)
+    with pytest.raises(peftfx.PeftfxError, match="the graph needs input 'adapter_index'"):
+        gm(**ids)
 
 
 def test_dynamic_batch_needs_the_bound_the_error_names():
