@@ -55,10 +55,19 @@ class Build:
 
 
 def compile(
-    model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = None, *, dynamic_shapes: Any = None
+    model: nn.Module,
+    spec: SpecLike,
+    example_inputs: Inputs | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    inplace: bool = False,
 ) -> fx.GraphModule:
-    """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model."""
-    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes).gm
+    """Capture ``model`` and apply ``spec``; call the result like the model.
+
+    The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
+    own tensors (no copy of the weights is made; the same bits as without it).
+    """
+    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes, inplace=inplace).gm
 
 
 def build(
@@ -68,6 +77,7 @@ def build(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    inplace: bool = False,
 ) -> Build:
     """``compile``, also saying what each adapter became.
 
@@ -82,7 +92,7 @@ def build(
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)
     with _step("rewrite", seconds, progress):
-        gm = rewrite(gm, spec, plan)
+        gm = rewrite(gm, spec, plan, inplace=inplace)
     return Build(gm, summarize(spec, plan), seconds)
 
 
@@ -91,8 +101,8 @@ def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.Gr
     return rewrite(gm, spec, make_plan(gm, spec, base_dir))
 
 
-def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
-    """Run the passes a planned spec needs on a captured graph (rewritten in place)."""
+def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan, *, inplace: bool = False) -> fx.GraphModule:
+    """Run the passes a planned spec needs on a captured graph (rewritten in place; ``inplace``: its weights too)."""
     routed = spec.routed_adapters()
     passes: list[Pass] = []
     if routed:
@@ -105,7 +115,7 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
     if merged:
-        passes.append(merge_pass(spec, merged))
+        passes.append(merge_pass(spec, merged, inplace=inplace))
     passes.append(Cleanup())
     gm = run_passes(gm, passes)
     for name, info in adapters(gm).items():
@@ -113,9 +123,9 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     return gm
 
 
-def merge_pass(spec: Spec, names: list[str]) -> Merge:
+def merge_pass(spec: Spec, names: list[str], *, inplace: bool = False) -> Merge:
     """The merge of ``names``, each with the NaN/inf opt-in its spec entry gives (``verify`` merges this way too)."""
-    return Merge(names, [n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)])
+    return Merge(names, [n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)], inplace)
 
 
 def _check_deployable(spec: Spec, merged: list[str], routed: list[str]) -> None:
