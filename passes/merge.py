@@ -47,9 +47,8 @@ class Merge(Pass):
         nodes, index = nodes_by_name(gm), AttrIndex(gm)
         untrimmed = 0  # bytes of weights merged since freed memory was last given back
         todo = [r for r in all_records if r.adapter in self.adapters and not r.merged]
-        last_at_site = {r.site_node: r for r in todo}  # earlier merges at a site are read by later ones: not in place
         for record in todo:
-            inplace = self.inplace and last_at_site[record.site_node] is record
+            inplace = self.inplace and _raw_unread_after(record, all_records, gm, nodes)
             allow = record.adapter in self.allow_nonfinite
             with torch.no_grad():
                 renamed += _merge(gm, record, all_records, nodes, index, allow, inplace)
@@ -88,12 +87,13 @@ def _merge(
     weight = get_attr(gm, str(site.weight.target))
     bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
     raw_bias = get_attr(gm, record.raw_bias) if record.raw_bias is not None else None
-    own = inplace and set(index.users(weight)) <= {site.node}
+    mine = {site.node, *(nodes[n] for n in record.nodes if n in nodes)}
+    own = inplace and set(index.users(weight)) <= mine
     merged = a.kind.merge_into(a, weight if own else torch.empty_like(weight), weight, bias, a.tensors)
     new_weight, new_bias = merged or a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
     if own and new_weight is not weight:
         new_weight = weight.copy_(new_weight)
-    if inplace and new_bias is not None and new_bias is not bias and set(index.users(bias)) <= {site.node}:
+    if inplace and new_bias is not None and new_bias is not bias and set(index.users(bias)) <= mine:
         new_bias = bias.copy_(new_bias)
     if not allow_nonfinite and not finite(new_weight):
         raise MergeError(f"merge: adapter {record.adapter!r} at {record.module}: the merged weight is not finite")
@@ -142,6 +142,13 @@ def finite(tensor: torch.Tensor) -> bool:
         return True  # a meta tensor (a graph for planning) has no values to check
     low, high = torch.aminmax(tensor.detach())
     return math.isfinite(low) and math.isfinite(high)
+
+
+def _raw_unread_after(record: Record, all_records: list[Record], gm: fx.GraphModule, nodes: dict) -> bool:
+    """Whether the adapters after ``record`` at its site only add (never read the raw weight, as DoRA's norm does),
+    so ``record`` may merge into the weight's own storage."""
+    after = all_records[all_records.index(record) + 1 :]
+    return all(KINDS[r.kind].additive(r.site_adapter(gm, nodes)) for r in after if r.site_node == record.site_node)
 
 
 def _check_order(record: Record, additive: bool, all_records: list[Record], gm: fx.GraphModule, nodes: dict) -> None:

@@ -52,43 +52,87 @@ class _Job:
         self.left_max = left.abs().amax(1) if k else left.new_zeros(left.shape[0])
         self.right_sum = right.abs().sum(0)
         self.most = 2 * abs(s) * float(self.left_max.max()) * float(self.right_sum.max()) if left.numel() else 0.0
+        if self.exact:
+            self.grid = _Grid(out.dtype, self.bound, self.most)
 
     def run(self, starts: range, step: int) -> None:
         rows, cols = self.weight.shape
-        shape = (min(step, rows), cols)
-        buffers = [torch.empty(shape, dtype=torch.float64) for _ in range(2)]
-        buffers += [torch.empty(shape, dtype=self.out.dtype) for _ in range(2)]
+        r = torch.empty((min(step, rows), cols), dtype=torch.float64)
         for start in starts:
             stop = min(start + step, rows)
-            block, scratch, low, high = (b[: stop - start] for b in buffers)
+            block = r[: stop - start]
             block.copy_(self.weight[start:stop])
             block.addmm_(self.left[start:stop], self.right, alpha=self.s)
             if self.exact:
-                self._round(block, scratch, low, high, start)
+                self._round(block, start)
             self.out[start:stop].copy_(block)
 
-    def _round(self, block: torch.Tensor, scratch: torch.Tensor, low: torch.Tensor, high: torch.Tensor, start: int):
-        """Entries whose rounding the float64 error could change are set to their exactly rounded value (exact in
-        float64 too, so the final copy keeps it). A bound for the whole block first, then per entry where it fails."""
-        dtype = self.out.dtype
-        least, most = torch.aminmax(block)
-        largest = max(-float(least), float(most))
-        if not math.isfinite(largest):  # NaN and inf stay what float64 made them; the rest is bounded as usual
-            largest = float(torch.where(block.isfinite(), block, 0).abs().max())
-        slack = self.bound * (largest + self.most)
-        low.copy_(torch.sub(block, slack, out=scratch))
-        high.copy_(torch.add(block, slack, out=scratch))
-        if torch.equal(low, high):
+    def _round(self, block: torch.Tensor, start: int) -> None:
+        """Set the entries whose rounding is in doubt to their exactly rounded value (representable, so the final
+        copy keeps it). Doubt, cheaply: an entry whose float64 bits lie near the middle between two ``dtype``
+        values, or that is small beside the block's largest delta (cancellation); each is then settled with its
+        own error bound, and the few that bound cannot settle in rational arithmetic."""
+        flagged = self.grid.doubtful(block).nonzero()
+        if not len(flagged):
             return
-        for i, j in ((low != high) & block.isfinite()).nonzero().tolist():
-            value = block[i, j].item()
-            tol = self.bound * (abs(value) + 2 * abs(self.s) * float(self.left_max[start + i] * self.right_sum[j]))
-            ends = torch.tensor([value - tol, value + tol], dtype=torch.float64).to(dtype).tolist()
-            if ends[0] != ends[1]:
-                w = Fraction(self.weight[start + i, j].item())
-                row, col = self.left[start + i].tolist(), self.right[:, j].tolist()
-                dot = sum(Fraction(a) * Fraction(b) for a, b in zip(row, col, strict=True))
-                block[i, j] = round_fraction(w + Fraction(self.s) * dot, dtype)
+        i, j = flagged[:, 0], flagged[:, 1]
+        value = block[i, j]
+        tol = self.bound * (value.abs() + 2 * abs(self.s) * self.left_max[start + i] * self.right_sum[j])
+        rounded, settled = self.grid.settle(value, tol)
+        block[i, j] = rounded
+        for n in (~settled).nonzero().flatten().tolist():
+            row, col = int(i[n]), int(j[n])
+            x = block[row, col].item()
+            if not math.isfinite(x):
+                continue
+            w = Fraction(self.weight[start + row, col].item())
+            dot = sum(
+                Fraction(a) * Fraction(b)
+                for a, b in zip(self.left[start + row].tolist(), self.right[:, col].tolist(), strict=True)
+            )
+            block[row, col] = round_fraction(w + Fraction(self.s) * dot, self.out.dtype)
+
+
+class _Grid:
+    """A narrower dtype's values as float64 bit patterns: which entries are near a rounding boundary, and how
+    each rounds given an error bound.
+
+    torch converts float64 to (b)float16 through float32, rounding twice: wrong where the float32 value lands
+    on a boundary, i.e. within half a float32 ulp of one, so that zone counts as near too.
+    """
+
+    def __init__(self, dtype: torch.dtype, bound: float, most: float) -> None:
+        info = torch.finfo(dtype)
+        self.fraction_bits = 1 - math.frexp(info.eps)[1]  # stored significand bits (bfloat16: 7)
+        self.dropped = 52 - self.fraction_bits  # float64 bits below the dtype's last one, at normal exponents
+        self.min_exponent = math.frexp(info.tiny)[1] - 1
+        self.near = 1 << (30 if dtype in (torch.float16, torch.bfloat16) else 21)  # in float64 ulps of the entry
+        # past ``small``, an entry's error bound is under ``near`` ulps of it: bound (|r| + most) < near ulp(r)
+        headroom = self.near / (bound * 2.0**53) - 1
+        self.small = max(most / headroom if headroom > 0 else math.inf, info.tiny * 2)
+
+    def doubtful(self, block: torch.Tensor) -> torch.Tensor:
+        bits = block.view(torch.int64)
+        middle = 1 << (self.dropped - 1)
+        low = torch.bitwise_and(bits, (1 << self.dropped) - 1)
+        return ((low - middle).abs_() < self.near) | (block.abs() < self.small)
+
+    def settle(self, value: torch.Tensor, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rounded, settled): each entry rounded to the dtype where its interval ``value ± tol`` lies on one side
+        of a boundary (as float64, exactly representable), else left as is and not settled."""
+        bits = value.view(torch.int64)
+        exponent = torch.bitwise_and(bits >> 52, 0x7FF) - 1023
+        dropped = self.dropped + (self.min_exponent - exponent).clamp(min=0)  # the dtype's subnormals drop more
+        usable = (dropped <= 52) & value.isfinite() & (value != 0)
+        dropped = dropped.clamp(max=52)
+        one = torch.ones_like(bits)
+        down = torch.bitwise_and(bits, ~((one << dropped) - 1))
+        up, middle = down + (one << dropped), down + (one << (dropped - 1))
+        size, mid = value.abs(), middle.view(torch.float64).abs()
+        above, below = size - tol > mid, size + tol < mid
+        rounded = torch.where(above, up.view(torch.float64), torch.where(below, down.view(torch.float64), value))
+        exact_zero = (value == 0) & (tol == 0)
+        return rounded, (usable & (above | below)) | exact_zero
 
 
 def _gamma(n: int) -> float:

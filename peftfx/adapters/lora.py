@@ -161,7 +161,8 @@ class Lora(AdapterKind):
             g = t["lora_magnitude"].double().reshape(-1) / norm
             merged = merged * g.reshape(_weight_broadcast(site))
         new_bias = bias
-        if a.hyper["dora"] and bias is not None and raw_bias is not None and not torch.equal(bias, raw_bias):
+        changed = bias is not None and raw_bias is not None and not bias.is_meta and not torch.equal(bias, raw_bias)
+        if a.hyper["dora"] and changed:
             # live, DoRA scales all of the bias but the raw one: so also what earlier adapters here added to it
             new_bias = (raw_bias.double() + g * (bias.double() - raw_bias.double())).to(bias.dtype)
         if a.hyper["lora_bias"]:
