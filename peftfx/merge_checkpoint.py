@@ -10,10 +10,12 @@ written beside the destination and renamed into place, so an interrupted run lea
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,6 @@ from .spec import load_spec
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 Progress = Callable[[str, int, int], None]  # (output shard, bytes written, its size)
-_RELEASE_EVERY = 256 * 2**20  # bytes read through one mapping before it is closed (its pages leave the RSS)
 
 
 @dataclass
@@ -131,7 +132,12 @@ def _merged_adapters(spec: Any) -> list[str]:
 
 
 class _Source:
-    """The input checkpoint's tensors by key: which shard, shape and dtype, read one at a time."""
+    """The input checkpoint's tensors by key: which shard, shape, dtype and byte range, read one at a time.
+
+    ``safe_open`` lists them; each tensor is then a zero-copy view of a memory map of its own bytes, unmapped when
+    the tensor is dropped, so what was read does not stay resident (``safe_open``'s ``get_tensor`` copies out of
+    a map of the whole shard, whose touched pages stay in the process's RSS until it is closed).
+    """
 
     def __init__(self, model_dir: Path) -> None:
         if not (model_dir / "config.json").is_file():
@@ -147,15 +153,21 @@ class _Source:
         self.dir = model_dir
         self.shard: dict[str, str] = {}
         self.meta: dict[str, tuple[list[int], torch.dtype]] = {}
+        self.span: dict[str, tuple[int, int]] = {}  # absolute byte range in the shard file
         for shard in sorted(set(weight_map.values())) if weight_map else [SINGLE]:
             with safe_open(model_dir / shard, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                     piece = f.get_slice(key)
                     self.shard[key] = shard
                     self.meta[key] = (piece.get_shape(), _DTYPES[piece.get_dtype()])
+            with open(model_dir / shard, "rb") as raw:
+                (length,) = struct.unpack("<Q", raw.read(8))
+                header = json.loads(raw.read(length))
+            for key, entry in header.items():
+                if key in self.meta:
+                    begin, stop = entry["data_offsets"]
+                    self.span[key] = (8 + length + begin, 8 + length + stop)
         self.keys = list(self.shard)
-        self._open: tuple[str, Any] | None = None
-        self._read = 0
 
     def shape(self, key: str) -> list[int]:
         return self.meta[key][0]
@@ -164,21 +176,19 @@ class _Source:
         return self.meta[key][1]
 
     def read(self, key: str) -> torch.Tensor:
-        """A copy of ``key``'s tensor; the mapping is closed every ``_RELEASE_EVERY`` bytes, so what was read once
-        does not stay resident."""
-        shard = self.shard[key]
-        if self._open is None or self._open[0] != shard or self._read >= _RELEASE_EVERY:
-            self.close()
-            self._open = (shard, safe_open(self.dir / shard, framework="pt").__enter__())
-            self._read = 0
-        tensor = self._open[1].get_tensor(key)
-        self._read += tensor.nbytes
-        return tensor
-
-    def close(self) -> None:
-        if self._open is not None:
-            self._open[1].__exit__(None, None, None)
-            self._open = None
+        """``key``'s tensor, a read-only view of its bytes in the file (copy-on-write: never written back)."""
+        (shape, dtype), (begin, stop) = self.meta[key], self.span[key]
+        if stop == begin:
+            return torch.empty(shape, dtype=dtype)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with open(self.dir / self.shard[key], "rb") as f:
+            mapped = mmap.mmap(f.fileno(), stop - start, offset=start, access=mmap.ACCESS_COPY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer's note on sharing memory: the view is only read
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin - start, count=stop - begin)
+        if (begin - start) % dtype.itemsize:  # a tensor not aligned to its element size (odd-sized ones before it)
+            flat = flat.clone()
+        return flat.view(dtype).reshape(shape)
 
 
 _DTYPES = {
@@ -351,7 +361,6 @@ def _write_shard(
             done += data.numel()
             if progress is not None:
                 progress(path.name, done, offset)
-    tensors.source.close()
 
 
 def _weights_file(name: str) -> bool:

@@ -18,7 +18,7 @@ from fractions import Fraction
 
 import torch
 
-BLOCK_BYTES = 1 << 20  # float64 bytes of one block's result: small enough to stay in cache
+BLOCK_BYTES = 1 << 22  # float64 bytes of one block's result: in cache, and few enough blocks for the per-block work
 _U = 2.0**-53
 
 
@@ -54,32 +54,52 @@ class _Job:
         self.most = 2 * abs(s) * float(self.left_max.max()) * float(self.right_sum.max()) if left.numel() else 0.0
         if self.exact:
             self.grid = _Grid(out.dtype, self.bound, self.most)
+            self.lsb_left = _lowest_bit(left, 1)  # per row: every entry is a multiple of 2**lsb
+            self.lsb_right = _lowest_bit(right, 0)  # per column
+            mantissa, exponent = math.frexp(s)
+            self.log2_s = exponent - 1 if mantissa in (0.5, -0.5) else None  # s·x is exact for a power of two
+            self.width = 2 - math.frexp(torch.finfo(weight.dtype).eps)[1] if weight.is_floating_point() else 53
 
     def run(self, starts: range, step: int) -> None:
         rows, cols = self.weight.shape
         r = torch.empty((min(step, rows), cols), dtype=torch.float64)
+        narrow = torch.empty((min(step, rows), cols), dtype=torch.float32) if self.exact and self.grid.via32 else None
         for start in starts:
             stop = min(start + step, rows)
             block = r[: stop - start]
             block.copy_(self.weight[start:stop])
             block.addmm_(self.left[start:stop], self.right, alpha=self.s)
+            if narrow is not None:  # (b)float16: checked and rounded through float32, half the bytes
+                image = narrow[: stop - start]
+                image.copy_(block)
+                self._round(block, start, self.grid.doubtful32(image), image)
+                self.out[start:stop].copy_(image)
+                continue
             if self.exact:
-                self._round(block, start)
+                self._round(block, start, self.grid.doubtful(block), block)
             self.out[start:stop].copy_(block)
 
-    def _round(self, block: torch.Tensor, start: int) -> None:
+    def _round(self, block: torch.Tensor, start: int, doubtful: torch.Tensor, target: torch.Tensor) -> None:
         """Set the entries whose rounding is in doubt to their exactly rounded value (representable, so the final
         copy keeps it). Doubt, cheaply: an entry whose float64 bits lie near the middle between two ``dtype``
         values, or that is small beside the block's largest delta (cancellation); each is then settled with its
         own error bound, and the few that bound cannot settle in rational arithmetic."""
-        flagged = self.grid.doubtful(block).nonzero()
+        flagged = doubtful.nonzero()
         if not len(flagged):
             return
         i, j = flagged[:, 0], flagged[:, 1]
         value = block[i, j]
-        tol = self.bound * (value.abs() + 2 * abs(self.s) * self.left_max[start + i] * self.right_sum[j])
+        size = 2 * abs(self.s) * self.left_max[start + i] * self.right_sum[j]
+        tol = self.bound * (value.abs() + size)
+        if self.log2_s is not None:  # entries float64 computed exactly (coarse factors: often exact ties) have none
+            w = self.weight[start + i, j].double()
+            lsb = torch.minimum(
+                self.lsb_left[start + i] + self.lsb_right[j] + self.log2_s, _lowest_bit(w, None, self.width)
+            )
+            top = torch.frexp(w.abs() + size).exponent
+            tol = torch.where((top - lsb <= 52) & (lsb >= -1074), 0.0, tol)
         rounded, settled = self.grid.settle(value, tol)
-        block[i, j] = rounded
+        target[i, j] = rounded.to(target.dtype)  # a dtype value: exact in float32 too
         for n in (~settled).nonzero().flatten().tolist():
             row, col = int(i[n]), int(j[n])
             x = block[row, col].item()
@@ -90,7 +110,7 @@ class _Job:
                 Fraction(a) * Fraction(b)
                 for a, b in zip(self.left[start + row].tolist(), self.right[:, col].tolist(), strict=True)
             )
-            block[row, col] = round_fraction(w + Fraction(self.s) * dot, self.out.dtype)
+            target[row, col] = round_fraction(w + Fraction(self.s) * dot, self.out.dtype)
 
 
 class _Grid:
@@ -106,7 +126,9 @@ class _Grid:
         self.fraction_bits = 1 - math.frexp(info.eps)[1]  # stored significand bits (bfloat16: 7)
         self.dropped = 52 - self.fraction_bits  # float64 bits below the dtype's last one, at normal exponents
         self.min_exponent = math.frexp(info.tiny)[1] - 1
-        self.near = 1 << (30 if dtype in (torch.float16, torch.bfloat16) else 21)  # in float64 ulps of the entry
+        self.via32 = dtype in (torch.float16, torch.bfloat16)
+        # near a boundary: float32 images within one float32 ulp (2^29 float64 ulps) of it; float32 itself: 2^21 ulps
+        self.near = 1 << (29 if self.via32 else 21)
         # past ``small``, an entry's error bound is under ``near`` ulps of it: bound (|r| + most) < near ulp(r)
         headroom = self.near / (bound * 2.0**53) - 1
         self.small = max(most / headroom if headroom > 0 else math.inf, info.tiny * 2)
@@ -116,6 +138,13 @@ class _Grid:
         middle = 1 << (self.dropped - 1)
         low = torch.bitwise_and(bits, (1 << self.dropped) - 1)
         return ((low - middle).abs_() < self.near) | (block.abs() < self.small)
+
+    def doubtful32(self, image: torch.Tensor) -> torch.Tensor:
+        """``doubtful`` from the float32 image of a block: a (b)float16 boundary is a float32 value, and an entry
+        whose image is not within one float32 ulp of one is more than 1.5 of them (2^29.5 float64 ulps) away."""
+        dropped = 23 - self.fraction_bits
+        low = torch.bitwise_and(image.view(torch.int32), (1 << dropped) - 1)
+        return ((low - (1 << (dropped - 1))).abs_() <= 1) | (image.abs() < self.small)
 
     def settle(self, value: torch.Tensor, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rounded, settled): each entry rounded to the dtype where its interval ``value ± tol`` lies on one side
@@ -130,9 +159,31 @@ class _Grid:
         up, middle = down + (one << dropped), down + (one << (dropped - 1))
         size, mid = value.abs(), middle.view(torch.float64).abs()
         above, below = size - tol > mid, size + tol < mid
-        rounded = torch.where(above, up.view(torch.float64), torch.where(below, down.view(torch.float64), value))
+        tie = (size == mid) & (tol == 0)  # exact: to the even neighbour (the last kept bit of ``down`` clear)
+        even_down = torch.bitwise_and(down >> dropped, 1) == 0
+        take_up = above | (tie & ~even_down)
+        rounded = torch.where(
+            take_up, up.view(torch.float64), torch.where(below | tie, down.view(torch.float64), value)
+        )
         exact_zero = (value == 0) & (tol == 0)
-        return rounded, (usable & (above | below)) | exact_zero
+        return rounded, (usable & (above | below | tie)) | exact_zero
+
+
+def _lowest_bit(x: torch.Tensor, dim: int | None, width: int | None = None) -> torch.Tensor:
+    """A power of two every entry is a multiple of (its exponent), per ``dim`` (min over the other) or per entry;
+    zeros impose nothing. From the exponent and ``width`` significand bits (default: those of the narrowest float
+    type holding ``x``)."""
+    if width is None:
+        kinds = ((torch.bfloat16, 8), (torch.float16, 11), (torch.float32, 24))
+        width = next((bits for dtype, bits in kinds if _holds(x, dtype)), 53)
+    lsb = torch.frexp(x).exponent.to(torch.int64) - width
+    lsb = torch.where(x == 0, 1 << 20, lsb)
+    return lsb if dim is None else lsb.amin(dim)
+
+
+def _holds(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    narrow = x.to(dtype)
+    return bool(narrow.isfinite().all()) and torch.equal(narrow.double(), x.double())
 
 
 def _gamma(n: int) -> float:

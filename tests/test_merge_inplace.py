@@ -56,14 +56,15 @@ def test_a_tie_float64_misses_is_rounded_exactly(dtype):
     """``1 + m + tiny``, ``m`` half an ulp of ``dtype`` at 1: float64 drops ``tiny`` and rounds the tie to even
     (1); the exact value is above the tie, so it rounds up."""
     half_ulp = torch.finfo(dtype).eps / 2
-    weight = torch.ones(1, 3, dtype=dtype)
+    weight = torch.ones(1, 4, dtype=dtype)
     left = torch.tensor([[1.0, 1.0]], dtype=torch.float32)
-    right = torch.tensor([[half_ulp] * 3, [2.0**-70, -(2.0**-70), 0.0]], dtype=torch.float32)
+    right = torch.tensor([[half_ulp] * 3 + [3 * half_ulp], [2.0**-70, -(2.0**-70), 0.0, 0.0]], dtype=torch.float32)
     naive = (weight.double() + left.double() @ right.double()).to(dtype)
-    assert naive.tolist() == [[1.0, 1.0, 1.0]]
+    assert naive.tolist()[0][:3] == [1.0, 1.0, 1.0]
     out = torch.empty_like(weight)
     add_low_rank(out, weight, left, right, 1.0)
-    assert out.tolist() == [[1.0 + 2 * half_ulp, 1.0, 1.0]]  # above, below, exactly the tie (to even: 1)
+    # above the tie, below it, exactly the tie (to the even neighbour: 1), the tie between 1 + ulp and 1 + 2 ulp
+    assert out.tolist() == [[1.0 + 2 * half_ulp, 1.0, 1.0, 1.0 + 4 * half_ulp]]
 
 
 def test_round_fraction_is_ieee_rounding():
