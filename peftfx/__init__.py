@@ -4,6 +4,7 @@ from .capture import capture
 from .driver import Build, Explanation, build, compile, explain
 from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
 from .export import adapter_inputs, dynamic_shapes, export_onnx
+from .merge_checkpoint import merge_checkpoint
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
@@ -35,6 +36,7 @@ __all__ = [
     "export_onnx",
     "find_sites",
     "load_spec",
+    "merge_checkpoint",
     "save_adapter",
     "spec_schema",
     "swap_adapter",
