@@ -150,7 +150,7 @@ def _peft(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
 
 
 def _out_of_core(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
-    from peftfx.merge_checkpoint import merge_checkpoint
+    from peftfx.out_of_core import merge_checkpoint
 
     return lambda: merge_checkpoint(spec, root / "model", root / "out", max_shard_size=args.shard_size) and None
 

@@ -4,7 +4,7 @@ from .capture import capture
 from .driver import Build, Explanation, build, compile, explain
 from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
 from .export import adapter_inputs, dynamic_shapes, export_onnx
-from .merge_checkpoint import merge_checkpoint
+from .out_of_core import merge_checkpoint
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema

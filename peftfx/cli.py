@@ -36,7 +36,7 @@ from . import model_ref
 from .driver import Build, build, format_params
 from .driver import explain as explain_spec
 from .errors import PeftfxError, SpecError
-from .passes.route import with_index
+from .inputs import with_index
 from .spec import load_spec, spec_schema
 from .verify import Tolerance, default_tolerance
 from .verify import verify as verify_spec
@@ -340,7 +340,7 @@ def merge_(
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 500MB, 5GB")] = "2GB",
 ) -> None:
     """Merge a spec's adapters into a checkpoint out of core: tensor by tensor, the output a transformers checkpoint."""
-    from .merge_checkpoint import merge_checkpoint
+    from .out_of_core import merge_checkpoint
 
     try:
         with _progress() as step:

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import peftfx
-from peftfx import merge_checkpoint as ooc
+from peftfx import out_of_core as ooc
 from peftfx.cli import app
 from peftfx.errors import PeftfxError
 

@@ -29,7 +29,7 @@ from torch import fx, nn
 from .capture import capture
 from .driver import SpecLike
 from .errors import CheckpointError, MergeError, SpecError
-from .passes.insert import Placement
+from .ir import Placement
 from .passes.merge import finite
 from .plan import make_plan
 from .rewrite import get_attr
