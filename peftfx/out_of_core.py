@@ -16,7 +16,8 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,8 +349,8 @@ def _write_shard(
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    done = 0
-    with open(path, "wb") as f:
+    done, pending = 0, None
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as writer:  # the next tensor is made while one is written
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for key, meta in layout:
@@ -357,10 +358,14 @@ def _write_shard(
             if tensor.dtype != meta.dtype or list(tensor.shape) != list(meta.shape):
                 raise MergeError(f"merge: {key} came out {tensor.dtype} {list(tensor.shape)}, not as stored")
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            f.write(memoryview(data.numpy()))
+            if pending is not None:
+                pending.result()  # at most two tensors in memory: the one written and the one made
+            pending = writer.submit(f.write, memoryview(data.numpy()))
             done += data.numel()
             if progress is not None:
                 progress(path.name, done, offset)
+        if pending is not None:
+            pending.result()
 
 
 def _weights_file(name: str) -> bool:
@@ -371,8 +376,3 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
-
-
-def iter_shards(output: Path) -> Iterator[Path]:
-    """The weight files of a checkpoint folder, in name order (for tests and the CLI's summary)."""
-    yield from sorted(output.glob("*.safetensors"))
