@@ -24,11 +24,13 @@ from peftfx.errors import PeftfxError
 IDS = {"input_ids": torch.tensor([[3, 17, 9, 40, 1, 22]])}
 
 
-def checkpoint(tmp_path: Path, dtype: torch.dtype, tie: bool, targets: list[str], dora: bool = False) -> tuple:
+def checkpoint(
+    tmp_path: Path, dtype: torch.dtype, tie: bool, targets: list[str], dora: bool = False, save: list | None = None
+) -> tuple:
     """A tiny Llama saved in shards of a few kB, and a PEFT LoRA on ``targets`` moved off its init."""
     model = tiny_llama(dtype=dtype, tie_word_embeddings=tie)
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora, modules_to_save=save)
     peft_checkpoint(model, config, tmp_path / "adapter")
     return model, {"adapters": {"a": {"peft": str(tmp_path / "adapter")}}}
 
@@ -42,7 +44,7 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sharded_merge_equals_peft_and_compile_and_loads(tmp_path):
-    model, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj", "v_proj", "down_proj"])
+    model, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj", "v_proj", "down_proj"], save=["lm_head"])
     out = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
     written, stored = tensors(out), tensors(tmp_path / "base")
     assert list(written) == list(stored) or sorted(written) == sorted(stored)
@@ -62,6 +64,7 @@ def test_sharded_merge_equals_peft_and_compile_and_loads(tmp_path):
     assert not torch.equal(
         written["model.layers.0.self_attn.q_proj.weight"], stored["model.layers.0.self_attn.q_proj.weight"]
     )
+    assert not torch.equal(written["lm_head.weight"], stored["lm_head.weight"])  # modules_to_save: PEFT's copy
     with torch.no_grad():
         torch.testing.assert_close(loaded(**IDS).logits, peft_merged(**IDS).logits, rtol=1e-5, atol=1e-5)
 
