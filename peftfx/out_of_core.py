@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import shutil
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +25,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from torch import fx, nn
 
+from .atomic import check_destination, replaced_folder
 from .capture import capture
 from .driver import SpecLike
 from .errors import CheckpointError, MergeError, SpecError
@@ -68,7 +67,7 @@ def merge_checkpoint(
     spec, base_dir = load_spec(spec)
     model_dir, output = Path(model_dir), Path(output)
     shard_bytes = _shard_size(max_shard_size)
-    if output.exists():
+    if check_destination(output, "folder", "--output").exists():
         raise SpecError(f"--output: {output} exists; the merged checkpoint goes to a new folder")
     names = _merged_adapters(spec)
     source = _Source(model_dir)
@@ -89,9 +88,7 @@ def merge_checkpoint(
     }
     split = split_torch_state_dict_into_shards(layout, max_shard_size=shard_bytes)
     allow = {n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
+    with replaced_folder(output) as tmp:  # staged beside it, renamed in whole
         tensors = _Tensors(source, sites, overrides, untied, allow)
         for shard, shard_keys in split.filename_to_tensors.items():
             _write_shard(tmp / shard, [(k, layout[k]) for k in shard_keys], tensors, progress)
@@ -102,10 +99,6 @@ def merge_checkpoint(
         for extra in sorted(model_dir.iterdir()):  # tokenizer, generation config: what serving needs besides
             if extra.is_file() and extra.name != "config.json" and not _weights_file(extra.name):
                 shutil.copy2(extra, tmp / extra.name)
-        tmp.chmod(0o777 & ~_umask())
-        os.rename(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
@@ -370,9 +363,3 @@ def _write_shard(
 
 def _weights_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name == INDEX or name.endswith(".index.json")
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
