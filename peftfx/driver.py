@@ -64,13 +64,18 @@ def compile(
     *,
     dynamic_shapes: Any = None,
     max_cache_len: int | None = None,
+    inplace: bool = False,
 ) -> fx.GraphModule:
-    """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model.
+    """Capture ``model`` and apply ``spec``; call the result like the model.
 
-    With ``max_cache_len`` a decoder is captured as one generation step over a static KV cache of that many
-    positions, for ``peftfx.generate`` (see ``kv_cache``).
+    The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
+    own tensors (no copy of the weights is made; the same bits as without it). With ``max_cache_len`` a decoder
+    is captured as one generation step over a static KV cache of that many positions, for ``peftfx.generate``
+    (see ``kv_cache``).
     """
-    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len).gm
+    return build(
+        model, spec, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len, inplace=inplace
+    ).gm
 
 
 def build(
@@ -81,6 +86,7 @@ def build(
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     max_cache_len: int | None = None,
+    inplace: bool = False,
 ) -> Build:
     """``compile``, also saying what each adapter became.
 
@@ -102,7 +108,7 @@ def build(
         plan = make_plan(gm, spec, base_dir, sites)
     with _step("rewrite", seconds, progress):
         scaled = lora_scale_keyword(model) is not None
-        gm = rewrite(gm, spec, plan, runtime_scale=scaled)
+        gm = rewrite(gm, spec, plan, inplace=inplace, runtime_scale=scaled)
         gm = as_dropin(gm, model, example_inputs, _scale_refusal(spec, plan) if scaled else None)
     return Build(gm, summarize(spec, plan), seconds)
 
@@ -132,8 +138,10 @@ def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.Gr
     return rewrite(gm, spec, make_plan(gm, spec, base_dir))
 
 
-def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan, *, runtime_scale: bool = False) -> fx.GraphModule:
-    """Run the passes a planned spec needs on a captured graph (rewritten in place).
+def rewrite(
+    gm: fx.GraphModule, spec: Spec, plan: Plan, *, inplace: bool = False, runtime_scale: bool = False
+) -> fx.GraphModule:
+    """Run the passes a planned spec needs on a captured graph (rewritten in place; ``inplace``: its weights too).
 
     ``runtime_scale`` gives live LoRAs the input ``lora_scale`` (dropped again when every one of them merged).
     """
@@ -144,12 +152,12 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan, *, runtime_scale: bool =
         passes.append(Route(routed, [p for p in plan.placements if p.adapter in routed]))
     always = [p for p in plan.placements if p.adapter not in routed]
     overrides = [o for o in plan.overrides if o.adapter not in routed]
-    passes.append(Insert(always, overrides, plan.configs, runtime_scale))
+    passes.append(Insert(always, overrides, plan.configs, runtime_scale=runtime_scale))
     placed = {p.adapter for p in plan.placements}
     merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
     if merged:
-        passes.append(merge_pass(spec, merged))
+        passes.append(merge_pass(spec, merged, inplace=inplace))
     passes.append(Cleanup())
     gm = run_passes(gm, passes)
     drop_input(gm, SCALE_INPUT)
@@ -158,9 +166,9 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan, *, runtime_scale: bool =
     return gm
 
 
-def merge_pass(spec: Spec, names: list[str]) -> Merge:
+def merge_pass(spec: Spec, names: list[str], *, inplace: bool = False) -> Merge:
     """The merge of ``names``, each with the NaN/inf opt-in its spec entry gives (``verify`` merges this way too)."""
-    return Merge(names, [n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)])
+    return Merge(names, [n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)], inplace)
 
 
 def _check_deployable(spec: Spec, merged: list[str], routed: list[str]) -> None:
