@@ -2,8 +2,9 @@
 
 from .capture import capture
 from .driver import Build, Explanation, build, compile, explain
-from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
+from .errors import CaptureError, CheckpointError, InputError, MatchError, MergeError, PeftfxError, SpecError
 from .export import adapter_inputs, dynamic_shapes, export_onnx
+from .guard import check_onnx_inputs
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
@@ -17,6 +18,7 @@ __all__ = [
     "CaptureError",
     "CheckpointError",
     "Explanation",
+    "InputError",
     "MatchError",
     "MergeError",
     "PeftfxError",
@@ -29,6 +31,7 @@ __all__ = [
     "adapter_inputs",
     "build",
     "capture",
+    "check_onnx_inputs",
     "compile",
     "dynamic_shapes",
     "explain",
