@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from . import capture_cache
 from .causal import restore_is_causal
 from .errors import CaptureError
 
@@ -41,10 +42,12 @@ def capture(
     *,
     method: Method = "auto",
     dynamic_shapes: Any = None,
+    cache: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` without mutating it. ``auto`` exports transformers models and traces the rest.
 
-    ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary.
+    ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary. ``cache``:
+    reuse an earlier ``torch.export`` of the same model structure and inputs (``capture_cache``).
     """
     name = type(model).__name__
     trace_error: Exception | None = None
@@ -59,7 +62,7 @@ def capture(
     if example_inputs is None:
         raise CaptureError(f"capturing {name} with torch.export needs example_inputs")
     try:
-        return _finish(_export(model, example_inputs, dynamic_shapes), model)
+        return _finish(_export(model, example_inputs, dynamic_shapes, cache), model)
     except CaptureError as error:
         if trace_error is None:
             raise
@@ -92,14 +95,18 @@ def _cache_off(model: nn.Module) -> Iterator[None]:
         config.use_cache = True
 
 
-def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx.GraphModule:
+def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any, cache: bool = True) -> fx.GraphModule:
     args, kwargs = split_inputs(example_inputs)
     if dynamic_shapes == "auto":
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
         dynamic_shapes = {name: tree_map(_all_dims_auto, value) for name, value in bound.items()}
-    try:
+
+    def export() -> torch.export.ExportedProgram:
         with _cache_off(model), _no_stack_traces():
-            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+
+    try:
+        program = capture_cache.exported(model, args, kwargs, dynamic_shapes, export, cache=cache)
     except Exception as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {error}") from error
     gm = program.module()

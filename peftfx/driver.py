@@ -55,10 +55,17 @@ class Build:
 
 
 def compile(
-    model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = None, *, dynamic_shapes: Any = None
+    model: nn.Module,
+    spec: SpecLike,
+    example_inputs: Inputs | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    cache: bool = True,
 ) -> fx.GraphModule:
-    """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model."""
-    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes).gm
+    """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model.
+
+    ``cache=False`` runs ``torch.export`` even when the capture cache holds this model's graph."""
+    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes, cache=cache).gm
 
 
 def build(
@@ -68,6 +75,7 @@ def build(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    cache: bool = True,
 ) -> Build:
     """``compile``, also saying what each adapter became.
 
@@ -77,7 +85,7 @@ def build(
     spec, base_dir = load_spec(spec)
     seconds: dict[str, float] = {}
     with _step("capture", seconds, progress):
-        gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+        gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)

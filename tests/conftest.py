@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 from hypothesis import settings
 
 torch.set_num_threads(1)
+# the capture cache of the suite's processes lives in one temporary folder, never in the user's home
+os.environ.setdefault("PEFTFX_CACHE_DIR", tempfile.mkdtemp(prefix="peftfx-test-cache-"))
 # CI gates on this suite: property tests draw the same examples every run, so a run is reproducible
 settings.register_profile("peftfx", derandomize=True)
 settings.load_profile("peftfx")
