@@ -27,13 +27,13 @@ from torch.utils._pytree import tree_leaves, tree_map
 from . import capture_cache
 from .causal import restore_is_causal
 from .errors import CaptureError
+from .ir import ModelHeads, set_heads
+from .sites import MODULE_STACK
 
 Inputs = tuple[Any, ...] | Mapping[str, Any]
 Method = Literal["auto", "export", "symbolic_trace"]
 
 aten = torch.ops.aten
-
-MODULE_STACK = "nn_module_stack"
 
 
 def capture(
@@ -281,11 +281,9 @@ def _finish(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
             for name, tensor in slots.items():
                 if tensor is not None:
                     slots[name] = fresh.setdefault(id(tensor), remake(tensor))
-    info = gm.meta.setdefault("peftfx", {})
-    info["output_embeddings"] = _path_of(model, getattr(model, "get_output_embeddings", lambda: None)())
-    info["classifier"] = next(
-        (n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None
-    )
+    output_embeddings = _path_of(model, getattr(model, "get_output_embeddings", lambda: None)())
+    classifier = next((n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None)
+    set_heads(gm, ModelHeads(output_embeddings, classifier))
     return gm
 
 

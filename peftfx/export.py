@@ -28,8 +28,8 @@ from torch.export import Dim
 from .capture import Inputs, split_inputs
 from .errors import CaptureError, SpecError
 from .guard import guard_onnx_index
-from .passes.records import adapters, records
-from .passes.route import batch_input, with_index
+from .inputs import batch_input, with_index
+from .ir import adapters, records, routing
 from .rewrite import get_attr
 from .save import written_atomically
 
@@ -124,10 +124,10 @@ def export_onnx(
                     f"export_onnx: dim {i} of input {name!r} was captured static ({shape[i]}); compile with "
                     "dynamic_shapes=peftfx.dynamic_shapes(example_inputs, dynamic) to export it dynamic"
                 )
-    routing = gm.meta.get("peftfx", {}).get("routing")
-    if routing is not None:
+    routed = routing(gm)
+    if routed is not None:
         key = batch_input(example_inputs)
-        guard_onnx_index(program.model.graph, routing["adapters"], f"input_{key}" if isinstance(key, int) else key)
+        guard_onnx_index(program.model.graph, routed.adapters, f"input_{key}" if isinstance(key, int) else key)
     _drop_stack_traces(program.model)
     path = Path(path)
     if external_data or (external_data is None and _weight_bytes(program.model) > _PROTOBUF_LIMIT - _GRAPH_ROOM):
@@ -252,12 +252,12 @@ def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, di
 
 def _routed_batch(gm: fx.GraphModule, inputs: Inputs, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
     """``axes`` with a routed graph's ``adapter_index`` sharing the batch dim, when a mapping left it unnamed."""
-    routing = gm.meta.get("peftfx", {}).get("routing")
-    if routing is None or routing["input"] in axes:
+    routed = routing(gm)
+    if routed is None or routed.input in axes:
         return axes
     key = batch_input(inputs)
     batch = axes.get(f"input_{key}" if isinstance(key, int) else key, {}).get(0)
-    return axes if batch is None else {**axes, routing["input"]: {0: batch}}
+    return axes if batch is None else {**axes, routed.input: {0: batch}}
 
 
 def _drop_stack_traces(model: Any) -> None:

@@ -29,7 +29,7 @@ INDEX = "adapter_index"
 def routing_index(index: Any, adapters: Sequence[str], *inputs: Any) -> torch.Tensor:
     """``index`` checked against the routing and the batch, with -1 (the base model) made row ``n`` of the stacks.
 
-    The batch is dim 0 of the first tensor input with a dim (``route.batch_input``'s rule), here read from the
+    The batch is dim 0 of the first tensor input with a dim (``inputs.batch_input``'s rule), here read from the
     graph's other inputs at run time.
     """
     n = len(adapters)

@@ -13,19 +13,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import CheckpointError
+from .ir import ModelHeads
 from .spec import Selector
 
 LINEAR_CLASSES = ["Linear", "Conv1D"]
 
 
-def peft_selector(config: Mapping[str, Any], ops: list[str], info: Mapping[str, Any], file: str) -> Selector:
+def peft_selector(config: Mapping[str, Any], ops: list[str], heads: ModelHeads, file: str) -> Selector:
     target = config.get("target_modules")
     if not target:
         raise CheckpointError(f"{file}: adapter_config.json has no target_modules")
     if isinstance(target, str) and target.lower() == "all-linear":
-        head = info.get("output_embeddings") or (
-            info.get("classifier") if config.get("task_type") == "SEQ_CLS" else None
-        )
+        head = heads.output_embeddings or (heads.classifier if config.get("task_type") == "SEQ_CLS" else None)
         chosen = Selector(
             op="linear", module_type=LINEAR_CLASSES, exclude=Selector(module=_exact([head])) if head else None
         )

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .capture import MODULE_STACK
-
 aten = torch.ops.aten
 
+MODULE_STACK = "nn_module_stack"  # the node meta torch.export fills with the modules a node ran in
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
@@ -107,6 +106,10 @@ class Site(OpView):
             k: v for k, v in self.node.kwargs.items() if k in names
         }
         return {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} | given
+
+    def base_weight(self) -> torch.Tensor:
+        """The weight tensor the site's op reads, in storage layout (transposed for Conv1D)."""
+        return attr(self.weight.graph.owning_module, str(self.weight.target))
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.weight_shape))
