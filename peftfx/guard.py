@@ -26,12 +26,14 @@ from .errors import InputError
 INDEX = "adapter_index"
 
 
-def routing_index(index: Any, adapters: Sequence[str], *inputs: Any) -> torch.Tensor:
+def routing_index(index: Any, adapters: Sequence[str], *inputs: Any) -> Any:
     """``index`` checked against the routing and the batch, with -1 (the base model) made row ``n`` of the stacks.
 
     The batch is dim 0 of the first tensor input with a dim (``inputs.batch_input``'s rule), here read from the
     graph's other inputs at run time.
     """
+    if isinstance(index, torch.fx.Proxy):  # the graph traced again (symbolic_trace): the check stays one call
+        return index.tracer.create_proxy("call_function", routing_index, (index, tuple(adapters), *inputs), {})
     n = len(adapters)
     allowed = f"-1 (the base model) or 0..{n - 1} (routing: {', '.join(adapters)})"
     if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.ndim != 1:

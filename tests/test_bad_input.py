@@ -640,6 +640,13 @@ def test_routed_graph_refuses_a_bad_adapter_index(routed, case):
         routed(*mlp_inputs(), adapter_index=index)
 
 
+def test_routed_graph_traced_again_keeps_its_check(routed):
+    traced = torch.fx.symbolic_trace(routed)
+    index, match = BAD_INDEX["above the routing"]
+    with pytest.raises(peftfx.InputError, match=match):
+        traced(*mlp_inputs(), adapter_index=index)
+
+
 def test_routed_graph_under_torch_compile_refuses_a_bad_adapter_index(routed):
     """The checks are ops and guards of the compiled graph: good routings never recompile, bad ones still fail."""
     from torch._dynamo.testing import CompileCounterWithBackend
