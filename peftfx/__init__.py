@@ -2,9 +2,20 @@
 
 from .capture import capture
 from .driver import Build, Explanation, build, compile, explain
-from .errors import CaptureError, CheckpointError, InputError, MatchError, MergeError, PeftfxError, SpecError
+from .errors import (
+    CaptureError,
+    CheckpointError,
+    GenerationError,
+    InputError,
+    MatchError,
+    MergeError,
+    PeftfxError,
+    SpecError,
+)
 from .export import adapter_inputs, dynamic_shapes, export_onnx
+from .generate import generate
 from .guard import check_onnx_inputs
+from .kv_cache import step_inputs
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
@@ -18,6 +29,7 @@ __all__ = [
     "CaptureError",
     "CheckpointError",
     "Explanation",
+    "GenerationError",
     "InputError",
     "MatchError",
     "MergeError",
@@ -37,9 +49,11 @@ __all__ = [
     "explain",
     "export_onnx",
     "find_sites",
+    "generate",
     "load_spec",
     "save_adapter",
     "spec_schema",
+    "step_inputs",
     "swap_adapter",
     "verify",
 ]

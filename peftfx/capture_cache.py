@@ -31,6 +31,8 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .atomic import replaced_file
+
 FORMAT = 1  # bumped when what is stored, or how the key is made, changes
 
 
@@ -200,15 +202,13 @@ def _dynamic(shapes: Any) -> Any:
 def _store(program: ExportedProgram, model: nn.Module, file: Path) -> None:
     """Save ``program`` with the model's tensors and the example inputs' values left out; best effort: a capture
     that cannot be saved is simply not cached."""
-    from .save import written_atomically  # here: save imports the adapters, which import capture
-
     own = {id(t) for _, t in _named_tensors(model)}
     state, constants, examples = program._state_dict, program._constants, program._example_inputs
     program._state_dict = {k: _meta(v) if id(v) in own else v for k, v in state.items()}
     program._constants = {k: _meta(v) if id(v) in own else v for k, v in constants.items()}
     program._example_inputs = tree_map(_meta, examples)  # their structure names the inputs of the shape checks
     try:
-        with written_atomically(file) as tmp:
+        with replaced_file(file) as tmp:
             torch.export.save(program, tmp, extra_files={_GUARDS: json.dumps(program._guards_code)})
     except Exception:  # the cache is an optimisation: a failed write leaves no file and no error
         pass

@@ -15,6 +15,7 @@ from torch import fx, nn
 from .capture import Inputs, capture
 from .errors import PeftfxError, SpecError
 from .ir import Override, adapters
+from .kv_cache import capture_with_cache
 from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
 from .plan import Plan, make_plan, place, targets
 from .rewrite import get_attr
@@ -60,11 +61,17 @@ def compile(
     *,
     dynamic_shapes: Any = None,
     cache: bool = True,
+    max_cache_len: int | None = None,
 ) -> fx.GraphModule:
     """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model.
 
-    ``cache=False`` runs ``torch.export`` even when the capture cache holds this model's graph."""
-    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes, cache=cache).gm
+    With ``max_cache_len`` a decoder is captured as one generation step over a static KV cache of that many
+    positions, for ``peftfx.generate`` (see ``kv_cache``). ``cache=False`` runs ``torch.export`` even when the
+    capture cache holds this model's graph.
+    """
+    return build(
+        model, spec, example_inputs, dynamic_shapes=dynamic_shapes, cache=cache, max_cache_len=max_cache_len
+    ).gm
 
 
 def build(
@@ -75,6 +82,7 @@ def build(
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     cache: bool = True,
+    max_cache_len: int | None = None,
 ) -> Build:
     """``compile``, also saying what each adapter became.
 
@@ -84,7 +92,12 @@ def build(
     spec, base_dir = load_spec(spec)
     seconds: dict[str, float] = {}
     with _step("capture", seconds, progress):
-        gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
+        if max_cache_len is None:
+            gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
+        elif spec.capture == "symbolic_trace":
+            raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
+        else:
+            gm = capture_with_cache(model, example_inputs, max_cache_len)
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)
