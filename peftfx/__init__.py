@@ -16,6 +16,7 @@ from .export import adapter_inputs, dynamic_shapes, export_onnx
 from .generate import generate
 from .guard import check_onnx_inputs
 from .kv_cache import step_inputs
+from .out_of_core import merge_checkpoint
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
@@ -51,6 +52,7 @@ __all__ = [
     "find_sites",
     "generate",
     "load_spec",
+    "merge_checkpoint",
     "save_adapter",
     "spec_schema",
     "step_inputs",
