@@ -81,7 +81,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
     prefix = f"peftfx.{attr_key(adapter)}"
     targets = {}
     for role, tensor in a.tensors.items():
-        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.module)}.{role}"
+        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.qualified_name)}.{role}"
         try:
             get_attr(gm, targets[role])  # shared roles, and a module called at several sites, reuse one tensor
         except AttributeError:

@@ -92,7 +92,9 @@ def _merge(
     renamed = []
     for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
         if old is not None and new_value is not value:
-            new = rebind(gm, [site.node], old, new_value, "merged", index)
+            new = rebind(
+                gm, site.weight_readers if old is site.weight else [site.node], old, new_value, "merged", index
+            )
             if new is not None:
                 renamed.append((new, old))
     record.merged = True

@@ -279,6 +279,10 @@ def _finish(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     info["classifier"] = next(
         (n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None
     )
+    # fused MoE experts stored [experts, in, out] rather than [experts, out, in] (PEFT reads the same flag)
+    info["transposed_experts"] = [
+        name for name, m in model.named_modules() if getattr(m, "is_transposed", False) is True
+    ]
     return gm
 
 

@@ -4,6 +4,7 @@ Each rule mirrors PEFT's ``check_target_module_exists`` (peft-math.md §2.2-2.5)
 regex match, a list is exact-or-dotted-suffix; ``layers_to_transform`` filters on the first numbered path
 segment (or the first ``layers_pattern`` that matches) and is bypassed by an exact name; ``exclude_modules``
 and ``modules_to_save`` always exclude; ``all-linear`` is every Linear/Conv1D but the output head.
+``target_parameters`` (LoRA's ParamWrapper) select parameter sites by dotted name, exact or dotted suffix.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ LINEAR_CLASSES = ["Linear", "Conv1D"]
 
 def peft_selector(config: Mapping[str, Any], ops: list[str], info: Mapping[str, Any], file: str) -> Selector:
     target = config.get("target_modules")
-    if not target:
+    parameters = config.get("target_parameters")
+    if not target and not parameters:
         raise CheckpointError(f"{file}: adapter_config.json has no target_modules")
-    if isinstance(target, str) and target.lower() == "all-linear":
+    if not target:
+        chosen = None
+    elif isinstance(target, str) and target.lower() == "all-linear":
         head = info.get("output_embeddings") or (
             info.get("classifier") if config.get("task_type") == "SEQ_CLS" else None
         )
@@ -33,6 +37,9 @@ def peft_selector(config: Mapping[str, Any], ops: list[str], info: Mapping[str, 
         chosen = Selector(module=f"re:{target}")
     else:
         chosen = _list_target(list(target), config.get("layers_to_transform"), config.get("layers_pattern"), file)
+    if parameters:
+        by_name = Selector(op="parameter", param=list(parameters))
+        chosen = by_name if chosen is None else Selector(any_of=[chosen, by_name])
     excludes = []
     exclude = config.get("exclude_modules")
     if exclude:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from .errors import CheckpointError, MatchError, SpecError
 from .passes.insert import Override, Placement
 from .pattern import Matcher
 from .peft_targeting import peft_selector
-from .sites import Site, find_sites
+from .sites import PARAMETER, Site, find_sites
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Selector, Spec
 from .values import layer_span, resolve
 
@@ -73,7 +74,7 @@ class Plan:
 
 def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
     """Resolve every active adapter's kind and selector, without choosing sites yet."""
-    plan = Plan(Matcher(gm, find_sites(gm)), [])
+    plan = Plan(Matcher(gm, find_sites(gm, parameters=True)), [])
     plan.targets = [_target(plan, gm, spec, name, base_dir) for name in spec.active_adapters()]
     return plan
 
@@ -226,8 +227,14 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
     ckpt, layout = target.checkpoint, target.layout
     assert ckpt is not None and layout is not None
     plan.configs[target.name] = ckpt.config
-    chosen = {site.module for site in sites}
-    by_module = {site.module: site for site in plan.matcher.sites}
+    by_module = {site.module: site for site in plan.matcher.sites if site.op != PARAMETER}
+    weights = {site.qualified_name: site for site in plan.matcher.sites if site.op == PARAMETER}
+    for module in sorted(set(layout.modules) - {site.module for site in sites}):
+        # a module whose weight no op reads as a site (Mamba's dt_proj.weight @ x): its adapter goes through the weight
+        if module not in by_module and f"{module}.weight" in weights:
+            sites = [*sites, weights[f"{module}.weight"]]
+    nesting = _nesting(plan.matcher.gm, sites)
+    chosen = {site.module + nesting.get(site.node, "") for site in sites}
     for module in sorted(set(layout.modules) - chosen):
         key = ckpt.key(module, next(iter(layout.modules[module])))
         if module in by_module:
@@ -241,20 +248,52 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
     for done, site in enumerate(sites, start=1):
         plan.placed(target.name, done, len(sites))
-        if site.module not in layout.modules:
+        module = site.module + nesting.get(site.node, "")
+        if module not in layout.modules:
             raise CheckpointError(
-                f"{ckpt.file}: adapter_config.json targets {site.module}, but the file holds "
-                f"no tensors for it (none named {ckpt.key(site.module, target.kind.peft_prefix + '*')!r})"
+                f"{ckpt.file}: adapter_config.json targets {site.qualified_name}, but the file holds "
+                f"no tensors for it (none named {ckpt.key(module, target.kind.peft_prefix + '*')!r})"
+            )
+        if site.op not in target.kind.ops:
+            raise CheckpointError(
+                f"{ckpt.file}: {target.kind.name} cannot adapt {site.describe()}, the only way the graph reads "
+                f"{module}'s weight (supports {', '.join(sorted(target.kind.ops))})"
             )
         scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
-        tensors = layout.modules[site.module]
-        keys = {r: ckpt.key(site.module, r) for r in tensors}
+        tensors = layout.modules[module]
+        keys = {r: ckpt.key(module, r) for r in tensors}
         source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared)
         site_adapter = target.kind.from_peft(site, source, float(scale))
         _check_dtypes(site_adapter, source, ckpt)
-        plan.placements.append(Placement(target.name, site_adapter))
+        plan.placements.append(Placement(target.name, _nested(site_adapter, nesting.get(site.node, ""))))
     for attr, (key, tensor) in layout.overrides.items():
         plan.overrides.append(Override(target.name, attr, tensor, key, ckpt.file))
+
+
+def _nesting(gm: fx.GraphModule, sites: list[Site]) -> dict[fx.Node, str]:
+    """Where PEFT keeps each parameter site's tensors below its module: PEFT wraps one parameter per ParamWrapper
+    and nests the wrappers in the order the module registers its parameters, so of ``k`` adapted parameters of one
+    module the ``j``-th (from 0) sits ``k - 1 - j`` ``base_layer.`` levels down."""
+    by_owner: dict[str, list[Site]] = {}
+    for site in sites:
+        if site.op == PARAMETER:
+            by_owner.setdefault(site.module, []).append(site)
+    nesting = {}
+    for owner, group in by_owner.items():
+        order = list((gm.get_submodule(owner) if owner else gm)._parameters)
+        group.sort(key=lambda s: order.index(str(s.param)))
+        for j, site in enumerate(group):
+            nesting[site.node] = ".base_layer" * (len(group) - 1 - j)
+    return nesting
+
+
+def _nested(a: SiteAdapter, nesting: str) -> SiteAdapter:
+    """``a`` with its PEFT keys under ``nesting`` (``.base_layer`` levels), so it saves back where it was read."""
+    if not nesting:
+        return a
+    prefix = nesting.removeprefix(".") + "."
+    keys = {role: key if role in a.shared else prefix + key for role, key in a.peft_keys.items()}
+    return dataclasses.replace(a, peft_keys=keys)
 
 
 def _check_dtypes(a: SiteAdapter, source: PeftSource, ckpt: Checkpoint) -> None:
@@ -281,6 +320,7 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
         )
     generator = torch.Generator().manual_seed(adapter.seed) if adapter.seed is not None else None
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
+    nesting = _nesting(plan.matcher.gm, sites)
     for done, site in enumerate(sites, start=1):
         plan.placed(target.name, done, len(sites))
         values: dict[str, Any] = {}
@@ -299,4 +339,4 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
         except SpecError as e:
             where = f"adapters.{target.name}"
             raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-        plan.placements.append(Placement(target.name, created))
+        plan.placements.append(Placement(target.name, _nested(created, nesting.get(site.node, ""))))

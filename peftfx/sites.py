@@ -1,7 +1,14 @@
 """The site table: one entry per weight-owning op, the unit every selector and adapter works on.
 
 A site is found from the op alone (aten call, functional call) plus ``nn_module_stack`` metadata, so the
-same spec selects the same sites whichever tracer captured the model.
+same spec selects the same sites whichever tracer captured the model. A linear is recognised by what it
+computes: ``aten.linear``, transformers' ``Conv1D`` addmm, and a matmul or mm of an input by a transposed
+weight (``x @ W.T``, as Falcon's ``FalconLinear``).
+
+Every parameter is also a site (op ``parameter``): the parameter as the graph reads it, wherever it is read
+(an MoE's 3-D expert stack, a weight used by code that is no op peftfx knows). An adapter there rewrites the
+parameter before its uses, as PEFT's ``target_parameters`` do. Selectors see parameter sites only when they
+ask for them (``op: parameter`` or ``param:``), so a module selector never also picks its module's weights.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from torch import fx
 from .capture import MODULE_STACK
 
 aten = torch.ops.aten
+
+PARAMETER = "parameter"  # the op name of parameter sites
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -56,12 +65,37 @@ _RMS_NORM = OpSignature("rms_norm", 1, 0, None)
 _MULS = frozenset({aten.mul.Tensor, operator.mul, torch.mul})
 
 
+# ``x @ W.T`` (matmul or mm of the input by a transposed 2-D weight) computes what ``F.linear(x, W)`` does.
+_MATMULS = frozenset({aten.matmul.default, aten.mm.default, torch.matmul, torch.mm, operator.matmul})
+_MATMUL = OpSignature("linear", 0, 1, None)
+_TRANSPOSES = frozenset({aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, torch.t})
+
+
 def signature_of(node: fx.Node) -> OpSignature | None:
+    if node.target in _MATMULS and _transposed_weight(node) is not None:
+        return _MATMUL
     signature = SIGNATURES.get(node.target)
     if signature is None and node.target in _MULS and module_of(node)[1].endswith("RMSNorm") and len(node.args) == 2:
         weight = node.args[0]
         return _RMS_NORM if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
     return signature
+
+
+def _transposed_weight(node: fx.Node) -> fx.Node | None:
+    """The 2-D weight's get_attr when ``node`` multiplies its input by that weight transposed, else None."""
+    if len(node.args) != 2 or not isinstance(node.args[1], fx.Node):
+        return None
+    view = node.args[1]
+    if view.op != "call_function" or view.target not in _TRANSPOSES or len(view.users) != 1:
+        return None
+    weight = view.args[0]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    if view.target is aten.transpose.int and sorted(d % 2 for d in view.args[1:3]) != [0, 1]:
+        return None
+    if view.target is aten.permute.default and [d % 2 for d in view.args[1]] != [1, 0]:
+        return None
+    return weight
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,19 +119,41 @@ class Site(OpView):
     weight_shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
     transposed: bool = False
+    param: str | None = None  # a parameter site's attribute name on its module (``gate_up_proj``)
 
     @property
     def out_features(self) -> int:
+        if self.op == PARAMETER:  # PEFT's ParamWrapper: [out, in], [experts, out, in] or, transposed, [e, in, out]
+            return self.weight_shape[-1] if self.transposed or len(self.weight_shape) < 2 else self.weight_shape[-2]
         return self.weight_shape[1] if self.op == "embedding" else self.weight_shape[0]
 
     @property
     def in_features(self) -> int:
+        if self.op == PARAMETER:
+            return self.weight_shape[-2] if self.transposed else self.weight_shape[-1]
         return self.weight_shape[0] if self.op == "embedding" else self.weight_shape[1]
 
     @property
-    def live_input(self) -> fx.Node:
-        """The op's input now: an adapter inserted upstream may have replaced the captured ``input``."""
+    def experts(self) -> int:
+        """How many stacked matrices a parameter site holds (its first dim when 3-D), else 1."""
+        return self.weight_shape[0] if self.op == PARAMETER and len(self.weight_shape) == 3 else 1
+
+    @property
+    def live_input(self) -> fx.Node | None:
+        """The op's input now: an adapter inserted upstream may have replaced the captured ``input``.
+        A parameter site has none: its adapter rewrites the parameter, not an activation."""
+        if self.op == PARAMETER:
+            return None
         return self.node.args[signature_of(self.node).input]
+
+    @property
+    def weight_readers(self) -> list[fx.Node]:
+        """The nodes that read ``weight``'s get_attr for this site: what a merged weight is rebound for."""
+        if self.op == PARAMETER:
+            return list(self.weight.users)
+        if self.weight in self.node.all_input_nodes:
+            return [self.node]
+        return [user for user in self.weight.users if self.node in user.users]  # through x @ W.T's transpose
 
     @property
     def conv_args(self) -> dict[str, Any]:
@@ -110,7 +166,12 @@ class Site(OpView):
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.weight_shape))
-        return f"{self.op} {self.module} [{shape}]"
+        return f"{self.op} {self.qualified_name} [{shape}]"
+
+    @property
+    def qualified_name(self) -> str:
+        """The module path, and for a parameter site its attribute too (``...experts.gate_up_proj``)."""
+        return f"{self.module}.{self.param}" if self.param is not None else self.module
 
 
 def op_name(node: fx.Node, root: torch.nn.Module | None = None) -> str:
@@ -155,9 +216,14 @@ def view_of(node: fx.Node, root: torch.nn.Module | None = None) -> OpView:
     return OpView(node, op_name(node, root), path, cls, layer_of(path))
 
 
-def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every weight-owning op whose weight is a graph constant, in graph order."""
-    return [site for node in gm.graph.nodes if (site := _site(gm, node)) is not None]
+def find_sites(gm: fx.GraphModule, parameters: bool = False) -> list[Site]:
+    """Every weight-owning op whose weight is a graph constant, in graph order; with ``parameters``, then
+    every floating-point parameter the graph reads, once each, in graph order."""
+    ops = (node for node in gm.graph.nodes if node.op == "call_function")
+    sites = [site for node in ops if (site := _site(gm, node)) is not None]
+    if parameters:
+        sites += [site for node in gm.graph.find_nodes(op="get_attr") if (site := _parameter_site(gm, node))]
+    return sites
 
 
 def site_of(gm: fx.GraphModule, node: fx.Node) -> Site:
@@ -168,6 +234,8 @@ def site_of(gm: fx.GraphModule, node: fx.Node) -> Site:
 
 
 def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
+    if node.op == "get_attr":
+        return _parameter_site(gm, node)
     if node.op != "call_function" or node.meta.get("peftfx"):
         return None
     signature = signature_of(node)
@@ -175,15 +243,20 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         return None
     args = node.args
     weight = args[signature.weight] if len(args) > signature.weight else None
+    if signature is _MATMUL:
+        weight = _transposed_weight(node)
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
     tensor = attr(gm, str(weight.target))
+    if signature is _MATMUL and tensor.ndim != 2:
+        return None
     if signature.transposed and (tensor.ndim != 2 or module_of(node)[1] not in ("Conv1D", "")):
         return None  # an addmm that is not transformers' Conv1D (or a lowered one) is not a site
     bias = args[signature.bias] if signature.bias is not None and len(args) > signature.bias else None
     path, cls = module_of(node)
-    if not path:
-        path = str(weight.target).removesuffix(".weight")
+    if not path or signature is _MATMUL:  # x @ W.T may sit in a parent module's code: the weight's owner is the site
+        owner = str(weight.target).rpartition(".")[0]
+        path, cls = (owner, module_classes(gm).get(owner, "")) if signature is _MATMUL else (owner, cls)
     shape = tuple(tensor.shape[::-1]) if signature.transposed else tuple(tensor.shape)
     return Site(
         node=node,
@@ -198,6 +271,46 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         dtype=tensor.dtype,
         transposed=signature.transposed,
     )
+
+
+def _parameter_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
+    """The site of a parameter read by ``node`` (a get_attr): the first get_attr of each float parameter."""
+    if node.meta.get("peftfx") or node.op != "get_attr":
+        return None
+    owner, _, name = str(node.target).rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    tensor = module._parameters.get(name)
+    if tensor is None or not tensor.is_floating_point() or tensor.ndim == 0:
+        return None
+    first = next(n for n in gm.graph.find_nodes(op="get_attr", target=node.target) if not n.meta.get("peftfx"))
+    if first is not node:
+        return None
+    info = gm.meta.get("peftfx", {})
+    return Site(
+        node=node,
+        op=PARAMETER,
+        module=owner,
+        module_type=module_classes(gm).get(owner, ""),
+        layer=layer_of(owner),
+        weight=node,
+        input=None,  # type: ignore[arg-type]
+        weight_shape=tuple(tensor.shape),
+        dtype=tensor.dtype,
+        transposed=tensor.ndim == 3 and owner in info.get("transposed_experts", ()),
+        param=name,
+    )
+
+
+def module_classes(gm: fx.GraphModule) -> dict[str, str]:
+    """Module path -> class name, from every node's module stack (the capture's own modules are plain ones)."""
+    info = gm.meta.setdefault("peftfx", {})
+    if "module_classes" not in info:
+        classes: dict[str, str] = {}
+        for node in gm.graph.nodes:
+            for path, cls in (node.meta.get(MODULE_STACK) or {}).values():
+                classes.setdefault(str(path), cls.rsplit(".", 1)[-1] if isinstance(cls, str) else cls.__name__)
+        info["module_classes"] = classes
+    return info["module_classes"]
 
 
 def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

@@ -132,7 +132,7 @@ def per_module(adapters: Sequence[SiteAdapter], key: str, default: Any) -> dict[
 
     Keys are full module paths, which PEFT's pattern rule (``(.*\\.)?key$``) matches exactly.
     """
-    return {a.site.module: a.hyper[key] for a in adapters if a.hyper[key] != default}
+    return {a.site.qualified_name: a.hyper[key] for a in adapters if a.hyper[key] != default}
 
 
 def uniform(adapters: Sequence[SiteAdapter], keys: Sequence[str], kind: str, note: str = "") -> dict[str, Any]:
@@ -180,6 +180,7 @@ COMMON_FIELDS = frozenset(
         "auto_mapping",
         "peft_version",
         "target_modules",
+        "target_parameters",
         "exclude_modules",
         "layers_to_transform",
         "layers_pattern",

@@ -1,9 +1,15 @@
-"""LoRA, rsLoRA and DoRA on Linear, transformers Conv1D, Conv1d/2d/3d and Embedding.
+"""LoRA, rsLoRA and DoRA on Linear, transformers Conv1D, Conv1d/2d/3d and Embedding; LoRA on parameters.
 
 Math (``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; ``W`` in logical ``[out, in, *k]`` layout):
 
 * LoRA   ``y += s * B(A(x))``;  ``ΔW = s * B @ A`` (conv: ``ΔW[o,i,k] = s Σ_r B[o,r] A[r,i,k]``;
   embedding: ``ΔW = s (B @ A)ᵀ``, looked up by row). Merge: ``W += ΔW`` (and ``b += s * B.bias`` with lora_bias).
+* on a parameter (PEFT's ``target_parameters``): ``W' = W + ΔW`` before the parameter's uses. A 2-D parameter
+  ``[out, in]`` has Linear's ``ΔW``. A 3-D stack of ``E`` experts ``[E, out, in]`` has one rank-``r`` delta per
+  expert, with PEFT's layout: ``A`` is ``[E·r, in]`` (expert-major rows: ``A.reshape(E, r, in)``), ``B`` is
+  ``[out, r·E]`` (expert-minor columns: ``B.reshape(out, r, E)``), and ``ΔW[e] = s · B[:, :, e] @ A[e]``;
+  experts stored ``[E, in, out]`` (``is_transposed``) get ``ΔW[e]ᵀ``. No DoRA, lora_bias or dropout there (PEFT
+  refuses them too).
 * DoRA   with ``n = ‖W + ΔW‖`` per output unit (over the vocabulary for embeddings), detached, and
   ``g = m / n``: ``y = y + (g - 1)(y - b) + g * s * B(A(x))``, i.e. ``g ⊙ (W + ΔW) x + b``.
   Merge: ``W ← g ⊙ (W + ΔW)`` with ``n`` taken against the raw base weight, as PEFT does.
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr
+from ..sites import PARAMETER, Site, attr
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -56,7 +62,7 @@ class Lora(AdapterKind):
     name = "lora"
     peft_types = ("LORA",)
     peft_prefix = "lora_"
-    ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
+    ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding", PARAMETER})
     Params = LoraParams
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -101,14 +107,14 @@ class Lora(AdapterKind):
         if extra:
             key = source.keys[sorted(extra)[0]]
             raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a {site.op} LoRA site")
-        r = tensors["lora_A"].shape[0]
-        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
+        r = tensors["lora_A"].shape[0] // site.experts  # a stack of experts: one rank-r block per expert
+        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, site.qualified_name, cfg.get("r", 8))
         if r != r_cfg:
             raise CheckpointError(
                 f"{source.file}: {source.keys[roles['lora_A']]!r} has rank {r}, but adapter_config.json gives "
-                f"{site.module} r={r_cfg}"
+                f"{site.qualified_name} r={r_cfg}"
             )
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("lora_alpha", 8))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, site.qualified_name, cfg.get("lora_alpha", 8))
         hyper = _hyper(site, r, alpha, bool(cfg.get("use_rslora")), dora, lora_bias, scale)
         a = SiteAdapter(self, site, hyper, peft_keys=roles)
         expected = dict(zip(("lora_A", "lora_B"), _factor_shapes(site, r), strict=True))
@@ -130,6 +136,8 @@ class Lora(AdapterKind):
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         h, dtype = a.hyper, a.tensors["lora_A"].dtype
+        if a.site.op == PARAMETER:  # the parameter as its uses will read it; the delta in its dtype, as PEFT
+            return y + _delta(a, t, a.site.dtype, t.get("scaling", h["scaling"]))
         cast = dtype != a.site.dtype
         xa = x.to(dtype) if cast and a.site.op != "embedding" else x
         scaling = t.get("scaling", h["scaling"])  # a tensor once padded to max_rank, so a swap can change it
@@ -184,9 +192,12 @@ class Lora(AdapterKind):
         dora = {a.hyper["dora"] for a in adapters}
         if len(dora) > 1:
             raise SpecError("save_adapter: PEFT cannot mix DoRA and plain LoRA sites in one adapter")
+        modules = [a for a in adapters if a.site.op != PARAMETER]
+        parameters = sorted(a.site.qualified_name for a in adapters if a.site.op == PARAMETER)
         return {
             "peft_type": "LORA",
-            "target_modules": target_modules(adapters),
+            "target_modules": target_modules(modules) if modules else None,
+            "target_parameters": parameters or None,
             "r": first["r"],
             "lora_alpha": first["alpha"],
             "rank_pattern": per_module(adapters, "r", first["r"]),
@@ -195,7 +206,7 @@ class Lora(AdapterKind):
             "use_dora": dora.pop(),
             "lora_bias": first["lora_bias"],
             "bias": "none",
-            "fan_in_fan_out": any(a.site.transposed for a in adapters),
+            "fan_in_fan_out": any(a.site.transposed for a in modules),
         }
 
     def additive(self, a: SiteAdapter) -> bool:
@@ -280,6 +291,10 @@ def _hyper(site: Site, r: int, alpha: float, rslora: bool, dora: bool, lora_bias
 
 def _check_site(site: Site, dora: bool, lora_bias: bool, error: type[Exception], where: str = "") -> None:
     prefix = f"{where}: " if where else ""
+    if site.op == PARAMETER and (dora or lora_bias or len(site.weight_shape) not in (2, 3)):
+        raise error(
+            f"{prefix}LoRA on a parameter takes a 2-D or 3-D one, without DoRA or lora_bias ({site.describe()})"
+        )
     if site.op.startswith("conv") and site.conv_args["groups"] != 1:
         raise error(f"{prefix}LoRA on a grouped conv ({site.describe()}) cannot be merged and is not supported")
     if lora_bias and (dora or site.op == "embedding"):
@@ -287,6 +302,8 @@ def _check_site(site: Site, dora: bool, lora_bias: bool, error: type[Exception],
 
 
 def _factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if site.op == PARAMETER:
+        return (r * site.experts, site.in_features), (site.out_features, r * site.experts)
     if site.op == "embedding":
         num, dim = site.weight_shape
         return (r, num), (dim, r)
@@ -336,17 +353,23 @@ def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype, scaling: An
     s = a.hyper["scaling"] if scaling is None else scaling
     if a.site.op == "embedding":
         return (B @ A).t() * s
-    if a.site.op == "linear":
+    if a.site.op == "linear" or (a.site.op == PARAMETER and len(a.site.weight_shape) == 2):
         return (B @ A) * s
+    if a.site.op == PARAMETER:  # per expert: A [E·r, in] expert-major, B [out, r·E] expert-minor
+        experts = a.site.experts
+        per_expert = torch.einsum(
+            "ore,eri->eoi", B.reshape(B.shape[0], -1, experts), A.reshape(experts, -1, A.shape[1])
+        )
+        return (per_expert.transpose(1, 2) if a.site.transposed else per_expert) * s
     return (B.flatten(1) @ A.flatten(1)).reshape(a.site.weight_shape) * s
 
 
 def _logical(site: Site, weight: Any) -> Any:
-    return weight.t() if site.transposed else weight
+    return weight.t() if site.transposed and site.op != PARAMETER else weight
 
 
 def _storage(site: Site, weight: torch.Tensor) -> torch.Tensor:
-    return weight.t().contiguous() if site.transposed else weight
+    return weight.t().contiguous() if site.transposed and site.op != PARAMETER else weight
 
 
 def _norm_dims(site: Site) -> int | tuple[int, ...]:
