@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import CheckpointError
+from .sites import PARAMETER
 from .spec import Selector
 
 LINEAR_CLASSES = ["Linear", "Conv1D"]
@@ -37,19 +38,20 @@ def peft_selector(config: Mapping[str, Any], ops: list[str], info: Mapping[str, 
         chosen = Selector(module=f"re:{target}")
     else:
         chosen = _list_target(list(target), config.get("layers_to_transform"), config.get("layers_pattern"), file)
-    if parameters:
-        by_name = Selector(op="parameter", param=list(parameters))
-        chosen = by_name if chosen is None else Selector(any_of=[chosen, by_name])
+    module_ops = [op for op in ops if op != PARAMETER]
+    branches = [Selector(all_of=[chosen, Selector(op=module_ops)])] if chosen is not None else []
+    if parameters:  # a kind that cannot adapt parameters selects none, and its checkpoint's tensors say so
+        branches.append(Selector(op=PARAMETER if PARAMETER in ops else [], param=list(parameters)))
     excludes = []
     exclude = config.get("exclude_modules")
     if exclude:
         excludes.append(Selector(module=f"re:{exclude}" if isinstance(exclude, str) else list(exclude)))
     for name in config.get("modules_to_save") or ():
         excludes.append(Selector(module=rf"re:(^|.*\.){name}($|\..*)"))
-    return Selector(
-        all_of=[chosen, Selector(op=ops)],
-        exclude=(excludes[0] if len(excludes) == 1 else Selector(any_of=excludes)) if excludes else None,
-    )
+    excluded = (excludes[0] if len(excludes) == 1 else Selector(any_of=excludes)) if excludes else None
+    if len(branches) == 1:
+        return branches[0].model_copy(update={"exclude": excluded})
+    return Selector(any_of=branches, exclude=excluded)
 
 
 def _exact(names: list[str]) -> str:

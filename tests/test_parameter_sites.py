@@ -1,0 +1,189 @@
+"""Parameter sites: MoE expert stacks (PEFT's target_parameters), weights read outside nn.Linear, against PEFT.
+
+Tolerances: float32, rtol 1e-5 (the issue's bar) and atol 1e-6; PEFT's live MoE path multiplies the expert
+factors with baddbmm where peftfx adds the per-expert delta to the weight, a few ulps apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import Tolerance, check, check_fresh_save, peft_checkpoint, run
+from torch import nn
+
+import peftfx
+from peftfx.errors import MatchError, SpecError
+from peftfx.passes.records import records
+
+TOL = Tolerance(rtol=1e-5, atol=1e-6)
+IDS = {"input_ids": torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))}
+COMMON = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+
+
+def _moe(name: str) -> nn.Module:
+    import transformers as T
+
+    torch.manual_seed(0)
+    experts = dict(num_experts_per_tok=2, max_position_embeddings=32, intermediate_size=48)
+    if name == "mixtral":
+        model = T.MixtralForCausalLM(T.MixtralConfig(**COMMON, **experts, num_local_experts=4))
+    elif name == "qwen3_moe":
+        config = T.Qwen3MoeConfig(**COMMON, **experts, num_experts=4, moe_intermediate_size=24, head_dim=8)
+        model = T.Qwen3MoeForCausalLM(config)
+    elif name == "olmoe":
+        model = T.OlmoeForCausalLM(T.OlmoeConfig(**COMMON, **experts, num_experts=4, pad_token_id=0, eos_token_id=1))
+    else:  # qwen2_moe: fused routed experts beside a shared expert of nn.Linears
+        config = T.Qwen2MoeConfig(
+            **COMMON, **experts, num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40
+        )
+        model = T.Qwen2MoeForCausalLM(config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+def test_moe_all_linear_matches_peft(name, tmp_path):
+    model = _moe(name)
+    # PEFT's all-linear brings target_parameters for the MoE models it knows; Qwen2-MoE's are named
+    stacks = ["gate_up_proj", "down_proj"] if name == "qwen2_moe" else None
+    config = peft.LoraConfig(target_modules="all-linear", target_parameters=stacks, r=4)
+    result = check(model, config, IDS, tmp_path, tol=TOL)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {"gate_up_proj", "down_proj"} <= set(config["target_parameters"])
+    stacks = [r for r in records(result["unmerged"]) if r.module.endswith("mlp.experts")]
+    assert len(stacks) == 2  # both stacks of the layer's experts, each with its own factors
+    assert stacks[0].tensors != stacks[1].tensors
+
+
+class MixedExperts(nn.Module):
+    """Per-expert nn.Linear experts, a fused stack [E, out, in] and a transposed fused stack [E, in, out]."""
+
+    def __init__(self, dim: int = 12, hidden: int = 20, experts: int = 3) -> None:
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.linear_experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(experts))
+        self.fused = FusedExperts(dim, hidden, experts, transposed=False)
+        self.fused_t = FusedExperts(dim, hidden, experts, transposed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = torch.softmax(self.router(x), -1)
+        out = sum(gates[..., e : e + 1] * expert(x) for e, expert in enumerate(self.linear_experts))
+        return out + self.fused(x, gates) + self.fused_t(x, gates)
+
+
+class FusedExperts(nn.Module):
+    def __init__(self, dim: int, hidden: int, experts: int, transposed: bool) -> None:
+        super().__init__()
+        self.is_transposed = transposed
+        self.experts = experts
+        up, down = (experts, dim, hidden), (experts, hidden, dim)  # [E, in, out]
+        if not transposed:
+            up, down = down, up  # [E, out, in]
+        self.up_proj = nn.Parameter(torch.randn(up) / dim**0.5)
+        self.down_proj = nn.Parameter(torch.randn(down) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for e in range(self.experts):
+            up, down = self.up_proj[e], self.down_proj[e]
+            if self.is_transposed:
+                h = F.silu(x @ up) @ down
+            else:
+                h = F.linear(F.silu(F.linear(x, up)), down)
+            out = out + gates[..., e : e + 1] * h
+        return out
+
+
+def test_linear_and_fused_experts_in_one_model(tmp_path):
+    torch.manual_seed(0)
+    model = MixedExperts().eval()
+    inputs = (torch.randn(4, 12),)
+    params = ["fused.up_proj", "fused.down_proj", "fused_t.up_proj", "fused_t.down_proj"]
+    config = peft.LoraConfig(target_modules=["linear_experts.0", "linear_experts.2"], target_parameters=params, r=2)
+    result = check(model, config, inputs, tmp_path, tol=TOL)
+    kinds = sorted((r.module, r.site_node) for r in records(result["unmerged"]))
+    assert [m for m, _ in kinds].count("fused_t") == 2 and [m for m, _ in kinds].count("linear_experts.0") == 1
+
+
+def test_falcon_linear_is_a_site(tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.FalconForCausalLM(
+        T.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+    )
+    explanation = peftfx.explain(model.eval(), {"adapters": {"a": {"type": "lora", "at": {"op": "linear"}}}}, IDS)
+    falcon = [r for r in explanation.rows if r.matched and "query_key_value" in r.module]
+    assert falcon and falcon[0].op == "linear"  # x @ W.T, recognised by what it computes
+    check(model, peft.LoraConfig(target_modules="all-linear", r=4), IDS, tmp_path, tol=TOL)
+
+
+def test_mamba_dt_proj_goes_through_its_weight(tmp_path):
+    """Mamba reads ``dt_proj.weight`` directly, so PEFT's live LoRA there never runs, while its merge applies it:
+    peftfx adapts the weight where the graph reads it, so live == merged == PEFT merged."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.MambaConfig(
+        hidden_size=32, state_size=4, num_hidden_layers=1, vocab_size=64, expand=2, time_step_rank=4, conv_kernel=3
+    )
+    model = T.MambaForCausalLM(config).eval()
+    ckpt = tmp_path / "peft"
+    peft_model = peft_checkpoint(model, peft.LoraConfig(target_modules=["in_proj", "x_proj", "dt_proj"], r=4), ckpt)
+    peft_merged = run(copy.deepcopy(peft_model).merge_and_unload(), IDS)
+    spec = {"adapters": {"a": {"peft": str(ckpt)}}}
+    live = peftfx.compile(model, spec, IDS)
+    assert any(r.module.endswith("dt_proj") for r in records(live))
+    torch.testing.assert_close(run(live, IDS), peft_merged, rtol=TOL.rtol, atol=TOL.atol)
+    merged = peftfx.compile(model, {**spec, "merge": True}, IDS)
+    torch.testing.assert_close(run(merged, IDS), peft_merged, rtol=TOL.rtol, atol=TOL.atol)
+    assert not torch.allclose(run(peft_model, IDS), peft_merged, rtol=1e-4)  # PEFT's live model skips dt_proj
+    peftfx.save_adapter(live, "a", tmp_path / "saved")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "saved").merge_and_unload()
+    torch.testing.assert_close(run(reloaded, IDS), peft_merged, rtol=TOL.rtol, atol=TOL.atol)
+
+
+def test_fresh_adapter_on_expert_stacks_saves_for_peft(tmp_path):
+    model = _moe("mixtral")
+    spec = {"adapters": {"e": {"type": "lora", "at": {"param": "re:.*experts\\..*"}, "with": {"r": 2}, "seed": 0}}}
+    gm = peftfx.compile(model, spec, IDS)
+    assert len(records(gm)) == 2
+    check_fresh_save(model, spec, IDS, tmp_path, TOL)
+
+
+def test_parameter_selectors():
+    model = _moe("mixtral")
+    explanation = peftfx.explain(
+        model, {"adapters": {"e": {"type": "lora", "at": {"op": "parameter", "weight": {"ndim": 3}}}}}, IDS
+    )
+    chosen = sorted(r.module for r in explanation.rows if r.matched)
+    assert chosen == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    # a module selector never picks its module's parameters too
+    plain = peftfx.explain(model, {"adapters": {"q": {"type": "lora", "at": {"module": "*.q_proj"}}}}, IDS)
+    assert [r.op for r in plain.rows if r.matched] == ["linear"]
+    assert all(r.op != "parameter" for r in plain.rows)
+    # feeds: the ops that read a parameter
+    routers = peftfx.explain(
+        model, {"adapters": {"g": {"type": "lora", "at": {"param": "*.weight", "feeds": {"op": "linear"}}}}}, IDS
+    )
+    assert "model.layers.0.mlp.gate.weight" in {r.module for r in routers.rows if r.matched}
+
+
+def test_parameter_site_refusals(tmp_path):
+    model = _moe("mixtral")
+    at = {"param": "*.gate_up_proj"}
+    with pytest.raises(MatchError, match="ia3 cannot adapt parameter"):
+        peftfx.compile(model, {"adapters": {"x": {"type": "ia3", "at": at}}}, IDS)
+    with pytest.raises(SpecError, match="without DoRA"):
+        peftfx.compile(model, {"adapters": {"x": {"type": "dora", "at": at}}}, IDS)
+    ckpt = tmp_path / "peft"
+    peft_checkpoint(model, peft.LoraConfig(target_modules="all-linear", r=4), ckpt)
+    with pytest.raises(SpecError, match="routing"):
+        peftfx.compile(model, {"adapters": {"a": {"peft": str(ckpt)}}, "routing": {"adapters": ["a"]}}, IDS)
+    with pytest.raises(SpecError, match="folds are built"):
+        spec = {"adapters": {"a": {"peft": str(ckpt)}, "f": {"combine": ["a"], "weights": [0.5]}}, "active": ["f"]}
+        peftfx.compile(model, spec, IDS)
