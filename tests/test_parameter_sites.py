@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import Tolerance, check, check_fresh_save, peft_checkpoint, run
+from peftfx.passes.records import records
 from torch import nn
 
 import peftfx
 from peftfx.errors import MatchError, SpecError
-from peftfx.passes.records import records
 
 TOL = Tolerance(rtol=1e-5, atol=1e-6)
 IDS = {"input_ids": torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))}
@@ -90,10 +90,7 @@ class FusedExperts(nn.Module):
         out = 0
         for e in range(self.experts):
             up, down = self.up_proj[e], self.down_proj[e]
-            if self.is_transposed:
-                h = F.silu(x @ up) @ down
-            else:
-                h = F.linear(F.silu(F.linear(x, up)), down)
+            h = F.silu(x @ up) @ down if self.is_transposed else F.linear(F.silu(F.linear(x, up)), down)
             out = out + gates[..., e : e + 1] * h
         return out
 
