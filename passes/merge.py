@@ -89,6 +89,8 @@ def _merge(
         node = nodes.get(name)
         if node is not None and not node.users:  # an adapter-wide tensor's get_attr may serve other sites too
             gm.graph.erase_node(node)
+    if new_weight.shape != weight.shape and site.op.startswith("conv"):
+        _ungroup(site.node)  # a grouped conv's delta reaches across groups: merged, it is a dense conv
     renamed = []
     for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
         if old is not None and new_value is not value:
@@ -99,6 +101,14 @@ def _merge(
                 renamed.append((new, old))
     record.merged = True
     return renamed
+
+
+def _ungroup(node: fx.Node) -> None:
+    """Make a conv node compute with ``groups=1`` (its weight is now the dense, block-diagonal one)."""
+    if "groups" in node.kwargs:
+        node.update_kwarg("groups", 1)
+    else:  # groups > 1 was given positionally, after stride, padding and dilation
+        node.args = (*node.args[:6], 1)
 
 
 _TRIM_EVERY = 32 * 2**20

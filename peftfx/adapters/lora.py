@@ -163,7 +163,7 @@ class Lora(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         site = a.site
         delta = _delta(a, t, torch.float64)
-        merged = _logical(site, weight.double()) + delta
+        merged = _dense(site, _logical(site, weight.double())) + delta  # a grouped conv merges as a dense one
         if a.hyper["dora"]:
             norm = torch.linalg.vector_norm(_logical(site, raw_weight.double()) + delta, dim=_norm_dims(site))
             g = t["lora_magnitude"].double().reshape(-1) / norm
@@ -214,6 +214,8 @@ class Lora(AdapterKind):
 
     def pad(self, a: SiteAdapter, max_rank: int) -> SiteAdapter:
         r = a.hyper["r"]
+        if a.site.experts > 1:
+            raise SpecError(f"{a.site.describe()} is a stack of experts, whose per-expert ranks are not padded")
         if r > max_rank:
             raise SpecError(f"{a.site.module} has rank {r}, more than max_rank {max_rank}")
         A, B = a.tensors["lora_A"][:r], a.tensors["lora_B"][:, :r]  # an already padded adapter pads again
@@ -295,8 +297,8 @@ def _check_site(site: Site, dora: bool, lora_bias: bool, error: type[Exception],
         raise error(
             f"{prefix}LoRA on a parameter takes a 2-D or 3-D one, without DoRA or lora_bias ({site.describe()})"
         )
-    if site.op.startswith("conv") and site.conv_args["groups"] != 1:
-        raise error(f"{prefix}LoRA on a grouped conv ({site.describe()}) cannot be merged and is not supported")
+    if site.op.startswith("conv") and site.conv_args["groups"] != 1 and dora:
+        raise error(f"{prefix}DoRA on a grouped conv ({site.describe()}) is not supported (nor by PEFT)")
     if lora_bias and (dora or site.op == "embedding"):
         raise error(f"{prefix}lora_bias is not supported with DoRA or on embeddings ({site.describe()})")
 
@@ -308,7 +310,11 @@ def _factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]
         num, dim = site.weight_shape
         return (r, num), (dim, r)
     out, inp, *kernel = site.weight_shape
-    return (r, inp, *kernel), (out, r, *[1] * len(kernel))
+    groups = site.conv_args["groups"] if site.op.startswith("conv") else 1
+    if r % groups:
+        raise SpecError(f"rank {r} is not divisible by the {groups} groups of {site.describe()} (PEFT needs it too)")
+    # a grouped conv: A reads every input channel, B maps each group's r/groups ranks to that group's outputs
+    return (r, inp * groups, *kernel), (out, r // groups, *[1] * len(kernel))
 
 
 def _magnitude_shape(site: Site) -> tuple[int, ...]:
@@ -343,7 +349,7 @@ def _low_rank_path(site: Site, x: Any, A: Any, B: Any, B_bias: Any) -> Any:
     if site.op == "embedding":
         return F.embedding(x, A.t()) @ B.t()
     conv, c = _CONV[site.op], site.conv_args
-    return conv(conv(x, A, None, c["stride"], c["padding"], c["dilation"]), B, B_bias)
+    return conv(conv(x, A, None, c["stride"], c["padding"], c["dilation"]), B, B_bias, groups=c["groups"])
 
 
 def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype, scaling: Any = None) -> Any:
@@ -361,7 +367,28 @@ def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype, scaling: An
             "ore,eri->eoi", B.reshape(B.shape[0], -1, experts), A.reshape(experts, -1, A.shape[1])
         )
         return (per_expert.transpose(1, 2) if a.site.transposed else per_expert) * s
-    return (B.flatten(1) @ A.flatten(1)).reshape(a.site.weight_shape) * s
+    groups = a.site.conv_args["groups"]
+    if groups == 1:
+        return (B.flatten(1) @ A.flatten(1)).reshape(a.site.weight_shape) * s
+    # grouped: output o of group g sums its group's ranks of A, which reads all input channels (a dense delta)
+    out, _, *kernel = a.site.weight_shape
+    per_group = torch.einsum(
+        "goj,gjk->gok", B.reshape(groups, out // groups, -1), A.reshape(groups, A.shape[0] // groups, -1)
+    )
+    return per_group.reshape(out, A.shape[1], *kernel) * s
+
+
+def _dense(site: Site, weight: torch.Tensor) -> torch.Tensor:
+    """A grouped conv's weight as the block-diagonal dense one (``groups=1``) that computes the same."""
+    groups = site.conv_args["groups"] if site.op.startswith("conv") else 1
+    if groups == 1:
+        return weight
+    out, per_group, *kernel = weight.shape
+    dense = weight.new_zeros((out, per_group * groups, *kernel))
+    rows = out // groups
+    for g in range(groups):
+        dense[g * rows : (g + 1) * rows, g * per_group : (g + 1) * per_group] = weight[g * rows : (g + 1) * rows]
+    return dense
 
 
 def _logical(site: Site, weight: Any) -> Any:
