@@ -114,7 +114,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
             kind=a.kind.name,
             hyper=dict(a.hyper),
             site_node=site.node.name,
-            module=site.module,
+            module=a.peft_module or site.module,
             input=y.name,
             output=out.name,
             tensors=targets,

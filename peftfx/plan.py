@@ -20,7 +20,7 @@ from .errors import CheckpointError, MatchError, SpecError
 from .passes.insert import Override, Placement
 from .pattern import Matcher
 from .peft_targeting import peft_selector
-from .sites import PARAMETER, Site, find_sites
+from .sites import PARAMETER, Site, find_sites, module_classes
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Selector, Spec
 from .values import layer_span, resolve
 
@@ -120,11 +120,12 @@ def place(plan: Plan, spec: Spec, target: Target) -> None:
     if isinstance(adapter, CombineAdapter):
         _place_combine(plan, spec, target, adapter)
         return
-    sites = plan.matcher.select(target.selector, target.field)
     if isinstance(adapter, PeftAdapter):
+        # PEFT's targets may name only modules seen through their weights (nn.MultiheadAttention): counted after
+        sites = plan.matcher.select(target.selector.model_copy(update={"expect": "any"}), target.field)
         _place_peft(plan, target, adapter, sites)
     else:
-        _place_fresh(plan, target, adapter, sites)
+        _place_fresh(plan, target, adapter, plan.matcher.select(target.selector, target.field))
 
 
 def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapter) -> None:
@@ -227,15 +228,13 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
     ckpt, layout = target.checkpoint, target.layout
     assert ckpt is not None and layout is not None
     plan.configs[target.name] = ckpt.config
-    by_module = {site.module: site for site in plan.matcher.sites if site.op != PARAMETER}
-    weights = {site.qualified_name: site for site in plan.matcher.sites if site.op == PARAMETER}
-    for module in sorted(set(layout.modules) - {site.module for site in sites}):
-        # a module whose weight no op reads as a site (Mamba's dt_proj.weight @ x): its adapter goes through the weight
-        if module not in by_module and f"{module}.weight" in weights:
-            sites = [*sites, weights[f"{module}.weight"]]
     nesting = _nesting(plan.matcher.gm, sites)
-    chosen = {site.module + nesting.get(site.node, "") for site in sites}
-    for module in sorted(set(layout.modules) - chosen):
+    keyed = {site.module + nesting.get(site.node, ""): site for site in sites}  # PEFT's module path -> site
+    keyed |= _unselected(plan, set(layout.modules) - set(keyed))
+    if not keyed:
+        plan.matcher.select(target.selector, target.field)  # raises: the selector matches nothing
+    by_module = {site.module: site for site in plan.matcher.sites if site.op != PARAMETER}
+    for module in sorted(set(layout.modules) - set(keyed)):
         key = ckpt.key(module, next(iter(layout.modules[module])))
         if module in by_module:
             reason = plan.matcher.test(target.selector, by_module[module]).reason
@@ -246,9 +245,8 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
             f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
         )
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
-    for done, site in enumerate(sites, start=1):
-        plan.placed(target.name, done, len(sites))
-        module = site.module + nesting.get(site.node, "")
+    for done, (module, site) in enumerate(keyed.items(), start=1):
+        plan.placed(target.name, done, len(keyed))
         if module not in layout.modules:
             raise CheckpointError(
                 f"{ckpt.file}: adapter_config.json targets {site.qualified_name}, but the file holds "
@@ -265,9 +263,45 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
         source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared)
         site_adapter = target.kind.from_peft(site, source, float(scale))
         _check_dtypes(site_adapter, source, ckpt)
-        plan.placements.append(Placement(target.name, _nested(site_adapter, nesting.get(site.node, ""))))
+        if module != site.module:
+            site_adapter = dataclasses.replace(site_adapter, peft_module=module)
+        if module.endswith(_MHA_OUT) and module_classes(plan.matcher.gm).get(module.removesuffix(_MHA_OUT)) == _MHA:
+            # PEFT's nn.MultiheadAttention layer adds its out_proj's delta twice, live (it merges around the call)
+            # and merged (the weight it sets already holds the delta its out_proj's merge adds again): its numbers
+            hyper = {**site_adapter.hyper, "scaling": 2 * site_adapter.hyper["scaling"]}
+            site_adapter = dataclasses.replace(site_adapter, hyper=hyper)
+        plan.placements.append(Placement(target.name, site_adapter))
     for attr, (key, tensor) in layout.overrides.items():
         plan.overrides.append(Override(target.name, attr, tensor, key, ckpt.file))
+
+
+# The parameter through which PEFT's layer for a module class adapts it when no op reads that weight as a site.
+_MHA, _MHA_OUT = "MultiheadAttention", ".base_layer.out_proj"
+_MODULE_WEIGHT = {_MHA: "in_proj_weight"}
+
+
+def _unselected(plan: Plan, modules: set[str]) -> dict[str, Site]:
+    """Sites for checkpoint modules the selector cannot see as module sites, as PEFT's layers for them act.
+
+    A module whose weight is read by no op site (Mamba's ``dt_proj.weight @ x``; nn.MultiheadAttention's
+    ``in_proj_weight``, split before its linears) is adapted through that parameter. PEFT's wrapper of
+    nn.MultiheadAttention keeps its out_proj's tensors at ``<attn>.base_layer.out_proj``: the out_proj's site.
+    """
+    by_module = {site.module: site for site in plan.matcher.sites if site.op != PARAMETER}
+    params = {site.qualified_name: site for site in plan.matcher.sites if site.op == PARAMETER}
+    found = {}
+    for module in modules:
+        unwrapped = module.replace(".base_layer", "")
+        if unwrapped != module and unwrapped in by_module:
+            found[module] = by_module[unwrapped]
+            continue
+        if module in by_module:
+            continue
+        cls = module_classes(plan.matcher.gm).get(module, "")
+        weight = params.get(f"{module}.{_MODULE_WEIGHT.get(cls, 'weight')}")
+        if weight is not None:
+            found[module] = weight
+    return found
 
 
 def _nesting(gm: fx.GraphModule, sites: list[Site]) -> dict[fx.Node, str]:
@@ -288,12 +322,8 @@ def _nesting(gm: fx.GraphModule, sites: list[Site]) -> dict[fx.Node, str]:
 
 
 def _nested(a: SiteAdapter, nesting: str) -> SiteAdapter:
-    """``a`` with its PEFT keys under ``nesting`` (``.base_layer`` levels), so it saves back where it was read."""
-    if not nesting:
-        return a
-    prefix = nesting.removeprefix(".") + "."
-    keys = {role: key if role in a.shared else prefix + key for role, key in a.peft_keys.items()}
-    return dataclasses.replace(a, peft_keys=keys)
+    """``a`` kept where PEFT nests it (``.base_layer`` levels below its module), so it saves back where it was read."""
+    return dataclasses.replace(a, peft_module=a.site.module + nesting) if nesting else a
 
 
 def _check_dtypes(a: SiteAdapter, source: PeftSource, ckpt: Checkpoint) -> None:

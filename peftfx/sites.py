@@ -254,9 +254,12 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         return None  # an addmm that is not transformers' Conv1D (or a lowered one) is not a site
     bias = args[signature.bias] if signature.bias is not None and len(args) > signature.bias else None
     path, cls = module_of(node)
-    if not path or signature is _MATMUL:  # x @ W.T may sit in a parent module's code: the weight's owner is the site
-        owner = str(weight.target).rpartition(".")[0]
-        path, cls = (owner, module_classes(gm).get(owner, "")) if signature is _MATMUL else (owner, cls)
+    owner = str(weight.target).rpartition(".")[0]
+    if not path:
+        path = str(weight.target).removesuffix(".weight")
+    elif owner.startswith(path + ".") or signature is _MATMUL:
+        # a parent's code reading a child's weight (nn.MultiheadAttention's out_proj): the site is the weight's owner
+        path, cls = owner, module_classes(gm).get(owner, "")
     shape = tuple(tensor.shape[::-1]) if signature.transposed else tuple(tensor.shape)
     return Site(
         node=node,

@@ -36,6 +36,7 @@ class Arch:
     lora: dict[str, Any] = field(default_factory=lambda: {"target_modules": "all-linear"})
     note: str = ""  # a known limit or a deviation from plain all-linear, shown in the README
     live_oracle: str = "live"  # which PEFT model peftfx's live graph equals ("merged" where PEFT's live skips a site)
+    output: str | None = None  # the output compared (default: logits, a diffusion sample, else the first tensor)
 
 
 def _ids(batch: int = 2, seq: int = 6, vocab: int = 64, **extra: Any) -> Callable[[], dict[str, Any]]:
@@ -259,7 +260,9 @@ ARCHS: list[Arch] = [
         "vision",
         _auto("AutoModel", "siglip_vision_model", dict(**_VISION, num_attention_heads=2, intermediate_size=32)),
         _tensor("pixel_values", 2, 3, 16, 16),
-        note="nn.MultiheadAttention in the pooling head",
+        lora={"target_modules": ["q_proj", "k_proj", "v_proj", "fc1", "fc2", "attention"]},
+        note="the pooling head's nn.MultiheadAttention as PEFT's LoRA layer for it; compared on pooler_output",
+        output="pooler_output",
     ),
     Arch(
         "convnext",
@@ -459,11 +462,11 @@ def measure(arch: Arch, checkpoint: Path) -> tuple[Row, Outputs]:
     from peftfx.spec import load_spec
 
     model, inputs = arch.build(), arch.inputs()
-    base = run(model, inputs)
+    base = run(model, inputs, arch.output)
     config = peft.LoraConfig(r=4, lora_alpha=8, **arch.lora)
     peft_model = peft_checkpoint(model, config, checkpoint)
-    peft_live = run(peft_model, inputs)
-    peft_merged = run(copy.deepcopy(peft_model).merge_and_unload(), inputs)
+    peft_live = run(peft_model, inputs, arch.output)
+    peft_merged = run(copy.deepcopy(peft_model).merge_and_unload(), inputs, arch.output)
     start = time.perf_counter()
     gm = peftfx.capture(model, inputs)
     capture_s = time.perf_counter() - start
@@ -472,13 +475,15 @@ def measure(arch: Arch, checkpoint: Path) -> tuple[Row, Outputs]:
     merged = apply(copy.deepcopy(gm), load_spec({"adapters": {"a": {"peft": str(checkpoint)}}, "merge": True})[0])
     adapted = sum(len(r.tensors) for r in records(live))
     row = Row(arch, len(peftfx.find_sites(gm)), adapted, capture_s)
-    return row, Outputs(base, peft_live, peft_merged, run(live, inputs), run(merged, inputs))
+    return row, Outputs(base, peft_live, peft_merged, run(live, inputs, arch.output), run(merged, inputs, arch.output))
 
 
-def run(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """The model's main output: logits, a diffusion model's sample, else its first tensor."""
+def run(model: nn.Module, inputs: dict[str, Any], output: str | None = None) -> torch.Tensor:
+    """The model's ``output``, by default its main one: logits, a diffusion model's sample, else its first tensor."""
     with torch.no_grad():
         out = model(**inputs)
+    if output is not None:
+        return out[output]
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):

@@ -33,6 +33,9 @@ class SiteAdapter:
     peft_keys: dict[str, str] = field(default_factory=dict)  # role -> PEFT key suffix (after the module path)
     shared: frozenset[str] = frozenset()  # adapter-wide roles (PEFT key ``base_model.<suffix>``)
     frozen: frozenset[str] = frozenset()  # roles stored and saved but never trained (PEFT's buffers)
+    # where PEFT keeps the tensors when that is not the site's module: a nested ParamWrapper
+    # (``experts.base_layer``), nn.MultiheadAttention's wrapped out_proj (``attn.base_layer.out_proj``)
+    peft_module: str | None = None
 
 
 @dataclass(frozen=True)
