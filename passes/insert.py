@@ -21,8 +21,8 @@ from torch import fx, nn
 
 from ..adapters import SiteAdapter
 from ..errors import CheckpointError, SpecError
-from ..rewrite import build_after, get_attr, rebind, set_attr, tagged_get_attr
-from ..sites import module_of
+from ..rewrite import TAG, build_after, get_attr, rebind, set_attr, tagged_get_attr
+from ..sites import PARAMETER, module_of
 from .base import Pass
 from .records import AdapterInfo, Record, adapters, records
 
@@ -77,6 +77,11 @@ class Insert(Pass):
 
 def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.Node:
     site = a.site
+    if site.op == PARAMETER:  # every read of the parameter reads the adapted one: one get_attr (the first) for all
+        for other in gm.graph.find_nodes(op="get_attr", target=site.weight.target):
+            if other is not site.weight and TAG not in other.meta:
+                other.replace_all_uses_with(site.weight)
+                gm.graph.erase_node(other)
     tag = {"adapter": adapter, "node": site.node.name}
     prefix = f"peftfx.{attr_key(adapter)}"
     targets = {}

@@ -171,7 +171,9 @@ class Site(OpView):
     @property
     def qualified_name(self) -> str:
         """The module path, and for a parameter site its attribute too (``...experts.gate_up_proj``)."""
-        return f"{self.module}.{self.param}" if self.param is not None else self.module
+        if self.param is None:
+            return self.module
+        return f"{self.module}.{self.param}" if self.module else self.param
 
 
 def op_name(node: fx.Node, root: torch.nn.Module | None = None) -> str:

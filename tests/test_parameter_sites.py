@@ -271,3 +271,34 @@ def test_siglip_pooling_head_multihead_attention(tmp_path):
     peftfx.save_adapter(live, "a", tmp_path / "saved")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "saved").eval()
     torch.testing.assert_close(pooled(reloaded), expected, rtol=TOL.rtol, atol=TOL.atol)
+
+
+class TwoReads(nn.Module):
+    """One parameter read twice, by no op peftfx knows as a site (a plain matmul from the left)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(6, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj @ x) + torch.exp(self.proj).sum() * x.mean()
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_every_read_of_a_parameter_is_adapted(capture):
+    torch.manual_seed(0)
+    model = TwoReads().eval()
+    inputs = (torch.randn(5, 3),)
+    spec = {
+        "capture": capture,
+        "adapters": {"p": {"type": "lora", "at": {"param": "proj"}, "with": {"r": 2, "init": False}, "seed": 0}},
+    }
+    gm = peftfx.compile(model, spec, inputs)
+    (record,) = records(gm)
+    A, B = gm.get_parameter("peftfx.p.proj.lora_A"), gm.get_parameter("peftfx.p.proj.lora_B")
+    adapted = copy.deepcopy(model)
+    with torch.no_grad():
+        adapted.proj += record.hyper["scaling"] * (B @ A)
+    torch.testing.assert_close(gm(*inputs), adapted(*inputs), rtol=1e-6, atol=1e-6)
+    merged = peftfx.compile(model, {**spec, "merge": True}, inputs)
+    torch.testing.assert_close(merged(*inputs), adapted(*inputs), rtol=1e-6, atol=1e-6)
