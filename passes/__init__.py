@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from .base import Pass, run_passes
 from .cleanup import Cleanup
-from .insert import Insert, Placement
+from .insert import Insert
 from .merge import Merge
 from .route import Route
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (Route, Insert, Merge, Cleanup)}
-
-__all__ = ["PASSES", "Cleanup", "Insert", "Merge", "Pass", "Placement", "Route", "run_passes"]
+__all__ = ["Cleanup", "Insert", "Merge", "Pass", "Route", "run_passes"]

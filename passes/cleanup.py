@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch import fx
 
+from ..ir import adapters, records
 from ..rewrite import TAG, del_attr
 from .base import Pass
-from .records import adapters, records
 
 
 class Cleanup(Pass):

@@ -4,16 +4,14 @@ requires: placements whose sites are base ops of this graph.
 ensures:  every consumer of a site's output reads the last adapter's output instead; adapters at one site
           chain in placement order; adapter tensors are parameters (trainable unless integer or frozen) under
           ``peftfx.<adapter>.<site>``, adapter-wide (shared) ones once under ``peftfx.<adapter>``; a ``Record``
-          per placement in ``gm.meta['peftfx']['records']`` and, per adapter, its PEFT config and overrides in
-          ``gm.meta['peftfx']['adapters']`` (what ``save_adapter`` writes back); base-weight overrides (PEFT's
+          per placement in ``ir.records`` and, per adapter, its PEFT config and overrides in
+          ``ir.adapters`` (what ``save_adapter`` writes back); base-weight overrides (PEFT's
           modules_to_save and trained biases) are rebound for the nodes of the module that owns them.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,27 +19,10 @@ from torch import fx, nn
 
 from ..adapters import SiteAdapter
 from ..errors import CheckpointError, SpecError
+from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, records
 from ..rewrite import TAG, build_after, get_attr, rebind, set_attr, tagged_get_attr
 from ..sites import PARAMETER, module_of
 from .base import Pass
-from .records import AdapterInfo, Record, adapters, records
-
-
-@dataclass(frozen=True)
-class Placement:
-    adapter: str
-    site_adapter: SiteAdapter
-
-
-@dataclass(frozen=True)
-class Override:
-    """A base tensor an adapter replaces (PEFT's modules_to_save copies, trained biases)."""
-
-    adapter: str
-    target: str
-    tensor: torch.Tensor
-    key: str
-    file: str
 
 
 class Insert(Pass):
@@ -131,11 +112,6 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
         )
     )
     return out
-
-
-def attr_key(name: str) -> str:
-    """A module path or adapter name as one attribute name: adapter tensors live at ``peftfx.<adapter>.<site>``."""
-    return re.sub(r"\W", "_", name.replace(".", "__"))
 
 
 def _apply_override(gm: fx.GraphModule, o: Override) -> None:

@@ -20,9 +20,9 @@ from torch import fx
 
 from ..adapters import KINDS
 from ..errors import MergeError
+from ..ir import Record, nodes_by_name, records
 from ..rewrite import AttrIndex, get_attr, rebind, take_name_back
 from .base import Pass
-from .records import Record, nodes_by_name, records
 
 
 class Merge(Pass):

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..adapters import SiteAdapter
-from ..capture import Inputs, split_inputs
 from ..errors import PeftfxError, SpecError
+from ..ir import Placement, Routing, attr_key, set_routing
 from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr
 from ..sites import Site
 from .base import Pass
-from .insert import Placement, attr_key
 
 INPUT = "adapter_index"
 _TAG = {"adapter": "routing", "node": INPUT}
@@ -67,34 +66,8 @@ class Route(Pass):
         index, _ = build_after(placeholder, lambda i: torch.where(i < 0, n, i), [placeholder], _TAG)
         for node, row in by_site.items():
             _route(gm, node, row, index, self.adapters)
-        gm.meta.setdefault("peftfx", {})["routing"] = {"input": INPUT, "adapters": list(self.adapters)}
+        set_routing(gm, Routing(INPUT, list(self.adapters)))
         return gm
-
-
-def batch_input(inputs: Inputs) -> int | str:
-    """Where routing reads the batch (an ``adapter_index``'s length): the position or keyword of the first tensor
-    input with a dim; the batch is its dim 0."""
-    args, kwargs = split_inputs(inputs)
-    for key, value in [*enumerate(args), *kwargs.items()]:
-        if isinstance(value, torch.Tensor) and value.ndim:
-            return key
-    raise SpecError("routing: the example inputs have no tensor whose dim 0 is the batch")
-
-
-def batch_size(inputs: Inputs) -> int:
-    args, kwargs = split_inputs(inputs)
-    key = batch_input(inputs)
-    return (args[key] if isinstance(key, int) else kwargs[key]).shape[0]
-
-
-def with_index(gm: fx.GraphModule, inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``inputs`` as (args, kwargs), with an all-base ``adapter_index`` added when ``gm`` is routed and they lack
-    one: its values never change the graph, so any routing traces (and exports) the same one."""
-    args, kwargs = split_inputs(inputs)
-    routing = gm.meta.get("peftfx", {}).get("routing")
-    if routing is not None and routing["input"] not in kwargs:
-        kwargs[routing["input"]] = torch.full((batch_size(inputs),), -1, dtype=torch.int64)
-    return args, kwargs
 
 
 def _check(p: Placement, i: int) -> None:

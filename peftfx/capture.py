@@ -26,13 +26,13 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .causal import restore_is_causal
 from .errors import CaptureError
+from .ir import ModelHeads, set_heads
+from .sites import MODULE_STACK
 
 Inputs = tuple[Any, ...] | Mapping[str, Any]
 Method = Literal["auto", "export", "symbolic_trace"]
 
 aten = torch.ops.aten
-
-MODULE_STACK = "nn_module_stack"
 
 
 def capture(
@@ -274,16 +274,21 @@ def _finish(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
             for name, tensor in slots.items():
                 if tensor is not None:
                     slots[name] = fresh.setdefault(id(tensor), remake(tensor))
-    info = gm.meta.setdefault("peftfx", {})
-    info["output_embeddings"] = _path_of(model, getattr(model, "get_output_embeddings", lambda: None)())
-    info["classifier"] = next(
-        (n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None
-    )
-    # fused MoE experts stored [experts, in, out] rather than [experts, out, in] (PEFT reads the same flag)
-    info["transposed_experts"] = [
-        name for name, m in model.named_modules() if getattr(m, "is_transposed", False) is True
-    ]
+    output_embeddings = _path_of(model, getattr(model, "get_output_embeddings", lambda: None)())
+    classifier = next((n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None)
+    set_heads(gm, ModelHeads(output_embeddings, classifier))
+    for name, module in model.named_modules():  # fused MoE experts stored [experts, in, out], as PEFT reads it
+        if getattr(module, "is_transposed", False) is True and _has_module(gm, name):
+            gm.get_submodule(name).is_transposed = True
     return gm
+
+
+def _has_module(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:

@@ -36,7 +36,7 @@ from . import model_ref
 from .driver import Build, build, format_params
 from .driver import explain as explain_spec
 from .errors import PeftfxError, SpecError
-from .passes.route import with_index
+from .inputs import with_index
 from .spec import load_spec, spec_schema
 from .verify import Tolerance, default_tolerance
 from .verify import verify as verify_spec

@@ -14,9 +14,8 @@ from torch import fx, nn
 
 from .capture import Inputs, capture
 from .errors import PeftfxError, SpecError
+from .ir import Override, adapters
 from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
-from .passes.insert import Override
-from .passes.records import adapters
 from .plan import Plan, make_plan, place, targets
 from .rewrite import get_attr
 from .spec import CombineAdapter, Spec, load_spec

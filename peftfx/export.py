@@ -22,8 +22,8 @@ from torch.export import Dim
 
 from .capture import Inputs, split_inputs
 from .errors import CaptureError, SpecError
-from .passes.records import adapters, records
-from .passes.route import batch_input, with_index
+from .inputs import batch_input, with_index
+from .ir import adapters, records, routing
 from .rewrite import get_attr
 from .save import written_atomically
 
@@ -175,12 +175,12 @@ def _axes(names: list[str], values: list[Any], dynamic: Dynamic) -> dict[str, di
 
 def _routed_batch(gm: fx.GraphModule, inputs: Inputs, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
     """``axes`` with a routed graph's ``adapter_index`` sharing the batch dim, when a mapping left it unnamed."""
-    routing = gm.meta.get("peftfx", {}).get("routing")
-    if routing is None or routing["input"] in axes:
+    routed = routing(gm)
+    if routed is None or routed.input in axes:
         return axes
     key = batch_input(inputs)
     batch = axes.get(f"input_{key}" if isinstance(key, int) else key, {}).get(0)
-    return axes if batch is None else {**axes, routing["input"]: {0: batch}}
+    return axes if batch is None else {**axes, routed.input: {0: batch}}
 
 
 def _drop_stack_traces(model: Any) -> None:

@@ -14,13 +14,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import CheckpointError
+from .ir import ModelHeads
 from .sites import PARAMETER
 from .spec import Selector
 
 LINEAR_CLASSES = ["Linear", "Conv1D"]
 
 
-def peft_selector(config: Mapping[str, Any], ops: list[str], info: Mapping[str, Any], file: str) -> Selector:
+def peft_selector(config: Mapping[str, Any], ops: list[str], heads: ModelHeads, file: str) -> Selector:
     target = config.get("target_modules")
     parameters = config.get("target_parameters")
     if not target and not parameters:
@@ -28,9 +29,7 @@ def peft_selector(config: Mapping[str, Any], ops: list[str], info: Mapping[str, 
     if not target:
         chosen = None
     elif isinstance(target, str) and target.lower() == "all-linear":
-        head = info.get("output_embeddings") or (
-            info.get("classifier") if config.get("task_type") == "SEQ_CLS" else None
-        )
+        head = heads.output_embeddings or (heads.classifier if config.get("task_type") == "SEQ_CLS" else None)
         chosen = Selector(
             op="linear", module_type=LINEAR_CLASSES, exclude=Selector(module=_exact([head])) if head else None
         )

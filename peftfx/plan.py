@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from torch import fx
 
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
-from .passes.insert import Override, Placement
+from .fold import Context, Task, fold_site
+from .ir import Override, Placement, heads
 from .pattern import Matcher
 from .peft_targeting import peft_selector
 from .sites import PARAMETER, Site, find_sites, module_classes
@@ -130,8 +131,6 @@ def place(plan: Plan, spec: Spec, target: Target) -> None:
 
 def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapter) -> None:
     """Fold the sources site by site: only one site's deltas exist at a time."""
-    from .fold import Context, Task, fold_site
-
     name = target.name
     per_source: list[dict[fx.Node, SiteAdapter]] = []
     for i, source in enumerate(adapter.combine):
@@ -219,7 +218,7 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
         raise CheckpointError(f"{config_file}: peft_type {peft_type!r} is not supported (supported: {supported})")
     config_file = str(ckpt.directory / "adapter_config.json")
     kind.check_peft_config(ckpt.config, config_file)
-    selector = peft_selector(ckpt.config, sorted(kind.ops), gm.meta.get("peftfx", {}), config_file)
+    selector = peft_selector(ckpt.config, sorted(kind.ops), heads(gm), config_file)
     field_ = f"adapters.{name} (target_modules of {config_file})"
     return Target(name, kind, selector, field_, ckpt, ckpt.split(kind.peft_prefix))
 
@@ -245,6 +244,7 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
             f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
         )
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
+    prepared = target.kind.prepare_peft(list(keyed.values()), ckpt.config, str(ckpt.directory / "adapter_config.json"))
     for done, (module, site) in enumerate(keyed.items(), start=1):
         plan.placed(target.name, done, len(keyed))
         if module not in layout.modules:
@@ -260,7 +260,7 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
         scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
         tensors = layout.modules[module]
         keys = {r: ckpt.key(module, r) for r in tensors}
-        source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared)
+        source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared, prepared)
         site_adapter = target.kind.from_peft(site, source, float(scale))
         _check_dtypes(site_adapter, source, ckpt)
         if module != site.module:
@@ -350,23 +350,33 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
         )
     generator = torch.Generator().manual_seed(adapter.seed) if adapter.seed is not None else None
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
+    params = [_fresh_params(plan, target, adapter, site, span) for site in sites]
+    where = f"adapters.{target.name}"
+    try:
+        prepared = kind.prepare(sites, params)
+    except SpecError as e:
+        raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     nesting = _nesting(plan.matcher.gm, sites)
-    for done, site in enumerate(sites, start=1):
+    for done, (site, site_params) in enumerate(zip(sites, params, strict=True), start=1):
         plan.placed(target.name, done, len(sites))
-        values: dict[str, Any] = {}
-        for key, value in adapter.with_.items():
-            values[key] = resolve(value, site, span, plan.matcher, f"adapters.{target.name}.with.{key}")
-            if kind.Params.model_fields[key].annotation in (int, "int") and isinstance(values[key], float):
-                values[key] = round(values[key])  # a gradient over an integer field, e.g. the rank
         try:
-            params = kind.Params.model_validate(values)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
-            raise SpecError(f"adapters.{target.name}.with.{where}: {message} (at {site.describe()})") from None
-        try:
-            created = kind.create(site, params, generator)
+            created = kind.create(site, site_params, generator, prepared)
         except SpecError as e:
-            where = f"adapters.{target.name}"
             raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         plan.placements.append(Placement(target.name, _nested(created, nesting.get(site.node, ""))))
+
+
+def _fresh_params(plan: Plan, target: Target, adapter: FreshAdapter, site: Site, span: Any) -> BaseModel:
+    """The kind's parameters at ``site``: per-layer values resolved, validated as the kind declares them."""
+    kind = target.kind
+    values: dict[str, Any] = {}
+    for key, value in adapter.with_.items():
+        values[key] = resolve(value, site, span, plan.matcher, f"adapters.{target.name}.with.{key}")
+        if kind.Params.model_fields[key].annotation in (int, "int") and isinstance(values[key], float):
+            values[key] = round(values[key])  # a gradient over an integer field, e.g. the rank
+    try:
+        return kind.Params.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where, message = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+        raise SpecError(f"adapters.{target.name}.with.{where}: {message} (at {site.describe()})") from None

@@ -24,7 +24,7 @@ from torch import fx
 from .adapters import KINDS
 from .checkpoint import CONFIG, PREFIX, SHARED_PREFIX, WEIGHTS
 from .errors import SpecError
-from .passes.records import adapters, nodes_by_name, records
+from .ir import adapters, nodes_by_name, records
 from .rewrite import get_attr
 
 

@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .capture import MODULE_STACK
-
 aten = torch.ops.aten
 
 PARAMETER = "parameter"  # the op name of parameter sites
-
+MODULE_STACK = "nn_module_stack"  # the node meta torch.export fills with the modules a node ran in
+_CLASSES = "peftfx.module_classes"  # gm.meta key of this module's cache: module path -> class name
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
@@ -164,6 +163,10 @@ class Site(OpView):
         }
         return {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} | given
 
+    def base_weight(self) -> torch.Tensor:
+        """The weight tensor the site's op reads, in storage layout (transposed for Conv1D)."""
+        return attr(self.weight.graph.owning_module, str(self.weight.target))
+
     def describe(self) -> str:
         shape = "x".join(map(str, self.weight_shape))
         return f"{self.op} {self.qualified_name} [{shape}]"
@@ -290,7 +293,6 @@ def _parameter_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     first = next(n for n in gm.graph.find_nodes(op="get_attr", target=node.target) if not n.meta.get("peftfx"))
     if first is not node:
         return None
-    info = gm.meta.get("peftfx", {})
     return Site(
         node=node,
         op=PARAMETER,
@@ -301,21 +303,20 @@ def _parameter_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         input=None,  # type: ignore[arg-type]
         weight_shape=tuple(tensor.shape),
         dtype=tensor.dtype,
-        transposed=tensor.ndim == 3 and owner in info.get("transposed_experts", ()),
+        transposed=tensor.ndim == 3 and getattr(module, "is_transposed", False) is True,
         param=name,
     )
 
 
 def module_classes(gm: fx.GraphModule) -> dict[str, str]:
     """Module path -> class name, from every node's module stack (the capture's own modules are plain ones)."""
-    info = gm.meta.setdefault("peftfx", {})
-    if "module_classes" not in info:
+    if _CLASSES not in gm.meta:
         classes: dict[str, str] = {}
         for node in gm.graph.nodes:
             for path, cls in (node.meta.get(MODULE_STACK) or {}).values():
                 classes.setdefault(str(path), cls.rsplit(".", 1)[-1] if isinstance(cls, str) else cls.__name__)
-        info["module_classes"] = classes
-    return info["module_classes"]
+        gm.meta[_CLASSES] = classes
+    return gm.meta[_CLASSES]
 
 
 def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

@@ -26,7 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from .adapters import KINDS
 from .errors import SpecError
+from .fold import METHODS
 from .model_ref import ModelRef
 
 Scalar = bool | int | float | str
@@ -169,8 +171,6 @@ class FreshAdapter(Deployable):
 
     @model_validator(mode="after")
     def _check_kind(self) -> FreshAdapter:
-        from .adapters import KINDS
-
         kind = KINDS.get(self.type)
         if kind is None:
             raise ValueError(f"type: unknown adapter kind {self.type!r}{suggest(self.type, KINDS, 'known')}")
@@ -206,8 +206,6 @@ class CombineAdapter(Deployable):
 
     @model_validator(mode="after")
     def _check_method(self) -> CombineAdapter:
-        from .fold import METHODS
-
         if self.weights is not None and len(self.weights) != len(self.combine):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.combine)} combined adapters")
         if self.method is not None and self.method not in METHODS:

@@ -18,7 +18,7 @@ from torch import fx
 
 from .adapters import SiteAdapter
 from .errors import SpecError
-from .passes.records import Record, adapters, nodes_by_name, records
+from .ir import Record, adapters, nodes_by_name, records, routing
 from .plan import make_plan
 from .rewrite import get_attr
 from .spec import PeftAdapter, Spec, load_spec
@@ -36,8 +36,8 @@ def swap_adapter(gm: fx.GraphModule, name: str, source: Source) -> None:
     leaves the graph as it was.
     """
     mine = [r for r in records(gm) if r.adapter == name]
-    routing = gm.meta.get("peftfx", {}).get("routing")
-    if not mine and routing is not None and name in routing["adapters"]:
+    routed = routing(gm)
+    if not mine and routed is not None and name in routed.adapters:
         raise SpecError(f"swap_adapter: {name!r} is routed; its tensors are rows of the routing stacks, not swappable")
     if not mine:
         live = ", ".join(sorted({r.adapter for r in records(gm)})) or "none"

@@ -33,10 +33,10 @@ from .capture import Inputs, capture, split_inputs
 from .driver import SpecLike, merge_pass, rewrite
 from .errors import SpecError
 from .fold import METHODS
+from .inputs import batch_size
+from .ir import records
 from .model_ref import token_inputs
 from .passes import Cleanup, run_passes
-from .passes.records import records
-from .passes.route import batch_size
 from .plan import Plan, make_plan
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Spec, load_spec
 

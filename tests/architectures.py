@@ -455,10 +455,10 @@ def measure(arch: Arch, checkpoint: Path) -> tuple[Row, Outputs]:
     merged from that one capture."""
     import peft
     from oracle import peft_checkpoint
-    from peftfx.passes.records import records
 
     import peftfx
     from peftfx.driver import apply
+    from peftfx.ir import records
     from peftfx.spec import load_spec
 
     model, inputs = arch.build(), arch.inputs()

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import Tolerance, adapter_parameters, check, check_fresh_save, peft_checkpoint, perturb, run
-from peftfx.passes.records import records
 from torch import nn
 
 import peftfx
 from peftfx.errors import MatchError, SpecError
+from peftfx.ir import records
 
 TOL = Tolerance(rtol=1e-5, atol=1e-6)
 IDS = {"input_ids": torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))}

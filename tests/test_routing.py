@@ -22,6 +22,7 @@ from oracle import Tolerance, assert_close, assert_unchanged, peft_checkpoint, p
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import peftfx
+from peftfx.ir import Routing, records, routing
 
 TOL = Tolerance(1e-5, 1e-6)
 BASE = "__base__"
@@ -90,8 +91,8 @@ def test_stacked_factors_are_padded_trainable_parameters(setup):
     q_a = params[prefix + "self_attn__q_proj.lora_A"]
     assert q_a.shape == (3, 4, 32) and not q_a[1].any()  # b does not target q_proj: a zero row
     assert params[prefix + "mlp__up_proj.lora_A"].shape == (3, 2, 32)  # b's rank_pattern
-    assert gm.meta["peftfx"]["routing"] == {"input": "adapter_index", "adapters": ["a", "b"]}
-    assert not [r for r in gm.meta["peftfx"].get("records", []) if r.adapter in ("a", "b")]
+    assert routing(gm) == Routing("adapter_index", ["a", "b"])
+    assert not [r for r in records(gm) if r.adapter in ("a", "b")]
 
 
 def test_other_adapters_stay_always_on(setup):
@@ -381,7 +382,7 @@ def test_an_always_on_adapter_may_not_be_called_routing():
 
 def test_compile_output_of_a_bare_tensor_input(tmp_path):
     """A routed graph saved from example inputs given as one tensor gets an all-base adapter_index to trace with."""
-    from peftfx.passes.route import with_index
+    from peftfx.inputs import with_index
 
     args, kwargs = with_index(_routed_mlp(), mlp_inputs()[0])
     assert len(args) == 1 and kwargs["adapter_index"].tolist() == [-1] * mlp_inputs()[0].shape[0]

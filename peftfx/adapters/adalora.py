@@ -42,7 +42,7 @@ class Adalora(AdapterKind):
     ops = frozenset({"linear", "conv2d"})
     Params = AdaloraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = AdaloraParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         shapes = _shapes(site, p.r)

@@ -62,7 +62,7 @@ class Adamss(AdapterKind):
 
     # -- construction -------------------------------------------------------------------------------------------
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = AdamssParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         U, V, groups = _decompose(site, p.r, p.num_subspaces, p.random_seed, SpecError)

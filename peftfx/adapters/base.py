@@ -10,6 +10,7 @@ suffix, so loading and saving back a checkpoint are the same table read in both 
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class PeftSource:
     keys: Mapping[str, str]  # the same suffixes mapped to the full key in the file, for error messages
     file: str
     shared: Mapping[str, torch.Tensor] = field(default_factory=dict)  # adapter-wide tensors, by PEFT name
+    prepared: Any = None  # what the kind's ``prepare_peft`` computed once for the whole adapter
 
     def take(self, suffix: str) -> torch.Tensor:
         if suffix not in self.tensors:
@@ -66,9 +68,22 @@ class AdapterKind(ABC):
     ops: ClassVar[frozenset[str]]
     Params: ClassVar[type[BaseModel]]
 
+    def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> Any:
+        """What every site of one fresh adapter shares, computed once before ``create`` runs on each site.
+
+        PEFT sizes some adapter-wide tensors over all of an adapter's targets (VeRA's projections, RandLoRA's
+        bases, FRoD's per-category bases) or numbers the targets (TinyLoRA); ``create`` sees one site, so that
+        knowledge is computed here, per adapter, and handed to each ``create`` as ``prepared``.
+        """
+        return None
+
+    def prepare_peft(self, sites: Sequence[Site], config: Mapping[str, Any], file: str) -> Any:
+        """The checkpoint counterpart of ``prepare``: handed to ``from_peft`` as ``source.prepared``."""
+        return None
+
     @abstractmethod
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
-        """A fresh adapter initialised as PEFT initialises it."""
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
+        """A fresh adapter initialised as PEFT initialises it (``prepared``: what ``prepare`` returned)."""
 
     @abstractmethod
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
@@ -149,6 +164,24 @@ def uniform(adapters: Sequence[SiteAdapter], keys: Sequence[str], kind: str, not
         if any(a.hyper[key] != first[key] for a in adapters):
             raise SpecError(f"save_adapter: PEFT's {kind} needs one {key} for a whole adapter{note}")
     return first
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup (``get_pattern_key``): the first key, in file order, that
+    matches a dotted suffix of the module path (``(.*\\.)?key$``)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def strict_suffix_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """The older lookup some tuners keep (FourierFT's ``n_frequency_pattern``, C3A's ``block_size_pattern``): the
+    first key matching a dotted suffix with at least one dot before it (``.*\\.key$``), else the exact path."""
+    for key, value in patterns.items():
+        if re.match(rf".*\.{key}$", module):
+            return value
+    return patterns.get(module, default)
 
 
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, site: Site) -> torch.Tensor:

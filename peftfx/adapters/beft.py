@@ -32,7 +32,7 @@ class Beft(AdapterKind):
     ops = frozenset({"linear"})
     Params = BeftParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = BeftParams.model_validate(params.model_dump())
         _check_site(site, SpecError, "")
         offset = torch.zeros(1, site.out_features, dtype=torch.float64)

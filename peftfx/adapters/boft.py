@@ -58,7 +58,7 @@ class Boft(AdapterKind):
     ops = frozenset({"linear", "conv2d"})
     Params = BoftParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = BoftParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         try:

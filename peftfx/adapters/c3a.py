@@ -13,7 +13,6 @@ dtype, so a float64 model gets float64 FFTs (float32/16 models compute what PEFT
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,7 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    per_module,
+    refuse_unknown,
+    strict_suffix_value,
+    target_modules,
+)
 
 KERNEL = "c3a_kernel"
 
@@ -45,7 +53,7 @@ class C3A(AdapterKind):
     ops = frozenset({"linear"})
     Params = C3AParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = C3AParams.model_validate(params.model_dump())
         shape = _kernel_shape(site, p.block_size, SpecError, "")
         out, inp = site.weight_shape
@@ -72,7 +80,7 @@ class C3A(AdapterKind):
             key = source.keys[sorted(extra)[0]]
             raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a C3A site")
         kernel = source.take(KERNEL)
-        b = _pattern_value(cfg.get("block_size_pattern") or {}, site.module, cfg.get("block_size", 256))
+        b = strict_suffix_value(cfg.get("block_size_pattern") or {}, site.module, cfg.get("block_size", 256))
         shape = _kernel_shape(site, int(b), CheckpointError, source.file)
         if tuple(kernel.shape) != shape:
             raise CheckpointError(
@@ -129,14 +137,6 @@ def _kernel_shape(site: Site, b: int, error: type[Exception], where: str) -> tup
     if b <= 0 or out % b or inp % b:
         raise error(f"{prefix}C3A block_size={b} must divide both in={inp} and out={out} of {site.describe()}")
     return out // b, inp // b, b
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's block_size_pattern lookup: the first key matching a dotted suffix, else the exact module path."""
-    for key, value in patterns.items():
-        if re.match(rf".*\.{key}$", module):
-            return value
-    return patterns.get(module, default)
 
 
 def _convolve(x: Any, kernel: Any, b: int) -> Any:

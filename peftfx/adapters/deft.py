@@ -46,7 +46,7 @@ class Deft(AdapterKind):
     ops = frozenset({"linear"})
     Params = DeftParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = DeftParams.model_validate(params.model_dump())
         out, inp = site.weight_shape
         hyper = _hyper(p.r, out, p.decomposition_method, p.alpha, p.para, 1.0)

@@ -14,7 +14,6 @@ PEFT only wraps ``nn.Linear`` (not transformers' Conv1D), so Conv1D sites are re
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    pattern_value,
+    per_module,
+    refuse_unknown,
+    target_modules,
+)
 
 _ROLES = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 _EPS = 1e-4  # PEFT's floor on the row/column norms
@@ -45,7 +53,7 @@ class Delora(AdapterKind):
     ops = frozenset({"linear"})
     Params = DeloraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = DeloraParams.model_validate(params.model_dump())
         _check_site(site, SpecError, "")
         out, inp = site.weight_shape
@@ -79,7 +87,7 @@ class Delora(AdapterKind):
         extra = sorted(set(source.tensors) - set(_ROLES))
         if extra:
             raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a DeLoRA site")
-        r = _pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
+        r = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
         out, inp = site.weight_shape
         expected = {"delora_A": (r, inp), "delora_B": (out, r), "delora_lambda": (1,), "delora_w_norm": (inp,)}
         dtype = adapter_dtype(site.dtype)
@@ -90,7 +98,7 @@ class Delora(AdapterKind):
                     f"{list(expected[role])} for {site.describe()} (r={r} from adapter_config.json)"
                 )
             tensors[role] = tensor.to(dtype)
-        lam = _pattern_value(cfg.get("lambda_pattern") or {}, site.module, cfg.get("delora_lambda", 15))
+        lam = pattern_value(cfg.get("lambda_pattern") or {}, site.module, cfg.get("delora_lambda", 15))
         hyper = {"r": r, "lambda": lam, "scale": scale}
         return SiteAdapter(self, site, hyper, tensors, {k: k for k in _ROLES}, frozen=frozenset({"delora_w_norm"}))
 
@@ -154,11 +162,3 @@ def _diag(a: SiteAdapter, t: Mapping[str, Any]) -> Any:
     a_norm = torch.linalg.vector_norm(t["delora_A"], dim=1).clamp(min=_EPS)
     b_norm = torch.linalg.vector_norm(t["delora_B"], dim=0).clamp(min=_EPS)
     return t["delora_lambda"] / a.hyper["r"] / (a_norm * b_norm)
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's pattern lookup: the first key (in file order) that matches the module path's dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default

@@ -33,7 +33,7 @@ class Delta(AdapterKind):
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = DeltaParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = DeltaParams.model_validate(params.model_dump())
         dtype = adapter_dtype(site.dtype)
         tensors = {"delta": torch.zeros(site.weight_shape, dtype=dtype)}

@@ -15,7 +15,6 @@ float64 model gets a float64 ΔW (float32 models compute exactly what PEFT compu
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from .base import (
     add_to_weight,
     per_module,
     refuse_unknown,
+    strict_suffix_value,
     target_modules,
     uniform,
 )
@@ -56,7 +56,7 @@ class FourierFT(AdapterKind):
     ops = frozenset({"linear"})
     Params = FourierFTParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = FourierFTParams.model_validate(params.model_dump())
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
@@ -74,7 +74,7 @@ class FourierFT(AdapterKind):
             key = source.keys[sorted(extra)[0]]
             raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a FourierFT site")
         spectrum = source.take(SPECTRUM)
-        n = _pattern_value(cfg.get("n_frequency_pattern") or {}, site.module, cfg.get("n_frequency", 1000))
+        n = strict_suffix_value(cfg.get("n_frequency_pattern") or {}, site.module, cfg.get("n_frequency", 1000))
         if tuple(spectrum.shape) != (n,):
             raise CheckpointError(
                 f"{source.file}: {source.keys[SPECTRUM]!r} has shape {list(spectrum.shape)}, expected [{n}] "
@@ -144,14 +144,6 @@ def _check_n(site: Site, n: int, error: type[Exception], where: str) -> None:
     if n > out * inp:
         prefix = f"{where}: " if where else ""
         raise error(f"{prefix}FourierFT n_frequency={n} exceeds out*in={out * inp} of {site.describe()}")
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's n_frequency_pattern lookup: the first key matching a dotted suffix, else the exact module path."""
-    for key, value in patterns.items():
-        if re.match(rf".*\.{key}$", module):
-            return value
-    return patterns.get(module, default)
 
 
 @functools.lru_cache(maxsize=256)

@@ -30,9 +30,7 @@ without a layer index in their path, or with the same one. Divergence: PEFT fall
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr
+from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _EPS = 1e-12  # PEFT's threshold for a zero column of W V⁻ᵀ
@@ -62,7 +60,7 @@ class Frod(AdapterKind):
     ops = frozenset({"linear"})
     Params = FrodParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = FrodParams.model_validate(params.model_dump())
         if site.op != "linear":
             raise SpecError(f"frod supports Linear and Conv1D only, not {site.describe()}")
@@ -82,13 +80,27 @@ class Frod(AdapterKind):
             "alpha": p.regularization_alpha,
             "init_weights": p.init_weights,
         }
-        tensors = {"s_values": values.to(adapter_dtype(site.dtype))}
-        a = SiteAdapter(self, site, hyper, tensors, roles, shared, frozen=shared)
-        gm = site.weight.graph.owning_module
-        weight = _logical(site, attr(gm, str(site.weight.target)).detach())
-        layer = _layer_index(site.module)
-        _FRESH.add(gm, _Fresh(tensors, site.module, cat, layer, site.in_features, site.dtype, weight, noise), p)
-        return a
+        V, lam, indices = prepared[_group_key(p)]
+        if noise is not None:
+            lam = {**lam, site.module: lam[site.module] + noise}
+        dtype = adapter_dtype(site.dtype)
+        tensors = {
+            "s_values": values.to(dtype),
+            "lambda_l": lam[site.module].to(dtype),
+            f"V__{cat}": V[cat].to(dtype),
+            f"s_indices__{cat}": indices[cat],
+            f"s_size__{cat}": torch.tensor([site.in_features, site.in_features]),
+        }
+        return SiteAdapter(self, site, hyper, tensors, roles, shared, frozen=shared)
+
+    def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> dict[tuple, tuple]:
+        """PEFT decomposes every targeted layer of a category at once: per group of equal settings, each category's
+        basis ``V``, each layer's ``λ`` (before ``init_weights=False`` noise) and each category's positions."""
+        groups: dict[tuple, tuple[FrodParams, dict[str, Site]]] = {}
+        for site, params_ in zip(sites, params, strict=True):
+            p = FrodParams.model_validate(params_.model_dump())
+            groups.setdefault(_group_key(p), (p, {}))[1].setdefault(site.module, site)
+        return {key: _decompose(list(members.values()), p) for key, (p, members) in groups.items()}
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         if scale != 1.0:
@@ -267,74 +279,50 @@ def _sparse(site: Site, values: Any, indices: Any, size: Any) -> Any:
     return values.new_zeros(inp * inp).scatter_add(0, flat, values).reshape(inp, inp)
 
 
-# -- fresh adapters: PEFT decomposes every targeted layer of a category at once; ``create`` sees one site at a time --
+def _group_key(p: FrodParams) -> tuple:
+    return (p.projection_prng_key, p.sparse_rate, p.regularization_alpha, p.init_weights)
 
 
-@dataclass(eq=False)
-class _Fresh:
-    """One fresh site, without a path back to the graph (the registry's values must not keep its key alive)."""
-
-    tensors: dict[str, torch.Tensor]  # the SiteAdapter's own dict: filled in place
-    module: str
-    category: str
-    layer: int | None  # PEFT's layer index (None: PEFT would number it by module order)
-    in_features: int
-    dtype: torch.dtype
-    weight: torch.Tensor  # logical base weight [out, in]
-    noise: torch.Tensor | None  # init_weights=False: the noise added to λ
-
-
-class _FreshSites:
-    """Fresh sites of one graph, grouped by their parameters (a module seen again starts a new group: another
-    adapter). Each arrival redoes its category's ``V`` and ``λ``s and every category's positions, so once all sites
-    are created (placements precede insertion) every adapter holds what PEFT's one pass over all sites makes."""
-
-    def __init__(self) -> None:
-        self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def add(self, gm: torch.nn.Module, fresh: _Fresh, p: FrodParams) -> None:
-        groups = self.groups.setdefault(gm, {})
-        key = (p.projection_prng_key, p.sparse_rate, p.regularization_alpha, p.init_weights)
-        group = groups.get(key)
-        if group is None or any(f.module == fresh.module for f in group):
-            group = groups[key] = []
-        group.append(fresh)
-        by_cat: dict[str, list[_Fresh]] = {}
-        for f in group:
-            by_cat.setdefault(f.category, []).append(f)
-        _rebuild_category(fresh.category, by_cat[fresh.category], p.regularization_alpha)
-        generator = torch.Generator().manual_seed(p.projection_prng_key)
-        for c in sorted(by_cat):  # one stream over the categories in sorted order, as PEFT draws them
-            n = by_cat[c][0].in_features
-            indices, size = _positions(n, p.sparse_rate, generator), torch.tensor([n, n])
-            for f in by_cat[c]:
-                f.tensors[f"s_indices__{c}"], f.tensors[f"s_size__{c}"] = indices, size
+def _decompose(sites: list[Site], p: FrodParams) -> tuple[dict, dict, dict]:
+    """({category: V}, {module: λ}, {category: positions}) for the fresh sites of one adapter and setting."""
+    by_cat: dict[str, list[Site]] = {}
+    for site in sites:
+        if site.op != "linear":
+            raise SpecError(f"frod supports Linear and Conv1D only, not {site.describe()}")
+        by_cat.setdefault(_category(site.module), []).append(site)
+    V: dict[str, torch.Tensor] = {}
+    lam: dict[str, torch.Tensor] = {}
+    for cat, members in by_cat.items():
+        V[cat] = _category_basis(cat, members, p.regularization_alpha, lam)
+    generator = torch.Generator().manual_seed(p.projection_prng_key)
+    # one stream over the categories in sorted order, as PEFT draws them
+    indices = {c: _positions(by_cat[c][0].in_features, p.sparse_rate, generator) for c in sorted(by_cat)}
+    return V, lam, indices
 
 
-def _rebuild_category(cat: str, members: list[_Fresh], alpha: float) -> None:
+def _category_basis(cat: str, members: list[Site], alpha: float, lam: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The shared ``V`` of one category, filling ``lam`` with its layers' ``λ`` (column norms of ``W V⁻ᵀ``)."""
+    layers = [_layer_index(s.module) for s in members]
     if len(members) > 1:
-        layers = [f.layer for f in members]
         if None in layers or len(set(layers)) < len(layers):
             raise SpecError(
-                f"frod: the layers of category {cat!r} ({', '.join(f.module for f in members)}) need distinct layer "
+                f"frod: the layers of category {cat!r} ({', '.join(s.module for s in members)}) need distinct layer "
                 "indices in their paths; otherwise PEFT orders (or drops) them by module order, which peftfx "
                 "does not reproduce"
             )
-        if len({(f.in_features, f.dtype) for f in members}) > 1:
+        if len({(s.in_features, s.dtype) for s in members}) > 1:
             raise SpecError(f"frod: the layers of category {cat!r} differ in input size or dtype (PEFT stacks them)")
-    ordered = sorted(members, key=lambda f: f.layer or 0)
+    weights = {s.module: _logical(s, s.base_weight().detach()) for s in members}
+    ordered = sorted(members, key=lambda s: _layer_index(s.module) or 0)
     site_dtype = members[0].dtype
-    V = _joint_basis([f.weight.to(torch.float32) for f in ordered], alpha).to(site_dtype)
-    dtype = adapter_dtype(site_dtype)
-    for f in members:
+    V = _joint_basis([weights[s.module].to(torch.float32) for s in ordered], alpha).to(site_dtype)
+    for s in members:
         try:
-            B = torch.linalg.solve(V.to(torch.float64), f.weight.to(torch.float64).t()).t()
+            B = torch.linalg.solve(V.to(torch.float64), weights[s.module].to(torch.float64).t()).t()
         except RuntimeError:
             raise SpecError(f"frod: the joint basis of category {cat!r} is singular") from None
-        lam = torch.linalg.vector_norm(B, dim=0).to(torch.float32).to(site_dtype)
-        if f.noise is not None:
-            lam = lam + f.noise
-        f.tensors["lambda_l"], f.tensors[f"V__{cat}"] = lam.to(dtype), V.to(dtype)
+        lam[s.module] = torch.linalg.vector_norm(B, dim=0).to(torch.float32).to(site_dtype)
+    return V
 
 
 def _joint_basis(matrices: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -364,6 +352,3 @@ def _positions(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     pick = torch.randperm(n * (n - 1), generator=generator)[:nnz]
     row, col = pick // (n - 1), pick % (n - 1)
     return torch.stack([row, col + (col >= row).long()])
-
-
-_FRESH = _FreshSites()

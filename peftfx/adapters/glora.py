@@ -47,7 +47,7 @@ class Glora(AdapterKind):
     ops = frozenset({"linear"})
     Params = GloraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = GloraParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         hyper = _hyper(site, p.r, p.config_A_B, p.config_C, p.config_D_E)

@@ -60,7 +60,7 @@ class Gralora(AdapterKind):
     ops = frozenset({"linear"})
     Params = GraloraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = GraloraParams.model_validate(params.model_dump())
         _check_site(site, p.gralora_k, SpecError, "")
         out, inp = site.weight_shape

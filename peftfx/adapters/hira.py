@@ -46,7 +46,7 @@ class Hira(AdapterKind):
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = HiraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = HiraParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         shapes = _shapes(site, p.r)

@@ -47,7 +47,7 @@ class Hra(AdapterKind):
     ops = frozenset({"linear", "conv2d"})
     Params = HraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = HraParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         n = _rotated_dim(site)

@@ -44,7 +44,7 @@ class Ia3(AdapterKind):
     ops = frozenset({"linear", "conv2d", "conv3d"})
     Params = Ia3Params
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = Ia3Params.model_validate(params.model_dump())
         _check_site(site, SpecError)
         shape = _shape(site, p.feedforward)

@@ -37,7 +37,7 @@ class LnTuning(AdapterKind):
     ops = frozenset({"layer_norm", "rms_norm", "linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = LnTuningParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         LnTuningParams.model_validate(params.model_dump())
         gm = site.weight.graph.owning_module
         tensors = {"weight": attr(gm, str(site.weight.target)).detach().clone()}

@@ -16,12 +16,10 @@ sites accepted here.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
@@ -32,12 +30,13 @@ from .base import (
     SiteAdapter,
     adapter_dtype,
     add_to_weight,
+    pattern_value,
     per_module,
     refuse_unknown,
     target_modules,
 )
+from .lycoris import add_delta_output, check_lycoris_site, cp_rebuild, effective_flag, take_rank, take_tensors, uses_cp
 
-_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
 _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _CP_ROLES = ("hada_t1", "hada_t2")
 
@@ -60,7 +59,7 @@ class Loha(AdapterKind):
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LohaParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = LohaParams.model_validate(params.model_dump())
         check_lycoris_site(site, "LoHa", SpecError)
         cp = uses_cp(site, p.use_effective_conv2d)
@@ -177,82 +176,3 @@ def _delta(a: SiteAdapter, t: Mapping[str, Any]) -> Any:
     else:
         delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * s
     return delta.reshape(a.site.weight_shape)
-
-
-# -- helpers shared with the other LyCORIS kinds (LoKr) ----------------------------------------------------------
-
-
-def cp_rebuild(core: Any, w_a: Any, w_b: Any) -> Any:
-    """``R[o,i,k,l] = Σ_{p,q} core[p,q,k,l] w_a[p,o] w_b[q,i]`` (a Tucker/CP rebuild of a conv kernel)."""
-    return torch.einsum("pqkl,po,qi->oikl", core, w_a, w_b)
-
-
-def uses_cp(site: Site, effective: bool) -> bool:
-    """PEFT's rule: the effective conv form applies to convs whose kernel is not all ones."""
-    return effective and site.op.startswith("conv") and math.prod(site.weight_shape[2:]) != 1
-
-
-def check_lycoris_site(site: Site, kind: str, error: type[Exception], where: str = "") -> None:
-    if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEFT's {kind} does not support transformers' Conv1D ({site.describe()})")
-
-
-def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha_pattern lookup: the first key (in file order) that matches the path's dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def take_rank(site: Site, source: PeftSource, role: str, cfg: Mapping[str, Any]) -> int:
-    """The rank a tensor's first axis stores, checked against adapter_config.json's r / rank_pattern."""
-    r = source.take(role).shape[0]
-    r_cfg = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
-    if r != r_cfg:
-        raise CheckpointError(
-            f"{source.file}: {source.keys[role]!r} has rank {r}, but adapter_config.json gives {site.module} r={r_cfg}"
-        )
-    return r
-
-
-def take_tensors(
-    site: Site, source: PeftSource, expected: Mapping[str, tuple[int, ...]], kind: str
-) -> dict[str, torch.Tensor]:
-    """Exactly the expected tensors, in their expected shapes, upcast like PEFT keeps them."""
-    tensors = {}
-    for role, shape in expected.items():
-        tensor = source.take(role)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                f"for {site.describe()}"
-            )
-        tensors[role] = tensor.to(adapter_dtype(site.dtype))
-    extra = sorted(set(source.tensors) - set(expected))
-    if extra:
-        raise CheckpointError(
-            f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a {site.op} {kind} site with this config"
-        )
-    return tensors
-
-
-def add_delta_output(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype) -> Any:
-    """``y + op(x, ΔW)`` with the base op's conv arguments, computed in the adapter dtype as PEFT does."""
-    xa = x.to(dtype) if dtype != site.dtype else x
-    if site.op == "linear":
-        out = F.linear(xa, delta)
-    else:
-        c = site.conv_args
-        out = _CONV[site.op](xa, delta, None, c["stride"], c["padding"], c["dilation"], c["groups"])
-    result = y + out
-    return result.to(site.dtype) if dtype != site.dtype else result
-
-
-def effective_flag(adapters: Sequence[SiteAdapter], kind: str) -> bool:
-    """One use_effective_conv2d for the whole adapter, as PEFT's config has (only convs with k≠1 care)."""
-    flags = {a.hyper["use_effective_conv2d"] for a in adapters if uses_cp(a.site, True)}
-    if len(flags) > 1:
-        raise SpecError(f"save_adapter: PEFT needs one use_effective_conv2d setting for a whole {kind} adapter")
-    return flags.pop() if flags else False

@@ -33,16 +33,16 @@ from .base import (
     SiteAdapter,
     adapter_dtype,
     add_to_weight,
+    pattern_value,
     per_module,
     refuse_unknown,
     target_modules,
 )
-from .loha import (
+from .lycoris import (
     add_delta_output,
     check_lycoris_site,
     cp_rebuild,
     effective_flag,
-    pattern_value,
     take_tensors,
     uses_cp,
 )
@@ -70,7 +70,7 @@ class Lokr(AdapterKind):
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LokrParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = LokrParams.model_validate(params.model_dump())
         check_lycoris_site(site, "LoKr", SpecError)
         hyper = _hyper(site, p.r, p.alpha, p.use_effective_conv2d, p.decompose_both, p.decompose_factor, 1.0)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,7 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import PARAMETER, Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, per_module, refuse_unknown, target_modules
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    pattern_value,
+    per_module,
+    refuse_unknown,
+    target_modules,
+)
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -67,7 +75,7 @@ class Lora(AdapterKind):
 
     # -- construction -------------------------------------------------------------------------------------------
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = LoraParams.model_validate(params.model_dump())
         _check_site(site, p.dora, p.lora_bias, SpecError)
         dtype = adapter_dtype(site.dtype)
@@ -108,13 +116,13 @@ class Lora(AdapterKind):
             key = source.keys[sorted(extra)[0]]
             raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a {site.op} LoRA site")
         r = tensors["lora_A"].shape[0] // site.experts  # a stack of experts: one rank-r block per expert
-        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, site.qualified_name, cfg.get("r", 8))
+        r_cfg = pattern_value(cfg.get("rank_pattern") or {}, site.qualified_name, cfg.get("r", 8))
         if r != r_cfg:
             raise CheckpointError(
                 f"{source.file}: {source.keys[roles['lora_A']]!r} has rank {r}, but adapter_config.json gives "
                 f"{site.qualified_name} r={r_cfg}"
             )
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, site.qualified_name, cfg.get("lora_alpha", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, site.qualified_name, cfg.get("lora_alpha", 8))
         hyper = _hyper(site, r, alpha, bool(cfg.get("use_rslora")), dora, lora_bias, scale)
         a = SiteAdapter(self, site, hyper, peft_keys=roles)
         expected = dict(zip(("lora_A", "lora_B"), _factor_shapes(site, r), strict=True))
@@ -333,14 +341,6 @@ def _peft_keys(site: Site, dora: bool, lora_bias: bool) -> dict[str, str]:
     if dora:
         keys["lora_magnitude"] = "lora_magnitude_vector"
     return keys
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha_pattern lookup: the first key (in file order) that matches the path's dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def _low_rank_path(site: Site, x: Any, A: Any, B: Any, B_bias: Any) -> Any:

@@ -47,7 +47,7 @@ class Miss(AdapterKind):
     ops = frozenset({"linear"})
     Params = MissParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = MissParams.model_validate(params.model_dump())
         mode = _mode(p.init)
         _check(site, p.r, mode, p.mini_r, SpecError, "")

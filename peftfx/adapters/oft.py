@@ -60,7 +60,7 @@ class Oft(AdapterKind):
     ops = frozenset({"linear", "conv2d", "embedding"})
     Params = OftParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = OftParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         blocks, size = _blocks(_rotated_dim(site), p.r, p.block_size)

@@ -50,7 +50,7 @@ class Osf(AdapterKind):
     ops = frozenset({"linear"})
     Params = OsfParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = OsfParams.model_validate(params.model_dump())
         _check_site(site, SpecError)
         k = _resolve(p.effective_rank, min(site.weight_shape))

@@ -51,7 +51,7 @@ class Peanut(AdapterKind):
     ops = frozenset({"linear"})
     Params = PeanutParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = PeanutParams.model_validate(params.model_dump())
         _check_site(site, SpecError, "")
         shapes = _shapes(site, p.r, p.depth)

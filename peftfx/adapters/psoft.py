@@ -54,7 +54,7 @@ class Psoft(AdapterKind):
     ops = frozenset({"linear"})
     Params = PsoftParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = PsoftParams.model_validate(params.model_dump())
         _check_site(site, p.r, SpecError)
         if p.orth:

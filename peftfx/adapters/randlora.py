@@ -16,7 +16,6 @@ bases under every adapted module; they are checked against the shared ones on lo
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,7 +56,7 @@ class Randlora(AdapterKind):
     ops = frozenset({"linear"})
     Params = RandloraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = RandloraParams.model_validate(params.model_dump())
         dtype = adapter_dtype(site.dtype)
         m, M = min(site.weight_shape), max(site.weight_shape)
@@ -67,11 +66,25 @@ class Randlora(AdapterKind):
         else:
             lam = torch.randn(p.r, b, generator=generator, dtype=torch.float64)
             gamma = torch.full((b, m), 1.0 / M)
-        tensors = {"randlora_lambda": lam.to(dtype), "randlora_gamma": gamma.to(dtype)}
+        A, B = prepared[p.r, p.projection_prng_key]
+        tensors = {"randlora_lambda": lam, "randlora_gamma": gamma, "randlora_A": A, "randlora_B": B}
+        tensors = {role: t.to(dtype) for role, t in tensors.items()}
         a = SiteAdapter(self, site, _hyper(site, p.r, p.alpha, 1.0, p.projection_prng_key), tensors, _keys())
         a.shared = a.frozen = frozenset(_SHARED)
-        _FRESH.add(a)
         return a
+
+    def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> dict[tuple[int, int], tuple]:
+        """The shared bases of each (r, key), sized over the largest targeted (out, in), as PEFT's ``_find_dim``."""
+        groups: dict[tuple[int, int], list[Site]] = {}
+        for site, p in zip(sites, params, strict=True):
+            q = RandloraParams.model_validate(p.model_dump())
+            groups.setdefault((q.r, q.projection_prng_key), []).append(site)
+        bases = {}
+        for (r, key), members in groups.items():
+            out = max(s.weight_shape[0] for s in members)
+            inp = max(s.weight_shape[1] for s in members)
+            bases[r, key] = _generate(r, key, max(out, inp), min(out, inp))
+        return bases
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
@@ -212,29 +225,6 @@ def _bases(a: SiteAdapter, t: Mapping[str, Any]) -> tuple[Any, Any]:
     return (U, V) if h["in_is_min"] else (V.t(), U.t())
 
 
-# -- fresh adapters: the shared bases fit the largest targeted (out, in), known only once every site is created ----
-
-
-class _FreshBases:
-    """Fresh sites of one graph, grouped by (r, key); each new site regrows the group's bases, as PEFT's ``_find_dim``
-    sizes them over all targeted modules. Placements are all made before insertion, so every site ends up reading
-    the final bases."""
-
-    def __init__(self) -> None:
-        self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def add(self, a: SiteAdapter) -> None:
-        graph_groups = self.groups.setdefault(a.site.node.graph, {})
-        group = graph_groups.setdefault((a.hyper["r"], a.hyper["key"]), [])
-        group.append(a)
-        out = max(x.site.weight_shape[0] for x in group)
-        inp = max(x.site.weight_shape[1] for x in group)
-        A, B = _generate(a.hyper["r"], a.hyper["key"], max(out, inp), min(out, inp))
-        for x in group:
-            dtype = x.tensors["randlora_lambda"].dtype
-            x.tensors["randlora_A"], x.tensors["randlora_B"] = A.to(dtype), B.to(dtype)
-
-
 def _generate(r: int, key: int, max_dim: int, min_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Kaiming-uniform bases normalised to unit std, drawn from ``projection_prng_key`` as PEFT draws them (PEFT
     draws in bfloat16/float16; these are float32 draws, saved with the adapter so PEFT reloads them as they are)."""
@@ -247,6 +237,3 @@ def _generate(r: int, key: int, max_dim: int, min_dim: int) -> tuple[torch.Tenso
     ]
     B = torch.cat(parts, dim=1)
     return A / A.std(), B / B.std()
-
-
-_FRESH = _FreshBases()

@@ -44,7 +44,7 @@ class Road(AdapterKind):
     ops = frozenset({"linear"})
     Params = RoadParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = RoadParams.model_validate(params.model_dump())
         _check_site(site, p.group_size, SpecError)
         size = int(site.out_features * _SIZE[p.variant])

@@ -43,7 +43,7 @@ class Shira(AdapterKind):
     ops = frozenset({"linear"})
     Params = ShiraParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = ShiraParams.model_validate(params.model_dump())
         n = _count(site, p.r, SpecError, "")
         out, inp = site.weight_shape

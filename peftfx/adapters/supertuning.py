@@ -55,7 +55,7 @@ class Supertuning(AdapterKind):
     ops = frozenset({"linear"})
     Params = SupertuningParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = SupertuningParams.model_validate(params.model_dump())
         _check_site(site, SpecError, "")
         n = _count(site, p.sparsity, SpecError, "")

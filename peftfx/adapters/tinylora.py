@@ -18,7 +18,6 @@ same for modules that own their weights), a fresh adapter by the order its sites
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -54,10 +53,10 @@ class TinyLora(AdapterKind):
 
     # -- construction -------------------------------------------------------------------------------------------
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = TinyLoraParams.model_validate(params.model_dump())
         dtype = adapter_dtype(site.dtype)
-        index = _fresh_index(site, p)
+        index = prepared[p].index(site.module)
         weight = attr(site.weight.graph.owning_module, str(site.weight.target))
         A, B = _svd_pair(site, weight, p.r)
         r = A.shape[0]
@@ -75,7 +74,7 @@ class TinyLora(AdapterKind):
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
         u, r_cfg, seed = int(cfg.get("u", 64)), int(cfg.get("r", 2)), int(cfg.get("projection_seed", 42))
-        order = _target_order(site, source)
+        order = source.prepared
         index, count = order.index(site.module), len(order)
         groups = max(1, round(count * (1.0 - float(cfg.get("weight_tying", 0.0)))))
         group = min(index // max(1, count // groups), groups - 1)
@@ -103,6 +102,25 @@ class TinyLora(AdapterKind):
         dtype = adapter_dtype(site.dtype)
         hyper = {"r": r, "u": u, "group": group, "seed": seed, "scale": scale}
         return _adapter(self, site, hyper, {role: t.to(dtype) for role, t in tensors.items()})
+
+    def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> dict[BaseModel, list[str]]:
+        """Each site's index among the adapter's sites of the same settings, in the order they are selected."""
+        order: dict[BaseModel, list[str]] = {}
+        for site, p in zip(sites, params, strict=True):
+            seen = order.setdefault(TinyLoraParams.model_validate(p.model_dump()), [])
+            if site.module not in seen:
+                seen.append(site.module)
+        return order
+
+    def prepare_peft(self, sites: Sequence[Site], config: Mapping[str, Any], file: str) -> list[str]:
+        """The adapter's target modules in weight-registration order: PEFT's index of each (see the module doc)."""
+        if not sites:
+            return []
+        position = {node: i for i, node in enumerate(sites[0].weight.graph.nodes)}
+        first: dict[str, int] = {}
+        for s in sites:
+            first[s.module] = min(first.get(s.module, len(position)), position[s.weight])
+        return sorted(first, key=first.__getitem__)
 
     # -- graph ----------------------------------------------------------------------------------------------
 
@@ -191,38 +209,3 @@ def _svd_pair(site: Site, weight: torch.Tensor, r: int) -> tuple[torch.Tensor, t
 def _projections(u: int, r: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.normal(0.0, 1.0 / r**0.5, size=(u, r, r), generator=generator)
-
-
-def _target_order(site: Site, source: PeftSource) -> list[str]:
-    """The adapter's target modules in weight-registration order: PEFT's index of each (see the module doc)."""
-    from ..pattern import Matcher
-    from ..peft_targeting import peft_selector
-    from ..sites import find_sites
-
-    gm = site.weight.graph.owning_module
-    cache = _ORDERS.setdefault(gm, {})
-    memo_key = (source.file, repr(sorted(source.config.items())))
-    if memo_key not in cache:  # once per checkpoint, not once per site
-        selector = peft_selector(source.config, sorted(TinyLora.ops), gm.meta.get("peftfx", {}), source.file)
-        sites = Matcher(gm, find_sites(gm)).select(selector, f"{source.file} (target_modules)")
-        position = {node: i for i, node in enumerate(gm.graph.nodes)}
-        first: dict[str, int] = {}
-        for s in sites:
-            first[s.module] = min(first.get(s.module, len(position)), position[s.weight])
-        cache[memo_key] = sorted(first, key=first.__getitem__)
-    return cache[memo_key]
-
-
-_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-# Fresh adapters: site i of an adapter draws P from seed + i. ``create`` sees one site at a time, so the sites
-# seen so far are remembered per graph and settings, by module path (planning the same graph twice is stable).
-_FRESH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fresh_index(site: Site, p: TinyLoraParams) -> int:
-    seen = _FRESH.setdefault(site.weight.graph.owning_module, {}).setdefault(p, [])
-    if site.module not in seen:
-        seen.append(site.module)
-    return seen.index(site.module)

@@ -62,7 +62,7 @@ class TrainableTokens(AdapterKind):
     ops = frozenset({"embedding", "linear"})
     Params = TrainableTokensParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = TrainableTokensParams.model_validate(params.model_dump())
         weight = _check_site(site, p.token_indices, SpecError, "")
         if p.init:

@@ -64,7 +64,7 @@ class UniLoRA(AdapterKind):
     ops = frozenset({"linear"})
     Params = UniLoRAParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = UniLoRAParams.model_validate(params.model_dump())
         dtype = adapter_dtype(site.dtype)
         # Every site draws a θ; the first one placed is the adapter's (insert keeps one tensor per shared role).

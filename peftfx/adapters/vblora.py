@@ -57,7 +57,7 @@ class VBLoRA(AdapterKind):
     ops = frozenset({"linear"})
     Params = VBLoRAParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = VBLoRAParams.model_validate(params.model_dump())
         if p.topk > p.num_vectors:
             raise SpecError(f"VB-LoRA topk={p.topk} exceeds num_vectors={p.num_vectors} ({site.describe()})")

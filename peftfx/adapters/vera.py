@@ -14,7 +14,6 @@ over the sites the config targets, as PEFT does. They are adapter-wide tensors, 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,11 +46,11 @@ class Vera(AdapterKind):
 
     # -- construction -------------------------------------------------------------------------------------------
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = self.Params.model_validate(params.model_dump())
         _check_site(site, self.name, SpecError)
         dtype = adapter_dtype(site.dtype)
-        A, B = _grown_projections(site, p.r * self._rows, p.r, p.projection_prng_key, dtype)
+        A, B = (t.to(dtype) for t in prepared[p.r, p.projection_prng_key])
         if p.init:
             lambda_b = torch.zeros(site.out_features, dtype=dtype)
             lambda_d = torch.full((p.r * self._rows,), p.d_initial, dtype=dtype)
@@ -81,7 +80,7 @@ class Vera(AdapterKind):
                     )
             A, B = source.shared[name_a], source.shared[name_b]
         else:
-            A, B = _projections_for_config(site, source, r * self._rows, r, int(cfg.get("projection_prng_key", 0)))
+            A, B = source.prepared
         checks = [
             (lambda_b, (site.out_features,), source.keys[key_b]),
             (lambda_d, (r * self._rows,), source.keys[key_d]),
@@ -107,6 +106,25 @@ class Vera(AdapterKind):
         hyper = {"r": r, "prng_key": int(cfg.get("projection_prng_key", 0)), "d_initial": None, "scale": scale}
         tensors = {"A": A.to(dtype), "B": B.to(dtype), "lambda_b": lambda_b.to(dtype), "lambda_d": lambda_d.to(dtype)}
         return self._adapter(site, hyper, tensors)
+
+    def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> dict[tuple[int, int], tuple]:
+        """PEFT's projections for each (r, key) of the adapter, sized over every site that uses them."""
+        groups: dict[tuple[int, int], list[Site]] = {}
+        for site, p in zip(sites, params, strict=True):
+            q = self.Params.model_validate(p.model_dump())
+            groups.setdefault((q.r, q.projection_prng_key), []).append(site)
+        return {(r, key): self._draw(members, r, key) for (r, key), members in groups.items()}
+
+    def prepare_peft(self, sites: Sequence[Site], config: Mapping[str, Any], file: str) -> tuple | None:
+        """save_projection false: PEFT draws A and B again from the key, sized over every site the config targets."""
+        if config.get("save_projection", True) or not sites:
+            return None
+        return self._draw(sites, int(config.get("r", 256)), int(config.get("projection_prng_key", 0)))
+
+    def _draw(self, sites: Sequence[Site], r: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        max_in = max(s.in_features for s in sites)
+        max_out = max(s.out_features for s in sites)
+        return draw_projections(r * self._rows, r, max_in, max_out, key)
 
     def _adapter(self, site: Site, hyper: dict, tensors: dict) -> SiteAdapter:
         keys = {
@@ -195,46 +213,3 @@ def draw_projections(rows: int, r: int, max_in: int, max_out: int, key: int) -> 
         bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
         out.append(torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
     return out[0], out[1]
-
-
-# Fresh adapters: ``create`` sees one site at a time, but the projections are sized by the largest site. The
-# sites of one graph that share (rows, r, key, dtype) share one A and one B tensor object, redrawn in place
-# whenever a new site needs more room, so every SiteAdapter ends up holding PEFT's draw for all of them.
-_FRESH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _grown_projections(site: Site, rows: int, r: int, key: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    groups = _FRESH.setdefault(site.weight.graph.owning_module, {})
-    group = groups.get((rows, r, key, dtype))
-    max_in, max_out = site.in_features, site.out_features
-    if group is not None:
-        max_in, max_out = max(max_in, group[0].shape[1]), max(max_out, group[1].shape[0])
-    A, B = (p.to(dtype) for p in draw_projections(rows, r, max_in, max_out, key))
-    if group is None:
-        groups[(rows, r, key, dtype)] = (A, B)
-        return A, B
-    if tuple(group[0].shape) != tuple(A.shape) or tuple(group[1].shape) != tuple(B.shape):
-        group[0].set_(A)
-        group[1].set_(B)
-    return group
-
-
-def _projections_for_config(site: Site, source: PeftSource, rows: int, r: int, key: int) -> tuple[torch.Tensor, ...]:
-    """save_projection false: draw A and B again, sized over every site the config targets, as PEFT does."""
-    from ..pattern import Matcher
-    from ..peft_targeting import peft_selector
-    from ..sites import find_sites
-
-    gm = site.weight.graph.owning_module
-    cache = _DRAWN.setdefault(gm, {})
-    memo_key = (source.file, repr(sorted(source.config.items())))
-    if memo_key not in cache:  # once per checkpoint, not once per site
-        selector = peft_selector(source.config, ["linear"], gm.meta.get("peftfx", {}), source.file)
-        sites = Matcher(gm, find_sites(gm)).select(selector, f"{source.file} (target_modules)")
-        max_in = max(s.in_features for s in sites)
-        max_out = max(s.out_features for s in sites)
-        cache[memo_key] = draw_projections(rows, r, max_in, max_out, key)
-    return cache[memo_key]
-
-
-_DRAWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

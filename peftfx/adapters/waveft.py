@@ -38,6 +38,7 @@ from .base import (
     SiteAdapter,
     adapter_dtype,
     add_to_weight,
+    pattern_value,
     per_module,
     refuse_unknown,
     target_modules,
@@ -72,7 +73,7 @@ class WaveFT(AdapterKind):
     ops = frozenset({"linear"})
     Params = WaveFTParams
 
-    def create(self, site: Site, params: BaseModel, generator: torch.Generator) -> SiteAdapter:
+    def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p = WaveFTParams.model_validate(params.model_dump())
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
@@ -95,7 +96,7 @@ class WaveFT(AdapterKind):
             )
         n = spectrum.shape[0]
         if not cfg.get("proportional_parameters"):  # else PEFT spreads a budget over the layers: the file says n
-            expected = _pattern_value(cfg.get("n_frequency_pattern") or {}, site.module, cfg.get("n_frequency", 2592))
+            expected = pattern_value(cfg.get("n_frequency_pattern") or {}, site.module, cfg.get("n_frequency", 2592))
             if n != expected:
                 raise CheckpointError(
                     f"{source.file}: {source.keys[SPECTRUM]!r} has shape {list(spectrum.shape)}, expected "
@@ -202,14 +203,6 @@ def _order(family: str, error: type[Exception], where: str) -> int:
             "haar are; symlet and coiflet filters are not derived here)"
         )
     return order
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's get_pattern_key: the first key (in file order) matching a dotted suffix of the module path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 @functools.cache
