@@ -64,15 +64,18 @@ _RMS_NORM = OpSignature("rms_norm", 1, 0, None)
 _MULS = frozenset({aten.mul.Tensor, operator.mul, torch.mul})
 
 
-# ``x @ W.T`` (matmul or mm of the input by a transposed 2-D weight) computes what ``F.linear(x, W)`` does.
+# ``x @ W.T`` (matmul or mm of the input by a transposed 2-D weight) computes what ``F.linear(x, W)`` does, and
+# ``addmm(b, x, W.T)`` what ``F.linear(x, W, b)`` does (a decomposed nn.Linear).
 _MATMULS = frozenset({aten.matmul.default, aten.mm.default, torch.matmul, torch.mm, operator.matmul})
 _MATMUL = OpSignature("linear", 0, 1, None)
-_TRANSPOSES = frozenset({aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, torch.t})
+_ADDMM = OpSignature("linear", 1, 2, 0)
 
 
 def signature_of(node: fx.Node) -> OpSignature | None:
-    if node.target in _MATMULS and _transposed_weight(node) is not None:
+    if node.target in _MATMULS and len(node.args) == 2 and _transposed_weight(node, 1) is not None:
         return _MATMUL
+    if node.target in (aten.addmm.default, torch.addmm) and not node.kwargs and _transposed_weight(node, 2) is not None:
+        return _ADDMM
     signature = SIGNATURES.get(node.target)
     if signature is None and node.target in _MULS and module_of(node)[1].endswith("RMSNorm") and len(node.args) == 2:
         weight = node.args[0]
@@ -80,21 +83,36 @@ def signature_of(node: fx.Node) -> OpSignature | None:
     return signature
 
 
-def _transposed_weight(node: fx.Node) -> fx.Node | None:
-    """The 2-D weight's get_attr when ``node`` multiplies its input by that weight transposed, else None."""
-    if len(node.args) != 2 or not isinstance(node.args[1], fx.Node):
-        return None
-    view = node.args[1]
-    if view.op != "call_function" or view.target not in _TRANSPOSES or len(view.users) != 1:
+def _transposed_weight(node: fx.Node, position: int) -> fx.Node | None:
+    """The weight's get_attr when ``node``'s argument ``position`` is that weight transposed, else None."""
+    view = node.args[position] if len(node.args) > position else None
+    if not isinstance(view, fx.Node) or len(view.users) != 1 or not view.args:
         return None
     weight = view.args[0]
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return None
-    if view.target is aten.transpose.int and sorted(d % 2 for d in view.args[1:3]) != [0, 1]:
-        return None
-    if view.target is aten.permute.default and [d % 2 for d in view.args[1]] != [1, 0]:
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or not _swaps_two_dims(view):
         return None
     return weight
+
+
+def _swaps_two_dims(view: fx.Node) -> bool:
+    """Whether ``view`` is a 2-D transpose: ``t``, ``.T``, ``transpose(0, 1)``, ``permute(1, 0)``, any tracer."""
+    if view.op == "call_function" and view.target is getattr:
+        return view.args[1] in ("T", "mT")
+    if view.op == "call_function" and isinstance(view.target, torch._ops.OpOverload):
+        name = view.target._schema.name.split("::")[-1]
+    elif view.op in ("call_function", "call_method"):
+        name = view.target if view.op == "call_method" else getattr(view.target, "__name__", "")
+    else:
+        return False
+    rest = view.args[1:]
+    if name in ("t", "numpy_T"):
+        return True
+    if name == "transpose":
+        return len(rest) == 2 and all(isinstance(d, int) for d in rest) and sorted(d % 2 for d in rest) == [0, 1]
+    if name == "permute":
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], list | tuple) else list(rest)
+        return all(isinstance(d, int) for d in dims) and [d % 2 for d in dims] == [1, 0]
+    return False
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,12 +266,13 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         return None
     args = node.args
     weight = args[signature.weight] if len(args) > signature.weight else None
-    if signature is _MATMUL:
-        weight = _transposed_weight(node)
+    by_value = signature in (_MATMUL, _ADDMM)  # recognised by what they compute
+    if by_value:
+        weight = _transposed_weight(node, signature.weight)
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
     tensor = attr(gm, str(weight.target))
-    if signature is _MATMUL and tensor.ndim != 2:
+    if by_value and tensor.ndim != 2:
         return None
     if signature.transposed and (tensor.ndim != 2 or module_of(node)[1] not in ("Conv1D", "")):
         return None  # an addmm that is not transformers' Conv1D (or a lowered one) is not a site
@@ -262,7 +281,7 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     owner = str(weight.target).rpartition(".")[0]
     if not path:
         path = str(weight.target).removesuffix(".weight")
-    elif owner.startswith(path + ".") or signature is _MATMUL:
+    elif owner.startswith(path + ".") or by_value:
         # a parent's code reading a child's weight (nn.MultiheadAttention's out_proj): the site is the weight's owner
         path, cls = owner, module_classes(gm).get(owner, "")
     shape = tuple(tensor.shape[::-1]) if signature.transposed else tuple(tensor.shape)

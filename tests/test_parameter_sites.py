@@ -302,3 +302,38 @@ def test_every_read_of_a_parameter_is_adapted(capture):
     torch.testing.assert_close(gm(*inputs), adapted(*inputs), rtol=1e-6, atol=1e-6)
     merged = peftfx.compile(model, {**spec, "merge": True}, inputs)
     torch.testing.assert_close(merged(*inputs), adapted(*inputs), rtol=1e-6, atol=1e-6)
+
+
+class AddmmLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight.t())
+
+
+class MmLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.weight.permute(1, 0))
+
+
+class MatmulLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight.transpose(0, 1)) + self.bias
+
+
+class ByValue(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = AddmmLinear(6, 8), MmLinear(8, 8, bias=False), MatmulLinear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_linears_recognised_by_what_they_compute(capture, tmp_path):
+    torch.manual_seed(0)
+    model = ByValue().eval()
+    inputs = (torch.randn(3, 6),)
+    gm = peftfx.compile(model, {"capture": capture}, inputs)
+    assert [(s.op, s.module) for s in peftfx.find_sites(gm)] == [("linear", "a"), ("linear", "b"), ("linear", "c")]
+    if capture == "export":  # the same for DoRA, whose norm reads the weight, and against PEFT
+        check(model, peft.LoraConfig(target_modules=["a", "b", "c"], r=2, use_dora=True), inputs, tmp_path, tol=TOL)
