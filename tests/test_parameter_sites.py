@@ -230,8 +230,16 @@ def test_swap_and_max_rank_on_parameter_sites(tmp_path):
     gm = peftfx.compile(model, {"adapters": {"a": {"peft": str(first)}}}, IDS)
     peftfx.swap_adapter(gm, "a", second)
     torch.testing.assert_close(run(gm, IDS), run(other, IDS), rtol=TOL.rtol, atol=TOL.atol)
-    with pytest.raises(SpecError, match="stack of experts"):
-        peftfx.compile(model, {"adapters": {"a": {"peft": str(first), "max_rank": 8}}}, IDS)
+    # max_rank pads each expert's block of ranks: a rank-2 adapter swaps into a rank-4 graph, and saves back as read
+    small = tmp_path / "small"
+    config2 = peft.LoraConfig(target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"], r=2)
+    small_model = peft_checkpoint(model, config2, small, prepare=lambda m: perturb(m, seed=2))
+    padded = peftfx.compile(model, {"adapters": {"a": {"peft": str(first), "max_rank": 4}}}, IDS)
+    peftfx.swap_adapter(padded, "a", small)
+    torch.testing.assert_close(run(padded, IDS), run(small_model, IDS), rtol=TOL.rtol, atol=TOL.atol)
+    peftfx.save_adapter(padded, "a", tmp_path / "saved")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "saved").eval()
+    torch.testing.assert_close(run(reloaded, IDS), run(small_model, IDS), rtol=TOL.rtol, atol=TOL.atol)
 
 
 def test_siglip_pooling_head_multihead_attention(tmp_path):

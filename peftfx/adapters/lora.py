@@ -222,17 +222,19 @@ class Lora(AdapterKind):
 
     def pad(self, a: SiteAdapter, max_rank: int) -> SiteAdapter:
         r = a.hyper["r"]
-        if a.site.experts > 1:
-            raise SpecError(f"{a.site.describe()} is a stack of experts, whose per-expert ranks are not padded")
         if r > max_rank:
-            raise SpecError(f"{a.site.module} has rank {r}, more than max_rank {max_rank}")
-        A, B = a.tensors["lora_A"][:r], a.tensors["lora_B"][:, :r]  # an already padded adapter pads again
-        tensors = {
-            **a.tensors,
-            "lora_A": torch.cat([A, A.new_zeros((max_rank - r, *A.shape[1:]))]),
-            "lora_B": torch.cat([B, B.new_zeros((B.shape[0], max_rank - r, *B.shape[2:]))], 1),
-            "scaling": torch.tensor(a.hyper["scaling"], dtype=A.dtype),
-        }
+            raise SpecError(f"{a.site.qualified_name} has rank {r}, more than max_rank {max_rank}")
+        E = a.site.experts  # a stack pads each expert's block of ranks
+        A, B = _ranks(a, "lora_A", a.tensors["lora_A"], r), _ranks(a, "lora_B", a.tensors["lora_B"], r)
+        if E > 1:
+            A = torch.cat([A.reshape(E, r, -1), A.new_zeros((E, max_rank - r, A.shape[1]))], 1).reshape(
+                E * max_rank, -1
+            )
+            B = torch.cat([B.reshape(len(B), r, E), B.new_zeros((len(B), max_rank - r, E))], 1).reshape(len(B), -1)
+        else:
+            A = torch.cat([A, A.new_zeros((max_rank - r, *A.shape[1:]))])
+            B = torch.cat([B, B.new_zeros((B.shape[0], max_rank - r, *B.shape[2:]))], 1)
+        tensors = {**a.tensors, "lora_A": A, "lora_B": B, "scaling": torch.tensor(a.hyper["scaling"], dtype=A.dtype)}
         hyper = {**a.hyper, "max_rank": max_rank}
         return dataclasses.replace(a, hyper=hyper, tensors=tensors, frozen=a.frozen | {"scaling"})
 
@@ -242,8 +244,17 @@ class Lora(AdapterKind):
     def saved_tensor(self, a: SiteAdapter, role: str, tensor: torch.Tensor) -> torch.Tensor:
         if "max_rank" not in a.hyper or role not in ("lora_A", "lora_B"):
             return tensor
-        r = a.hyper["r"]
+        return _ranks(a, role, tensor, a.hyper["r"])
+
+
+def _ranks(a: SiteAdapter, role: str, tensor: torch.Tensor, r: int) -> torch.Tensor:
+    """The first ``r`` ranks of a factor (of each expert's block in a stack): a padded adapter trimmed back."""
+    E = a.site.experts
+    if E == 1:
         return tensor[:r] if role == "lora_A" else tensor[:, :r]
+    if role == "lora_A":  # expert-major rows
+        return tensor.reshape(E, -1, tensor.shape[1])[:, :r].reshape(E * r, -1)
+    return tensor.reshape(len(tensor), -1, E)[:, :r].reshape(len(tensor), r * E)  # expert-minor columns
 
 
 _RUNTIME = frozenset({"r", "alpha", "rslora", "scaling", "scale"})  # what a padded adapter holds in tensors
