@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from torch import fx
 
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
-from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
+from .checkpoint import CONFIG, SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
 from .fold import Context, Task, fold_site
 from .ir import Override, Placement, heads
@@ -228,12 +228,13 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
     assert ckpt is not None and layout is not None
     plan.configs[target.name] = ckpt.config
     nesting = _nesting(plan.matcher.gm, sites)
-    keyed = {site.module + nesting.get(site.node, ""): site for site in sites}  # PEFT's module path -> site
-    keyed |= _unselected(plan, set(layout.modules) - set(keyed))
+    # (PEFT's module path, site): a module called at several sites is one module in the checkpoint, at each site
+    keyed = [(site.module + nesting.get(site.node, ""), site) for site in sites]
+    keyed += _unselected(plan, set(layout.modules) - {module for module, _ in keyed}).items()
     if not keyed:
         plan.matcher.select(target.selector, target.field)  # raises: the selector matches nothing
     by_module = {site.module: site for site in plan.matcher.sites if site.op != PARAMETER}
-    for module in sorted(set(layout.modules) - set(keyed)):
+    for module in sorted(set(layout.modules) - {module for module, _ in keyed}):
         key = ckpt.key(module, next(iter(layout.modules[module])))
         if module in by_module:
             reason = plan.matcher.test(target.selector, by_module[module]).reason
@@ -244,8 +245,8 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
             f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
         )
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
-    prepared = target.kind.prepare_peft(list(keyed.values()), ckpt.config, str(ckpt.directory / "adapter_config.json"))
-    for done, (module, site) in enumerate(keyed.items(), start=1):
+    prepared = target.kind.prepare_peft([site for _, site in keyed], ckpt.config, str(ckpt.directory / CONFIG))
+    for done, (module, site) in enumerate(keyed, start=1):
         plan.placed(target.name, done, len(keyed))
         if module not in layout.modules:
             raise CheckpointError(

@@ -345,3 +345,19 @@ def test_linears_recognised_by_what_they_compute(capture, tmp_path):
     assert [(s.op, s.module) for s in peftfx.find_sites(gm)] == [("linear", "a"), ("linear", "b"), ("linear", "c")]
     if capture == "export":  # the same for DoRA, whose norm reads the weight, and against PEFT
         check(model, peft.LoraConfig(target_modules=["a", "b", "c"], r=2, use_dora=True), inputs, tmp_path, tol=TOL)
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.relu(self.layer(x)))
+
+
+def test_a_module_called_twice_is_adapted_at_both_calls(tmp_path):
+    """One checkpoint module, two sites: both get the adapter (as PEFT's wrapped module does at every call)."""
+    torch.manual_seed(0)
+    result = check(Twice().eval(), peft.LoraConfig(target_modules=["layer"], r=2), (torch.randn(3, 4),), tmp_path)
+    assert len(records(result["unmerged"])) == 2
