@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import fx
 
+from . import sizes
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import CONFIG, SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
@@ -96,9 +98,30 @@ def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None, progress: P
 def _padded(placement: Placement, max_rank: int) -> Placement:
     a = placement.site_adapter
     try:
-        return Placement(placement.adapter, a.kind.pad(a, max_rank))
+        with sizes.bounded(sizes.limit(math.prod(a.site.weight_shape))):
+            return Placement(placement.adapter, a.kind.pad(a, max_rank))
     except SpecError as e:
         raise SpecError(f"adapters.{placement.adapter}.max_rank: {e}") from None
+    except sizes.TooLarge as e:
+        raise SpecError(f"adapters.{placement.adapter}.max_rank: {max_rank}: {_too_large(e, a.site)}") from None
+
+
+def _too_large(e: sizes.TooLarge, site: Site) -> str:
+    shape = "x".join(map(str, e.shape))
+    return (
+        f"asks for a {shape} tensor at {site.describe()} ({e.numel:.3g} numbers), past the limit of {e.limit:,} "
+        f"({sizes.TIMES_WEIGHT}x the site's weight, at least {sizes.FLOOR:,}); min(in, out) there is "
+        f"{min(site.in_features, site.out_features)}"
+    )
+
+
+def _size_field(params: BaseModel, given: Iterable[str], shape: list[int]) -> str:
+    """``.with.<field>: <value>`` for the int field whose value is a dim of the refused shape (given ones first)."""
+    given = set(given)
+    for key, value in sorted(params.model_dump().items(), key=lambda kv: kv[0] not in given):
+        if isinstance(value, int) and not isinstance(value, bool) and value in shape and value > 1:
+            return f".with.{key}: {value}"
+    return ""
 
 
 def _target(plan: Plan, gm: fx.GraphModule, spec: Spec, name: str, base_dir: Path | None) -> Target:
@@ -353,17 +376,26 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
     params = [_fresh_params(plan, target, adapter, site, span) for site in sites]
     where = f"adapters.{target.name}"
+    largest = max(sites, key=lambda site: math.prod(site.weight_shape), default=None)
     try:
-        prepared = kind.prepare(sites, params)
+        with sizes.bounded(sizes.limit(math.prod(largest.weight_shape) if largest is not None else 0)):
+            prepared = kind.prepare(sites, params)  # adapter-wide tensors (VeRA's shared projections) are bounded too
     except SpecError as e:
         raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    except sizes.TooLarge as e:
+        field = _size_field(params[0], adapter.with_, e.shape)
+        raise SpecError(f"{where}{field}: {_too_large(e, largest)}") from None
     nesting = _nesting(plan.matcher.gm, sites)
     for done, (site, site_params) in enumerate(zip(sites, params, strict=True), start=1):
         plan.placed(target.name, done, len(sites))
         try:
-            created = kind.create(site, site_params, generator, prepared)
+            with sizes.bounded(sizes.limit(math.prod(site.weight_shape))):
+                created = kind.create(site, site_params, generator, prepared)
         except SpecError as e:
             raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        except sizes.TooLarge as e:
+            field = _size_field(site_params, adapter.with_, e.shape)
+            raise SpecError(f"{where}{field}: {_too_large(e, site)}") from None
         plan.placements.append(Placement(target.name, _nested(created, nesting.get(site.node, ""))))
 
 
