@@ -57,6 +57,10 @@ def test_moe_all_linear_matches_peft(name, tmp_path):
     stacks = [r for r in records(result["unmerged"]) if "mlp.experts" in r.module]
     assert len(stacks) == 2  # both stacks of the layer's experts, each with its own factors
     assert stacks[0].tensors != stacks[1].tensors
+    # merged into the model's own storage (inplace): the same numbers
+    spec = {"adapters": {"a": {"peft": str(tmp_path / "peft")}}, "merge": True}
+    expected = run(result["merged"], IDS)
+    torch.testing.assert_close(run(peftfx.compile(copy.deepcopy(model), spec, IDS, inplace=True), IDS), expected)
 
 
 class MixedExperts(nn.Module):
@@ -214,6 +218,8 @@ def test_convnext_depthwise_lora_live_as_peft_merged_exactly(tmp_path):
     merged = peftfx.compile(model, {**spec, "merge": True}, inputs)
     torch.testing.assert_close(run(merged, inputs), expected, rtol=TOL.rtol, atol=TOL.atol)
     assert adapter_parameters(merged) == []
+    inplace = peftfx.compile(copy.deepcopy(model), {**spec, "merge": True}, inputs, inplace=True)
+    torch.testing.assert_close(run(inplace, inputs), run(merged, inputs))
     with pytest.raises(NotImplementedError):  # why the oracle for the merge is peftfx's own live graph
         copy.deepcopy(peft_model).merge_and_unload()
     fresh = {"type": "lora", "at": {"module": "*.dwconv"}, "with": {"r": 4}}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
+from ..rounding import add_low_rank
 from ..sites import PARAMETER, Site, attr
 from .base import (
     AdapterKind,
@@ -100,9 +101,8 @@ class Lora(AdapterKind):
         hyper = _hyper(site, p.r, p.alpha, p.rslora, p.dora, p.lora_bias, 1.0)
         a = SiteAdapter(self, site, hyper, tensors, _peft_keys(site, p.dora, p.lora_bias))
         if p.dora:
-            a.tensors["lora_magnitude"] = _initial_magnitude(
-                a, attr(site.weight.graph.owning_module, str(site.weight.target))
-            ).to(dtype)
+            weight = attr(site.weight.graph.owning_module, str(site.weight.target))
+            a.tensors["lora_magnitude"] = _initial_magnitude(a, weight).to(dtype)
         return a
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
@@ -177,12 +177,32 @@ class Lora(AdapterKind):
             g = t["lora_magnitude"].double().reshape(-1) / norm
             merged = merged * g.reshape(_weight_broadcast(site))
         new_bias = bias
-        if a.hyper["dora"] and bias is not None and raw_bias is not None and not torch.equal(bias, raw_bias):
+        changed = bias is not None and raw_bias is not None and not bias.is_meta and not torch.equal(bias, raw_bias)
+        if a.hyper["dora"] and changed:
             # live, DoRA scales all of the bias but the raw one: so also what earlier adapters here added to it
             new_bias = (raw_bias.double() + g * (bias.double() - raw_bias.double())).to(bias.dtype)
         if a.hyper["lora_bias"]:
             new_bias = (bias.double() + a.hyper["scaling"] * t["lora_B_bias"].double()).to(bias.dtype)
         return _storage(site, merged).to(weight.dtype), new_bias
+
+    def merge_into(
+        self,
+        a: SiteAdapter,
+        out: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if a.hyper["dora"] or weight.is_meta or not (weight.is_contiguous() and out.is_contiguous()):
+            return None  # DoRA's norm spans whole rows (or columns); a meta weight has nothing to write
+        if a.site.experts > 1 or (a.site.op.startswith("conv") and a.site.conv_args["groups"] != 1):
+            return None  # per-expert deltas, and a grouped conv's dense result, are no one low-rank product
+        left, right = _storage_factors(a.site, t["lora_A"], t["lora_B"])
+        add_low_rank(out.view(left.shape[0], -1), weight.view(left.shape[0], -1), left, right, a.hyper["scaling"])
+        new_bias = bias
+        if a.hyper["lora_bias"]:
+            new_bias = (bias.double() + a.hyper["scaling"] * t["lora_B_bias"].double()).to(bias.dtype)
+        return out, new_bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         init = config.get("init_lora_weights", True)
@@ -402,6 +422,13 @@ def _dense(site: Site, weight: torch.Tensor) -> torch.Tensor:
     return dense
 
 
+def _storage_factors(site: Site, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L``, ``R`` with ``ΔW / s = L @ R`` in the weight's storage layout, flattened to 2-D (rows of storage)."""
+    if site.op == "embedding" or site.transposed:  # storage [num, dim] = (B @ A)ᵀ; Conv1D stores Wᵀ
+        return A.flatten(1).t(), B.flatten(1).t()
+    return B.flatten(1), A.flatten(1)
+
+
 def _logical(site: Site, weight: Any) -> Any:
     return weight.t() if site.transposed and site.op != PARAMETER else weight
 
@@ -430,6 +457,6 @@ def _weight_broadcast(site: Site) -> tuple[int, ...]:
 
 
 def _initial_magnitude(a: SiteAdapter, weight: torch.Tensor) -> torch.Tensor:
-    delta = _delta(a, a.tensors, torch.float64)
+    delta = _delta(a, a.tensors, torch.float64).to(weight.device)
     norm = torch.linalg.vector_norm(_logical(a.site, weight.double()) + delta, dim=_norm_dims(a.site))
     return norm.reshape(_magnitude_shape(a.site))
