@@ -22,8 +22,8 @@ from torch import fx, nn
 from ..adapters import SiteAdapter
 from ..errors import CheckpointError, SpecError
 from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, records
-from ..rewrite import add_input, build_after, get_attr, rebind, set_attr, tagged_get_attr, weight_device
-from ..sites import module_of
+from ..rewrite import TAG, add_input, build_after, get_attr, rebind, set_attr, tagged_get_attr, weight_device
+from ..sites import PARAMETER, module_of
 from .base import Pass
 
 SCALE_INPUT = "lora_scale"  # a 0-d tensor input multiplying every live LoRA's scaling (diffusers' LoRA scale)
@@ -67,12 +67,17 @@ class Insert(Pass):
 
 def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node, scale: fx.Node | None = None) -> fx.Node:
     site = a.site
+    if site.op == PARAMETER:  # every read of the parameter reads the adapted one: one get_attr (the first) for all
+        for other in gm.graph.find_nodes(op="get_attr", target=site.weight.target):
+            if other is not site.weight and TAG not in other.meta:
+                other.replace_all_uses_with(site.weight)
+                gm.graph.erase_node(other)
     tag = {"adapter": adapter, "node": site.node.name}
     prefix = f"peftfx.{attr_key(adapter)}"
     targets = {}
     device = weight_device(gm, site.weight)
     for role, tensor in a.tensors.items():
-        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.module)}.{role}"
+        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.qualified_name)}.{role}"
         try:
             get_attr(gm, targets[role])  # shared roles, and a module called at several sites, reuse one tensor
         except AttributeError:
@@ -108,7 +113,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node, scale:
             kind=a.kind.name,
             hyper=dict(a.hyper),
             site_node=site.node.name,
-            module=site.module,
+            module=a.peft_module or site.module,
             input=y.name,
             output=out.name,
             tensors=targets,

@@ -63,6 +63,7 @@ def compile(
     example_inputs: Inputs | None = None,
     *,
     dynamic_shapes: Any = None,
+    cache: bool = True,
     max_cache_len: int | None = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
@@ -71,10 +72,16 @@ def compile(
     The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
     own tensors (no copy of the weights is made; the same bits as without it). With ``max_cache_len`` a decoder
     is captured as one generation step over a static KV cache of that many positions, for ``peftfx.generate``
-    (see ``kv_cache``).
+    (see ``kv_cache``). ``cache=False`` runs ``torch.export`` even when the capture cache holds this model's graph.
     """
     return build(
-        model, spec, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len, inplace=inplace
+        model,
+        spec,
+        example_inputs,
+        dynamic_shapes=dynamic_shapes,
+        cache=cache,
+        max_cache_len=max_cache_len,
+        inplace=inplace,
     ).gm
 
 
@@ -85,6 +92,7 @@ def build(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    cache: bool = True,
     max_cache_len: int | None = None,
     inplace: bool = False,
 ) -> Build:
@@ -98,7 +106,7 @@ def build(
     example_inputs = _without_index(spec, example_inputs)
     with _step("capture", seconds, progress):
         if max_cache_len is None:
-            gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+            gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
         elif spec.capture == "symbolic_trace":
             raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
         else:
@@ -302,12 +310,11 @@ def explain(model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = No
         params[p.adapter, node] = {**_shown(p.site_adapter.hyper), **plan.fold_values.get((p.adapter, node), {})}
     rows = []
     for target in plan.targets:
-        for site in plan.matcher.sites:
+        for site in plan.matcher.candidates(target.selector):
             verdict = plan.matcher.test(target.selector, site)
             values = params.get((target.name, site.node.name), {})
-            rows.append(
-                Row(target.name, site.node.name, site.op, site.module, site.layer, verdict.ok, verdict.reason, values)
-            )
+            name = site.qualified_name
+            rows.append(Row(target.name, site.node.name, site.op, name, site.layer, verdict.ok, verdict.reason, values))
     return Explanation(rows, errors)
 
 
