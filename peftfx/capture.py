@@ -6,8 +6,8 @@ After symbolic tracing, the leaf modules that own weights (Linear, ConvNd, Embed
 transformers' Conv1D) are lowered to the same aten calls export produces, so the site normaliser and every
 pass see one IR whichever tracer ran. The captured module never shares a Parameter object with the user's
 model: weights are re-wrapped (same storage, no copy) and frozen, so training adapters in the graph cannot
-touch the model, and passes replace tensors rather than write into them. A causal mask the export computed
-from shapes alone is handed back to SDPA as ``is_causal`` (see ``causal``).
+touch the model, and passes replace tensors rather than write into them. The capture is the model as it ran;
+the first pass (``passes/causal.py``) hands a causal mask computed from shapes alone back to SDPA.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .causal import restore_is_causal
 from .errors import CaptureError
 from .ir import ModelHeads, set_heads
+from .rewrite import get_attr
 from .sites import MODULE_STACK
 
 Inputs = tuple[Any, ...] | Mapping[str, Any]
@@ -104,7 +104,6 @@ def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {error}") from error
     gm = program.module()
     _trim_call_overhead(gm, has_module_inputs=any(isinstance(x, nn.Module) for x in tree_leaves((args, kwargs))))
-    restore_is_causal(gm)
     gm.recompile()
     return gm
 
@@ -153,15 +152,10 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     owned: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
-            owned[node.target] = _fetch(model, node.target)
+            owned[node.target] = get_attr(model, node.target)
         elif node.op == "call_module":
             owned[node.target] = copy.deepcopy(model.get_submodule(node.target))
     return fx.GraphModule(owned, graph, type(model).__name__).train(model.training)
-
-
-def _fetch(model: nn.Module, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, name)
 
 
 class _LeafTracer(fx.Tracer):

@@ -14,8 +14,8 @@ from torch import fx, nn
 
 from .capture import Inputs, capture
 from .errors import PeftfxError, SpecError
-from .ir import Override, adapters
-from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
+from .ir import Override
+from .passes import Causal, Cleanup, Insert, Merge, Pass, Route, run_passes
 from .plan import Plan, make_plan, place, targets
 from .rewrite import get_attr
 from .spec import CombineAdapter, Spec, load_spec
@@ -74,12 +74,29 @@ def build(
     while planning (``what`` is then ``plan <adapter>``).
     """
     spec, base_dir = load_spec(spec)
+    return build_loaded(model, spec, base_dir, example_inputs, dynamic_shapes=dynamic_shapes, progress=progress)
+
+
+def build_loaded(
+    model: nn.Module,
+    spec: Spec,
+    base_dir: Path | None,
+    example_inputs: Inputs | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+    planned: Callable[[Plan], None] | None = None,
+) -> Build:
+    """``build`` of a loaded spec (``base_dir`` resolves its relative paths). ``planned(plan)`` sees the plan
+    before the passes run: ``verify`` moves fresh adapters off their initial values there."""
     seconds: dict[str, float] = {}
     with _step("capture", seconds, progress):
         gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)
+        if planned is not None:
+            planned(plan)
     with _step("rewrite", seconds, progress):
         gm = rewrite(gm, spec, plan)
     return Build(gm, summarize(spec, plan), seconds)
@@ -93,23 +110,21 @@ def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.Gr
 def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     """Run the passes a planned spec needs on a captured graph (rewritten in place)."""
     routed = spec.routed_adapters()
-    passes: list[Pass] = []
+    passes: list[Pass] = [Causal()]
     if routed:
         _check_routed(gm, plan, routed)
         passes.append(Route(routed, [p for p in plan.placements if p.adapter in routed]))
     always = [p for p in plan.placements if p.adapter not in routed]
     overrides = [o for o in plan.overrides if o.adapter not in routed]
-    passes.append(Insert(always, overrides, plan.configs))
+    as_inputs = [name for name, adapter in spec.adapters.items() if adapter.as_inputs]
+    passes.append(Insert(always, overrides, plan.configs, as_inputs))
     placed = {p.adapter for p in plan.placements}
     merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
     if merged:
         passes.append(merge_pass(spec, merged))
     passes.append(Cleanup())
-    gm = run_passes(gm, passes)
-    for name, info in adapters(gm).items():
-        info.as_inputs = name in spec.adapters and spec.adapters[name].as_inputs
-    return gm
+    return run_passes(gm, passes)
 
 
 def merge_pass(spec: Spec, names: list[str]) -> Merge:

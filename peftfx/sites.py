@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .rewrite import get_attr
+
 aten = torch.ops.aten
 
 MODULE_STACK = "nn_module_stack"  # the node meta torch.export fills with the modules a node ran in
@@ -109,7 +111,14 @@ class Site(OpView):
 
     def base_weight(self) -> torch.Tensor:
         """The weight tensor the site's op reads, in storage layout (transposed for Conv1D)."""
-        return attr(self.weight.graph.owning_module, str(self.weight.target))
+        return get_attr(self.weight.graph.owning_module, str(self.weight.target))
+
+    def base_bias(self) -> torch.Tensor | None:
+        return get_attr(self.weight.graph.owning_module, str(self.bias.target)) if self.bias is not None else None
+
+    def logical(self, weight: Any) -> Any:
+        """A weight of this site in logical layout ``[out, in, ...]`` from storage layout (Conv1D is transposed)."""
+        return weight.t() if self.transposed else weight
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.weight_shape))
@@ -180,7 +189,7 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     weight = args[signature.weight] if len(args) > signature.weight else None
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
-    tensor = attr(gm, str(weight.target))
+    tensor = get_attr(gm, str(weight.target))
     if signature.transposed and (tensor.ndim != 2 or module_of(node)[1] not in ("Conv1D", "")):
         return None  # an addmm that is not transformers' Conv1D (or a lowered one) is not a site
     bias = args[signature.bias] if signature.bias is not None and len(args) > signature.bias else None
@@ -201,11 +210,6 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         dtype=tensor.dtype,
         transposed=signature.transposed,
     )
-
-
-def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 LOOK_THROUGH = frozenset(

@@ -47,9 +47,11 @@ class Glora(AdapterKind):
     ops = frozenset({"linear"})
     Params = GloraParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return _site_problem(site)
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = GloraParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: GloraParams = params  # the planner validated it as Params
         hyper = _hyper(site, p.r, p.config_A_B, p.config_C, p.config_D_E)
         keys = _keys(hyper)
         shapes = _shapes(site, hyper)
@@ -69,7 +71,6 @@ class Glora(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: GLoRA has no scaling factor, so `scale` must be 1 (got {scale})")
         hyper = _hyper(
@@ -143,10 +144,10 @@ class Glora(AdapterKind):
 _HANDLED = frozenset({"r", "config_A_B", "config_C", "config_D_E", "init_weights", "bias"})
 
 
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
+def _site_problem(site: Site) -> str | None:
     if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEFT's GLoRA supports plain nn.Linear only, not transformers' Conv1D ({site.describe()})")
+        return f"PEFT's GLoRA supports plain nn.Linear only, not transformers' Conv1D ({site.describe()})"
+    return None
 
 
 def _hyper(site: Site, r: int, ab: str, c: str, de: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers.activations import ACT2FN
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
@@ -51,9 +51,11 @@ class Peanut(AdapterKind):
     ops = frozenset({"linear"})
     Params = PeanutParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return _site_problem(site)
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = PeanutParams.model_validate(params.model_dump())
-        _check_site(site, SpecError, "")
+        p: PeanutParams = params  # the planner validated it as Params
         shapes = _shapes(site, p.r, p.depth)
         tensors = {}
         for role, shape in shapes.items():
@@ -68,7 +70,6 @@ class Peanut(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         r, depth = int(cfg.get("r", 32)), int(cfg.get("depth", 0))
         roles = _peft_keys(depth)
         extra = sorted(set(source.tensors) - set(roles.values()))
@@ -150,10 +151,10 @@ def _shapes(site: Site, r: int, depth: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_site(site: Site, error: type[Exception], where: str) -> None:
+def _site_problem(site: Site) -> str | None:
     if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEANuT supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})")
+        return f"PEANuT supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})"
+    return None
 
 
 def _delta(a: SiteAdapter, weight: Any, t: Mapping[str, Any]) -> Any:
