@@ -20,7 +20,7 @@ demo: $(BIN)/peftfx
 test: $(BIN)/peftfx
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 lint: $(BIN)/peftfx
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
