@@ -31,9 +31,7 @@ class Beft(AdapterKind):
     peft_prefix = "beft_"
     ops = frozenset({"linear"})
     Params = BeftParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: BeftParams = params  # the planner validated it as Params
@@ -87,9 +85,3 @@ class Beft(AdapterKind):
 
     def additive(self, a: SiteAdapter) -> bool:
         return True
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.transposed:
-        return f"BEFT supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})"
-    return None

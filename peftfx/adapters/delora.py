@@ -52,9 +52,7 @@ class Delora(AdapterKind):
     peft_prefix = "delora_"
     ops = frozenset({"linear"})
     Params = DeloraParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: DeloraParams = params  # the planner validated it as Params
@@ -148,12 +146,6 @@ class Delora(AdapterKind):
 
 # Read here, or init/training-only: lambda and its pattern only seed delora_lambda, which the file stores.
 _HANDLED = frozenset({"r", "rank_pattern", "delora_lambda", "lambda_pattern", "module_dropout", "init_weights", "bias"})
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.transposed:
-        return f"DeLoRA supports nn.Linear only, as PEFT does, not transformers' Conv1D ({site.describe()})"
-    return None
 
 
 def _diag(a: SiteAdapter, t: Mapping[str, Any]) -> Any:

@@ -46,9 +46,7 @@ class Glora(AdapterKind):
     peft_prefix = "glora_"
     ops = frozenset({"linear"})
     Params = GloraParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: GloraParams = params  # the planner validated it as Params
@@ -142,12 +140,6 @@ class Glora(AdapterKind):
 
 # Read here; init_weights shapes training only; a non-"none" bias arrives as base-tensor overrides.
 _HANDLED = frozenset({"r", "config_A_B", "config_C", "config_D_E", "init_weights", "bias"})
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.transposed:
-        return f"PEFT's GLoRA supports plain nn.Linear only, not transformers' Conv1D ({site.describe()})"
-    return None
 
 
 def _hyper(site: Site, r: int, ab: str, c: str, de: str) -> dict[str, Any]:

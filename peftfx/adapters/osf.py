@@ -49,9 +49,7 @@ class Osf(AdapterKind):
     peft_prefix = "osf_"
     ops = frozenset({"linear"})
     Params = OsfParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: OsfParams = params  # the planner validated it as Params
@@ -135,12 +133,6 @@ class Osf(AdapterKind):
 _KEYS = {role: f"osf_svd_params.{role}" for role in _ROLES}
 # target_svd_config is accepted and ignored by PEFT itself; init_weights only shapes the init.
 _HANDLED = frozenset({"effective_rank", "rank_pattern", "init_weights", "target_svd_config"})
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.transposed:
-        return f"PEFT's OSF adapts nn.Linear only, not transformers' Conv1D ({site.describe()})"
-    return None
 
 
 def _resolve(value: Any, m: int) -> int:

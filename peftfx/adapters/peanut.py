@@ -50,9 +50,7 @@ class Peanut(AdapterKind):
     peft_prefix = "peanut_"
     ops = frozenset({"linear"})
     Params = PeanutParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: PeanutParams = params  # the planner validated it as Params
@@ -149,12 +147,6 @@ def _shapes(site: Site, r: int, depth: int) -> dict[str, tuple[int, ...]]:
         shapes[f"peanut_encoders_{i}"] = (r, r)
         shapes[f"peanut_decoders_{i}"] = (r, r)
     return shapes
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.transposed:
-        return f"PEANuT supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})"
-    return None
 
 
 def _delta(a: SiteAdapter, weight: Any, t: Mapping[str, Any]) -> Any:

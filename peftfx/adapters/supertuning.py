@@ -54,9 +54,7 @@ class Supertuning(AdapterKind):
     peft_prefix = "supertuning_"
     ops = frozenset({"linear"})
     Params = SupertuningParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: SupertuningParams = params  # the planner validated it as Params
@@ -170,12 +168,6 @@ _HANDLED = frozenset(
 
 def _hyper(sparsity: float, top: bool, r: int | None, alpha: float | None, saved: bool, scale: float) -> dict:
     return {"sparsity": sparsity, "select_top": top, "r": r, "lora_alpha": alpha, "saved": saved, "scale": scale}
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.transposed:
-        return f"Super-Tuning supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})"
-    return None
 
 
 def _count(site: Site, sparsity: float, error: type[Exception], where: str) -> int:

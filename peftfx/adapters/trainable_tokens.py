@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import fx
 
 from ..errors import CheckpointError, SpecError
-from ..rewrite import get_attr
 from ..sites import Site, find_sites, signature_of
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
@@ -149,9 +148,7 @@ def _check_site(site: Site, indices: list[int], error: type[Exception], where: s
             f"{prefix}trainable tokens on {site.describe()}: only a bias-free nn.Linear is supported (PEFT's live "
             "forward drops the bias, so its unmerged and merged outputs differ)"
         )
-    tied = [
-        s.module for s in find_sites(gm) if s.node is not site.node and get_attr(gm, str(s.weight.target)) is weight
-    ]
+    tied = [s.module for s in find_sites(gm) if s.node is not site.node and s.base_weight() is weight]
     if tied:
         raise error(
             f"{prefix}trainable tokens on {site.describe()}: its weight is tied to {tied[0]}, and PEFT puts the rows "
