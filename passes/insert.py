@@ -20,7 +20,7 @@ from torch import fx, nn
 from ..adapters import SiteAdapter
 from ..errors import CheckpointError, PassError, SpecError
 from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, nodes_by_name, records
-from ..rewrite import build_after, get_attr, rebind, set_attr, tagged_get_attr
+from ..rewrite import TAG, build_after, get_attr, rebind, set_attr, tagged_get_attr
 from ..sites import module_of
 from .base import Pass
 
@@ -101,7 +101,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
     out, created = build_after(cursor, forward, [site.live_input, y, site.weight, site.bias, *attrs], tag)
     created_set = set(created)
     if y is not site.node and not created_set & set(y.users):
-        earlier = y.meta.get("peftfx", {}).get("adapter", "an earlier adapter")
+        earlier = y.meta.get(TAG, {}).get("adapter", "an earlier adapter")
         raise SpecError(
             f"adapters.{adapter}: {a.kind.name} recomputes {site.describe()} from its input, so it would silently drop "
             f"{earlier!r} placed before it on the same site; put {adapter!r} first (`active` order) or on other sites"

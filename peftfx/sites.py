@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .rewrite import get_attr
+from .rewrite import TAG, get_attr
 
 aten = torch.ops.aten
 
@@ -180,7 +180,7 @@ def site_of(gm: fx.GraphModule, node: fx.Node) -> Site:
 
 
 def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
-    if node.op != "call_function" or node.meta.get("peftfx"):
+    if node.op != "call_function" or node.meta.get(TAG):
         return None
     signature = signature_of(node)
     if signature is None:
