@@ -28,8 +28,8 @@ from torch import fx, nn
 from ..adapters import SiteAdapter
 from ..adapters.base import LowRank
 from ..adapters.lora import dora_output, dora_scale
-from ..errors import PeftfxError, SpecError
-from ..ir import Placement, Routing, attr_key, set_routing
+from ..errors import PassError, PeftfxError, SpecError
+from ..ir import Placement, Routing, attr_key, routing, set_routing
 from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr
 from ..sites import Site
 from .base import Pass
@@ -70,6 +70,12 @@ class Route(Pass):
             _route(gm, node, row, index, self.adapters)
         set_routing(gm, Routing(INPUT, list(self.adapters)))
         return gm
+
+    def ensure(self, gm: fx.GraphModule) -> None:
+        if routing(gm) != Routing(INPUT, self.adapters):
+            raise PassError("the graph does not say it is routed, or by which adapters")
+        if not gm.graph.find_nodes(op="placeholder", target=INPUT):
+            raise PassError(f"the graph has no input {INPUT!r}")
 
 
 def _check(p: Placement, i: int) -> None:

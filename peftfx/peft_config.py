@@ -75,6 +75,12 @@ class VeraConfig(PeftConfig):
     d_initial: Finite = 0.1
 
 
+class RankedConfig(PeftConfig):
+    """Tuners whose ``r`` is a rank (of factors, bases or blocks): at least 1."""
+
+    r: Rank = 8
+
+
 class Ia3Config(PeftConfig):
     feedforward_modules: Names | None = None
 
@@ -87,6 +93,9 @@ CONFIGS: dict[str, type[PeftConfig]] = {
     "VERA": VeraConfig,
     "PVERA": VeraConfig,
     "IA3": Ia3Config,
+    **dict.fromkeys(
+        ["RANDLORA", "HIRA", "DELORA", "GRALORA", "VBLORA", "UNILORA", "TINYLORA", "MISS", "SHIRA"], RankedConfig
+    ),
 }
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,17 +290,22 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
     problem = next((p for p in map(kind.site_problem, sites) if p is not None), None)
     if problem is not None:
         raise SpecError(f"{where}: {problem}")
-    try:
+    with _named(where):
         prepared = kind.prepare(sites, params)
-    except SpecError as e:
-        raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     for done, (site, site_params) in enumerate(zip(sites, params, strict=True), start=1):
         plan.placed(target.name, done, len(sites))
-        try:
+        with _named(where):
             created = kind.create(site, site_params, generator, prepared)
-        except SpecError as e:
-            raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         plan.placements.append(Placement(target.name, created))
+
+
+@contextlib.contextmanager
+def _named(where: str) -> Iterator[None]:
+    """A kind's SpecError, prefixed with the adapter's field path unless it already names it."""
+    try:
+        yield
+    except SpecError as e:
+        raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def _fresh_params(plan: Plan, target: Target, adapter: FreshAdapter, site: Site, span: Any) -> BaseModel:
