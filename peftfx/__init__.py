@@ -2,8 +2,18 @@
 
 from .capture import capture
 from .driver import Build, Explanation, build, compile, explain
-from .errors import CaptureError, CheckpointError, MatchError, MergeError, PeftfxError, SpecError
+from .errors import (
+    CaptureError,
+    CheckpointError,
+    GenerationError,
+    MatchError,
+    MergeError,
+    PeftfxError,
+    SpecError,
+)
 from .export import adapter_inputs, dynamic_shapes, export_onnx
+from .generate import generate
+from .kv_cache import step_inputs
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
@@ -17,6 +27,7 @@ __all__ = [
     "CaptureError",
     "CheckpointError",
     "Explanation",
+    "GenerationError",
     "MatchError",
     "MergeError",
     "PeftfxError",
@@ -34,9 +45,11 @@ __all__ = [
     "explain",
     "export_onnx",
     "find_sites",
+    "generate",
     "load_spec",
     "save_adapter",
     "spec_schema",
+    "step_inputs",
     "swap_adapter",
     "verify",
 ]

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import inspect
 import operator
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -35,6 +36,11 @@ Method = Literal["auto", "export", "symbolic_trace"]
 aten = torch.ops.aten
 
 
+TRACING = threading.RLock()
+"""Held while tracing or exporting: torch.export's fake and proxy modes and fx's patches are process-wide, so two
+traces at once corrupt each other (and could leave a model's parameters fake)."""
+
+
 def capture(
     model: nn.Module,
     example_inputs: Inputs | None = None,
@@ -44,8 +50,38 @@ def capture(
 ) -> fx.GraphModule:
     """Trace ``model`` without mutating it. ``auto`` exports transformers models and traces the rest.
 
-    ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary.
+    ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary. The trace
+    runs on a copy of the module tree (``isolated``), one at a time, so other threads may call the model meanwhile.
     """
+    if example_inputs is not None and not isinstance(example_inputs, tuple | list | Mapping | torch.Tensor):
+        raise CaptureError(
+            "example_inputs must be a tuple of positional arguments, a dict of keyword arguments or a tensor, "
+            f"not {type(example_inputs).__name__}"
+        )
+    with TRACING:
+        return _capture(isolated(model), example_inputs, method, dynamic_shapes)
+
+
+def isolated(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree sharing its tensors and attribute values but none of its attribute
+    tables: a trace swaps parameters for fake ones and flips flags (``config.use_cache``) on the copy alone."""
+    config = getattr(model, "config", None)
+    config_copy = copy.copy(config) if config is not None else None
+    copies: dict[int, nn.Module] = {}
+
+    def copy_of(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:
+            clone = copies[id(module)] = object.__new__(type(module))  # no class-specific __copy__ (GraphModule)
+            state = {k: config_copy if v is config and v is not None else v for k, v in vars(module).items()}
+            state["_parameters"], state["_buffers"] = dict(module._parameters), dict(module._buffers)
+            state["_modules"] = {k: None if m is None else copy_of(m) for k, m in module._modules.items()}
+            clone.__dict__ = state
+        return copies[id(module)]
+
+    return copy_of(model)
+
+
+def _capture(model: nn.Module, example_inputs: Inputs | None, method: Method, dynamic_shapes: Any) -> fx.GraphModule:
     name = type(model).__name__
     trace_error: Exception | None = None
     if method == "symbolic_trace" or (method == "auto" and not _is_transformers_model(model)):
@@ -159,10 +195,28 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps transformers' Conv1D a leaf so it can be lowered like an nn.Linear."""
+    """Keeps transformers' Conv1D a leaf so it can be lowered like an nn.Linear.
+
+    fx patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process while it traces: a module called
+    from another thread meanwhile runs as it would without the patch, not into this trace.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return type(m).__name__ == "Conv1D" or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def _lower_leaf_modules(model: nn.Module, graph: fx.Graph) -> None:

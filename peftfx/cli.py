@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -32,7 +31,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import model_ref
+from . import __version__, model_ref
+from .atomic import check_destination, check_owned, replaced_file, replaced_folder, write_marker
 from .driver import Build, build, format_params
 from .driver import explain as explain_spec
 from .errors import PeftfxError, SpecError
@@ -79,6 +79,14 @@ SeqOpt = Annotated[
     typer.Option(min=1, help="sequence length of the random token ids made for a transformers model (default 8)"),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="output format")]
+FactoryOpt = Annotated[
+    bool,
+    typer.Option(
+        "--factory/--no-factory",
+        help="allow a model factory ('package.module:function', in --model or the spec's model.factory), which "
+        "imports and runs code: --no-factory for specs you do not trust",
+    ),
+]
 
 
 def _fail(error: PeftfxError) -> NoReturn:
@@ -156,11 +164,12 @@ def explain(
     model: ModelOpt = None,
     inputs: InputsOpt = None,
     seq_len: SeqOpt = None,
+    factory: FactoryOpt = True,
     fmt: FormatOpt = Format.text,
 ) -> None:
     """Show, per site, which adapter selects it (with its values there) or the first predicate that failed."""
     try:
-        module, example = _model(spec, model, inputs, seq_len)
+        module, example = _model(spec, model, inputs, seq_len, factory)
         explanation = explain_spec(module, spec, example)
     except PeftfxError as e:
         _fail(e)
@@ -202,11 +211,14 @@ def compile_(
     ] = None,
     inputs: InputsOpt = None,
     seq_len: SeqOpt = None,
+    factory: FactoryOpt = True,
     fmt: FormatOpt = Format.text,
 ) -> None:
     """Compile a model with a spec; print what each adapter added or merged, and save the result."""
     try:
-        module, example = _model(spec, model, inputs, seq_len)
+        if output is not None:
+            _check_output_folder(output)
+        module, example = _model(spec, model, inputs, seq_len, factory)
         with _progress() as step:
             result = build(module, spec, example, progress=step)
             if output is not None:
@@ -237,6 +249,7 @@ def verify(
     model: ModelOpt = None,
     inputs: InputsOpt = None,
     seq_len: SeqOpt = None,
+    factory: FactoryOpt = True,
     rtol: Annotated[float | None, typer.Option(help="relative tolerance (default by dtype; float32: 1e-4)")] = None,
     atol: Annotated[float | None, typer.Option(help="absolute tolerance (default by dtype; float32: 1e-5)")] = None,
     peft: Annotated[bool, typer.Option(help="also compare with PEFT's own model of PEFT checkpoints")] = True,
@@ -247,7 +260,7 @@ def verify(
 ) -> None:
     """Check that merged graphs match live ones, and PEFT, per adapter and output; exit 1 past the tolerance."""
     try:
-        module, example = _model(spec, model, inputs, seq_len)
+        module, example = _model(spec, model, inputs, seq_len, factory)
         default = default_tolerance(module)
         tolerance = Tolerance(default.rtol if rtol is None else rtol, default.atol if atol is None else atol)
         with _progress() as step:
@@ -276,10 +289,12 @@ def verify(
         raise typer.Exit(1)
 
 
-def _model(spec: Path, reference: str | None, inputs: Path | None, seq_len: int | None) -> tuple[torch.nn.Module, Any]:
+def _model(
+    spec: Path, reference: str | None, inputs: Path | None, seq_len: int | None, factory: bool = True
+) -> tuple[torch.nn.Module, Any]:
     """The base model: ``--model`` if given, else the spec's ``model:`` block; ``--inputs`` wins over both."""
     if reference is not None:
-        module, example = load_model(reference, 8 if seq_len is None else seq_len)
+        module, example = load_model(reference, 8 if seq_len is None else seq_len, factory)
     else:
         parsed, base_dir = load_spec(spec)
         if parsed.model is None:
@@ -287,40 +302,40 @@ def _model(spec: Path, reference: str | None, inputs: Path | None, seq_len: int 
         ref = parsed.model
         if seq_len is not None:
             ref = ref.model_copy(update={"inputs": ref.inputs.model_copy(update={"seq_len": seq_len})})
-        module, example = model_ref.load_model(ref, base_dir)
+        module, example = model_ref.load_model(ref, base_dir, allow_factory=factory)
     if inputs is not None:
         example = model_ref.read_inputs(inputs, "--inputs")
     return module, example
 
 
-def load_model(reference: str, seq_len: int = 8) -> tuple[torch.nn.Module, Any]:
+def load_model(reference: str, seq_len: int = 8, factory: bool = True) -> tuple[torch.nn.Module, Any]:
     """A model and example inputs from ``--model``: a transformers directory or config, or ``module:factory``."""
-    return model_ref.load_model(model_ref.parse_reference(reference, seq_len), where=f"--model {reference}")
+    ref = model_ref.parse_reference(reference, seq_len)
+    return model_ref.load_model(ref, where=f"--model {reference}", allow_factory=factory)
 
 
 def _save(result: Build, inputs: Any, output: Path) -> None:
-    """Export the graph and write it whole or not at all: staged in a temporary sibling, then renamed into place."""
-    single = output.suffix == ".pt2"
-    foreign = output.is_file() or (
-        output.is_dir() and any(output.iterdir()) and not (output / "summary.json").is_file()
-    )
-    if not single and foreign:
-        raise PeftfxError(f"--output {output}: exists and is not a peftfx output directory; remove it or pick another")
+    """Export the graph and write it whole or not at all; a folder is signed, so only it is ever replaced."""
     args, kwargs = with_index(result.gm, inputs)
     program = torch.export.export(result.gm, args, kwargs, strict=False)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        staged = Path(tmp) / "new"
-        if single:
-            torch.export.save(program, staged)
-        else:
-            staged.mkdir()
-            torch.export.save(program, staged / "program.pt2")
-            (staged / "graph.py").write_text(result.gm.code)
-            (staged / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-            if output.exists():  # the previous output goes into the temporary folder, and away with it
-                output.replace(Path(tmp) / "old")
-        staged.replace(output)
+    if output.suffix == ".pt2":
+        with replaced_file(output) as tmp:
+            torch.export.save(program, tmp)
+        return
+    _check_output_folder(output)  # again: something may have been written there while compiling
+    with replaced_folder(output) as staged:
+        torch.export.save(program, staged / "program.pt2")
+        (staged / "graph.py").write_text(result.gm.code)
+        (staged / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_marker(staged, __version__)
+
+
+def _check_output_folder(output: Path) -> None:
+    """``--output`` of compile, refused before any work when it could not be written or is not peftfx's."""
+    if output.suffix == ".pt2":
+        check_destination(output, "file", f"--output {output}")
+    else:
+        check_owned(check_destination(output, "folder", f"--output {output}"), f"--output {output}")
 
 
 class ExportFormat(StrEnum):
@@ -334,6 +349,7 @@ def export_(
     model: ModelOpt = None,
     inputs: InputsOpt = None,
     seq_len: SeqOpt = None,
+    factory: FactoryOpt = True,
     export_format: Annotated[ExportFormat, typer.Option("--format", "-f", help="export format")] = ExportFormat.onnx,
     dynamic: Annotated[
         bool, typer.Option("--dynamic", help="let the batch dim (and the sequence dim of token inputs) vary")
@@ -343,7 +359,8 @@ def export_(
     from .export import adapter_inputs, dynamic_shapes, export_onnx
 
     try:
-        module, example = _model(spec, model, inputs, seq_len)
+        check_destination(output, "file", f"--output {output}")
+        module, example = _model(spec, model, inputs, seq_len, factory)
         if dynamic:  # torch.export fixes dims of size 1: capture a batch of two
             example = _batch_of_two(example)
         gm = build(module, spec, example, dynamic_shapes=dynamic_shapes(example) if dynamic else None).gm

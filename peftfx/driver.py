@@ -15,6 +15,7 @@ from torch import fx, nn
 from .capture import Inputs, capture
 from .errors import PeftfxError, SpecError
 from .ir import Override
+from .kv_cache import capture_with_cache
 from .passes import Causal, Cleanup, Insert, Merge, Pass, Route, run_passes
 from .plan import Plan, make_plan, place, targets
 from .rewrite import get_attr
@@ -54,10 +55,19 @@ class Build:
 
 
 def compile(
-    model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = None, *, dynamic_shapes: Any = None
+    model: nn.Module,
+    spec: SpecLike,
+    example_inputs: Inputs | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    max_cache_len: int | None = None,
 ) -> fx.GraphModule:
-    """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model."""
-    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes).gm
+    """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model.
+
+    With ``max_cache_len`` a decoder is captured as one generation step over a static KV cache of that many
+    positions, for ``peftfx.generate`` (see ``kv_cache``).
+    """
+    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len).gm
 
 
 def build(
@@ -67,6 +77,7 @@ def build(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    max_cache_len: int | None = None,
 ) -> Build:
     """``compile``, also saying what each adapter became.
 
@@ -74,7 +85,15 @@ def build(
     while planning (``what`` is then ``plan <adapter>``).
     """
     spec, base_dir = load_spec(spec)
-    return build_loaded(model, spec, base_dir, example_inputs, dynamic_shapes=dynamic_shapes, progress=progress)
+    return build_loaded(
+        model,
+        spec,
+        base_dir,
+        example_inputs,
+        dynamic_shapes=dynamic_shapes,
+        progress=progress,
+        max_cache_len=max_cache_len,
+    )
 
 
 def build_loaded(
@@ -85,13 +104,19 @@ def build_loaded(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    max_cache_len: int | None = None,
     planned: Callable[[Plan], None] | None = None,
 ) -> Build:
     """``build`` of a loaded spec (``base_dir`` resolves its relative paths). ``planned(plan)`` sees the plan
     before the passes run: ``verify`` moves fresh adapters off their initial values there."""
     seconds: dict[str, float] = {}
     with _step("capture", seconds, progress):
-        gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+        if max_cache_len is None:
+            gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+        elif spec.capture == "symbolic_trace":
+            raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
+        else:
+            gm = capture_with_cache(model, example_inputs, max_cache_len)
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)

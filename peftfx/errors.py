@@ -27,5 +27,9 @@ class MergeError(PeftfxError):
     """An adapter cannot be folded into the weights as asked."""
 
 
+class GenerationError(PeftfxError):
+    """A generation asks for something its graph cannot do (more tokens than its cache holds, another batch)."""
+
+
 class PassError(RuntimeError):
     """A rewrite pass left an invalid graph. This is a bug in peftfx, not a user error."""

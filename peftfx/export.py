@@ -20,12 +20,13 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from .capture import Inputs, split_inputs
+from .atomic import check_destination, replaced_file
+from .capture import TRACING, Inputs, split_inputs
 from .errors import CaptureError, SpecError
 from .inputs import batch_input, with_index
-from .ir import adapters, records, routing
+from .ir import adapters, kv_cache, records, routing
+from .kv_cache import CACHE, SEQUENCE_AXES, onnx_names
 from .rewrite import get_attr
-from .save import written_atomically
 
 Dynamic = bool | Mapping[str, Mapping[int, str]]
 
@@ -77,26 +78,33 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     """
     import onnx
 
+    check_destination(path, "file", "export_onnx")
     args, kwargs = with_index(gm, example_inputs)
+    kwargs, nested = _flatten_sequences(kwargs)
+    if dynamic is False and kv_cache(gm) is not None:
+        dynamic = dict(SEQUENCE_AXES)  # one file for the prompt and every step
     names, values = [f"input_{i}" for i in range(len(args))] + list(kwargs), [*args, *kwargs.values()]
     for name, value in zip(names, values, strict=True):
         if not isinstance(value, torch.Tensor):
             raise SpecError(f"export_onnx: input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
     feeds = adapter_inputs(gm)
-    module = _Flat(gm, len(args), list(kwargs), list(feeds))
+    module = _Flat(gm, len(args), list(kwargs), list(feeds), nested)
     axes = _routed_batch(gm, example_inputs, _axes(names, values, dynamic))
     shapes = None
     if axes:
         flat = dynamic_shapes(dict(zip(names, values, strict=True)), axes)
         shapes = ((*flat.values(), *[None] * len(feeds)),)
-    with _eval_mode(module):
+    with _eval_mode(module), TRACING:
         program = torch.onnx.export(
             module, (*values, *feeds.values()), dynamic_shapes=shapes, dynamo=True, verbose=False
         )
     graph_inputs = list(program.model.graph.inputs)
     if len(graph_inputs) != len(names) + len(feeds):
         raise RuntimeError(f"export_onnx: the exporter gave {len(graph_inputs)} inputs for {len(names) + len(feeds)}")
+    renamed, outputs = _cache_names(gm, nested)
     for value, name in zip(graph_inputs, [*names, *feeds], strict=True):
+        value.name = renamed.get(name, name)
+    for value, name in zip(program.model.graph.outputs, outputs, strict=False):
         value.name = name
     for name, dims in axes.items():
         shape = program.model.graph.inputs[names.index(name)].shape
@@ -109,21 +117,52 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
     _drop_stack_traces(program.model)
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
-    with written_atomically(path) as tmp:
+    with replaced_file(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return Path(path)
+
+
+def _flatten_sequences(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Keyword inputs that are tuples of tensors (a KV cache) as one input per tensor, ``<name>.<i>``."""
+    flat: dict[str, Any] = {}
+    nested: dict[str, int] = {}
+    for name, value in kwargs.items():
+        if isinstance(value, tuple | list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            nested[name] = len(value)
+            flat.update({f"{name}.{i}": v for i, v in enumerate(value)})
+        else:
+            flat[name] = value
+    return flat, nested
+
+
+def _cache_names(gm: fx.GraphModule, nested: Mapping[str, int]) -> tuple[dict[str, str], list[str]]:
+    """A KV-cache graph's inputs and outputs under Optimum's names (``kv_cache``); no renaming for other graphs."""
+    if kv_cache(gm) is None or CACHE not in nested:
+        return {}, []
+    past, present = onnx_names(nested[CACHE])
+    return {f"{CACHE}.{i}": name for i, name in enumerate(past)}, ["logits", *present]
 
 
 class _Flat(nn.Module):
     """``gm`` called with its inputs and the adapter tensors as one flat list of tensors."""
 
-    def __init__(self, gm: fx.GraphModule, n_args: int, kwargs: Sequence[str], tensors: Sequence[str]) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        n_args: int,
+        kwargs: Sequence[str],
+        tensors: Sequence[str],
+        nested: Mapping[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.gm, self.n_args, self.kwargs, self.tensors = gm, n_args, list(kwargs), list(tensors)
+        self.nested = dict(nested or {})
 
     def forward(self, *flat: torch.Tensor) -> Any:
         n, k = self.n_args, len(self.kwargs)
         kwargs = dict(zip(self.kwargs, flat[n : n + k], strict=True))
+        for name, count in self.nested.items():
+            kwargs[name] = tuple(kwargs.pop(f"{name}.{i}") for i in range(count))
         tensors = dict(zip(self.tensors, flat[n + k :], strict=True))
         return torch.func.functional_call(self.gm, tensors, flat[:n], kwargs)
 

@@ -92,6 +92,19 @@ class ModelHeads:
     classifier: str | None = None
 
 
+@dataclass(frozen=True)
+class KVCache:
+    """A graph captured as one generation step over a static KV cache (``kv_cache``): what ``generate`` reads."""
+
+    max_cache_len: int
+    batch: int
+    shapes: list[tuple[int, ...]]  # each cache tensor's, key then value, layer by layer
+    dtype: torch.dtype
+    vocab_size: int | None = None
+    eos_token_id: int | list[int] | None = None  # the model's generation config
+    pad_token_id: int | None = None
+
+
 def _meta(gm: fx.GraphModule) -> dict[str, Any]:
     return gm.meta.setdefault(META, {})
 
@@ -118,6 +131,16 @@ def heads(gm: fx.GraphModule) -> ModelHeads:
 
 def set_heads(gm: fx.GraphModule, value: ModelHeads) -> None:
     _meta(gm)["heads"] = value
+
+
+def kv_cache(gm: Any) -> KVCache | None:
+    """The cache a graph steps over, None for other graphs; also through a ``torch.compile`` wrapper."""
+    meta = getattr(getattr(gm, "_orig_mod", gm), "meta", None)
+    return meta.get(META, {}).get("kv_cache") if isinstance(meta, dict) else None
+
+
+def set_kv_cache(gm: fx.GraphModule, value: KVCache) -> None:
+    _meta(gm)["kv_cache"] = value
 
 
 def nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:

@@ -18,6 +18,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import PeftfxError, SpecError
+from .sizes import Seed
+
+TOKENS = 2**24
+"""The most random token ids ``inputs`` may ask for (batch x seq_len): 128 MiB of int64."""
 
 
 class _Strict(BaseModel):
@@ -30,7 +34,13 @@ class InputsRef(_Strict):
     file: str | None = Field(None, description="a .safetensors file of named input tensors, e.g. input_ids")
     batch: int = Field(1, gt=0, description="batch size of random token ids")
     seq_len: int = Field(8, gt=0, description="sequence length of random token ids")
-    seed: int = Field(0, description="seed for random token ids")
+    seed: Seed = Field(0, description="seed for random token ids")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> InputsRef:
+        if self.batch * self.seq_len > TOKENS:
+            raise ValueError(f"batch x seq_len = {self.batch * self.seq_len:,} token ids, past the limit of {TOKENS:,}")
+        return self
 
 
 class ModelRef(_Strict):
@@ -40,7 +50,7 @@ class ModelRef(_Strict):
     config: dict[str, Any] | None = Field(
         None, description="a transformers config for a random model, with its model_type (e.g. llama)"
     )
-    seed: int = Field(0, description="seed for the random weights of a `config` model")
+    seed: Seed = Field(0, description="seed for the random weights of a `config` model")
     factory: str | None = Field(None, description="'package.module:function' returning a model or (model, inputs)")
     inputs: InputsRef = Field(default_factory=InputsRef)
 
@@ -80,9 +90,19 @@ def parse_reference(reference: str, seq_len: int = 8) -> ModelRef:
     return ModelRef(path=reference, inputs=inputs)
 
 
-def load_model(ref: ModelRef, base_dir: Path | None = None, where: str = "model") -> tuple[torch.nn.Module, Any]:
-    """The model (in eval mode) and its example inputs. ``where`` names the reference in errors."""
+def load_model(
+    ref: ModelRef, base_dir: Path | None = None, where: str = "model", *, allow_factory: bool = True
+) -> tuple[torch.nn.Module, Any]:
+    """The model (in eval mode) and its example inputs. ``where`` names the reference in errors.
+
+    A factory imports and runs code: ``allow_factory=False`` (the CLI's ``--no-factory``) refuses it.
+    """
     inputs = None
+    if ref.factory is not None and not allow_factory:
+        raise SpecError(
+            f"{_at(where, 'factory')}: {ref.factory} would import and run code, and factories are refused here "
+            "(--no-factory)"
+        )
     if ref.factory is not None:
         module_name, _, attr = ref.factory.partition(":")
         try:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import fx
 
+from . import sizes
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
@@ -97,9 +98,30 @@ def make_plan(gm: fx.GraphModule, spec: Spec, base_dir: Path | None, progress: P
 def _padded(placement: Placement, max_rank: int) -> Placement:
     a = placement.site_adapter
     try:
-        return Placement(placement.adapter, a.kind.pad(a, max_rank))
+        with sizes.bounded(sizes.limit(math.prod(a.site.weight_shape))):
+            return Placement(placement.adapter, a.kind.pad(a, max_rank))
     except SpecError as e:
         raise SpecError(f"adapters.{placement.adapter}.max_rank: {e}") from None
+    except sizes.TooLarge as e:
+        raise SpecError(f"adapters.{placement.adapter}.max_rank: {max_rank}: {_too_large(e, a.site)}") from None
+
+
+def _too_large(e: sizes.TooLarge, site: Site) -> str:
+    shape = "x".join(map(str, e.shape))
+    return (
+        f"asks for a {shape} tensor at {site.describe()} ({e.numel:.3g} numbers), past the limit of {e.limit:,} "
+        f"({sizes.TIMES_WEIGHT}x the site's weight, at least {sizes.FLOOR:,}); min(in, out) there is "
+        f"{min(site.in_features, site.out_features)}"
+    )
+
+
+def _size_field(params: BaseModel, given: Iterable[str], shape: list[int]) -> str:
+    """``.with.<field>: <value>`` for the int field whose value is a dim of the refused shape (given ones first)."""
+    given = set(given)
+    for key, value in sorted(params.model_dump().items(), key=lambda kv: kv[0] not in given):
+        if isinstance(value, int) and not isinstance(value, bool) and value in shape and value > 1:
+            return f".with.{key}: {value}"
+    return ""
 
 
 def _target(plan: Plan, gm: fx.GraphModule, spec: Spec, name: str, base_dir: Path | None) -> Target:
@@ -290,22 +312,26 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
     problem = next((p for p in map(kind.site_problem, sites) if p is not None), None)
     if problem is not None:
         raise SpecError(f"{where}: {problem}")
-    with _named(where):
-        prepared = kind.prepare(sites, params)
-    for done, (site, site_params) in enumerate(zip(sites, params, strict=True), start=1):
-        plan.placed(target.name, done, len(sites))
-        with _named(where):
-            created = kind.create(site, site_params, generator, prepared)
-        plan.placements.append(Placement(target.name, created))
-
-
-@contextlib.contextmanager
-def _named(where: str) -> Iterator[None]:
-    """A kind's SpecError, prefixed with the adapter's field path unless it already names it."""
+    largest = max(sites, key=lambda site: math.prod(site.weight_shape), default=None)
     try:
-        yield
+        with sizes.bounded(sizes.limit(math.prod(largest.weight_shape) if largest is not None else 0)):
+            prepared = kind.prepare(sites, params)  # adapter-wide tensors (VeRA's shared projections) are bounded too
     except SpecError as e:
         raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    except sizes.TooLarge as e:
+        field = _size_field(params[0], adapter.with_, e.shape)
+        raise SpecError(f"{where}{field}: {_too_large(e, largest)}") from None
+    for done, (site, site_params) in enumerate(zip(sites, params, strict=True), start=1):
+        plan.placed(target.name, done, len(sites))
+        try:
+            with sizes.bounded(sizes.limit(math.prod(site.weight_shape))):
+                created = kind.create(site, site_params, generator, prepared)
+        except SpecError as e:
+            raise SpecError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        except sizes.TooLarge as e:
+            field = _size_field(site_params, adapter.with_, e.shape)
+            raise SpecError(f"{where}{field}: {_too_large(e, site)}") from None
+        plan.placements.append(Placement(target.name, created))
 
 
 def _fresh_params(plan: Plan, target: Target, adapter: FreshAdapter, site: Site, span: Any) -> BaseModel:

@@ -2,19 +2,17 @@
 
 The tensors are read from the graph (so training shows), keyed by the table each kind declares
 (``SiteAdapter.peft_keys``), and written beside the config PEFT needs: the one the adapter was loaded from,
-or one the kind derives from its fresh sites. Files are written to a temporary directory that is renamed into
-place (or whose files replace those of an existing directory, one rename each), so a failure leaves nothing
-half-written.
+or one the kind derives from its fresh sites. The folder is written beside its destination and replaces an
+existing adapter folder in one step (``atomic.replaced_folder``), so a failure leaves the previous adapter whole,
+never new weights beside an old config. Files of an existing adapter folder that are not the adapter (a README,
+other adapters' subfolders) are carried over; a folder that is not an adapter's is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,14 +20,18 @@ from safetensors.torch import save_file
 from torch import fx
 
 from .adapters import KINDS
-from .checkpoint import CONFIG, PREFIX, SHARED_PREFIX, WEIGHTS
-from .errors import SpecError
+from .atomic import check_destination, replaced_folder
+from .checkpoint import CONFIG, PICKLE, PREFIX, SHARED_PREFIX, WEIGHTS
+from .errors import PeftfxError, SpecError
 from .ir import adapters, nodes_by_name, records
 from .rewrite import get_attr
 
 
 def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
     """Write adapter ``name`` of ``gm`` as ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    out = check_destination(directory, "folder", "save_adapter")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).is_file():
+        raise PeftfxError(f"save_adapter: {out} is not an adapter folder (no {CONFIG}); remove it or pick another")
     info = adapters(gm).get(name)
     mine = [r for r in records(gm) if r.adapter == name]
     if info is None or not mine:
@@ -52,40 +54,31 @@ def save_adapter(gm: fx.GraphModule, name: str, directory: str | Path) -> Path:
     if config is None:
         config = KINDS[info.kind].peft_config([r.site_adapter(gm, nodes) for r in mine])
     config = {**config, "inference_mode": True}
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out.exists():  # each file replaced in one step; the weights first, so the config never runs ahead
-            for file in (WEIGHTS, CONFIG):
-                os.replace(tmp / file, out / file)
-        else:
-            _as_if_created(tmp, 0o777)
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replaced_folder(out) as staged:
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(staged / WEIGHTS))
+        (staged / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.is_dir():
+            _carry_over(out, staged)
     return out
 
 
-@contextlib.contextmanager
-def written_atomically(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; it becomes ``path`` in one step, only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def _carry_over(old: Path, new: Path) -> None:
+    """What an adapter folder holds besides the adapter (a README, other adapters' subfolders) stays: hard links
+    where the file system has them (free, and the old folder is deleted after), copies otherwise."""
+    for entry in old.iterdir():
+        if entry.name in (CONFIG, WEIGHTS, PICKLE):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    if Path(source).is_symlink():
+        os.symlink(os.readlink(source), target)
+        return
     try:
-        yield Path(name)
-        _as_if_created(Path(name), 0o666)
-        os.replace(name, path)
-    finally:
-        Path(name).unlink(missing_ok=True)
-
-
-def _as_if_created(path: Path, mode: int) -> None:
-    """Temporary files and folders are private (0600, 0700); what they become gets the mode ``open`` would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(mode & ~umask)
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

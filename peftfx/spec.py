@@ -25,11 +25,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from torch import nn
 
 from .adapters import KINDS
 from .errors import SpecError
 from .fold import FOLD_FIELDS, METHODS, unread_field
+from .ir import attr_key
 from .model_ref import ModelRef
+from .sizes import Seed
 
 Scalar = bool | int | float | str
 
@@ -162,7 +165,7 @@ class FreshAdapter(Deployable):
     type: str = Field(description="adapter kind: lora, dora, ...")
     at: Selector
     with_: dict[str, ParamValue] = Field(default_factory=dict, alias="with")
-    seed: int | None = Field(None, description="seed for the random initialisation")
+    seed: Seed | None = Field(None, description="seed for the random initialisation")
 
     @model_validator(mode="after")
     def _check_kind(self) -> FreshAdapter:
@@ -197,7 +200,7 @@ class CombineAdapter(Deployable):
     svd_rank: int | None = Field(None, gt=0, description="rank of an SVD result (default: the largest source rank)")
     svd_clamp: float | None = Field(None, ge=0, le=1, description="quantile to clamp the SVD factors at")
     svd_full_matrices: bool = Field(True, description="PEFT's flag; it only changes a result with svd_clamp")
-    seed: int | None = Field(None, description="seed for DARE's random drop (default: torch's global RNG)")
+    seed: Seed | None = Field(None, description="seed for DARE's random drop (default: torch's global RNG)")
 
     @model_validator(mode="after")
     def _check_method(self) -> CombineAdapter:
@@ -268,10 +271,17 @@ class Routing(Strict):
         return self
 
 
+ADAPTER_NAME = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
+"""An adapter's name becomes an attribute name (``peftfx.<name>.<module>.<role>``, ``-`` as ``_``), so it is
+identifier-like: a letter, then letters, digits, ``_`` or ``-``; and never one of nn.Module's own attributes."""
+
+
 class Spec(Strict):
     """What peftfx.compile does to a model."""
 
-    adapters: dict[str, Adapter] = Field(default_factory=dict)
+    adapters: dict[str, Adapter] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"pattern": f"^{ADAPTER_NAME}$"}}
+    )
     active: list[str] | None = Field(
         None, description="adapters that run in the graph, in order (default: all not consumed by a combine)"
     )
@@ -283,6 +293,27 @@ class Spec(Strict):
         None, description="adapters chosen per sample through the graph input adapter_index (see Routing)"
     )
     model: ModelRef | None = Field(None, description="the base model the CLI loads (`--model` overrides it)")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _check_names(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        taken: dict[str, str] = {}
+        for name in value:
+            if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME, name):
+                raise ValueError(
+                    f"adapter name {name!r} is not allowed: a letter, then up to 63 letters, digits, '_' or '-'"
+                )
+            key = attr_key(name)
+            if hasattr(nn.Module(), key):
+                raise ValueError(f"adapter name {name!r} is reserved (an attribute of every torch module); rename it")
+            if key in taken:
+                raise ValueError(
+                    f"adapter names {taken[key]!r} and {name!r} are the same attribute name ({key!r}); rename one"
+                )
+            taken[key] = name
+        return value
 
     @model_validator(mode="after")
     def _check_combines(self) -> Spec:
@@ -377,14 +408,25 @@ def load_spec(spec: Spec | dict[str, Any] | str | Path) -> tuple[Spec, Path | No
         path = Path(spec)
         if not path.is_file():
             raise SpecError(f"{path}: spec file not found")
-        text = path.read_text()
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise SpecError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
         data = _parse(text, path)
         return _validate(data, path, text), path.parent
     raise SpecError(f"spec must be a path, a dict or a peftfx.Spec, not {type(spec).__name__}")
 
 
+MAX_DEPTH = 64
+"""How deep a spec may nest (a sensible one nests under 20): deeper, parsers and validators recurse past Python's
+stack, and nothing a spec can say needs it."""
+
+
 def _parse(text: str, path: Path) -> Any:
     if path.suffix == ".json":
+        _check_json(text, path)
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
@@ -392,17 +434,113 @@ def _parse(text: str, path: Path) -> Any:
     if path.suffix not in (".yaml", ".yml"):
         raise SpecError(f"{path}: a spec file must end in .yaml, .yml or .json")
     try:
-        data = yaml.safe_load(text)
+        loader = _SpecLoader(text, path)  # the reader refuses control characters at once
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from e
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise SpecError(f"{path}{where}: invalid YAML: {problem}") from e
     return {} if data is None else data
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """Safe YAML, stricter. No anchors or aliases: nine lines of aliases expand to 10^9 nodes (a spec has nothing
+    to share that a value written out cannot say). At most ``MAX_DEPTH`` deep. No key twice in one mapping: YAML
+    keeps the last silently, so a copied adapter would replace the first."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        super().__init__(text)
+        self.path, self.depth = path, 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        where = f"{self.path}:{event.start_mark.line + 1}:{event.start_mark.column + 1}"
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise SpecError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed in a spec")
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise SpecError(f"{where}: nested more than {MAX_DEPTH} deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                first = seen[key].start_mark
+                raise SpecError(
+                    f"{self.path}:{key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping "
+                    f"(first at {self.path}:{first.line + 1}); YAML would keep the last silently"
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:]')
+
+
+def _check_json(text: str, path: Path) -> None:
+    """What ``json.loads`` lets through: nesting past ``MAX_DEPTH`` (its recursion overflows Python's stack) and a
+    key twice in one object (it keeps the last silently). One pass over the tokens, before parsing."""
+    objects: list[dict[str, int] | None] = []  # per open bracket: an object's keys and where, None for an array
+    last: tuple[Any, int] | None = None
+    for token in _JSON_TOKEN.finditer(text):
+        value = token.group()
+        if value in "{[":
+            objects.append({} if value == "{" else None)
+            if len(objects) > MAX_DEPTH:
+                raise SpecError(f"{path}:{_line_col(text, token.start())}: nested more than {MAX_DEPTH} deep")
+        elif value in "}]":
+            if objects:
+                objects.pop()
+        elif value == ":":
+            keys = objects[-1] if objects else None
+            if last is not None and keys is not None:
+                key, at = last
+                if key in keys:
+                    raise SpecError(
+                        f"{path}:{_line_col(text, at)}: key {key!r} appears twice in one object (first at "
+                        f"{path}:{_line_col(text, keys[key])}); JSON readers keep the last silently"
+                    )
+                keys[key] = at
+        else:
+            last = (value[1:-1], token.start())
+
+
+def _line_col(text: str, at: int) -> str:
+    return f"{text.count(chr(10), 0, at) + 1}:{at - text.rfind(chr(10), 0, at)}"
+
+
+def _check_tree(data: Any, path: Path | None) -> None:
+    """Keys are strings and nesting is bounded, for dicts too (a dict spec may even contain itself)."""
+    stack: list[tuple[Any, list[Any]]] = [(data, [])]
+    while stack:
+        node, at = stack.pop()
+        where = f"{path}: " if path else ""
+        if len(at) > MAX_DEPTH:
+            raise SpecError(f"{where}{_field_path(at[:3])}...: nested more than {MAX_DEPTH} deep")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    field = _field_path(at) or "spec"
+                    raise SpecError(f"{where}{field}: key {key!r} is not a string ({type(key).__name__}); quote it")
+                stack.append((value, [*at, key]))
+        elif isinstance(node, list | tuple):
+            stack.extend((value, [*at, i]) for i, value in enumerate(node))
 
 
 def _validate(data: Any, path: Path | None, text: str | None) -> Spec:
     if not isinstance(data, dict):
         raise SpecError(f"{path or 'spec'}: a spec is a mapping, not {type(data).__name__}")
+    _check_tree(data, path)
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
@@ -422,7 +560,7 @@ def _validate(data: Any, path: Path | None, text: str | None) -> Spec:
             unique = list(dict.fromkeys(messages))
             message = unique[0] if len(unique) == 1 else "fits none of its allowed forms (" + "; ".join(unique) + ")"
             out.append(f"{where}{field}: {message}")
-        raise SpecError("invalid spec\n  " + "\n  ".join(out)) from None
+        raise SpecError("; ".join(out)) from None  # one line: the CLI prints it as it is
 
 
 def _is_union_member(loc: tuple[Any, ...], i: int) -> bool:

@@ -43,7 +43,7 @@ ALL = {name: imports(name, path) for name, path in modules().items()}
 
 
 def test_adapter_kinds_import_only_the_kind_contract():
-    allowed = re.compile(r"peftfx\.(errors|sites|rewrite|adapters(\..+)?)$")
+    allowed = re.compile(r"peftfx\.(errors|sites|rewrite|sizes|adapters(\..+)?)$")
     for name, targets in ALL.items():
         if name.startswith("peftfx.adapters"):
             assert [t for t, _ in targets if not allowed.match(t)] == [], name

@@ -636,7 +636,7 @@ def test_untraceable_model():
     fails(DataDependent(), spec, (torch.randn(2, 3),), peftfx.CaptureError, r"symbolic_trace cannot trace")
     message = fails(DataDependent(), {}, (torch.randn(2, 3),), peftfx.CaptureError, r"neither tracer can capture")
     assert "symbolic_trace:" in message and "torch.export could not capture DataDependent" in message
-    fails(ShapeDependent(), {}, "abc", peftfx.CaptureError, r"neither tracer can capture ShapeDependent")
+    fails(ShapeDependent(), {}, "abc", peftfx.CaptureError, r"example_inputs must be a tuple .* not str")
     # with inputs, auto falls back to export, which can capture a shape-dependent branch
     lora = {"adapters": {"a": {"type": "lora", "at": {"op": "linear"}}}}
     gm = peftfx.compile(ShapeDependent(), lora, (torch.ones(2, 3),))
@@ -657,3 +657,141 @@ def test_an_adapter_that_recomputes_its_site_refuses_to_drop_an_earlier_one():
     live = peftfx.compile(model, {**spec, "active": ["i", "l"]}, inputs)
     alone = peftfx.compile(model, {"adapters": {"i": ia3}}, inputs)
     assert not torch.allclose(live(*inputs), alone(*inputs))
+
+
+# -- hostile spec files: bombs, depth, duplicate keys, encodings, key types ------------------------------------
+
+
+def test_yaml_anchors_and_aliases_are_refused(tmp_path):
+    """Nine lines of aliases expand to 10^9 selectors (all memory gone): refused at the first anchor, at once."""
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    path = write(tmp_path / "bomb.yaml", "\n".join(lines) + "\n")
+    spec_fails(path, rf"{re.escape(str(path))}:1:4: YAML anchors and aliases .* are not allowed")
+    alias = write(tmp_path / "alias.yaml", "adapters:\n  a: {type: lora, at: {op: linear}}\n  b: *a\n")
+    spec_fails(alias, rf"{re.escape(str(alias))}:3:6: YAML anchors and aliases")
+
+
+def test_nesting_is_bounded(tmp_path):
+    """50k-deep JSON and 20k-deep YAML overflowed Python's stack (a raw RecursionError); a dict may even hold itself."""
+    deep_json = write(tmp_path / "deep.json", '{"adapters": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    spec_fails(deep_json, rf"{re.escape(str(deep_json))}:1:\d+: nested more than 64 deep")
+    deep_yaml = write(tmp_path / "deep.yaml", "adapters: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    spec_fails(deep_yaml, rf"{re.escape(str(deep_yaml))}:1:\d+: nested more than 64 deep")
+    selector: dict = {"op": "linear"}
+    selector["not"] = selector
+    spec_fails({"adapters": {"a": {"type": "lora", "at": selector}}}, r"adapters\.a\.at\.\.\.: nested more than 64")
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_a_key_twice_is_refused_naming_both_lines(tmp_path, suffix):
+    """YAML and JSON readers keep the last of two equal keys silently: a copied adapter replaced the first."""
+    adapters = ['"a": {"type": "lora", "at": {"op": "linear"}}', '"a": {"type": "dora", "at": {"op": "linear"}}']
+    path = write(tmp_path / f"spec.{suffix}", '{"adapters": {\n  ' + ",\n  ".join(adapters) + "\n}}\n")
+    spec_fails(path, rf"{re.escape(str(path))}:3(:3)?: key 'a' appears twice .*first at {re.escape(str(path))}:2")
+    nested = write(tmp_path / f"nested.{suffix}", '{"adapters": {"a": {"type": "lora", "at": {"op": 1, "op": 2}}}}')
+    spec_fails(nested, r"nested\.\w+:1(:\d+)?: key 'op' appears twice")
+
+
+def test_a_spec_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("adapters: {}\n# café\n".encode("latin-1"))
+    spec_fails(path, rf"{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9 at offset 18\)")
+
+
+def test_keys_that_are_not_strings_name_the_path(tmp_path):
+    spec_fails({None: 1}, r"^spec: key None is not a string \(NoneType\)")
+    spec_fails({"adapters": {"a": {**FRESH, "with": {4: 1}}}}, r"^adapters\.a\.with: key 4 is not a string \(int\)")
+    path = write(tmp_path / "intkey.yaml", "adapters:\n  1: {type: lora, at: {}}\n")
+    spec_fails(path, rf"{re.escape(str(path))}: adapters: key 1 is not a string \(int\); quote it")
+
+
+def test_example_inputs_of_a_wrong_type():
+    fails(mlp(), {}, 5, peftfx.CaptureError, r"example_inputs must be a tuple .*, not int")
+
+
+# -- adapter names ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "match"),
+    [
+        (["a.b"], r"adapter name 'a\.b' is not allowed: a letter, then"),
+        ([""], r"adapter name '' is not allowed"),
+        (["1a"], r"adapter name '1a' is not allowed"),
+        (["a b"], r"adapter name 'a b' is not allowed"),
+        (["x" * 65], r"adapter name 'x{65}' is not allowed"),
+        (["training"], r"adapter name 'training' is reserved"),
+        (["forward"], r"adapter name 'forward' is reserved"),
+        (["a-b", "a_b"], r"adapter names 'a-b' and 'a_b' are the same attribute name \('a_b'\)"),
+    ],
+)
+def test_adapter_names(names, match):
+    """Names become attribute names (``peftfx.<name>.<module>.<role>``): ``a.b`` and ``a__b`` both became
+    ``peftfx.a__b.*``, one set of tensors for two adapters; ``training`` and ``forward`` gave a PassError."""
+    spec_fails({"adapters": dict.fromkeys(names, FRESH)}, rf"^adapters: {match}")
+
+
+def test_allowed_names_are_in_the_schema():
+    pattern = peftfx.spec_schema()["properties"]["adapters"]["propertyNames"]["pattern"]
+    assert re.fullmatch(pattern, "style-v2_b") and not re.fullmatch(pattern, "a.b")
+    gm = peftfx.compile(mlp(), {"adapters": {"style-v2": FRESH, "a__b": FRESH}}, mlp_inputs())
+    assert {n.split(".")[1] for n, _ in gm.named_parameters() if n.startswith("peftfx.")} == {"style_v2", "a__b"}
+
+
+# -- sizes and seeds -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        # 10^9 x 12 float32: 48 GB asked of the allocator; 10^30 overflowed torch's int64
+        (kind("lora", r=10**9), r"adapters\.a\.with\.r: 1000000000: asks for a 1000000000x12 tensor at linear lay"),
+        (kind("lora", r=10**30), r"adapters\.a\.with\.r: 10{30}: asks for a 10{30}x12 tensor .*past the limit of"),
+        (kind("loha", r=10**9), r"adapters\.a\.with\.r: 1000000000: asks for a 16x1000000000 tensor"),
+        (kind("vera", r=10**9), r"adapters\.a\.with\.r: 1000000000: asks for"),
+        ({"adapters": {"a": {**FRESH, "max_rank": 10**10}}}, r"adapters\.a\.max_rank: 10000000000: asks for a "),
+    ],
+)
+def test_sizes_past_the_limit_are_refused_before_allocating(spec, match):
+    message = fails(mlp(), spec, mlp_inputs(), peftfx.SpecError, match)
+    assert "min(in, out) there is 12" in message
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"adapters": {"a": {**FRESH, "seed": 2**70}}}, r"adapters\.a\.seed: Input should be less than 1844674407\d+"),
+        ({"adapters": {"a": {"combine": ["a"], "seed": -(2**64)}}}, r"adapters\.a\.seed: Input should be greater"),
+        (kind("randlora", projection_prng_key=2**64), r"adapters\.a\.with\.projection_prng_key: Input should be less"),
+        (kind("fourierft", random_loc_seed=2**70), r"adapters\.a\.with\.random_loc_seed: Input should be less"),
+        (
+            {"model": {"config": {"model_type": "llama"}, "inputs": {"batch": 10**6, "seq_len": 10**6}}},
+            r"model\.inputs: batch x seq_len = 1,000,000,000,000 token ids, past the limit of 16,777,216",
+        ),
+    ],
+)
+def test_seeds_are_64_bits_and_inputs_bounded(spec, match):
+    spec_fails(spec, match)
+
+
+# -- outputs ---------------------------------------------------------------------------------------------------
+
+
+def test_outputs_onto_a_file_or_a_folder_not_theirs(tmp_path):
+    gm = peftfx.compile(mlp(), {"adapters": {"a": FRESH}}, mlp_inputs())
+    file = write(tmp_path / "file", "mine")
+    with pytest.raises(peftfx.PeftfxError, match=rf"export_onnx: {re.escape(str(file))} is a file, so nothing"):
+        peftfx.export_onnx(gm, mlp_inputs(), file / "m.onnx")  # refused before the export, not after
+    with pytest.raises(peftfx.PeftfxError, match=rf"export_onnx: {re.escape(str(tmp_path))} is a folder"):
+        peftfx.export_onnx(gm, mlp_inputs(), tmp_path)
+    with pytest.raises(peftfx.PeftfxError, match=rf"save_adapter: {re.escape(str(file))} is a file, not a folder"):
+        peftfx.save_adapter(gm, "a", file)
+    with pytest.raises(peftfx.PeftfxError, match=rf"save_adapter: {re.escape(str(file))} is a file, so nothing"):
+        peftfx.save_adapter(gm, "a", file / "under")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "model_weights.bin", "mine")
+    with pytest.raises(peftfx.PeftfxError, match=r"folder is not an adapter folder \(no adapter_config\.json\)"):
+        peftfx.save_adapter(gm, "a", folder)
+    assert file.read_text() == "mine" and [p.name for p in folder.iterdir()] == ["model_weights.bin"]

@@ -48,6 +48,25 @@ TINY = {
         "1",
         "--no-compile",
     ],
+    "bench_generate": [
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--prompt",
+        "3",
+        "--new",
+        "2",
+        "--batches",
+        "2",
+        "--adapters",
+        "2",
+        "--rank",
+        "2",
+        "--repeats",
+        "1",
+        "--no-compile",
+    ],
 }
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import peftfx
+from peftfx.atomic import MARKER
 from peftfx.cli import app
 
 SPECS = Path(__file__).parent.parent / "specs"
@@ -172,7 +173,7 @@ def test_every_command_on_the_example_spec(path, tmp_path):
     summary = json.loads(compiled.stdout)
     for adapter in summary["adapters"]:
         assert adapter["sites"] == len({r["module"] for r in matched if r["adapter"] == adapter["name"]})
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"program.pt2", "graph.py", "summary.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"program.pt2", "graph.py", "summary.json", MARKER}
     verified = invoke("verify", spec, "-f", "json")
     assert verified.exit_code == 0, verified.output
     report = json.loads(verified.stdout)
@@ -227,11 +228,14 @@ def test_compile_output_directory_is_replaced_whole(tmp_path):
     assert "peftfx" in (out / "graph.py").read_text()  # the graph's code, adapter nodes included
     assert torch.export.load(out / "program.pt2") is not None
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "a temporary file was left behind"
+    marker = json.loads((out / MARKER).read_text())  # what peftfx wrote, so it may replace it
+    assert marker == {"written_by": "peftfx", "version": peftfx.__version__, "files": sorted(marker["files"])}
+    assert set(marker["files"]) == {"program.pt2", "graph.py", "summary.json"}
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     result = invoke("compile", SPECS / "fresh_dora_mlp.yaml", "-o", other)
-    assert result.exit_code == 2 and "not a peftfx output directory" in result.output
+    assert result.exit_code == 2 and "is not a folder peftfx wrote" in result.output
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
 
 
@@ -301,3 +305,72 @@ def test_build_reports_progress_per_step_and_per_site():
     assert [w for w, _, total in heard if total is None] == ["capture", "plan", "rewrite"]
     assert [(w, d, t) for w, d, t in heard if t is not None] == [("plan style", i, 4) for i in range(1, 5)]
     assert built.seconds.keys() == {"capture", "plan", "rewrite"}
+
+
+# -- bad input on the command line: one line, exit 2, nothing lost -------------------------------------------
+
+
+def test_an_unknown_key_is_one_line_on_stderr(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapters:\n  x: {type: lora, at: {op: linear}, with: {rank: 4}}\n")
+    result = invoke("validate", bad)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {bad}:2:44: adapters.x.with.rank: unknown field for lora "
+        + ("(fields: r, alpha, rslora, dora, lora_bias, init)")
+    ]
+
+
+@pytest.fixture
+def unbuildable(monkeypatch):
+    """Any work at all (loading or building a model) fails the test: outputs are checked before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the output path was not checked before the work")
+
+    monkeypatch.setattr("peftfx.cli._model", refuse)
+
+
+@pytest.mark.parametrize("command", ["compile", "export"])
+def test_an_output_under_a_file_or_onto_a_file_exits_2_before_any_work(tmp_path, unbuildable, command):
+    file = tmp_path / "file"
+    file.write_text("mine")
+    targets = [(file / "out.onnx", "is a file, so nothing can be written under it")]
+    targets += [(file, "is a file, not a folder")] if command == "compile" else [(tmp_path, "is a folder")]
+    for target, message in targets:
+        result = invoke(command, SPECS / "fresh_dora_mlp.yaml", "-o", target)
+        assert result.exit_code == 2, result.output
+        assert len(result.stderr.splitlines()) == 1 and message in result.stderr and "Traceback" not in result.output
+    assert file.read_text() == "mine"
+
+
+def test_compile_replaces_only_a_folder_it_signed(tmp_path, unbuildable):
+    """A folder holding another tool's summary.json beside the user's weights was taken for an earlier output and
+    replaced (exit 0, the weights gone). Only a folder whose marker lists all it holds may be replaced."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text("{}")
+    (other / "model_weights.bin").write_bytes(b"the user's weights")
+    result = invoke("compile", SPECS / "fresh_dora_mlp.yaml", "-o", other)
+    assert (
+        result.exit_code == 2 and f"--output {other}: {other} exists and is not a folder peftfx wrote" in result.stderr
+    )
+    assert (other / "model_weights.bin").read_bytes() == b"the user's weights"
+    (other / MARKER).write_text(json.dumps({"written_by": "peftfx", "files": ["summary.json"]}))
+    result = invoke("compile", SPECS / "fresh_dora_mlp.yaml", "-o", other)
+    assert result.exit_code == 2 and "it also holds model_weights.bin" in result.stderr
+
+
+def test_no_factory_refuses_code_a_spec_names(tmp_path, monkeypatch):
+    """A spec's `model.factory` imports and runs code: `--no-factory` refuses it before the import."""
+    ran = tmp_path / "ran"
+    (tmp_path / "spec_factory.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).touch()\ndef make():\n  0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: {factory: 'spec_factory:make'}\n")
+    for args in (["--no-factory"], ["--model", "spec_factory:make", "--no-factory"]):
+        result = invoke("compile", spec, *args)
+        assert result.exit_code == 2 and "spec_factory:make would import and run code" in result.stderr
+        assert not ran.exists()
+    result = invoke("compile", spec)  # allowed by default: it ran (and returned no model)
+    assert result.exit_code == 2 and "returned NoneType, not an nn.Module" in result.stderr and ran.exists()

@@ -10,6 +10,9 @@ are derandomized, so CI draws the same ones every run.
 from __future__ import annotations
 
 import copy
+import json
+import re
+import time
 import typing
 
 import pytest
@@ -27,10 +30,14 @@ from peftfx.spec import load_spec
 
 FAST = settings(max_examples=2000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 FILES = settings(max_examples=500, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+HOSTILE = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FEW = settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 COMPILE = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 SITE_OPS = ["linear", "conv1d", "conv2d", "conv3d", "embedding", "layer_norm", "rms_norm"]
 NAMES = ["a", "b", "c", "mix"]
+# names the spec must refuse: not identifier-like, reserved, or two that collide once made attribute names
+HOSTILE_NAMES = ["a-b", "a_b", "a.b", "a__b", "", "training", "forward", "routing", "1x", "é", "x" * 70]
 
 JUNK = [
     None,
@@ -39,7 +46,10 @@ JUNK = [
     0,
     -1,
     7,
+    2**63,
     2**70,
+    -(2**64),
+    10**30,
     0.5,
     -1e308,
     float("nan"),
@@ -180,7 +190,9 @@ def specs(draw, valid: bool = True, checkpoints: bool = True) -> dict:
     adapters, whose made-up directories compile refuses at once."""
     fresh, combine, peft = FORMS[valid]
     forms = [fresh, combine, peft] if checkpoints else [fresh, combine]
-    adapters = draw(st.dictionaries(st.sampled_from(NAMES), st.one_of(forms), max_size=3))
+    adapters = draw(
+        st.dictionaries(st.sampled_from(NAMES if valid else NAMES + HOSTILE_NAMES), st.one_of(forms), max_size=3)
+    )
     spec: dict = {"adapters": adapters}
     names = st.sampled_from(sorted(adapters) if valid and adapters else NAMES)
     if draw(st.booleans()):
@@ -259,6 +271,75 @@ def test_spec_files_only_raise_peftfx_errors(tmp_path_factory, spec, cut, mangle
     path = tmp_path_factory.getbasetemp() / "fuzz.yaml"
     path.write_text(text)
     refuses_cleanly(lambda: load_spec(path))
+
+
+@st.composite
+def hostile_files(draw) -> tuple[str, bytes]:
+    """A spec file (YAML or JSON) attacked one to three times: a line twice (a key twice in one mapping, as often as
+    not), an anchor and an alias, nesting thousands deep, bytes that are not UTF-8, an integer of hundreds of digits."""
+    spec = draw(WELL_FORMED | NEAR_MISS)
+    suffix = draw(st.sampled_from([".yaml", ".json"]))
+    text = json.dumps(spec, indent=1) if suffix == ".json" else yaml.safe_dump(spec, sort_keys=False)
+    for _ in range(draw(st.integers(1, 3))):
+        lines = text.splitlines(keepends=True) or [""]
+        i, j = draw(st.integers(0, len(lines) - 1)), draw(st.integers(0, len(lines)))
+        attack = draw(st.sampled_from(["duplicate", "alias", "deep", "huge"]))
+        if attack == "duplicate":
+            lines.insert(j, lines[i])
+        elif attack == "alias":
+            lines[i] = lines[i].replace(": ", ": &x ", 1)
+            lines.insert(j, lines[i].split(":")[0] + ": *x\n")
+        elif attack == "deep":
+            depth = draw(st.integers(10, 5000))
+            opening, closing = draw(st.sampled_from([("[", "]"), ('{"k": ', "}"), ("{k: ", "}")]))
+            lines.insert(j, f'"deep{j}": ' + opening * depth + "1" + closing * depth + ",\n")
+        else:
+            huge = str(draw(st.sampled_from([1, -1])) * 10 ** draw(st.integers(19, 400)))
+            lines[i] = re.sub(r"\d+", huge, lines[i], count=1)
+        text = "".join(lines)
+    data = text.encode()
+    if draw(st.integers(0, 3)) == 0:
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(st.binary(min_size=1, max_size=4)) + data[at:]
+    return suffix, data
+
+
+@HOSTILE
+@given(file=hostile_files())
+def test_hostile_spec_files_only_raise_peftfx_errors_in_bounded_time(tmp_path_factory, file):
+    suffix, data = file
+    path = tmp_path_factory.getbasetemp() / f"hostile{suffix}"
+    path.write_bytes(data)
+    start = time.perf_counter()
+    refuses_cleanly(lambda: load_spec(path))
+    assert time.perf_counter() - start < 5  # an alias bomb took 21 s to exhaust 3 GiB
+
+
+INT_FIELDS = [
+    (kind, field)
+    for kind in sorted(KINDS)
+    for field, info in KINDS[kind].Params.model_fields.items()
+    if info.annotation is int
+]
+
+
+@FEW
+@given(target=st.sampled_from(INT_FIELDS), value=st.sampled_from([10**9, 2**63, 2**64 + 1, 10**30, -(2**64)]))
+def test_huge_sizes_compile_or_are_refused_in_bounded_time(target, value):
+    """Every int field of every kind, huge: a rank of 10^9 asked the allocator for 48 GB, a seed of 2^64 overflowed,
+    a depth or a number of Neumann terms of 10^9 looped for ever."""
+    kind, field = target
+    model, x = MODEL
+    before = snapshot(model)
+    start = time.perf_counter()
+    refuses_cleanly(
+        lambda: peftfx.compile(model, {"adapters": {"a": {**FRESH_LINEAR, "type": kind, "with": {field: value}}}}, x)
+    )
+    assert time.perf_counter() - start < 10
+    assert_unchanged(model, before)
+
+
+FRESH_LINEAR = {"at": {"op": "linear"}}
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_the_cli_reference_forms(tmp_path):
     ],
 )
 def test_spec_errors_name_the_field(model, message):
-    with pytest.raises(peftfx.SpecError, match="invalid spec") as info:
+    with pytest.raises(peftfx.SpecError) as info:
         peftfx.load_spec({"model": model})
     assert message in str(info.value)
 

@@ -4,22 +4,24 @@ half-precision merges are rounded once, and the same spec gives the same bits ev
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from models import mlp, mlp_inputs
+from models import mlp, mlp_inputs, tiny_llama, token_inputs
 from oracle import peft_checkpoint, replace_tensor, run
 from safetensors.torch import load, load_file
 from torch import nn
 
 import peftfx
-from peftfx.save import written_atomically
+from peftfx.atomic import replaced_file
 
 KEY_B = "base_model.model.layers.1.lora_B.weight"
 LORA = {"type": "lora", "at": {"op": "linear"}, "with": {"init": False}, "seed": 0}
@@ -94,6 +96,77 @@ def test_training_the_graph_never_reaches_the_model():
     assert bits(model) == before_bits and tree(model) == before_tree
 
 
+# -- threads: captures run one at a time, on a copy of the module tree ------------------------------------------
+
+
+def race(model: nn.Module, x, spec: dict, compiles: int, rounds: int, meanwhile) -> tuple[list, list, list]:
+    """``compiles`` threads compiling ``model`` ``rounds`` times each, while another calls ``meanwhile()`` over and
+    over: the graphs' code, the errors (``(who, error)``), and what ``meanwhile`` returned while the compiles ran."""
+    codes, errors, seen = [], [], []
+    done, start = threading.Event(), threading.Barrier(compiles + 1)
+
+    def compile_() -> None:
+        start.wait()
+        for _ in range(rounds):
+            try:
+                codes.append(peftfx.compile(model, spec, x).code)
+            except Exception as error:  # kept for the test to judge
+                errors.append(("compile", error))
+
+    def watch() -> None:
+        start.wait()
+        while not done.is_set():
+            try:
+                seen.append(meanwhile())
+            except Exception as error:
+                errors.append(("meanwhile", error))
+                return
+
+    threads = [threading.Thread(target=compile_) for _ in range(compiles)] + [threading.Thread(target=watch)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns a hundred times more often: races show at once
+    try:
+        for t in threads:
+            t.start()
+        for t in threads[:-1]:
+            t.join()
+        done.set()
+        threads[-1].join()
+    finally:
+        sys.setswitchinterval(interval)
+    return codes, errors, seen
+
+
+def test_compiles_racing_compiles_and_eager_calls_leave_the_model_whole():
+    """fx patches nn.Module.__call__ for the whole process while it traces: an eager call in another thread went
+    into the trace and failed ("module is not installed as a submodule"). Now the trace lets other threads be."""
+    model, x = mlp(), mlp_inputs()
+    before_bits, before_tree, expected = bits(model), tree(model), run(model, x)
+    spec = {"adapters": {"a": LORA, "d": DORA}}
+    codes, errors, outputs = race(model, x, spec, compiles=2, rounds=3, meanwhile=lambda: run(model, x))
+    assert errors == [] and len(codes) == 6 and len(set(codes)) == 1
+    assert outputs and all(torch.equal(out, expected) for out in outputs)
+    assert bits(model) == before_bits and tree(model) == before_tree
+
+
+def test_exports_racing_exports_never_touch_the_model_even_for_a_moment():
+    """torch.export's fake modes are process-wide, so captures run one at a time; each on a copy of the module
+    tree, so what a capture flips (``config.use_cache``, turned off for the export) never shows on the model.
+
+    (Eager calls of a transformers model in another thread during an export are not tested: torch's tracing state
+    reaches every thread, ``torch.compiler.is_compiling()`` is true in all, and transformers' hub kernels then
+    share one context variable between threads, which can fail that call or the compile.)"""
+    model, x = tiny_llama(), token_inputs()
+    before_bits, before_tree = bits(model), tree(model)
+    spec = {"adapters": {"a": {"type": "lora", "at": {"op": "linear", "module": "*.q_proj"}}}}
+    codes, errors, seen = race(
+        model, x, spec, compiles=2, rounds=1, meanwhile=lambda: (model.config.use_cache, tree(model) == before_tree)
+    )
+    assert errors == [] and len(codes) == 2 and len(set(codes)) == 1
+    assert seen and set(seen) == {(True, True)}
+    assert bits(model) == before_bits and tree(model) == before_tree
+
+
 # -- outputs are written atomically ----------------------------------------------------------------------------
 
 
@@ -126,15 +199,50 @@ def test_a_save_that_fails_keeps_the_previous_adapter_whole(tmp_path, monkeypatc
     assert not torch.equal(load_file(out / "adapter_model.safetensors")[KEY_B], old_b)
 
 
-def test_written_atomically(tmp_path):
+@pytest.mark.parametrize("failing", [[1], [2], [2, 3]], ids=["old aside", "new in", "new in, old back"])
+def test_replacing_an_adapter_fails_whole_at_every_rename(tmp_path, monkeypatch, failing):
+    """The folder is replaced by renames: the old one aside (1), the new one in (2), the old one back if that
+    failed (3). Whichever fails, the previous adapter stays whole and loads as it did, config and weights."""
+    first = peftfx.compile(mlp(), {"adapters": {"a": LORA}}, mlp_inputs())
+    out = peftfx.save_adapter(first, "a", tmp_path / "out")
+    (out / "README.md").write_text("the user's notes")
+    saved = {f.name: f.read_bytes() for f in out.iterdir()}
+    second = peftfx.compile(mlp(), {"adapters": {"a": {**LORA, "type": "dora", "seed": 5}}}, mlp_inputs())
+    calls, rename = [], os.replace
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) in failing:
+            raise OSError(f"rename {len(calls)} failed")
+        rename(src, dst)
+
+    monkeypatch.setattr("peftfx.atomic.os.replace", flaky)
+    with pytest.raises(OSError, match=r"rename|put back") as info:
+        peftfx.save_adapter(second, "a", out)
+    monkeypatch.undo()
+    if failing == [2, 3]:  # the old folder could not be put back: it is kept, and the error says where
+        (aside,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+        assert not out.exists() and f"the previous one is at {aside / 'old'}" in str(info.value)
+        os.replace(aside / "old", out)
+        aside.rmdir()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+    gm = peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(out)}}}, mlp_inputs())
+    torch.testing.assert_close(run(gm, mlp_inputs()), run(first, mlp_inputs()), rtol=0, atol=0)
+    peftfx.save_adapter(second, "a", out)  # and one that works replaces it, keeping what is not the adapter
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    assert (out / "README.md").read_text() == "the user's notes"
+
+
+def test_replaced_file(tmp_path):
     """What ``export_onnx`` writes through: the old file stays until the new one is complete."""
     target = tmp_path / "model.pt2"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), written_atomically(target) as tmp:
+    with pytest.raises(RuntimeError), replaced_file(target) as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("export failed")
     assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
-    with written_atomically(target) as tmp:
+    with replaced_file(target) as tmp:
         assert tmp.suffix == ".pt2"
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
@@ -215,7 +323,7 @@ sys.path[:0] = [{tests!r}]
 import torch
 torch.set_num_threads(1)
 import peftfx
-from models import mlp, mlp_inputs
+from models import mlp, mlp_inputs, tiny_llama, token_inputs
 from test_reliability import MERGED, MIXED, fingerprint
 print(*(fingerprint(peftfx.compile(mlp(), spec, mlp_inputs())) for spec in (MIXED, MERGED)))
 """
@@ -238,7 +346,7 @@ def test_outputs_get_the_mode_a_plain_write_would(tmp_path):
     """Written through private temporaries (0600 files, 0700 folders), outputs still end up as ``open`` makes them."""
     umask = os.umask(0)
     os.umask(umask)
-    with written_atomically(tmp_path / "m.onnx") as tmp:
+    with replaced_file(tmp_path / "m.onnx") as tmp:
         tmp.write_bytes(b"x")
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
     gm = peftfx.compile(mlp(), {"adapters": {"a": {"type": "lora", "at": {"op": "linear"}}}}, mlp_inputs())

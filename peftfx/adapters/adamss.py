@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
+from ..sizes import Seed
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
 _KMEANS_SEED = 123456789  # PEFT's fixed KMeans random_state
@@ -45,7 +46,7 @@ class AdamssParams(BaseModel):
     r: int = Field(100, gt=0, description="total SVD rank R (clamped to min(out, in + bias) per site)")
     num_subspaces: int = Field(5, gt=0, description="number K of output-row groups (clamped to out)")
     subspace_rank: int = Field(1, gt=0, description="rank of each group's update (B_k A_k)")
-    random_seed: int = Field(0, description="seed of the randomized SVD the groups are found from")
+    random_seed: Seed = Field(0, description="seed of the randomized SVD the groups are found from")
     dynamic_rank: bool = Field(
         False, description="rank per group from its singular values (PEFT's use_dynamic_rank), capped by subspace_rank"
     )

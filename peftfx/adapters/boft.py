@@ -42,7 +42,9 @@ class BoftParams(BaseModel):
 
     block_size: int = Field(4, ge=0, description="rotation block size (PEFT's boft_block_size); 0 to give block_num")
     block_num: int = Field(0, ge=0, description="number of blocks instead of a block size (PEFT's boft_block_num)")
-    butterfly_factor: int = Field(1, gt=0, description="number of butterfly factors (PEFT's boft_n_butterfly_factor)")
+    butterfly_factor: int = Field(
+        1, gt=0, le=64, description="number of butterfly factors (PEFT's boft_n_butterfly_factor)"
+    )
     init: bool = Field(True, description="true: identity rotation and unit scale; false: random, like PEFT")
 
     @model_validator(mode="after")

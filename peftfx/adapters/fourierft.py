@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
+from ..sizes import Seed
 from .base import (
     AdditiveKind,
     PeftSource,
@@ -44,7 +45,7 @@ class FourierFTParams(BaseModel):
 
     n_frequency: int = Field(1000, gt=0, description="number of trained spectral coefficients (at most out*in)")
     scaling: float = Field(150.0, description="factor on the inverse FFT (PEFT's scaling)")
-    random_loc_seed: int = Field(777, description="seed of the coefficients' positions (PEFT's random_loc_seed)")
+    random_loc_seed: Seed = Field(777, description="seed of the coefficients' positions (PEFT's random_loc_seed)")
     init_weights: bool = Field(False, description="true: zero spectrum (identity at init); false: N(0, 1) as PEFT")
 
 

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
+from ..sizes import Seed
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _EPS = 1e-12  # PEFT's threshold for a zero column of W V⁻ᵀ
@@ -47,7 +48,7 @@ _EPS = 1e-12  # PEFT's threshold for a zero column of W V⁻ᵀ
 class FrodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    projection_prng_key: int = Field(0, description="seed of the CPU generator that draws the sparse positions")
+    projection_prng_key: Seed = Field(0, description="seed of the CPU generator that draws the sparse positions")
     sparse_rate: float = Field(0.01, ge=0, le=1, description="fraction of in x in off-diagonal positions trained in S")
     regularization_alpha: float = Field(1e-3, description="ridge term of the joint decomposition (QR branch)")
     init_weights: bool = Field(True, description="true: S = 0 (identity); false: PEFT's N(0, 0.1²) noise on S and λ")

@@ -44,7 +44,7 @@ class OftParams(BaseModel):
     coft: bool = Field(False, description="constrained OFT: keep each block's skew matrix within eps")
     eps: float = Field(6e-5, description="COFT radius")
     cayley_neumann: bool = Field(True, description="Neumann-series Cayley transform (PEFT's default) vs exact")
-    neumann_terms: int = Field(5, ge=0, description="terms of the Neumann series")
+    neumann_terms: int = Field(5, ge=0, le=64, description="terms of the Neumann series")
     init: bool = Field(True, description="true: zero (identity rotation); false: N(0, 0.1²) like PEFT")
 
     @model_validator(mode="after")

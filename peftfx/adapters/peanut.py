@@ -31,7 +31,7 @@ class PeanutParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     r: int = Field(32, gt=0, description="width of the network applied to the weight")
-    depth: int = Field(0, ge=0, description="number of residual encoder/decoder layer pairs")
+    depth: int = Field(0, ge=0, le=64, description="number of residual encoder/decoder layer pairs")
     act_fn: str = Field("relu", description="activation, a name from transformers' ACT2FN")
     scaling: float = Field(1.0, description="factor on the update")
     init: bool = Field(True, description="true: B = 0 (identity at init); false: random B")

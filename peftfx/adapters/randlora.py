@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError
 from ..sites import Site
+from ..sizes import Seed
 from .base import (
     AdditiveKind,
     PeftSource,
@@ -44,7 +45,7 @@ class RandloraParams(BaseModel):
 
     r: int = Field(32, gt=0, description="rank of each random basis (PEFT's r); one value for the whole adapter")
     alpha: float = Field(640.0, description="scaling numerator (PEFT's randlora_alpha; scaling = alpha / r)")
-    projection_prng_key: int = Field(0, description="seed of the shared random bases")
+    projection_prng_key: Seed = Field(0, description="seed of the shared random bases")
     init_weights: bool = Field(True, description="true: lambda = 0 (identity at init); false: lambda ~ N(0, 1)")
 
 

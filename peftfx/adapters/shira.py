@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
+from ..sizes import Seed
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 KEYS = {"weight": "shira_weight", "indices": "shira_indices"}
@@ -32,7 +33,7 @@ class ShiraParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     r: int = Field(32, gt=0, description="sizes the adapter like a LoRA of rank r: r * (in + out) trained values")
-    random_seed: int | None = Field(None, description="seed of the random mask (PEFT's random_seed)")
+    random_seed: Seed | None = Field(None, description="seed of the random mask (PEFT's random_seed)")
     init_weights: bool = Field(True, description="true: zero values (identity at init); false: N(0, 1)")
 
 

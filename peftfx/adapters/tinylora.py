@@ -44,7 +44,9 @@ class TinyLoraParams(BaseModel):
 
     r: int = Field(2, gt=0, description="rank of the frozen SVD pair (capped at min(out, in))")
     u: int = Field(64, gt=0, description="length of the trained vector v")
-    projection_seed: int = Field(42, description="site i draws its projections P from seed projection_seed + i")
+    projection_seed: int = Field(  # 63 bits: seed + i must still fit torch's 64
+        42, ge=-(2**63), lt=2**63, description="site i draws its projections P from seed projection_seed + i"
+    )
     init: bool | Literal["uniform"] = Field(
         True, description="true: v = 0 (identity at init); uniform: v ~ U(-init_v_bound, init_v_bound)"
     )

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
+from ..sizes import Seed
 from .base import (
     AdditiveKind,
     PeftSource,
@@ -38,7 +39,7 @@ class VeraParams(BaseModel):
 
     r: int = Field(256, gt=0, description="rank of the shared random projections")
     d_initial: float = Field(0.1, description="initial value of every λ_d entry (λ_b starts at 0: identity)")
-    projection_prng_key: int = Field(0, description="seed of the CPU generator that draws the shared A and B")
+    projection_prng_key: Seed = Field(0, description="seed of the CPU generator that draws the shared A and B")
     init: bool = Field(True, description="true: λ_b = 0, λ_d = d_initial (identity); false: λ_b = 1, λ_d ~ N(0, 1)")
 
 

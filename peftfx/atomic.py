@@ -1,0 +1,116 @@
+"""Writing outputs whole or not at all, and never over what peftfx did not write.
+
+Every file or folder peftfx writes (``save_adapter``, ``export_onnx``, ``peftfx compile --output``) is staged
+beside its destination and put in place by renames: a file in one ``os.replace``; a folder by renaming the old
+one aside, the new one in, then deleting the old one, and renaming the old one back if the second rename fails.
+A failure at any step leaves the previous output whole and no temporary behind. ``check_destination`` refuses
+a destination that cannot be written (under a regular file, a folder where a file goes and the reverse) before
+any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from .errors import PeftfxError
+
+MARKER = "peftfx-output.json"
+
+
+def check_destination(path: str | Path, kind: Literal["file", "folder"], where: str) -> Path:
+    """``path``, refused (naming ``where``) when a ``kind`` cannot be written there: call before the work."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PeftfxError(f"{where}: {parent} is a file, so nothing can be written under it")
+            break
+    if kind == "file" and path.is_dir():
+        raise PeftfxError(f"{where}: {path} is a folder; give a file name")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise PeftfxError(f"{where}: {path} is a file, not a folder")
+    return path
+
+
+@contextlib.contextmanager
+def replaced_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it becomes ``path`` in one step, only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(name)
+        _as_if_created(Path(name), 0o666)
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replaced_folder(path: str | Path) -> Iterator[Path]:
+    """An empty folder beside ``path`` to fill; it replaces ``path`` (if any) only if the block succeeds.
+
+    The caller decides whether ``path`` may be replaced (``owned_output``, ``save_adapter``'s own check).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    staged, old = holder / "new", holder / "old"
+    stranded = False  # the previous folder could be neither replaced nor put back: it stays where it is, named
+    try:
+        staged.mkdir()
+        yield staged
+        _as_if_created(staged, 0o777)
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(staged, path)
+        except BaseException:
+            if old.exists():
+                try:
+                    os.replace(old, path)
+                except OSError as e:
+                    stranded = True
+                    shutil.rmtree(staged, ignore_errors=True)
+                    raise OSError(f"{path} could not be replaced nor put back; the previous one is at {old}") from e
+            raise
+    finally:
+        if not stranded:
+            shutil.rmtree(holder, ignore_errors=True)
+
+
+def write_marker(folder: Path, version: str) -> None:
+    """Sign an output folder: peftfx's name and version, and the files it wrote (so it may replace them later)."""
+    files = sorted(p.name for p in folder.iterdir())
+    text = json.dumps({"written_by": "peftfx", "version": version, "files": files}, indent=2) + "\n"
+    (folder / MARKER).write_text(text)
+
+
+def check_owned(folder: Path, where: str) -> None:
+    """Refuse to replace a folder peftfx cannot prove it wrote: it must be empty or hold exactly what its marker
+    lists, so a folder of the user's (or another tool's output that happens to share a file name) is never lost."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    refusal = f"{where}: {folder} exists and is not a folder peftfx wrote"
+    try:
+        listed = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PeftfxError(f"{refusal} (no readable {MARKER}); remove it or pick another") from None
+    extra = sorted({p.name for p in folder.iterdir()} - {MARKER, *map(str, listed)})
+    if extra:
+        raise PeftfxError(f"{refusal}: it also holds {', '.join(extra)}; remove them or pick another")
+
+
+def _as_if_created(path: Path, mode: int) -> None:
+    """Temporary files and folders are private (0600, 0700); what they become gets the mode ``open`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(mode & ~umask)
