@@ -53,7 +53,7 @@ class Adalora(AdditiveKind):
         return _site_problem(site)
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: AdaloraParams = params  # the planner validated it as Params
+        p: AdaloraParams = params
         shapes = _shapes(site, p.r)
         tensors = {}
         for role in _ROLES:

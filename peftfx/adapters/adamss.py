@@ -67,7 +67,7 @@ class Adamss(AdapterKind):
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: AdamssParams = params  # the planner validated it as Params
+        p: AdamssParams = params
         U, V, groups = _decompose(site, p.r, p.num_subspaces, p.random_seed, SpecError)
         dtype = adapter_dtype(site.dtype)
         tensors = {"newB": V.t().contiguous().to(dtype)}

@@ -108,7 +108,8 @@ class AdapterKind(ABC):
 
     @abstractmethod
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        """A fresh adapter initialised as PEFT initialises it (``prepared``: what ``prepare`` returned)."""
+        """A fresh adapter initialised as PEFT initialises it. ``params`` is an instance of ``Params``, validated
+        by the planner; ``prepared`` is what ``prepare`` returned for the adapter."""
 
     @abstractmethod
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:

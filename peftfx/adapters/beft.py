@@ -34,7 +34,7 @@ class Beft(AdapterKind):
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: BeftParams = params  # the planner validated it as Params
+        p: BeftParams = params
         offset = torch.zeros(1, site.out_features, dtype=torch.float64)
         if not p.init:
             offset.normal_(generator=generator)

@@ -65,7 +65,7 @@ class Boft(AdapterKind):
         return orthogonal_site_problem(site, "BOFT")
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: BoftParams = params  # the planner validated it as Params
+        p: BoftParams = params
         try:
             num, size = _blocks(rotated_dim(site), p.block_size, p.block_num, p.butterfly_factor)
         except ValueError as e:

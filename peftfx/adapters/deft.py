@@ -47,7 +47,7 @@ class Deft(AdapterKind):
     Params = DeftParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: DeftParams = params  # the planner validated it as Params
+        p: DeftParams = params
         out, inp = site.weight_shape
         hyper = _hyper(p.r, out, p.decomposition_method, p.alpha, p.para, 1.0)
         r = hyper["r"]

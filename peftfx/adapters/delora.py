@@ -55,7 +55,7 @@ class Delora(AdapterKind):
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: DeloraParams = params  # the planner validated it as Params
+        p: DeloraParams = params
         out, inp = site.weight_shape
         A = torch.empty(p.r, inp, dtype=torch.float64)
         B = torch.zeros(out, p.r, dtype=torch.float64)

@@ -57,7 +57,7 @@ class FourierFT(AdditiveKind):
     Params = FourierFTParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: FourierFTParams = params  # the planner validated it as Params
+        p: FourierFTParams = params
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
         if not p.init_weights:

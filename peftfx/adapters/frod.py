@@ -62,7 +62,7 @@ class Frod(AdapterKind):
     Params = FrodParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: FrodParams = params  # the planner validated it as Params
+        p: FrodParams = params
         if site.op != "linear":
             raise SpecError(f"frod supports Linear and Conv1D only, not {site.describe()}")
         cat = _category(site.module)

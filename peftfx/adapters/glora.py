@@ -49,7 +49,7 @@ class Glora(AdapterKind):
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: GloraParams = params  # the planner validated it as Params
+        p: GloraParams = params
         hyper = _hyper(site, p.r, p.config_A_B, p.config_C, p.config_D_E)
         keys = _keys(hyper)
         shapes = _shapes(site, hyper)

@@ -60,7 +60,7 @@ class Gralora(AdditiveKind):
     Params = GraloraParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: GraloraParams = params  # the planner validated it as Params
+        p: GraloraParams = params
         _check_site(site, p.gralora_k, SpecError, "")
         out, inp = site.weight_shape
         k, r = p.gralora_k, p.r

@@ -50,7 +50,7 @@ class Hira(AdapterKind):
         return _site_problem(site)
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: HiraParams = params  # the planner validated it as Params
+        p: HiraParams = params
         shapes = _shapes(site, p.r)
         A = torch.empty(shapes["A"], dtype=torch.float64)
         B = torch.zeros(shapes["B"], dtype=torch.float64)

@@ -52,7 +52,7 @@ class Hra(AdapterKind):
         return orthogonal_site_problem(site, "HRA")
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: HraParams = params  # the planner validated it as Params
+        p: HraParams = params
         n = rotated_dim(site)
         if p.init and p.r % 2 == 0:
             half = torch.zeros(n, p.r // 2, dtype=torch.float64)

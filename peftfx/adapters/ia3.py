@@ -46,7 +46,7 @@ class Ia3(AdapterKind):
     Params = Ia3Params
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: Ia3Params = params  # the planner validated it as Params
+        p: Ia3Params = params
         shape = _shape(site, p.feedforward)
         if p.init:
             vector = torch.ones(shape, dtype=torch.float64)

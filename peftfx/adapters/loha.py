@@ -59,7 +59,7 @@ class Loha(AdditiveKind):
     Params = LohaParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: LohaParams = params  # the planner validated it as Params
+        p: LohaParams = params
         check_lycoris_site(site, "LoHa", SpecError)
         cp = uses_cp(site, p.use_effective_conv2d)
         shapes = _shapes(site, p.r, cp)

@@ -70,7 +70,7 @@ class Lokr(AdditiveKind):
     Params = LokrParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: LokrParams = params  # the planner validated it as Params
+        p: LokrParams = params
         check_lycoris_site(site, "LoKr", SpecError)
         hyper = _hyper(site, p.r, p.alpha, p.use_effective_conv2d, p.decompose_both, p.decompose_factor, 1.0)
         shapes = _shapes(site, hyper)

@@ -71,7 +71,7 @@ class Lora(AdapterKind):
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: LoraParams = params  # the planner validated it as Params
+        p: LoraParams = params
         _check_site(site, p.dora, p.lora_bias, SpecError)
         dtype = adapter_dtype(site.dtype)
         a_shape, b_shape = _factor_shapes(site, p.r)

@@ -65,7 +65,7 @@ class Oft(AdapterKind):
         return orthogonal_site_problem(site, "OFT", undilated=True)
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: OftParams = params  # the planner validated it as Params
+        p: OftParams = params
         blocks, size = _blocks(rotated_dim(site), p.r, p.block_size)
         vec = torch.zeros(1 if p.block_share else blocks, size * (size - 1) // 2, dtype=torch.float64)
         if not p.init:

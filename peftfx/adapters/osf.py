@@ -52,7 +52,7 @@ class Osf(AdapterKind):
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: OsfParams = params  # the planner validated it as Params
+        p: OsfParams = params
         k = _resolve(p.effective_rank, min(site.weight_shape))
         if k <= 0:
             raise SpecError(f"osf at {site.describe()}: effective_rank must leave at least one frozen direction")

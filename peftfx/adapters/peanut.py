@@ -53,7 +53,7 @@ class Peanut(AdapterKind):
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: PeanutParams = params  # the planner validated it as Params
+        p: PeanutParams = params
         shapes = _shapes(site, p.r, p.depth)
         tensors = {}
         for role, shape in shapes.items():

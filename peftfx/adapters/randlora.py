@@ -57,7 +57,7 @@ class Randlora(AdditiveKind):
     Params = RandloraParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: RandloraParams = params  # the planner validated it as Params
+        p: RandloraParams = params
         dtype = adapter_dtype(site.dtype)
         m, M = min(site.weight_shape), max(site.weight_shape)
         b = math.ceil(m / p.r)

@@ -57,7 +57,7 @@ class Supertuning(AdapterKind):
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: SupertuningParams = params  # the planner validated it as Params
+        p: SupertuningParams = params
         n = _count(site, p.sparsity, SpecError, "")
         indices = _select(site, n, p.select_top)
         values = torch.zeros(n, dtype=torch.float64)

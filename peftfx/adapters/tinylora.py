@@ -63,7 +63,7 @@ class TinyLora(AdditiveKind):
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: TinyLoraParams = params  # the planner validated it as Params
+        p: TinyLoraParams = params
         dtype = adapter_dtype(site.dtype)
         index = prepared[p].index(site.module)
         weight = site.base_weight()

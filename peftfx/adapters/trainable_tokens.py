@@ -63,7 +63,7 @@ class TrainableTokens(AdapterKind):
     Params = TrainableTokensParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: TrainableTokensParams = params  # the planner validated it as Params
+        p: TrainableTokensParams = params
         weight = _check_site(site, p.token_indices, SpecError, "")
         if p.init:
             delta = weight.detach()[p.token_indices].double()

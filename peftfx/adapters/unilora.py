@@ -64,7 +64,7 @@ class UniLoRA(AdditiveKind):
     Params = UniLoRAParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: UniLoRAParams = params  # the planner validated it as Params
+        p: UniLoRAParams = params
         dtype = adapter_dtype(site.dtype)
         # Every site draws a θ; the first one placed is the adapter's (insert keeps one tensor per shared role).
         theta = torch.empty(p.theta_d_length, dtype=torch.float64)

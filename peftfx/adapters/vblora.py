@@ -57,7 +57,7 @@ class VBLoRA(AdditiveKind):
     Params = VBLoRAParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: VBLoRAParams = params  # the planner validated it as Params
+        p: VBLoRAParams = params
         if p.topk > p.num_vectors:
             raise SpecError(f"VB-LoRA topk={p.topk} exceeds num_vectors={p.num_vectors} ({site.describe()})")
         shapes = _logit_shapes(site, p.r, p.num_vectors, p.vector_length, SpecError, "")

@@ -55,7 +55,7 @@ class Vera(AdditiveKind):
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: Any = params  # the planner validated it as self.Params
+        p: Any = params
         dtype = adapter_dtype(site.dtype)
         A, B = (t.to(dtype) for t in prepared[p.r, p.projection_prng_key])
         if p.init:

@@ -73,7 +73,7 @@ class WaveFT(AdditiveKind):
     Params = WaveFTParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p: WaveFTParams = params  # the planner validated it as Params
+        p: WaveFTParams = params
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
         if not p.init_weights:
