@@ -20,7 +20,7 @@ from torch import fx, nn
 from ..adapters import SiteAdapter
 from ..errors import CheckpointError, PassError, SpecError
 from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, nodes_by_name, records
-from ..rewrite import TAG, build_after, get_attr, rebind, set_attr, tagged_get_attr
+from ..rewrite import TAG, build_after, get_attr, rebind, set_attr, tagged_get_attr, weight_device
 from ..sites import module_of
 from .base import Pass
 
@@ -79,6 +79,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
     tag = {"adapter": adapter, "node": site.node.name}
     prefix = f"peftfx.{attr_key(adapter)}"
     targets = {}
+    device = weight_device(gm, site.weight)
     for role, tensor in a.tensors.items():
         targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.module)}.{role}"
         try:
@@ -86,7 +87,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
         except AttributeError:
             # integer roles (index sets such as SHiRA's) and frozen roles are stored, saved, never trained
             trainable = tensor.is_floating_point() and role not in a.frozen
-            set_attr(gm, targets[role], nn.Parameter(tensor, requires_grad=trainable))
+            set_attr(gm, targets[role], nn.Parameter(tensor.to(device), requires_grad=trainable))
     cursor = y
     attrs = []
     for target in targets.values():

@@ -2,7 +2,8 @@
 
 requires: records from ``insert`` for every adapter named.
 ensures:  nothing reads those adapters' nodes or tensors (cleanup drops them); their sites read merged weight
-          constants (computed in float64, stored in the weight's dtype, never written into the original tensor);
+          constants (exactly rounded to the weight's dtype, see ``rounding``, or computed in float64 and rounded once;
+          written into new tensors, or with ``inplace`` into the weight's own storage when nothing else reads it);
           once cleanup has run, a fully merged graph has the base capture's node count and attribute names.
 An adapter can only be folded past adapters that commute with it: a live non-additive adapter (DoRA) before
 it at the same site, or any live adapter before a non-additive one, makes the fold change the result.
@@ -30,9 +31,10 @@ class Merge(Pass):
     requires = "records for the adapters to merge"
     ensures = "nothing reads a merged adapter's nodes or tensors; merged weights in place"
 
-    def __init__(self, adapters: Sequence[str], allow_nonfinite: Sequence[str] = ()) -> None:
+    def __init__(self, adapters: Sequence[str], allow_nonfinite: Sequence[str] = (), inplace: bool = False) -> None:
         self.adapters = list(adapters)
         self.allow_nonfinite = set(allow_nonfinite)
+        self.inplace = inplace  # the model was given up: its weights' storage takes the merged values
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         all_records = records(gm)
@@ -44,9 +46,12 @@ class Merge(Pass):
         # once per pass, not per site: merging erases only the merged adapter's nodes and adds none a record names
         nodes, index = nodes_by_name(gm), AttrIndex(gm)
         untrimmed = 0  # bytes of weights merged since freed memory was last given back
-        for record in all_records:
-            if record.adapter in self.adapters and not record.merged:
-                renamed += _merge(gm, record, all_records, nodes, index, record.adapter in self.allow_nonfinite)
+        todo = [r for r in all_records if r.adapter in self.adapters and not r.merged]
+        for record in todo:
+            inplace = self.inplace and _raw_unread_after(record, all_records, gm, nodes)
+            allow = record.adapter in self.allow_nonfinite
+            with torch.no_grad():
+                renamed += _merge(gm, record, all_records, nodes, index, allow, inplace)
                 untrimmed += get_attr(gm, record.raw_weight).nbytes
                 if untrimmed >= _TRIM_EVERY:
                     _give_back_freed_memory()
@@ -77,8 +82,12 @@ def _merge(
     nodes: dict[str, fx.Node],
     index: AttrIndex,
     allow_nonfinite: bool,
+    inplace: bool = False,
 ) -> list[tuple[fx.Node, fx.Node]]:
-    """Fold one record; return the (new, old) get_attr pairs of weights that had to take a new name."""
+    """Fold one record; return the (new, old) get_attr pairs of weights that had to take a new name.
+
+    ``inplace`` writes the merged weight and bias into their own storage where only this site reads them (a tied
+    weight gets a new tensor, as without it)."""
     a = record.site_adapter(gm, nodes)
     _check_order(record, a.kind.additive(a), all_records, gm, nodes)
     for role, tensor in a.tensors.items():
@@ -92,7 +101,14 @@ def _merge(
     weight = site.base_weight()
     bias = site.base_bias()
     raw_bias = get_attr(gm, record.raw_bias) if record.raw_bias is not None else None
-    new_weight, new_bias = a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
+    mine = {site.node, *(nodes[n] for n in record.nodes if n in nodes)}
+    own = inplace and set(index.users(weight)) <= mine
+    merged = a.kind.merge_into(a, weight if own else torch.empty_like(weight), weight, bias, a.tensors)
+    new_weight, new_bias = merged or a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
+    if own and new_weight is not weight:
+        new_weight = weight.copy_(new_weight)
+    if inplace and new_bias is not None and new_bias is not bias and set(index.users(bias)) <= mine:
+        new_bias = bias.copy_(new_bias)
     if not allow_nonfinite and not finite(new_weight):
         raise MergeError(f"merge: adapter {record.adapter!r} at {record.module}: the merged weight is not finite")
     nodes[record.output].replace_all_uses_with(nodes[record.input])
@@ -136,10 +152,17 @@ def finite(tensor: torch.Tensor) -> bool:
     """
     if tensor.is_complex():
         return bool(torch.isfinite(tensor).all())
-    if tensor.numel() == 0 or not tensor.is_floating_point():
-        return True
+    if tensor.numel() == 0 or not tensor.is_floating_point() or tensor.is_meta:
+        return True  # a meta tensor (a graph for planning) has no values to check
     low, high = torch.aminmax(tensor.detach())
     return math.isfinite(low) and math.isfinite(high)
+
+
+def _raw_unread_after(record: Record, all_records: list[Record], gm: fx.GraphModule, nodes: dict) -> bool:
+    """Whether the adapters after ``record`` at its site only add (never read the raw weight, as DoRA's norm does),
+    so ``record`` may merge into the weight's own storage."""
+    after = all_records[all_records.index(record) + 1 :]
+    return all(KINDS[r.kind].additive(r.site_adapter(gm, nodes)) for r in after if r.site_node == record.site_node)
 
 
 def _check_order(record: Record, additive: bool, all_records: list[Record], gm: fx.GraphModule, nodes: dict) -> None:

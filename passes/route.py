@@ -30,7 +30,7 @@ from ..adapters.base import LowRank
 from ..adapters.lora import dora_output, dora_scale
 from ..errors import PassError, PeftfxError, SpecError
 from ..ir import Placement, Routing, attr_key, routing, set_routing
-from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr
+from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr, weight_device
 from ..sites import Site
 from .base import Pass
 
@@ -152,8 +152,9 @@ def _route(
     site = next(a for a in row if a is not None).site
     stacked = {**_stack(row), **_dense(gm, row, adapters)}
     prefix = f"peftfx.routing.{attr_key(site.module)}"
-    cursor, attrs = node, []
+    cursor, attrs, device = node, [], weight_device(gm, site.weight)
     for role, tensor in stacked.items():
+        tensor = tensor.to(device)
         target = f"{prefix}.{role}"
         try:
             get_attr(gm, target)  # a module called at several sites has one set of tensors

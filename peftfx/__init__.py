@@ -14,6 +14,7 @@ from .errors import (
 from .export import adapter_inputs, dynamic_shapes, export_onnx
 from .generate import generate
 from .kv_cache import step_inputs
+from .out_of_core import merge_checkpoint
 from .save import save_adapter
 from .sites import Site, find_sites
 from .spec import Selector, Spec, load_spec, spec_schema
@@ -47,6 +48,7 @@ __all__ = [
     "find_sites",
     "generate",
     "load_spec",
+    "merge_checkpoint",
     "save_adapter",
     "spec_schema",
     "step_inputs",

@@ -45,8 +45,8 @@ def restore_is_causal(gm: fx.GraphModule) -> int:
 
 def _is_causal_triangle(mask: torch.Tensor | None, sdpa: fx.Node) -> bool:
     query, key = (getattr(n, "meta", {}).get("val") for n in sdpa.args[:2])
-    if mask is None or mask.dtype != torch.bool or query is None or key is None:
-        return False
+    if mask is None or mask.is_meta or mask.dtype != torch.bool or query is None or key is None:
+        return False  # a meta capture's mask has no values to compare: it stays
     rows, cols = query.shape[-2], key.shape[-2]
     if not isinstance(rows, int) or not isinstance(cols, int) or mask.shape[-2:] != (rows, cols):
         return False

@@ -1,4 +1,4 @@
-"""The ``peftfx`` command: schema, validate, explain, compile, verify, export.
+"""The ``peftfx`` command: schema, validate, explain, compile, verify, export, merge.
 
 Exit codes: 0 success; 1 verification failed (``verify`` found an output past the tolerance); 2 bad input (a
 bad spec, checkpoint, model reference or inputs file), reported in one line naming the culprit. An unexpected
@@ -213,6 +213,9 @@ def compile_(
     seq_len: SeqOpt = None,
     factory: FactoryOpt = True,
     fmt: FormatOpt = Format.text,
+    inplace: Annotated[
+        bool, typer.Option("--inplace", help="merge into the loaded model's own weights (no second copy in memory)")
+    ] = False,
 ) -> None:
     """Compile a model with a spec; print what each adapter added or merged, and save the result."""
     try:
@@ -220,7 +223,7 @@ def compile_(
             _check_output_folder(output)
         module, example = _model(spec, model, inputs, seq_len, factory)
         with _progress() as step:
-            result = build(module, spec, example, progress=step)
+            result = build(module, spec, example, progress=step, inplace=inplace)
             if output is not None:
                 step(f"saving {output}")
                 _save(result, example, output)
@@ -340,6 +343,26 @@ def _check_output_folder(output: Path) -> None:
 
 class ExportFormat(StrEnum):
     onnx = "onnx"
+
+
+@app.command(name="merge")
+def merge_(
+    spec: SpecArg,
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="a transformers checkpoint folder (safetensors)", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="a new folder", show_default=False)],
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 500MB, 5GB")] = "2GB",
+) -> None:
+    """Merge a spec's adapters into a checkpoint out of core: tensor by tensor, the output a transformers checkpoint."""
+    from .out_of_core import merge_checkpoint
+
+    try:
+        with _progress() as step:
+            merge_checkpoint(spec, model, output, max_shard_size=max_shard_size, progress=step)
+    except PeftfxError as e:
+        _fail(e)
+    _out().print(f"merged checkpoint written to {output}", highlight=False)
 
 
 @app.command(name="export")

@@ -61,13 +61,18 @@ def compile(
     *,
     dynamic_shapes: Any = None,
     max_cache_len: int | None = None,
+    inplace: bool = False,
 ) -> fx.GraphModule:
-    """Capture ``model`` and apply ``spec``. The model is never mutated; call the result like the model.
+    """Capture ``model`` and apply ``spec``; call the result like the model.
 
-    With ``max_cache_len`` a decoder is captured as one generation step over a static KV cache of that many
-    positions, for ``peftfx.generate`` (see ``kv_cache``).
+    The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
+    own tensors (no copy of the weights is made; the same bits as without it). With ``max_cache_len`` a decoder
+    is captured as one generation step over a static KV cache of that many positions, for ``peftfx.generate``
+    (see ``kv_cache``).
     """
-    return build(model, spec, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len).gm
+    return build(
+        model, spec, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len, inplace=inplace
+    ).gm
 
 
 def build(
@@ -78,6 +83,7 @@ def build(
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     max_cache_len: int | None = None,
+    inplace: bool = False,
 ) -> Build:
     """``compile``, also saying what each adapter became.
 
@@ -93,6 +99,7 @@ def build(
         dynamic_shapes=dynamic_shapes,
         progress=progress,
         max_cache_len=max_cache_len,
+        inplace=inplace,
     )
 
 
@@ -105,6 +112,7 @@ def build_loaded(
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     max_cache_len: int | None = None,
+    inplace: bool = False,
     planned: Callable[[Plan], None] | None = None,
 ) -> Build:
     """``build`` of a loaded spec (``base_dir`` resolves its relative paths). ``planned(plan)`` sees the plan
@@ -123,7 +131,7 @@ def build_loaded(
         if planned is not None:
             planned(plan)
     with _step("rewrite", seconds, progress):
-        gm = rewrite(gm, spec, plan)
+        gm = rewrite(gm, spec, plan, inplace=inplace)
     return Build(gm, summarize(spec, plan), seconds)
 
 
@@ -132,8 +140,8 @@ def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.Gr
     return rewrite(gm, spec, make_plan(gm, spec, base_dir))
 
 
-def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
-    """Run the passes a planned spec needs on a captured graph (rewritten in place)."""
+def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan, *, inplace: bool = False) -> fx.GraphModule:
+    """Run the passes a planned spec needs on a captured graph (rewritten in place; ``inplace``: its weights too)."""
     routed = spec.routed_adapters()
     passes: list[Pass] = [Causal()]
     if routed:
@@ -147,14 +155,14 @@ def rewrite(gm: fx.GraphModule, spec: Spec, plan: Plan) -> fx.GraphModule:
     merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
     if merged:
-        passes.append(merge_pass(spec, merged))
+        passes.append(merge_pass(spec, merged, inplace=inplace))
     passes.append(Cleanup())
     return run_passes(gm, passes)
 
 
-def merge_pass(spec: Spec, names: list[str]) -> Merge:
+def merge_pass(spec: Spec, names: list[str], *, inplace: bool = False) -> Merge:
     """The merge of ``names``, each with the NaN/inf opt-in its spec entry gives (``verify`` merges this way too)."""
-    return Merge(names, [n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)])
+    return Merge(names, [n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)], inplace)
 
 
 def _check_deployable(spec: Spec, merged: list[str], routed: list[str]) -> None:

@@ -39,6 +39,11 @@ def set_attr(gm: nn.Module, target: str, value: torch.Tensor | nn.Module) -> Non
         module.register_buffer(name, value)
 
 
+def weight_device(gm: nn.Module, weight: fx.Node) -> torch.device:
+    """Where a site's weight lives: adapter tensors are registered there (CUDA, meta), whatever made them."""
+    return get_attr(gm, str(weight.target)).device
+
+
 def del_attr(gm: nn.Module, target: str) -> None:
     owner, _, name = target.rpartition(".")
     delattr(gm.get_submodule(owner) if owner else gm, name)

@@ -239,9 +239,10 @@ def test_compile_output_directory_is_replaced_whole(tmp_path):
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
 
 
-def test_compile_table_counts_merged_parameters(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--inplace"]])
+def test_compile_table_counts_merged_parameters(tmp_path, flags):
     spec = example(SPECS / "peft_lora_merged.yaml", tmp_path).spec
-    result = invoke("compile", spec, "-f", "json")
+    result = invoke("compile", spec, "-f", "json", *flags)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     # r=4 LoRA on q, v (32->32, 32->16) and down (64->32) of 2 layers: A [4, in] + B [out, 4] each

@@ -352,3 +352,25 @@ def test_outputs_get_the_mode_a_plain_write_would(tmp_path):
     gm = peftfx.compile(mlp(), {"adapters": {"a": {"type": "lora", "at": {"op": "linear"}}}}, mlp_inputs())
     peftfx.save_adapter(gm, "a", tmp_path / "saved")
     assert (tmp_path / "saved").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+# -- devices: adapter tensors live where their site's weight lives ----------------------------------------------
+
+
+def test_a_meta_model_gives_a_graph_on_meta(ckpt, tmp_path):
+    """A model on the meta device (planning a merge out of core): live, DoRA and merged graphs build and run on meta,
+    every adapter tensor placed on the site's device (the same path puts them on CUDA for a CUDA model)."""
+    model = mlp().to("meta")
+    x = (torch.empty(3, 12, device="meta"),)
+    dora_ckpt = tmp_path / "dora"
+    peft_checkpoint(mlp(), peft.LoraConfig(r=2, target_modules=["layers.0"], use_dora=True), dora_ckpt)
+    specs = [
+        {"adapters": {"a": {"peft": str(ckpt)}}},
+        {"adapters": {"a": {"peft": str(dora_ckpt)}}},
+        {"adapters": {"d": DORA}},
+        {"adapters": {"a": {"peft": str(ckpt)}, "d": DORA}, "merge": True},
+    ]
+    for spec in specs:
+        gm = peftfx.compile(model, spec, x)
+        assert {t.device.type for t in gm.state_dict().values()} == {"meta"}, spec
+        assert gm(*x).device.type == "meta"

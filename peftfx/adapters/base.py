@@ -132,6 +132,19 @@ class AdapterKind(ABC):
         """The merged (weight, bias), storage layout, from the current ``weight``/``bias`` (earlier adapters at
         the site may have merged into them) and the ``raw_weight``/``raw_bias`` the live adapter reads."""
 
+    def merge_into(
+        self,
+        a: SiteAdapter,
+        out: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``merge`` written into ``out`` (storage layout, ``weight``'s dtype; may be ``weight`` itself) a block of
+        rows at a time, exactly rounded, so no temporary the size of a weight is made; returns (``out``, new bias).
+        None where the kind or this site has no such form: the caller then uses ``merge``."""
+        return None
+
     @abstractmethod
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         """Refuse config fields this kind does not implement, rather than silently computing something else."""

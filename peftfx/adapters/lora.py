@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
+from ..rounding import add_low_rank
 from ..sites import Site
 from .base import (
     AdapterKind,
@@ -168,12 +169,30 @@ class Lora(AdapterKind):
             )
             merged = merged * g.reshape(_weight_broadcast(site))
         new_bias = bias
-        if a.hyper["dora"] and bias is not None and raw_bias is not None and not torch.equal(bias, raw_bias):
+        changed = bias is not None and raw_bias is not None and not bias.is_meta and not torch.equal(bias, raw_bias)
+        if a.hyper["dora"] and changed:
             # live, DoRA scales all of the bias but the raw one: so also what earlier adapters here added to it
             new_bias = (raw_bias.double() + g * (bias.double() - raw_bias.double())).to(bias.dtype)
         if a.hyper["lora_bias"]:
             new_bias = (bias.double() + a.hyper["scaling"] * t["lora_B_bias"].double()).to(bias.dtype)
         return _storage(site, merged).to(weight.dtype), new_bias
+
+    def merge_into(
+        self,
+        a: SiteAdapter,
+        out: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if a.hyper["dora"] or weight.is_meta or not (weight.is_contiguous() and out.is_contiguous()):
+            return None  # DoRA's norm spans whole rows (or columns); a meta weight has nothing to write
+        left, right = _storage_factors(a.site, t["lora_A"], t["lora_B"])
+        add_low_rank(out.view(left.shape[0], -1), weight.view(left.shape[0], -1), left, right, a.hyper["scaling"])
+        new_bias = bias
+        if a.hyper["lora_bias"]:
+            new_bias = (bias.double() + a.hyper["scaling"] * t["lora_B_bias"].double()).to(bias.dtype)
+        return out, new_bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         init = config.get("init_lora_weights", True)
@@ -357,6 +376,13 @@ def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype, scaling: An
     return (B.flatten(1) @ A.flatten(1)).reshape(a.site.weight_shape) * s
 
 
+def _storage_factors(site: Site, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L``, ``R`` with ``ΔW / s = L @ R`` in the weight's storage layout, flattened to 2-D (rows of storage)."""
+    if site.op == "embedding" or site.transposed:  # storage [num, dim] = (B @ A)ᵀ; Conv1D stores Wᵀ
+        return A.flatten(1).t(), B.flatten(1).t()
+    return B.flatten(1), A.flatten(1)
+
+
 def _storage(site: Site, weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous() if site.transposed else weight
 
@@ -393,6 +419,6 @@ def dora_output(y: Any, base: Any, g: Any, lora: Any) -> Any:
 
 
 def _initial_magnitude(a: SiteAdapter, weight: torch.Tensor) -> torch.Tensor:
-    delta = _delta(a, a.tensors, torch.float64)
+    delta = _delta(a, a.tensors, torch.float64).to(weight.device)
     norm = torch.linalg.vector_norm(a.site.logical(weight.double()) + delta, dim=_norm_dims(a.site))
     return norm.reshape(_magnitude_shape(a.site))

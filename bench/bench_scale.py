@@ -1,0 +1,203 @@
+"""Real sizes: merging a 1-2 GB bfloat16 Llama, in memory (default and inplace), out of core, and beside PEFT.
+
+    .venv/bin/python bench/bench_scale.py [--hidden 2048 --intermediate 5632 --layers 8 --vocab 32000 --rank 16]
+
+A random bfloat16 Llama built from its config is saved as a sharded transformers checkpoint in a temporary folder,
+beside a PEFT LoRA (r=16, every linear layer but the head). Each variant then runs in a fresh process (no allocator
+or page state carries over between them, but the files stay in the page cache, the same for every variant): the
+child loads what it needs, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs the variant, and
+reports its wall and CPU seconds and its peak resident set (VmHWM) above the resident set just before.
+``read + write`` is the floor of an out-of-core merge: every shard's bytes read and written once, on the same disk.
+More variants (a capture cache, say) are one entry in ``VARIANTS`` and one function in ``RUNS``.
+Results: results/scale.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Figure, llama, load, parser, save_lora, table, write
+from peftfx.passes.merge import _give_back_freed_memory
+
+VARIANTS = {
+    "peftfx compile + merge": "capture, plan, insert, merge (new merged tensors; the model untouched)",
+    "peftfx compile + merge, inplace": "the same, merged into the model's own tensors (inplace=True)",
+    "PEFT from_pretrained + merge_and_unload": "in place, on the model itself",
+    "peftfx merge (out of core)": "`peftfx merge`: checkpoint folder to checkpoint folder, tensor by tensor",
+    "read + write": "every shard's bytes read and written once (the out-of-core floor), same disk",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--shard-size", default="500MB", help="the saved checkpoint's (and the merge's) shard size")
+    p.add_argument("--workdir", type=Path, help="where the temporary checkpoints go (default: the system's temp)")
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+    load_start = load()
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as directory:
+        root = Path(directory)
+        base = llama(args.hidden, args.layers, vocab=args.vocab, intermediate=args.intermediate).to(torch.bfloat16)
+        base.save_pretrained(root / "model", max_shard_size=args.shard_size)
+        save_lora(base, root / "adapter", args.rank)
+        del base
+        checkpoint = sum(f.stat().st_size for f in (root / "model").glob("*.safetensors"))
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, "--child", variant, "--root", directory]
+            command += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("threads", "shard_size")]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[variant] = json.loads(out.strip().splitlines()[-1])
+            shutil.rmtree(root / "out", ignore_errors=True)
+    gib, r = 2**30, results
+    peft_s = r["PEFT from_pretrained + merge_and_unload"]["wall"]
+    floor = r["read + write"]["wall"]
+    figures = [
+        Figure("compile + merge / PEFT load + merge (wall)", r["peftfx compile + merge"]["wall"] / peft_s, 1.0),
+        Figure(
+            "compile + merge, inplace / PEFT load + merge (wall)",
+            r["peftfx compile + merge, inplace"]["wall"] / peft_s,
+            1.0,
+        ),
+        Figure("peak RSS growth, compile + merge / weights", r["peftfx compile + merge"]["peak"] / checkpoint),
+        Figure("peak RSS growth, inplace / weights", r["peftfx compile + merge, inplace"]["peak"] / checkpoint, 0.25),
+        Figure(
+            "peak RSS growth, peftfx merge (out of core) / checkpoint",
+            r["peftfx merge (out of core)"]["peak"] / checkpoint,
+            0.3,
+        ),
+        Figure(
+            "peftfx merge / read + write of the checkpoint (wall)", r["peftfx merge (out of core)"]["wall"] / floor, 1.5
+        ),
+        Figure("peak RSS growth, PEFT / weights", r["PEFT from_pretrained + merge_and_unload"]["peak"] / checkpoint),
+    ]
+    rows = [
+        (
+            name,
+            f"{v['wall']:.2f}",
+            f"{v['cpu']:.2f}",
+            f"{v['peak'] / gib:.2f}",
+            f"{v['peak'] / checkpoint:.2f}",
+            ", ".join(f"{k} {s:.2f}" for k, s in v.get("steps", {}).items()),
+            VARIANTS[name],
+        )
+        for name, v in r.items()
+    ]
+    lines = [
+        f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocabulary {args.vocab}, "
+        f"bfloat16: checkpoint {checkpoint / gib:.2f} GiB in shards of {args.shard_size}; LoRA r={args.rank} on every "
+        f"linear layer but the head. {args.threads} torch thread(s); each variant in its own process. Peak = VmHWM "
+        "above VmRSS just before the variant (the base model, where one is loaded, is already resident).",
+        "",
+        *table(["variant", "wall s", "CPU s", "peak growth GiB", "/ checkpoint", "steps (s)", "what"], rows, "-rrrr--"),
+    ]
+    data = {"checkpoint_gib": checkpoint / gib, "results": r}
+    write(args.output_dir, "scale", "Real sizes: merges of a 1-2 GB model", lines, figures, data, load_start)
+
+
+def _child(args: Any) -> dict[str, Any]:
+    root = args.root
+    spec = {"adapters": {"a": {"peft": str(root / "adapter")}}, "merge": True}
+    run = RUNS[args.child](root, spec, args)
+    before = _reset_peak()
+    wall, cpu = time.perf_counter(), time.process_time()
+    kept = run()  # kept alive until the peak is read
+    result = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    result["peak"] = _status("VmHWM") - before
+    if isinstance(kept, dict):
+        result["steps"] = kept
+    return result
+
+
+def _compile(inplace: bool) -> Callable[..., Callable[[], Any]]:
+    def prepare(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
+        import peftfx
+        from peftfx.driver import build
+
+        peftfx.capture(llama(64, 1, vocab=64), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})  # export's warmup
+        model = _load(root)
+        inputs = {"input_ids": torch.randint(0, 64, (1, 16))}
+        return lambda: build(model, spec, inputs, inplace=inplace).seconds
+
+    return prepare
+
+
+def _peft(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
+    from peft import PeftModel
+
+    model = _load(root)
+    return lambda: PeftModel.from_pretrained(model, root / "adapter").merge_and_unload()
+
+
+def _out_of_core(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
+    from peftfx.out_of_core import merge_checkpoint
+
+    return lambda: merge_checkpoint(spec, root / "model", root / "out", max_shard_size=args.shard_size) and None
+
+
+def _read_write(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
+    def copy() -> None:
+        (root / "out").mkdir()
+        for shard in sorted((root / "model").glob("*.safetensors")):
+            with open(shard, "rb") as src, open(root / "out" / shard.name, "wb") as dst:
+                while chunk := src.read(16 * 2**20):
+                    dst.write(chunk)
+
+    return copy
+
+
+RUNS: dict[str, Callable[[Path, dict, Any], Callable[[], Any]]] = {
+    "peftfx compile + merge": _compile(False),
+    "peftfx compile + merge, inplace": _compile(True),
+    "PEFT from_pretrained + merge_and_unload": _peft,
+    "peftfx merge (out of core)": _out_of_core,
+    "read + write": _read_write,
+}
+
+
+def _load(root: Path) -> torch.nn.Module:
+    """The model in anonymous memory, built in bfloat16 from the saved config (its random weights are not the saved
+    ones; timings and memory do not care): from_pretrained may map the files, and writing into a private file
+    mapping copies each page it touches, which would bill an in-place merge for a copy of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(root / "model")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    _give_back_freed_memory()
+    return model
+
+
+def _reset_peak() -> int:
+    """Set the kernel's peak-RSS mark to the current RSS; return that, in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+if __name__ == "__main__":
+    main()

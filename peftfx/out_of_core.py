@@ -1,0 +1,365 @@
+"""Out-of-core merge: a sharded transformers checkpoint in, the merged checkpoint out, one tensor at a time.
+
+The model is built and captured on the meta device (no weight is materialised: the graph only resolves the sites
+and the spec), the plan loads the adapters, and each output tensor is read from its shard (``safe_open``,
+memory-mapped), merged exactly as ``compile`` merges it (``AdapterKind.merge_into`` / ``merge``) and streamed to
+its output shard. Memory holds one tensor and its temporaries, never a shard or the model. The output folder is
+written beside the destination and renamed into place, so an interrupted run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import shutil
+import struct
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from torch import fx, nn
+
+from .atomic import check_destination, replaced_folder
+from .capture import capture
+from .driver import SpecLike
+from .errors import CheckpointError, MergeError, SpecError
+from .ir import Placement
+from .passes.merge import finite
+from .plan import make_plan
+from .rewrite import get_attr
+from .sites import Site
+from .spec import load_spec
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+Progress = Callable[[str, int, int], None]  # (output shard, bytes written, its size)
+
+
+@dataclass
+class _SiteMerge:
+    """The adapters merged into one site's weight (and bias), in order."""
+
+    site: Site
+    weight_key: str
+    bias_key: str | None
+    adapters: list[tuple[str, Placement]] = field(default_factory=list)
+
+
+def merge_checkpoint(
+    spec: SpecLike,
+    model_dir: str | Path,
+    output: str | Path,
+    *,
+    max_shard_size: int | str = "2GB",
+    progress: Progress | None = None,
+) -> Path:
+    """Merge every active adapter of ``spec`` into the checkpoint in ``model_dir``; write it to ``output``.
+
+    ``output`` must not exist. The result has the input's config (untied where a tied weight was merged on one
+    side only), tensor names and dtypes, in shards of at most ``max_shard_size`` with their index.
+    """
+    spec, base_dir = load_spec(spec)
+    model_dir, output = Path(model_dir), Path(output)
+    shard_bytes = _shard_size(max_shard_size)
+    if check_destination(output, "folder", "--output").exists():
+        raise SpecError(f"--output: {output} exists; the merged checkpoint goes to a new folder")
+    names = _merged_adapters(spec)
+    source = _Source(model_dir)
+    model = _meta_model(model_dir, source)
+    gm = capture(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}, method=spec.capture)
+    plan = make_plan(gm, spec, base_dir)
+    sites = _site_merges(gm, plan.placements, names, source)
+    overrides = {_key(gm, o.target, source): o.tensor for o in plan.overrides if o.adapter in names}
+    config = json.loads((model_dir / "config.json").read_text())
+    keys = dict.fromkeys(source.keys)  # output tensors, input order
+    untied = _untie(gm, sites, source)
+    if untied:
+        config["tie_word_embeddings"] = False
+        keys.update(dict.fromkeys(untied))
+    layout = {
+        k: torch.empty(source.shape(untied.get(k, k)), dtype=source.dtype(untied.get(k, k)), device="meta")
+        for k in keys
+    }
+    split = split_torch_state_dict_into_shards(layout, max_shard_size=shard_bytes)
+    allow = {n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)}
+    with replaced_folder(output) as tmp:  # staged beside it, renamed in whole
+        tensors = _Tensors(source, sites, overrides, untied, allow)
+        for shard, shard_keys in split.filename_to_tensors.items():
+            _write_shard(tmp / shard, [(k, layout[k]) for k in shard_keys], tensors, progress)
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for extra in sorted(model_dir.iterdir()):  # tokenizer, generation config: what serving needs besides
+            if extra.is_file() and extra.name != "config.json" and not _weights_file(extra.name):
+                shutil.copy2(extra, tmp / extra.name)
+    return output
+
+
+def _shard_size(value: int | str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(value)
+    except (ValueError, TypeError):
+        size = 0
+    if not isinstance(size, int) or size < 1:
+        raise SpecError(f"--max-shard-size: {value!r} is not a size (e.g. 500MB, 5GB, or a number of bytes)")
+    return size
+
+
+def _merged_adapters(spec: Any) -> list[str]:
+    if spec.routing is not None:
+        raise SpecError("routing: a merged checkpoint has one set of weights; routed adapters need a graph")
+    active = spec.active_adapters()
+    merged = active if spec.merge is False else spec.merged_adapters()
+    live = [name for name in active if name not in merged]
+    if live:
+        raise SpecError(f"merge: {', '.join(live)} would stay live, but a checkpoint holds weights only: merge them")
+    return merged
+
+
+class _Source:
+    """The input checkpoint's tensors by key: which shard, shape, dtype and byte range, read one at a time.
+
+    ``safe_open`` lists them; each tensor is then a zero-copy view of a memory map of its own bytes, unmapped when
+    the tensor is dropped, so what was read does not stay resident (``safe_open``'s ``get_tensor`` copies out of
+    a map of the whole shard, whose touched pages stay in the process's RSS until it is closed).
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        if not (model_dir / "config.json").is_file():
+            raise CheckpointError(f"--model: {model_dir} is not a transformers model directory (no config.json)")
+        if (model_dir / INDEX).is_file():
+            weight_map = json.loads((model_dir / INDEX).read_text())["weight_map"]
+        elif (model_dir / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise CheckpointError(
+                f"--model: {model_dir} has no safetensors weights ({SINGLE} or {INDEX}); pickled weights are not read"
+            )
+        self.dir = model_dir
+        self.shard: dict[str, str] = {}
+        self.meta: dict[str, tuple[list[int], torch.dtype]] = {}
+        self.span: dict[str, tuple[int, int]] = {}  # absolute byte range in the shard file
+        for shard in sorted(set(weight_map.values())) if weight_map else [SINGLE]:
+            with safe_open(model_dir / shard, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    piece = f.get_slice(key)
+                    self.shard[key] = shard
+                    self.meta[key] = (piece.get_shape(), _DTYPES[piece.get_dtype()])
+            with open(model_dir / shard, "rb") as raw:
+                (length,) = struct.unpack("<Q", raw.read(8))
+                header = json.loads(raw.read(length))
+            for key, entry in header.items():
+                if key in self.meta:
+                    begin, stop = entry["data_offsets"]
+                    self.span[key] = (8 + length + begin, 8 + length + stop)
+        self.keys = list(self.shard)
+
+    def shape(self, key: str) -> list[int]:
+        return self.meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.meta[key][1]
+
+    def read(self, key: str) -> torch.Tensor:
+        """``key``'s tensor, a read-only view of its bytes in the file (copy-on-write: never written back)."""
+        (shape, dtype), (begin, stop) = self.meta[key], self.span[key]
+        if stop == begin:
+            return torch.empty(shape, dtype=dtype)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with open(self.dir / self.shard[key], "rb") as f:
+            mapped = mmap.mmap(f.fileno(), stop - start, offset=start, access=mmap.ACCESS_COPY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer's note on sharing memory: the view is only read
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin - start, count=stop - begin)
+        if (begin - start) % dtype.itemsize:  # a tensor not aligned to its element size (odd-sized ones before it)
+            flat = flat.clone()
+        return flat.view(dtype).reshape(shape)
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def _meta_model(model_dir: Path, source: _Source) -> nn.Module:
+    """The model of ``config.json`` on the meta device, each parameter in its checkpoint dtype."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            model = AutoModel.from_config(config)
+    for name, param in model.named_parameters():
+        if name in source.meta:
+            param.data = torch.empty(source.shape(name), dtype=source.dtype(name), device="meta")
+    return model.eval()
+
+
+def _key(gm: fx.GraphModule, target: str, source: _Source) -> str:
+    """The checkpoint key of a graph attribute: its own name, or that of a tied alias the checkpoint stores."""
+    if target in source.meta:
+        return target
+    value = get_attr(gm, target)
+    for name, tensor in gm.named_parameters(remove_duplicate=False):
+        if tensor is value and name in source.meta:
+            return name
+    raise CheckpointError(f"--model: the checkpoint has no tensor {target!r} (nor a tied alias of it)")
+
+
+def _site_merges(gm: fx.GraphModule, placements: list[Placement], names: list[str], source: _Source) -> dict:
+    """Per written key (weight and bias), the site merge that produces it."""
+    by_site: dict[fx.Node, _SiteMerge] = {}
+    for p in placements:
+        if p.adapter not in names:
+            continue
+        a = p.site_adapter
+        for role, tensor in a.tensors.items():
+            if tensor.is_meta:
+                raise MergeError(
+                    f"adapters.{p.adapter}: {a.kind.name} at {a.site.module} derives {role} from the base weight when "
+                    "created, which a merge out of core does not load: compile the model, or save the adapter first"
+                )
+        site = a.site
+        if site.node not in by_site:
+            bias = _own_name(gm, site, "bias", site.bias) if site.bias is not None else None
+            by_site[site.node] = _SiteMerge(site, _own_name(gm, site, "weight", site.weight), bias)
+        by_site[site.node].adapters.append((p.adapter, p))
+    out = {}
+    for merge in by_site.values():
+        for target in (merge.weight_key, merge.bias_key):
+            if target is not None:
+                if target in out:
+                    raise MergeError(f"merge: {target} is read by two merged sites; out of core cannot split it")
+                out[target] = merge
+    return out
+
+
+def _own_name(gm: fx.GraphModule, site: Site, role: str, node: fx.Node) -> str:
+    """The site's module's own name for a tensor: torch.export reads a tied weight under one alias for every user
+    (the embedding may read ``lm_head.weight``), but the merge belongs to the module that owns the site."""
+    own = f"{site.module}.{role}"
+    try:
+        if get_attr(gm, own) is get_attr(gm, str(node.target)):
+            return own
+    except AttributeError:
+        pass
+    return str(node.target)
+
+
+def _untie(gm: fx.GraphModule, sites: dict[str, _SiteMerge], source: _Source) -> dict[str, str]:
+    """A tied weight merged on one side only: every alias gets a tensor of its own, the merged one its merge.
+
+    Returns {written key the checkpoint lacks: the stored key it starts from} (e.g. ``lm_head.weight``, tied to
+    ``model.embed_tokens.weight``): the output is then untied (``tie_word_embeddings: false``).
+    """
+    params = list(gm.named_parameters(remove_duplicate=False))
+    untied = {}
+    for target in sites:
+        value = get_attr(gm, target)
+        aliases = [name for name, tensor in params if tensor is value]
+        if len(aliases) > 1:
+            stored = _key(gm, target, source)
+            untied.update({alias: stored for alias in aliases if alias not in source.meta})
+    return untied
+
+
+class _Tensors:
+    """Every output tensor by key: read, merged where a site needs it (weight and bias together), dtype kept."""
+
+    def __init__(self, source: _Source, sites: dict[str, _SiteMerge], overrides: dict, untied: dict, allow: set):
+        self.source, self.sites, self.overrides, self.untied, self.allow = source, sites, overrides, untied, allow
+        self.pending: dict[str, torch.Tensor] = {}  # a site's other output, until its turn comes
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self.pending:
+            return self.pending.pop(key)
+        merge = self.sites.get(key)
+        if merge is None:
+            return self._base(key)
+        weight, bias = self._merge(merge)
+        if merge.bias_key is not None and key == merge.weight_key:
+            self.pending[merge.bias_key] = bias
+        elif merge.bias_key is not None:
+            self.pending[merge.weight_key] = weight
+        return weight if key == merge.weight_key else bias
+
+    def _base(self, key: str) -> torch.Tensor:
+        stored = self.untied.get(key, key)
+        if stored in self.overrides or key in self.overrides:
+            return self.overrides.get(key, self.overrides.get(stored)).to(self.source.dtype(stored))
+        return self.source.read(stored)
+
+    def _merge(self, merge: _SiteMerge) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raw = weight = self._base(merge.weight_key)
+        raw_bias = bias = self._base(merge.bias_key) if merge.bias_key is not None else None
+        for name, placement in merge.adapters:
+            a = placement.site_adapter
+            allow = name in self.allow
+            for role, tensor in a.tensors.items():
+                if not allow and not finite(tensor):
+                    raise MergeError(f"merge: adapter {name!r} at {a.site.module}: tensor {role} holds NaN or inf")
+            with torch.no_grad():
+                done = a.kind.merge_into(a, torch.empty_like(weight), weight, bias, a.tensors)
+                weight, bias = done or a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
+            if not allow and not finite(weight):
+                raise MergeError(f"merge: adapter {name!r} at {a.site.module}: the merged weight is not finite")
+        return weight, bias
+
+
+def _write_shard(
+    path: Path, layout: list[tuple[str, torch.Tensor]], tensors: _Tensors, progress: Progress | None
+) -> None:
+    """A safetensors file written as a stream: the header first (every shape and dtype is known), then each tensor
+    as it is made, so one tensor is in memory at a time (``save_file`` needs them all)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, meta in layout:
+        size = meta.numel() * meta.element_size()
+        header[key] = {"dtype": _NAMES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    done, pending = 0, None
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as writer:  # the next tensor is made while one is written
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for key, meta in layout:
+            tensor = tensors.get(key)
+            if tensor.dtype != meta.dtype or list(tensor.shape) != list(meta.shape):
+                raise MergeError(f"merge: {key} came out {tensor.dtype} {list(tensor.shape)}, not as stored")
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            if pending is not None:
+                pending.result()  # at most two tensors in memory: the one written and the one made
+            pending = writer.submit(f.write, memoryview(data.numpy()))
+            done += data.numel()
+            if progress is not None:
+                progress(path.name, done, offset)
+        if pending is not None:
+            pending.result()
+
+
+def _weights_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth")) or name == INDEX or name.endswith(".index.json")

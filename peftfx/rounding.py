@@ -1,0 +1,209 @@
+"""Exactly rounded low-rank merges: ``W + s · L @ R``, rounded once from the exact value, one block at a time.
+
+A merge computed in float64 and rounded to a narrower dtype (float32, bfloat16, float16) is the exactly rounded
+result except where the exact value lies within float64's error of a rounding boundary. That error is bounded:
+each entry is a ``k``-term dot product, scaled, plus ``W``, so (Higham, any summation order, fused or
+not) ``|computed - exact| <= gamma(k+2) · (|W| + |s| Σ|L||R|)``, ``gamma(n) = n u / (1 - n u)``, ``u = 2^-53``; it is
+over-estimated (twice over) by ``2 gamma(k+2) (|r| + 2 |s| max|L_i·| Σ|R_·j|)``. Where the two ends of that interval
+round to the same value, so does the exact value (rounding is monotonic); the rare entries whose interval
+straddles a boundary are recomputed in rational arithmetic. Blocks of rows keep the float64 temporaries small
+(in cache) and let ``out`` be ``W`` itself: each block is read whole before it is written.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+
+import torch
+
+BLOCK_BYTES = 1 << 22  # float64 bytes of one block's result: in cache, and few enough blocks for the per-block work
+_U = 2.0**-53
+
+
+def add_low_rank(out: torch.Tensor, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s: float) -> None:
+    """``out = round(weight + s · left @ right)`` exactly rounded to ``out``'s dtype; 2-D, ``out`` may be ``weight``.
+
+    ``left`` is ``[rows, k]``, ``right`` ``[k, cols]`` (any float dtype; taken exactly, in float64). Blocks run on
+    ``torch.get_num_threads()`` threads: each op on a block is too small for torch's own threads to split.
+    """
+    rows, cols = weight.shape
+    left, right = left.double(), right.double()
+    step = max(1, BLOCK_BYTES // (8 * max(cols, 1)))
+    job = _Job(out, weight, left, right, s)
+    starts = range(0, rows, step)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        job.run(starts, step)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: job.run(starts[i::threads], step), range(threads)))
+
+
+class _Job:
+    """One weight's merge; ``run`` does some of its blocks with buffers of its own."""
+
+    def __init__(self, out: torch.Tensor, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s: float):
+        self.out, self.weight, self.left, self.right, self.s = out, weight, left, right, s
+        self.exact = out.dtype != torch.float64  # a float64 weight is as exact as float64 makes it
+        k = left.shape[1]
+        self.bound = 2 * _gamma(k + 2)
+        self.left_max = left.abs().amax(1) if k else left.new_zeros(left.shape[0])
+        self.right_sum = right.abs().sum(0)
+        self.most = 2 * abs(s) * float(self.left_max.max()) * float(self.right_sum.max()) if left.numel() else 0.0
+        if self.exact:
+            self.grid = _Grid(out.dtype, self.bound, self.most)
+            self.lsb_left = _lowest_bit(left, 1)  # per row: every entry is a multiple of 2**lsb
+            self.lsb_right = _lowest_bit(right, 0)  # per column
+            mantissa, exponent = math.frexp(s)
+            self.log2_s = exponent - 1 if mantissa in (0.5, -0.5) else None  # s·x is exact for a power of two
+            self.width = 2 - math.frexp(torch.finfo(weight.dtype).eps)[1] if weight.is_floating_point() else 53
+
+    def run(self, starts: range, step: int) -> None:
+        rows, cols = self.weight.shape
+        r = torch.empty((min(step, rows), cols), dtype=torch.float64)
+        narrow = torch.empty((min(step, rows), cols), dtype=torch.float32) if self.exact and self.grid.via32 else None
+        for start in starts:
+            stop = min(start + step, rows)
+            block = r[: stop - start]
+            block.copy_(self.weight[start:stop])
+            block.addmm_(self.left[start:stop], self.right, alpha=self.s)
+            if narrow is not None:  # (b)float16: checked and rounded through float32, half the bytes
+                image = narrow[: stop - start]
+                image.copy_(block)
+                self._round(block, start, self.grid.doubtful32(image), image)
+                self.out[start:stop].copy_(image)
+                continue
+            if self.exact:
+                self._round(block, start, self.grid.doubtful(block), block)
+            self.out[start:stop].copy_(block)
+
+    def _round(self, block: torch.Tensor, start: int, doubtful: torch.Tensor, target: torch.Tensor) -> None:
+        """Set the entries whose rounding is in doubt to their exactly rounded value (representable, so the final
+        copy keeps it). Doubt, cheaply: an entry whose float64 bits lie near the middle between two ``dtype``
+        values, or that is small beside the block's largest delta (cancellation); each is then settled with its
+        own error bound, and the few that bound cannot settle in rational arithmetic."""
+        flagged = doubtful.nonzero()
+        if not len(flagged):
+            return
+        i, j = flagged[:, 0], flagged[:, 1]
+        value = block[i, j]
+        size = 2 * abs(self.s) * self.left_max[start + i] * self.right_sum[j]
+        tol = self.bound * (value.abs() + size)
+        if self.log2_s is not None:  # entries float64 computed exactly (coarse factors: often exact ties) have none
+            w = self.weight[start + i, j].double()
+            lsb = torch.minimum(
+                self.lsb_left[start + i] + self.lsb_right[j] + self.log2_s, _lowest_bit(w, None, self.width)
+            )
+            top = torch.frexp(w.abs() + size).exponent
+            tol = torch.where((top - lsb <= 52) & (lsb >= -1074), 0.0, tol)
+        rounded, settled = self.grid.settle(value, tol)
+        target[i, j] = rounded.to(target.dtype)  # a dtype value: exact in float32 too
+        for n in (~settled).nonzero().flatten().tolist():
+            row, col = int(i[n]), int(j[n])
+            x = block[row, col].item()
+            if not math.isfinite(x):
+                continue
+            w = Fraction(self.weight[start + row, col].item())
+            dot = sum(
+                Fraction(a) * Fraction(b)
+                for a, b in zip(self.left[start + row].tolist(), self.right[:, col].tolist(), strict=True)
+            )
+            target[row, col] = round_fraction(w + Fraction(self.s) * dot, self.out.dtype)
+
+
+class _Grid:
+    """A narrower dtype's values as float64 bit patterns: which entries are near a rounding boundary, and how
+    each rounds given an error bound.
+
+    torch converts float64 to (b)float16 through float32, rounding twice: wrong where the float32 value lands
+    on a boundary, i.e. within half a float32 ulp of one, so that zone counts as near too.
+    """
+
+    def __init__(self, dtype: torch.dtype, bound: float, most: float) -> None:
+        info = torch.finfo(dtype)
+        self.fraction_bits = 1 - math.frexp(info.eps)[1]  # stored significand bits (bfloat16: 7)
+        self.dropped = 52 - self.fraction_bits  # float64 bits below the dtype's last one, at normal exponents
+        self.min_exponent = math.frexp(info.tiny)[1] - 1
+        self.via32 = dtype in (torch.float16, torch.bfloat16)
+        # near a boundary: float32 images within one float32 ulp (2^29 float64 ulps) of it; float32 itself: 2^21 ulps
+        self.near = 1 << (29 if self.via32 else 21)
+        # past ``small``, an entry's error bound is under ``near`` ulps of it: bound (|r| + most) < near ulp(r)
+        headroom = self.near / (bound * 2.0**53) - 1
+        self.small = max(most / headroom if headroom > 0 else math.inf, info.tiny * 2)
+
+    def doubtful(self, block: torch.Tensor) -> torch.Tensor:
+        bits = block.view(torch.int64)
+        middle = 1 << (self.dropped - 1)
+        low = torch.bitwise_and(bits, (1 << self.dropped) - 1)
+        return ((low - middle).abs_() < self.near) | (block.abs() < self.small)
+
+    def doubtful32(self, image: torch.Tensor) -> torch.Tensor:
+        """``doubtful`` from the float32 image of a block: a (b)float16 boundary is a float32 value, and an entry
+        whose image is not within one float32 ulp of one is more than 1.5 of them (2^29.5 float64 ulps) away."""
+        dropped = 23 - self.fraction_bits
+        low = torch.bitwise_and(image.view(torch.int32), (1 << dropped) - 1)
+        return ((low - (1 << (dropped - 1))).abs_() <= 1) | (image.abs() < self.small)
+
+    def settle(self, value: torch.Tensor, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rounded, settled): each entry rounded to the dtype where its interval ``value ± tol`` lies on one side
+        of a boundary (as float64, exactly representable), else left as is and not settled."""
+        bits = value.view(torch.int64)
+        exponent = torch.bitwise_and(bits >> 52, 0x7FF) - 1023
+        dropped = self.dropped + (self.min_exponent - exponent).clamp(min=0)  # the dtype's subnormals drop more
+        usable = (dropped <= 52) & value.isfinite() & (value != 0)
+        dropped = dropped.clamp(max=52)
+        one = torch.ones_like(bits)
+        down = torch.bitwise_and(bits, ~((one << dropped) - 1))
+        up, middle = down + (one << dropped), down + (one << (dropped - 1))
+        size, mid = value.abs(), middle.view(torch.float64).abs()
+        above, below = size - tol > mid, size + tol < mid
+        tie = (size == mid) & (tol == 0)  # exact: to the even neighbour (the last kept bit of ``down`` clear)
+        even_down = torch.bitwise_and(down >> dropped, 1) == 0
+        take_up = above | (tie & ~even_down)
+        rounded = torch.where(
+            take_up, up.view(torch.float64), torch.where(below | tie, down.view(torch.float64), value)
+        )
+        exact_zero = (value == 0) & (tol == 0)
+        return rounded, (usable & (above | below | tie)) | exact_zero
+
+
+def _lowest_bit(x: torch.Tensor, dim: int | None, width: int | None = None) -> torch.Tensor:
+    """A power of two every entry is a multiple of (its exponent), per ``dim`` (min over the other) or per entry;
+    zeros impose nothing. From the exponent and ``width`` significand bits (default: those of the narrowest float
+    type holding ``x``)."""
+    if width is None:
+        kinds = ((torch.bfloat16, 8), (torch.float16, 11), (torch.float32, 24))
+        width = next((bits for dtype, bits in kinds if _holds(x, dtype)), 53)
+    lsb = torch.frexp(x).exponent.to(torch.int64) - width
+    lsb = torch.where(x == 0, 1 << 20, lsb)
+    return lsb if dim is None else lsb.amin(dim)
+
+
+def _holds(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    narrow = x.to(dtype)
+    return bool(narrow.isfinite().all()) and torch.equal(narrow.double(), x.double())
+
+
+def _gamma(n: int) -> float:
+    return n * _U / (1 - n * _U)
+
+
+def round_fraction(x: Fraction, dtype: torch.dtype) -> float:
+    """``x`` rounded to the nearest ``dtype`` value, ties to even (IEEE's default), as a Python float."""
+    info = torch.finfo(dtype)
+    digits = 2 - math.frexp(info.eps)[1]  # significand bits, the implicit one included (eps = 2^(1 - digits))
+    if x == 0:
+        return 0.0
+    sign, a = (-1 if x < 0 else 1), abs(x)
+    exponent = a.numerator.bit_length() - a.denominator.bit_length()
+    if Fraction(2) ** exponent > a:
+        exponent -= 1  # now 2**exponent <= a < 2**(exponent + 1)
+    min_exponent = math.frexp(info.tiny)[1] - 1
+    quantum = Fraction(2) ** (max(exponent, min_exponent) - digits + 1)  # subnormals share the smallest one
+    n, rest = divmod(a / quantum, 1)
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and n % 2 == 1):
+        n += 1
+    value = n * quantum
+    return sign * (math.inf if value > info.max else float(value))

@@ -1,0 +1,144 @@
+"""``peftfx merge``: a sharded transformers checkpoint merged out of core equals PEFT's merge_and_unload and
+peftfx's own compile-and-merge, loads in transformers, keeps names, dtypes and ties, and is written atomically."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from models import tiny_llama
+from oracle import peft_checkpoint
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import peftfx
+from peftfx import out_of_core as ooc
+from peftfx.cli import app
+from peftfx.errors import PeftfxError
+
+IDS = {"input_ids": torch.tensor([[3, 17, 9, 40, 1, 22]])}
+
+
+def checkpoint(
+    tmp_path: Path, dtype: torch.dtype, tie: bool, targets: list[str], dora: bool = False, save: list | None = None
+) -> tuple:
+    """A tiny Llama saved in shards of a few kB, and a PEFT LoRA on ``targets`` moved off its init."""
+    model = tiny_llama(dtype=dtype, tie_word_embeddings=tie)
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora, modules_to_save=save)
+    peft_checkpoint(model, config, tmp_path / "adapter")
+    return model, {"adapters": {"a": {"peft": str(tmp_path / "adapter")}}}
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            out.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
+    return out
+
+
+def test_sharded_merge_equals_peft_and_compile_and_loads(tmp_path):
+    model, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj", "v_proj", "down_proj"], save=["lm_head"])
+    out = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
+    written, stored = tensors(out), tensors(tmp_path / "base")
+    assert list(written) == list(stored) or sorted(written) == sorted(stored)
+    assert all(written[k].dtype == stored[k].dtype and written[k].shape == stored[k].shape for k in stored)
+    index = json.loads((out / ooc.INDEX).read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"]) == set(stored)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in stored.values())
+    assert all(s.stat().st_size <= 30_000 + 4096 for s in shards)  # a shard: its tensors plus the header
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    peft_merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter").merge_and_unload()
+    compiled = peftfx.compile(model, {**spec, "merge": True}, IDS).state_dict()
+    for key, tensor in peft_merged.state_dict().items():
+        # float32: PEFT adds a float32 delta, peftfx rounds the exact sum once; they differ in the last bits only
+        torch.testing.assert_close(loaded.state_dict()[key], tensor, rtol=1e-6, atol=1e-7)
+        assert torch.equal(written[key], compiled[key]), key  # the same merge as compile's, bit for bit
+    assert not torch.equal(
+        written["model.layers.0.self_attn.q_proj.weight"], stored["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not torch.equal(written["lm_head.weight"], stored["lm_head.weight"])  # modules_to_save: PEFT's copy
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**IDS).logits, peft_merged(**IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("on_embedding", [False, True])
+def test_tied_weights(tmp_path, on_embedding):
+    """Tied embeddings stay tied when no merge touches them; a merge into the embedding unties the head, which
+    keeps the original weight (as compile's merge does: see README, "Tied weights")."""
+    targets = ["q_proj", "embed_tokens"] if on_embedding else ["q_proj"]
+    model, spec = checkpoint(tmp_path, torch.bfloat16, True, targets)
+    out = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out")
+    written, config = tensors(out), json.loads((out / "config.json").read_text())
+    assert ("lm_head.weight" in written) is on_embedding
+    assert config.get("tie_word_embeddings", True) is not on_embedding
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    gm = peftfx.compile(model, {**spec, "merge": True}, IDS)
+    with torch.no_grad():  # bfloat16: the graph's kernels and eager's round differently, by a few ulps
+        torch.testing.assert_close(loaded(**IDS).logits, gm(**IDS).logits, rtol=0.02, atol=0.02)
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"):
+        assert torch.equal(loaded.get_submodule(module).weight, gm.get_submodule(module).weight)
+    if on_embedding:
+        assert torch.equal(written["lm_head.weight"], model.lm_head.weight)
+        assert not torch.equal(written["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+def test_dora_bf16_equals_compile_bit_for_bit(tmp_path):
+    model, spec = checkpoint(tmp_path, torch.bfloat16, False, ["q_proj", "gate_proj"], dora=True)
+    out = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out")
+    compiled = peftfx.compile(model, {**spec, "merge": True}, IDS).state_dict()
+    written = tensors(out)
+    assert all(torch.equal(written[k], compiled[k]) for k in written)
+
+
+def test_an_interrupted_merge_leaves_nothing(tmp_path, monkeypatch):
+    _, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj"])
+    calls = []
+    get = ooc._Tensors.get
+
+    def failing(self, key):
+        calls.append(key)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as a user's Ctrl-C mid-way
+        return get(self, key)
+
+    monkeypatch.setattr(ooc._Tensors, "get", failing)
+    with pytest.raises(KeyboardInterrupt):
+        ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_cli_merge_and_its_bad_input(tmp_path):
+    _, spec = checkpoint(tmp_path, torch.float32, False, ["v_proj"])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    runner = CliRunner()
+    args = ["merge", str(spec_file), "--model", str(tmp_path / "base"), "--output", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists" in again.output
+    bad = runner.invoke(app, [*args[:-1], str(tmp_path / "o2"), "--max-shard-size", "lots"])
+    assert bad.exit_code == 2 and "--max-shard-size" in bad.output
+    no_model = runner.invoke(app, [*args[:3], str(tmp_path / "adapter"), "--output", str(tmp_path / "o3")])
+    assert no_model.exit_code == 2 and "config.json" in no_model.output
+
+
+def test_live_adapters_and_routing_are_refused(tmp_path):
+    _, spec = checkpoint(tmp_path, torch.float32, False, ["v_proj"])
+    fresh = {"type": "lora", "at": {"module": "*.q_proj"}, "seed": 0}
+    for bad, field in (
+        ({"adapters": {**spec["adapters"], "b": fresh}, "merge": ["a"]}, "merge"),
+        ({**spec, "routing": {"adapters": ["a"]}}, "routing"),
+    ):
+        with pytest.raises(PeftfxError, match=field):
+            ooc.merge_checkpoint(bad, tmp_path / "base", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,108 @@
+"""``compile(..., inplace=True)`` writes the merge into the model's own weights, with the default's bits; LoRA
+merges are exactly rounded (one rounding from the exact value), even where float64 alone rounds wrong."""
+
+from __future__ import annotations
+
+import copy
+from fractions import Fraction
+
+import pytest
+import torch
+from models import tiny_llama, token_inputs
+
+import peftfx
+from peftfx import rounding
+from peftfx.rounding import add_low_rank, round_fraction
+
+KINDS = {
+    "lora": {"type": "lora", "with": {"r": 4, "init": False}},
+    "dora": {"type": "dora", "with": {"r": 4, "init": False}},
+    "loha": {"type": "loha", "with": {"r": 2, "init_weights": False}},
+}
+
+
+@pytest.mark.parametrize(
+    ("kinds", "dtype"),
+    [
+        (["lora"], torch.float32),
+        (["lora"], torch.bfloat16),
+        (["dora"], torch.float32),
+        (["loha", "lora"], torch.bfloat16),
+    ],
+)
+def test_inplace_merge_equals_the_default_bit_for_bit(kinds, dtype):
+    at = {"op": "linear", "exclude": {"module": "lm_head"}}
+    spec = {
+        "adapters": {k: {**KINDS[k], "at": at, "seed": i} for i, k in enumerate(kinds)},  # two kinds share sites
+        "merge": True,
+    }
+    model, inputs = tiny_llama(dtype=dtype), token_inputs()
+    before = copy.deepcopy(model.state_dict())
+    default = peftfx.compile(model, spec, inputs)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())  # the default leaves it be
+    storage = model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    inplace = peftfx.compile(model, spec, inputs, inplace=True)
+    for key, tensor in default.state_dict().items():
+        assert torch.equal(inplace.state_dict()[key], tensor), key
+    q = inplace.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert q.data_ptr() == storage  # written into the model's own tensor, not a copy
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q)
+    assert not torch.equal(q, before["model.layers.0.self_attn.q_proj.weight"])
+    with torch.no_grad():
+        assert torch.equal(inplace(**inputs).logits, default(**inputs).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_tie_float64_misses_is_rounded_exactly(dtype):
+    """``1 + m + tiny``, ``m`` half an ulp of ``dtype`` at 1: float64 drops ``tiny`` and rounds the tie to even
+    (1); the exact value is above the tie, so it rounds up."""
+    half_ulp = torch.finfo(dtype).eps / 2
+    weight = torch.ones(1, 4, dtype=dtype)
+    left = torch.tensor([[1.0, 1.0]], dtype=torch.float32)
+    right = torch.tensor([[half_ulp] * 3 + [3 * half_ulp], [2.0**-70, -(2.0**-70), 0.0, 0.0]], dtype=torch.float32)
+    naive = (weight.double() + left.double() @ right.double()).to(dtype)
+    assert naive.tolist()[0][:3] == [1.0, 1.0, 1.0]
+    out = torch.empty_like(weight)
+    add_low_rank(out, weight, left, right, 1.0)
+    # above the tie, below it, exactly the tie (to the even neighbour: 1), the tie between 1 + ulp and 1 + 2 ulp
+    assert out.tolist() == [[1.0 + 2 * half_ulp, 1.0, 1.0, 1.0 + 4 * half_ulp]]
+
+
+def test_round_fraction_is_ieee_rounding():
+    values = torch.randn(2000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values = torch.cat(
+        [
+            values * 1e-3,
+            values * 1e30,
+            values * 1e-40,
+            torch.tensor([1e300, -0.0, 65504.0, 65520.0], dtype=torch.float64),
+        ]
+    )
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        expected = values.to(dtype).double().tolist()
+        assert [round_fraction(Fraction(v), dtype) for v in values.tolist()] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_entry_is_the_exactly_rounded_value(dtype, monkeypatch):
+    """Against rational arithmetic, entry by entry: fine factors and coarse ones (bfloat16-valued, as trained in
+    mixed precision: exact ties), zero rows, blocks of a few rows, on two threads (the blocks are independent)."""
+    monkeypatch.setattr(rounding, "BLOCK_BYTES", 8 * 64 * 5)  # five rows a block
+    generator = torch.Generator().manual_seed(1)
+    weight = (torch.randn(24, 64, generator=generator) * 0.05).to(dtype)
+    left = torch.randn(24, 3, generator=generator) * 0.3
+    right = torch.randn(3, 64, generator=generator) * 0.05
+    left[:12] = left[:12].bfloat16().float()  # coarse rows
+    right[:, :32] = right[:, :32].bfloat16().float()
+    left[5] = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = torch.empty_like(weight)
+        add_low_rank(out, weight, left, right, 2.0)
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(24):
+        for j in range(64):
+            dot = sum(Fraction(left[i, c].item()) * Fraction(right[c, j].item()) for c in range(3))
+            assert out[i, j].item() == round_fraction(Fraction(weight[i, j].item()) + 2 * dot, dtype), (i, j)
