@@ -21,7 +21,7 @@ from ..adapters import SiteAdapter
 from ..errors import CheckpointError, PassError, SpecError
 from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, nodes_by_name, records
 from ..rewrite import TAG, build_after, get_attr, rebind, set_attr, tagged_get_attr, weight_device
-from ..sites import module_of
+from ..sites import PARAMETER, module_of
 from .base import Pass
 
 
@@ -76,12 +76,17 @@ class Insert(Pass):
 
 def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.Node:
     site = a.site
+    if site.op == PARAMETER:  # every read of the parameter reads the adapted one: one get_attr (the first) for all
+        for other in gm.graph.find_nodes(op="get_attr", target=site.weight.target):
+            if other is not site.weight and TAG not in other.meta:
+                other.replace_all_uses_with(site.weight)
+                gm.graph.erase_node(other)
     tag = {"adapter": adapter, "node": site.node.name}
     prefix = f"peftfx.{attr_key(adapter)}"
     targets = {}
     device = weight_device(gm, site.weight)
     for role, tensor in a.tensors.items():
-        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.module)}.{role}"
+        targets[role] = f"{prefix}.{role}" if role in a.shared else f"{prefix}.{attr_key(site.qualified_name)}.{role}"
         try:
             get_attr(gm, targets[role])  # shared roles, and a module called at several sites, reuse one tensor
         except AttributeError:
@@ -114,7 +119,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node) -> fx.
             kind=a.kind.name,
             hyper=dict(a.hyper),
             site_node=site.node.name,
-            module=site.module,
+            module=a.peft_module or site.module,
             input=y.name,
             output=out.name,
             tensors=targets,

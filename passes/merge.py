@@ -105,7 +105,7 @@ def _merge(
     own = inplace and set(index.users(weight)) <= mine
     merged = a.kind.merge_into(a, weight if own else torch.empty_like(weight), weight, bias, a.tensors)
     new_weight, new_bias = merged or a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
-    if own and new_weight is not weight:
+    if own and new_weight is not weight and new_weight.shape == weight.shape:  # a grouped conv merges to a dense one
         new_weight = weight.copy_(new_weight)
     if inplace and new_bias is not None and new_bias is not bias and set(index.users(bias)) <= mine:
         new_bias = bias.copy_(new_bias)
@@ -119,14 +119,26 @@ def _merge(
         node = nodes.get(name)
         if node is not None and not node.users:  # an adapter-wide tensor's get_attr may serve other sites too
             gm.graph.erase_node(node)
+    if new_weight.shape != weight.shape and site.op.startswith("conv"):
+        _ungroup(site.node)  # a grouped conv's delta reaches across groups: merged, it is a dense conv
     renamed = []
     for old, new_value, value in ((site.weight, new_weight, weight), (site.bias, new_bias, bias)):
         if old is not None and new_value is not value:
-            new = rebind(gm, [site.node], old, new_value, "merged", index)
+            new = rebind(
+                gm, site.weight_readers if old is site.weight else [site.node], old, new_value, "merged", index
+            )
             if new is not None:
                 renamed.append((new, old))
     record.merged = True
     return renamed
+
+
+def _ungroup(node: fx.Node) -> None:
+    """Make a conv node compute with ``groups=1`` (its weight is now the dense, block-diagonal one)."""
+    if "groups" in node.kwargs:
+        node.update_kwarg("groups", 1)
+    else:  # groups > 1 was given positionally, after stride, padding and dilation
+        node.args = (*node.args[:6], 1)
 
 
 _TRIM_EVERY = 32 * 2**20

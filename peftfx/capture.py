@@ -325,7 +325,18 @@ def _finish(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     output_embeddings = _path_of(model, getattr(model, "get_output_embeddings", lambda: None)())
     classifier = next((n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None)
     set_heads(gm, ModelHeads(output_embeddings, classifier))
+    for name, module in model.named_modules():  # fused MoE experts stored [experts, in, out], as PEFT reads it
+        if getattr(module, "is_transposed", False) is True and _has_module(gm, name):
+            gm.get_submodule(name).is_transposed = True
     return gm
+
+
+def _has_module(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:

@@ -296,12 +296,11 @@ def explain(model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = No
         params[p.adapter, node] = {**_shown(p.site_adapter.hyper), **plan.fold_values.get((p.adapter, node), {})}
     rows = []
     for target in plan.targets:
-        for site in plan.matcher.sites:
+        for site in plan.matcher.candidates(target.selector):
             verdict = plan.matcher.test(target.selector, site)
             values = params.get((target.name, site.node.name), {})
-            rows.append(
-                Row(target.name, site.node.name, site.op, site.module, site.layer, verdict.ok, verdict.reason, values)
-            )
+            name = site.qualified_name
+            rows.append(Row(target.name, site.node.name, site.op, name, site.layer, verdict.ok, verdict.reason, values))
     return Explanation(rows, errors)
 
 

@@ -49,7 +49,7 @@ class Record:
     kind: str
     hyper: dict[str, Any]
     site_node: str
-    module: str
+    module: str  # where PEFT keeps its tensors: the site's module, or the SiteAdapter's peft_module
     input: str  # the output node the adapter consumed (the site, or the adapter before it)
     output: str  # the adapter's own output node
     tensors: dict[str, str]  # role -> attribute target
@@ -63,7 +63,16 @@ class Record:
     def site_adapter(self, gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> SiteAdapter:
         site = site_of(gm, nodes[self.site_node])
         tensors = {role: get_attr(gm, target) for role, target in self.tensors.items()}
-        return SiteAdapter(KINDS[self.kind], site, self.hyper, tensors, dict(self.peft_keys), frozenset(self.shared))
+        peft_module = self.module if self.module != site.module else None
+        return SiteAdapter(
+            KINDS[self.kind],
+            site,
+            self.hyper,
+            tensors,
+            dict(self.peft_keys),
+            frozenset(self.shared),
+            peft_module=peft_module,
+        )
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Evaluating selectors over the site table, with a reason for every answer.
 
 Each predicate returns a ``Verdict``; a selector's verdict is the first failing predicate (in the order
-op, module_type, module, layers, weight, fed_by, feeds, all_of, any_of, not, exclude), so ``explain`` can say exactly
-why a site was left out.
+op, module_type, module, param, layers, weight, fed_by, feeds, all_of, any_of, not, exclude), so ``explain`` can
+say exactly why a site was left out. Parameter sites are candidates only for selectors that ask for them
+(``op: parameter`` or ``param:``, outside ``not``/``exclude``/``feeds``/``fed_by``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from functools import lru_cache
 from torch import fx
 
 from .errors import MatchError
-from .sites import SIGNATURES, OpView, Site, consumers, producers, view_of
+from .sites import PARAMETER, SIGNATURES, OpView, Site, consumers, producers, view_of
 from .spec import Selector, WeightPredicate, suggest
 
 
@@ -30,6 +31,7 @@ class Verdict:
 
 
 YES = Verdict(True, "matched")
+_NOT_ASKED = Verdict(False, "op: a parameter site, and this selector names no `param` or `op: parameter`")
 
 
 class Matcher:
@@ -68,6 +70,13 @@ class Matcher:
             if not verdict:
                 return verdict
             layer = named_layer if named_layer is not None else layer
+        if selector.param is not None:
+            if view.op != PARAMETER:
+                return Verdict(False, f"param: {view.op!r} is not a parameter site")
+            assert isinstance(view, Site)
+            verdict, _ = _module(selector.param, view.qualified_name, "param")
+            if not verdict:
+                return verdict
         if selector.layers is not None:
             wanted = _layers(selector.layers)
             if layer is None:
@@ -86,8 +95,11 @@ class Matcher:
             verdict = self.test(inner, view)
             if not verdict:
                 return Verdict(False, f"all_of[{i}].{verdict.reason}")
-        if selector.any_of is not None:
-            verdicts = [self.test(inner, view) for inner in selector.any_of]
+        if selector.any_of is not None:  # each alternative stands alone: it picks parameter sites only if it asks
+            verdicts = [
+                self.test(inner, view) if view.op != PARAMETER or asks_for_parameters(inner) else _NOT_ASKED
+                for inner in selector.any_of
+            ]
             if not any(verdicts):
                 return Verdict(False, "any_of: none holds (" + "; ".join(v.reason for v in verdicts) + ")")
         if selector.not_ is not None and self.test(selector.not_, view):
@@ -96,9 +108,15 @@ class Matcher:
             return Verdict(False, "exclude: excluded")
         return YES
 
+    def candidates(self, selector: Selector) -> list[Site]:
+        """The sites ``selector`` is tested on: parameter sites only if it asks for them."""
+        if asks_for_parameters(selector):
+            return self.sites
+        return [site for site in self.sites if site.op != PARAMETER]
+
     def select(self, selector: Selector, field: str) -> list[Site]:
         """The sites ``selector`` matches; raises if their number breaks ``expect``."""
-        chosen = [site for site in self.sites if self.test(selector, site)]
+        chosen = [site for site in self.candidates(selector) if self.test(selector, site)]
         low, high = _expect(selector.expect)
         if not low <= len(chosen) <= high:
             wanted = f"at least {low}" if high == _MANY else (f"exactly {low}" if low == high else f"{low}-{high}")
@@ -108,16 +126,24 @@ class Matcher:
 
     def _nearest(self, selector: Selector) -> str:
         reasons: dict[str, int] = {}
-        for site in self.sites:
+        for site in self.candidates(selector):
             reason = self.test(selector, site).reason
             reasons[reason] = reasons.get(reason, 0) + 1
         if not reasons:
             return " (the graph has no weight-owning ops)"
         common = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
-        site_ops = sorted({signature.kind for signature in SIGNATURES.values()})
+        site_ops = sorted({signature.kind for signature in SIGNATURES.values()} | {PARAMETER})
         unknown = [op for op in _as_list(selector.op or []) if op not in site_ops]
         typos = "".join(f"; {op!r} is no site op{suggest(op, site_ops, 'site ops')}" for op in unknown)
         return "; most common reasons: " + "; ".join(f"{r} ({n} sites)" for r, n in common) + typos
+
+
+def asks_for_parameters(selector: Selector) -> bool:
+    """Whether a selector can pick parameter sites: it names them (``param``, ``op: parameter``) somewhere that
+    selects, i.e. not only inside ``not``, ``exclude``, ``feeds`` or ``fed_by``."""
+    if selector.param is not None or (selector.op is not None and PARAMETER in _as_list(selector.op)):
+        return True
+    return any(asks_for_parameters(inner) for inner in (*(selector.all_of or ()), *(selector.any_of or ())))
 
 
 def _as_list(value: str | list[str]) -> list[str]:
@@ -133,22 +159,22 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def _module(pattern: str | list[str], path: str) -> tuple[Verdict, int | None]:
+def _module(pattern: str | list[str], path: str, key: str = "module") -> tuple[Verdict, int | None]:
     if isinstance(pattern, list):
         if any(path == name or path.endswith("." + name) for name in pattern):
             return YES, None
-        return Verdict(False, f"module: {path!r} is none of {pattern} (exact name or dotted suffix)"), None
+        return Verdict(False, f"{key}: {path!r} is none of {pattern} (exact name or dotted suffix)"), None
     if pattern.startswith("re:"):
         match = _compile(pattern[3:]).fullmatch(path)
         if match is None:
-            return Verdict(False, f"module: {path!r} does not match {pattern}"), None
+            return Verdict(False, f"{key}: {path!r} does not match {pattern}"), None
         named = match.groupdict().get("layer")
         if named is not None and not named.isdigit():
-            return Verdict(False, f"module: group 'layer' of {pattern} captured {named!r}, not a layer index"), None
+            return Verdict(False, f"{key}: group 'layer' of {pattern} captured {named!r}, not a layer index"), None
         return YES, int(named) if named is not None else None
     if fnmatch.fnmatchcase(path, pattern):
         return YES, None
-    return Verdict(False, f"module: {path!r} does not match glob {pattern!r}"), None
+    return Verdict(False, f"{key}: {path!r} does not match glob {pattern!r}"), None
 
 
 def _layers(spec: int | str | list[int | str]) -> frozenset[int]:

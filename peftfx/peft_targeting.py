@@ -4,6 +4,7 @@ Each rule mirrors PEFT's ``check_target_module_exists``: a string target is a fu
 regex match, a list is exact-or-dotted-suffix; ``layers_to_transform`` filters on the first numbered path
 segment (or the first ``layers_pattern`` that matches) and is bypassed by an exact name; ``exclude_modules``
 and ``modules_to_save`` always exclude; ``all-linear`` is every Linear/Conv1D but the output head.
+``target_parameters`` (LoRA's ParamWrapper) select parameter sites by dotted name, exact or dotted suffix.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from .errors import CheckpointError
 from .ir import ModelHeads
+from .sites import PARAMETER
 from .spec import Selector
 
 LINEAR_CLASSES = ["Linear", "Conv1D"]
@@ -21,9 +23,12 @@ LINEAR_CLASSES = ["Linear", "Conv1D"]
 
 def peft_selector(config: Mapping[str, Any], ops: list[str], heads: ModelHeads, file: str) -> Selector:
     target = config.get("target_modules")
-    if not target:
+    parameters = config.get("target_parameters")
+    if not target and not parameters:
         raise CheckpointError(f"{file}: adapter_config.json has no target_modules")
-    if isinstance(target, str) and target.lower() == "all-linear":
+    if not target:
+        chosen = None
+    elif isinstance(target, str) and target.lower() == "all-linear":
         head = heads.output_embeddings or (heads.classifier if config.get("task_type") == "SEQ_CLS" else None)
         chosen = Selector(
             op="linear", module_type=LINEAR_CLASSES, exclude=Selector(module=_exact([head])) if head else None
@@ -32,16 +37,20 @@ def peft_selector(config: Mapping[str, Any], ops: list[str], heads: ModelHeads, 
         chosen = Selector(module=f"re:{target}")
     else:
         chosen = _list_target(list(target), config.get("layers_to_transform"), config.get("layers_pattern"), file)
+    module_ops = [op for op in ops if op != PARAMETER]
+    branches = [Selector(all_of=[chosen, Selector(op=module_ops)])] if chosen is not None else []
+    if parameters:  # a kind that cannot adapt parameters selects none, and its checkpoint's tensors say so
+        branches.append(Selector(op=PARAMETER if PARAMETER in ops else [], param=list(parameters)))
     excludes = []
     exclude = config.get("exclude_modules")
     if exclude:
         excludes.append(Selector(module=f"re:{exclude}" if isinstance(exclude, str) else list(exclude)))
     for name in config.get("modules_to_save") or ():
         excludes.append(Selector(module=rf"re:(^|.*\.){name}($|\..*)"))
-    return Selector(
-        all_of=[chosen, Selector(op=ops)],
-        exclude=(excludes[0] if len(excludes) == 1 else Selector(any_of=excludes)) if excludes else None,
-    )
+    excluded = (excludes[0] if len(excludes) == 1 else Selector(any_of=excludes)) if excludes else None
+    if len(branches) == 1:
+        return branches[0].model_copy(update={"exclude": excluded})
+    return Selector(any_of=branches, exclude=excluded)
 
 
 def _exact(names: list[str]) -> str:

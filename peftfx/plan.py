@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -16,14 +17,14 @@ from torch import fx
 
 from . import sizes
 from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
-from .checkpoint import SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
+from .checkpoint import CONFIG, SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
 from .fold import Context, Task, fold_site
 from .ir import Override, Placement, heads
 from .pattern import Matcher
 from .peft_config import check_peft_config
 from .peft_targeting import peft_selector
-from .sites import Site, find_sites
+from .sites import PARAMETER, Site, find_sites, module_classes
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Selector, Spec
 from .values import layer_span, resolve
 
@@ -77,7 +78,7 @@ class Plan:
 
 def targets(gm: fx.GraphModule, spec: Spec, base_dir: Path | None) -> Plan:
     """Resolve every active adapter's kind and selector, without choosing sites yet."""
-    plan = Plan(Matcher(gm, find_sites(gm)), [])
+    plan = Plan(Matcher(gm, find_sites(gm, parameters=True)), [])
     plan.targets = [_target(plan, gm, spec, name, base_dir) for name in spec.active_adapters()]
     return plan
 
@@ -144,11 +145,12 @@ def place(plan: Plan, spec: Spec, target: Target) -> None:
     if isinstance(adapter, CombineAdapter):
         _place_combine(plan, spec, target, adapter)
         return
-    sites = plan.matcher.select(target.selector, target.field)
     if isinstance(adapter, PeftAdapter):
+        # PEFT's targets may name only modules seen through their weights (nn.MultiheadAttention): counted after
+        sites = plan.matcher.select(target.selector.model_copy(update={"expect": "any"}), target.field)
         _place_peft(plan, target, adapter, sites)
     else:
-        _place_fresh(plan, target, adapter, sites)
+        _place_fresh(plan, target, adapter, plan.matcher.select(target.selector, target.field))
 
 
 def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapter) -> None:
@@ -248,9 +250,14 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
     ckpt, layout = target.checkpoint, target.layout
     assert ckpt is not None and layout is not None
     plan.configs[target.name] = ckpt.config
-    chosen = {site.module for site in sites}
-    by_module = {site.module: site for site in plan.matcher.sites}
-    for module in sorted(set(layout.modules) - chosen):
+    nesting = _nesting(plan.matcher.gm, sites)
+    # (PEFT's module path, site): a module called at several sites is one module in the checkpoint, at each site
+    keyed = [(site.module + nesting.get(site.node, ""), site) for site in sites]
+    keyed += _unselected(plan, set(layout.modules) - {module for module, _ in keyed}).items()
+    if not keyed:
+        plan.matcher.select(target.selector, target.field)  # raises: the selector matches nothing
+    by_module = {site.module: site for site in plan.matcher.sites if site.op != PARAMETER}
+    for module in sorted(set(layout.modules) - {module for module, _ in keyed}):
         key = ckpt.key(module, next(iter(layout.modules[module])))
         if module in by_module:
             reason = plan.matcher.test(target.selector, by_module[module]).reason
@@ -261,26 +268,89 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
             f"{ckpt.file}: tensor {key!r} is for {module}, which is not a weight-owning op of the captured model"
         )
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
-    prepared = target.kind.prepare_peft(sites, ckpt.config, str(ckpt.directory / "adapter_config.json"))
-    for done, site in enumerate(sites, start=1):
-        plan.placed(target.name, done, len(sites))
-        if site.module not in layout.modules:
+    prepared = target.kind.prepare_peft([site for _, site in keyed], ckpt.config, str(ckpt.directory / CONFIG))
+    for done, (module, site) in enumerate(keyed, start=1):
+        plan.placed(target.name, done, len(keyed))
+        if module not in layout.modules:
             raise CheckpointError(
-                f"{ckpt.file}: adapter_config.json targets {site.module}, but the file holds "
-                f"no tensors for it (none named {ckpt.key(site.module, target.kind.peft_prefix + '*')!r})"
+                f"{ckpt.file}: adapter_config.json targets {site.qualified_name}, but the file holds "
+                f"no tensors for it (none named {ckpt.key(module, target.kind.peft_prefix + '*')!r})"
+            )
+        if site.op not in target.kind.ops:
+            raise CheckpointError(
+                f"{ckpt.file}: {target.kind.name} cannot adapt {site.describe()}, the only way the graph reads "
+                f"{module}'s weight (supports {', '.join(sorted(target.kind.ops))})"
             )
         problem = target.kind.site_problem(site)
         if problem is not None:
             raise CheckpointError(f"{ckpt.file}: {problem}")
         scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
-        tensors = layout.modules[site.module]
-        keys = {r: ckpt.key(site.module, r) for r in tensors}
+        tensors = layout.modules[module]
+        keys = {r: ckpt.key(module, r) for r in tensors}
         source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared, prepared)
         site_adapter = target.kind.from_peft(site, source, float(scale))
         _check_dtypes(site_adapter, source, ckpt)
+        if module != site.module:
+            site_adapter = dataclasses.replace(site_adapter, peft_module=module)
+        if module.endswith(_MHA_OUT) and module_classes(plan.matcher.gm).get(module.removesuffix(_MHA_OUT)) == _MHA:
+            # PEFT's nn.MultiheadAttention layer adds its out_proj's delta twice, live (it merges around the call)
+            # and merged (the weight it sets already holds the delta its out_proj's merge adds again): its numbers
+            hyper = {**site_adapter.hyper, "scaling": 2 * site_adapter.hyper["scaling"]}
+            site_adapter = dataclasses.replace(site_adapter, hyper=hyper)
         plan.placements.append(Placement(target.name, site_adapter))
     for attr, (key, tensor) in layout.overrides.items():
         plan.overrides.append(Override(target.name, attr, tensor, key, ckpt.file))
+
+
+# The parameter through which PEFT's layer for a module class adapts it when no op reads that weight as a site.
+_MHA, _MHA_OUT = "MultiheadAttention", ".base_layer.out_proj"
+_MODULE_WEIGHT = {_MHA: "in_proj_weight"}
+
+
+def _unselected(plan: Plan, modules: set[str]) -> dict[str, Site]:
+    """Sites for checkpoint modules the selector cannot see as module sites, as PEFT's layers for them act.
+
+    A module whose weight is read by no op site (Mamba's ``dt_proj.weight @ x``; nn.MultiheadAttention's
+    ``in_proj_weight``, split before its linears) is adapted through that parameter. PEFT's wrapper of
+    nn.MultiheadAttention keeps its out_proj's tensors at ``<attn>.base_layer.out_proj``: the out_proj's site.
+    """
+    by_module = {site.module: site for site in plan.matcher.sites if site.op != PARAMETER}
+    params = {site.qualified_name: site for site in plan.matcher.sites if site.op == PARAMETER}
+    found = {}
+    for module in modules:
+        unwrapped = module.replace(".base_layer", "")
+        if unwrapped != module and unwrapped in by_module:
+            found[module] = by_module[unwrapped]
+            continue
+        if module in by_module:
+            continue
+        cls = module_classes(plan.matcher.gm).get(module, "")
+        weight = params.get(f"{module}.{_MODULE_WEIGHT.get(cls, 'weight')}")
+        if weight is not None:
+            found[module] = weight
+    return found
+
+
+def _nesting(gm: fx.GraphModule, sites: list[Site]) -> dict[fx.Node, str]:
+    """Where PEFT keeps each parameter site's tensors below its module: PEFT wraps one parameter per ParamWrapper
+    and nests the wrappers in the order the module registers its parameters, so of ``k`` adapted parameters of one
+    module the ``j``-th (from 0) sits ``k - 1 - j`` ``base_layer.`` levels down."""
+    by_owner: dict[str, list[Site]] = {}
+    for site in sites:
+        if site.op == PARAMETER:
+            by_owner.setdefault(site.module, []).append(site)
+    nesting = {}
+    for owner, group in by_owner.items():
+        order = list((gm.get_submodule(owner) if owner else gm)._parameters)
+        group.sort(key=lambda s: order.index(str(s.param)))
+        for j, site in enumerate(group):
+            nesting[site.node] = ".base_layer" * (len(group) - 1 - j)
+    return nesting
+
+
+def _nested(a: SiteAdapter, nesting: str) -> SiteAdapter:
+    """``a`` kept where PEFT nests it (``.base_layer`` levels below its module), so it saves back where it was read."""
+    return dataclasses.replace(a, peft_module=a.site.module + nesting) if nesting else a
 
 
 def _check_dtypes(a: SiteAdapter, source: PeftSource, ckpt: Checkpoint) -> None:
@@ -321,6 +391,7 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
     except sizes.TooLarge as e:
         field = _size_field(params[0], adapter.with_, e.shape)
         raise SpecError(f"{where}{field}: {_too_large(e, largest)}") from None
+    nesting = _nesting(plan.matcher.gm, sites)
     for done, (site, site_params) in enumerate(zip(sites, params, strict=True), start=1):
         plan.placed(target.name, done, len(sites))
         try:
@@ -331,7 +402,7 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
         except sizes.TooLarge as e:
             field = _size_field(site_params, adapter.with_, e.shape)
             raise SpecError(f"{where}{field}: {_too_large(e, site)}") from None
-        plan.placements.append(Placement(target.name, created))
+        plan.placements.append(Placement(target.name, _nested(created, nesting.get(site.node, ""))))
 
 
 def _fresh_params(plan: Plan, target: Target, adapter: FreshAdapter, site: Site, span: Any) -> BaseModel:

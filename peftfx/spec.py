@@ -73,6 +73,11 @@ class Selector(Strict):
     module_type: str | list[str] | None = Field(
         None, description="class name of the owning module: Linear, Conv1D, Embedding, ..."
     )
+    param: str | list[str] | None = Field(
+        None,
+        description="a parameter site's dotted name (module path + attribute), as `module` matches paths; "
+        "selects parameter sites (op: parameter)",
+    )
     layers: int | str | list[int | str] | None = Field(
         None, description="layer indices: 3, [0, 3], '0-3' (inclusive range), or a list mixing both"
     )
@@ -87,7 +92,7 @@ class Selector(Strict):
         None, description="how many sites must match: 4, '>=1' (the default), '<=8', '2-4' or 'any'"
     )
 
-    @field_validator("module")
+    @field_validator("module", "param")
     @classmethod
     def _check_module(cls, value: Any) -> Any:
         if isinstance(value, str) and value.startswith("re:"):

@@ -543,8 +543,12 @@ def test_adapter_on_an_unsupported_op():
         r"adapters\.a\.at: lora cannot adapt layer_norm norm \[8\] .*supports conv1d, conv2d, .*linear",
     )
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)).eval()
-    spec = {"adapters": {"a": {"type": "lora", "at": {"op": "conv2d"}}}}
-    fails(grouped, spec, (torch.randn(1, 4, 5, 5),), peftfx.SpecError, r"adapters\.a: .*grouped conv \(conv2d 0 \[4x2x")
+    spec = {"adapters": {"a": {"type": "lora", "at": {"op": "conv2d"}, "with": {"r": 3}}}}
+    fails(grouped, spec, (torch.randn(1, 4, 5, 5),), peftfx.SpecError, r"adapters\.a: rank 3 is not divisible by the 2")
+    spec = {"adapters": {"a": {"type": "dora", "at": {"op": "conv2d"}}}}
+    fails(
+        grouped, spec, (torch.randn(1, 4, 5, 5),), peftfx.SpecError, r"adapters\.a: DoRA on a grouped conv \(conv2d 0"
+    )
 
 
 def test_bad_fresh_parameters_name_the_field():

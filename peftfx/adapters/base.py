@@ -34,6 +34,9 @@ class SiteAdapter:
     peft_keys: dict[str, str] = field(default_factory=dict)  # role -> PEFT key suffix (after the module path)
     shared: frozenset[str] = frozenset()  # adapter-wide roles (PEFT key ``base_model.<suffix>``)
     frozen: frozenset[str] = frozenset()  # roles stored and saved but never trained (PEFT's buffers)
+    # where PEFT keeps the tensors when that is not the site's module: a nested ParamWrapper
+    # (``experts.base_layer``), nn.MultiheadAttention's wrapped out_proj (``attn.base_layer.out_proj``)
+    peft_module: str | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def per_module(adapters: Sequence[SiteAdapter], key: str, default: Any) -> dict[
 
     Keys are full module paths, which PEFT's pattern rule (``(.*\\.)?key$``) matches exactly.
     """
-    return {a.site.module: a.hyper[key] for a in adapters if a.hyper[key] != default}
+    return {a.site.qualified_name: a.hyper[key] for a in adapters if a.hyper[key] != default}
 
 
 def uniform(adapters: Sequence[SiteAdapter], keys: Sequence[str], kind: str, note: str = "") -> dict[str, Any]:
@@ -299,6 +302,7 @@ COMMON_FIELDS = frozenset(
         "auto_mapping",
         "peft_version",
         "target_modules",
+        "target_parameters",
         "exclude_modules",
         "layers_to_transform",
         "layers_pattern",

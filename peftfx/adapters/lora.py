@@ -1,9 +1,15 @@
-"""LoRA, rsLoRA and DoRA on Linear, transformers Conv1D, Conv1d/2d/3d and Embedding.
+"""LoRA, rsLoRA and DoRA on Linear, transformers Conv1D, Conv1d/2d/3d and Embedding; LoRA on parameters.
 
 Math (``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; ``W`` in logical ``[out, in, *k]`` layout):
 
 * LoRA   ``y += s * B(A(x))``;  ``ΔW = s * B @ A`` (conv: ``ΔW[o,i,k] = s Σ_r B[o,r] A[r,i,k]``;
   embedding: ``ΔW = s (B @ A)ᵀ``, looked up by row). Merge: ``W += ΔW`` (and ``b += s * B.bias`` with lora_bias).
+* on a parameter (PEFT's ``target_parameters``): ``W' = W + ΔW`` before the parameter's uses. A 2-D parameter
+  ``[out, in]`` has Linear's ``ΔW``. A 3-D stack of ``E`` experts ``[E, out, in]`` has one rank-``r`` delta per
+  expert, with PEFT's layout: ``A`` is ``[E·r, in]`` (expert-major rows: ``A.reshape(E, r, in)``), ``B`` is
+  ``[out, r·E]`` (expert-minor columns: ``B.reshape(out, r, E)``), and ``ΔW[e] = s · B[:, :, e] @ A[e]``;
+  experts stored ``[E, in, out]`` (``is_transposed``) get ``ΔW[e]ᵀ``. No DoRA, lora_bias or dropout there (PEFT
+  refuses them too).
 * DoRA   with ``n = ‖W + ΔW‖`` per output unit (over the vocabulary for embeddings), detached, and
   ``g = m / n``: ``y = y + (g - 1)(y - b) + g * s * B(A(x))``, i.e. ``g ⊙ (W + ΔW) x + b``.
   Merge: ``W ← g ⊙ (W + ΔW)`` with ``n`` taken against the raw base weight, as PEFT does.
@@ -29,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..rounding import add_low_rank
-from ..sites import Site
+from ..sites import PARAMETER, Site
 from .base import (
     AdapterKind,
     LowRank,
@@ -66,7 +72,7 @@ class Lora(AdapterKind):
     name = "lora"
     peft_types = ("LORA",)
     peft_prefix = "lora_"
-    ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
+    ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding", PARAMETER})
     Params = LoraParams
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -109,14 +115,14 @@ class Lora(AdapterKind):
         if extra:
             key = source.keys[sorted(extra)[0]]
             raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a {site.op} LoRA site")
-        r = tensors["lora_A"].shape[0]
-        r_cfg = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
+        r = tensors["lora_A"].shape[0] // site.experts  # a stack of experts: one rank-r block per expert
+        r_cfg = pattern_value(cfg.get("rank_pattern") or {}, site.qualified_name, cfg.get("r", 8))
         if r != r_cfg:
             raise CheckpointError(
                 f"{source.file}: {source.keys[roles['lora_A']]!r} has rank {r}, but adapter_config.json gives "
-                f"{site.module} r={r_cfg}"
+                f"{site.qualified_name} r={r_cfg}"
             )
-        alpha = pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("lora_alpha", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, site.qualified_name, cfg.get("lora_alpha", 8))
         hyper = _hyper(site, r, alpha, bool(cfg.get("use_rslora")), dora, lora_bias, scale)
         a = SiteAdapter(self, site, hyper, peft_keys=roles)
         expected = dict(zip(("lora_A", "lora_B"), _factor_shapes(site, r), strict=True))
@@ -138,6 +144,8 @@ class Lora(AdapterKind):
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         h, dtype = a.hyper, a.tensors["lora_A"].dtype
+        if a.site.op == PARAMETER:  # the parameter as its uses will read it; the delta in its dtype, as PEFT
+            return y + _delta(a, t, a.site.dtype, t.get("scaling", h["scaling"]))
         cast = dtype != a.site.dtype
         xa = x.to(dtype) if cast and a.site.op != "embedding" else x
         scaling = t.get("scaling", h["scaling"])  # a tensor once padded to max_rank, so a swap can change it
@@ -162,7 +170,7 @@ class Lora(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         site = a.site
         delta = _delta(a, t, torch.float64)
-        merged = site.logical(weight.double()) + delta
+        merged = _dense(site, site.logical(weight.double())) + delta  # a grouped conv merges as a dense one
         if a.hyper["dora"]:
             g = dora_scale(
                 t["lora_magnitude"].double().reshape(-1), site.logical(raw_weight.double()), delta, _norm_dims(site)
@@ -187,6 +195,8 @@ class Lora(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if a.hyper["dora"] or weight.is_meta or not (weight.is_contiguous() and out.is_contiguous()):
             return None  # DoRA's norm spans whole rows (or columns); a meta weight has nothing to write
+        if a.site.experts > 1 or (a.site.op.startswith("conv") and a.site.conv_args["groups"] != 1):
+            return None  # per-expert deltas, and a grouped conv's dense result, are no one low-rank product
         left, right = _storage_factors(a.site, t["lora_A"], t["lora_B"])
         add_low_rank(out.view(left.shape[0], -1), weight.view(left.shape[0], -1), left, right, a.hyper["scaling"])
         new_bias = bias
@@ -210,9 +220,12 @@ class Lora(AdapterKind):
         dora = {a.hyper["dora"] for a in adapters}
         if len(dora) > 1:
             raise SpecError("save_adapter: PEFT cannot mix DoRA and plain LoRA sites in one adapter")
+        modules = [a for a in adapters if a.site.op != PARAMETER]
+        parameters = sorted(a.site.qualified_name for a in adapters if a.site.op == PARAMETER)
         return {
             "peft_type": "LORA",
-            "target_modules": target_modules(adapters),
+            "target_modules": target_modules(modules) if modules else None,
+            "target_parameters": parameters or None,
             "r": first["r"],
             "lora_alpha": first["alpha"],
             "rank_pattern": per_module(adapters, "r", first["r"]),
@@ -221,7 +234,7 @@ class Lora(AdapterKind):
             "use_dora": dora.pop(),
             "lora_bias": first["lora_bias"],
             "bias": "none",
-            "fan_in_fan_out": any(a.site.transposed for a in adapters),
+            "fan_in_fan_out": any(a.site.transposed for a in modules),
         }
 
     def additive(self, a: SiteAdapter) -> bool:
@@ -247,14 +260,18 @@ class Lora(AdapterKind):
     def pad(self, a: SiteAdapter, max_rank: int) -> SiteAdapter:
         r = a.hyper["r"]
         if r > max_rank:
-            raise SpecError(f"{a.site.module} has rank {r}, more than max_rank {max_rank}")
-        A, B = a.tensors["lora_A"][:r], a.tensors["lora_B"][:, :r]  # an already padded adapter pads again
-        tensors = {
-            **a.tensors,
-            "lora_A": torch.cat([A, A.new_zeros((max_rank - r, *A.shape[1:]))]),
-            "lora_B": torch.cat([B, B.new_zeros((B.shape[0], max_rank - r, *B.shape[2:]))], 1),
-            "scaling": torch.tensor(a.hyper["scaling"], dtype=A.dtype),
-        }
+            raise SpecError(f"{a.site.qualified_name} has rank {r}, more than max_rank {max_rank}")
+        E = a.site.experts  # a stack pads each expert's block of ranks
+        A, B = _ranks(a, "lora_A", a.tensors["lora_A"], r), _ranks(a, "lora_B", a.tensors["lora_B"], r)
+        if E > 1:
+            A = torch.cat([A.reshape(E, r, -1), A.new_zeros((E, max_rank - r, A.shape[1]))], 1).reshape(
+                E * max_rank, -1
+            )
+            B = torch.cat([B.reshape(len(B), r, E), B.new_zeros((len(B), max_rank - r, E))], 1).reshape(len(B), -1)
+        else:
+            A = torch.cat([A, A.new_zeros((max_rank - r, *A.shape[1:]))])
+            B = torch.cat([B, B.new_zeros((B.shape[0], max_rank - r, *B.shape[2:]))], 1)
+        tensors = {**a.tensors, "lora_A": A, "lora_B": B, "scaling": torch.tensor(a.hyper["scaling"], dtype=A.dtype)}
         hyper = {**a.hyper, "max_rank": max_rank}
         return dataclasses.replace(a, hyper=hyper, tensors=tensors, frozen=a.frozen | {"scaling"})
 
@@ -264,8 +281,17 @@ class Lora(AdapterKind):
     def saved_tensor(self, a: SiteAdapter, role: str, tensor: torch.Tensor) -> torch.Tensor:
         if "max_rank" not in a.hyper or role not in ("lora_A", "lora_B"):
             return tensor
-        r = a.hyper["r"]
+        return _ranks(a, role, tensor, a.hyper["r"])
+
+
+def _ranks(a: SiteAdapter, role: str, tensor: torch.Tensor, r: int) -> torch.Tensor:
+    """The first ``r`` ranks of a factor (of each expert's block in a stack): a padded adapter trimmed back."""
+    E = a.site.experts
+    if E == 1:
         return tensor[:r] if role == "lora_A" else tensor[:, :r]
+    if role == "lora_A":  # expert-major rows
+        return tensor.reshape(E, -1, tensor.shape[1])[:, :r].reshape(E * r, -1)
+    return tensor.reshape(len(tensor), -1, E)[:, :r].reshape(len(tensor), r * E)  # expert-minor columns
 
 
 _RUNTIME = frozenset({"r", "alpha", "rslora", "scaling", "scale"})  # what a padded adapter holds in tensors
@@ -323,18 +349,28 @@ def _hyper(site: Site, r: int, alpha: float, rslora: bool, dora: bool, lora_bias
 
 def _check_site(site: Site, dora: bool, lora_bias: bool, error: type[Exception], where: str = "") -> None:
     prefix = f"{where}: " if where else ""
-    if site.op.startswith("conv") and site.conv_args["groups"] != 1:
-        raise error(f"{prefix}LoRA on a grouped conv ({site.describe()}) cannot be merged and is not supported")
+    if site.op == PARAMETER and (dora or lora_bias or len(site.weight_shape) not in (2, 3)):
+        raise error(
+            f"{prefix}LoRA on a parameter takes a 2-D or 3-D one, without DoRA or lora_bias ({site.describe()})"
+        )
+    if site.op.startswith("conv") and site.conv_args["groups"] != 1 and dora:
+        raise error(f"{prefix}DoRA on a grouped conv ({site.describe()}) is not supported (nor by PEFT)")
     if lora_bias and (dora or site.op == "embedding"):
         raise error(f"{prefix}lora_bias is not supported with DoRA or on embeddings ({site.describe()})")
 
 
 def _factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if site.op == PARAMETER:
+        return (r * site.experts, site.in_features), (site.out_features, r * site.experts)
     if site.op == "embedding":
         num, dim = site.weight_shape
         return (r, num), (dim, r)
     out, inp, *kernel = site.weight_shape
-    return (r, inp, *kernel), (out, r, *[1] * len(kernel))
+    groups = site.conv_args["groups"] if site.op.startswith("conv") else 1
+    if r % groups:
+        raise SpecError(f"rank {r} is not divisible by the {groups} groups of {site.describe()} (PEFT needs it too)")
+    # a grouped conv: A reads every input channel, B maps each group's r/groups ranks to that group's outputs
+    return (r, inp * groups, *kernel), (out, r // groups, *[1] * len(kernel))
 
 
 def _magnitude_shape(site: Site) -> tuple[int, ...]:
@@ -361,7 +397,7 @@ def _low_rank_path(site: Site, x: Any, A: Any, B: Any, B_bias: Any) -> Any:
     if site.op == "embedding":
         return F.embedding(x, A.t()) @ B.t()
     conv, c = _CONV[site.op], site.conv_args
-    return conv(conv(x, A, None, c["stride"], c["padding"], c["dilation"]), B, B_bias)
+    return conv(conv(x, A, None, c["stride"], c["padding"], c["dilation"]), B, B_bias, groups=c["groups"])
 
 
 def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype, scaling: Any = None) -> Any:
@@ -371,9 +407,36 @@ def _delta(a: SiteAdapter, t: Mapping[str, Any], dtype: torch.dtype, scaling: An
     s = a.hyper["scaling"] if scaling is None else scaling
     if a.site.op == "embedding":
         return (B @ A).t() * s
-    if a.site.op == "linear":
+    if a.site.op == "linear" or (a.site.op == PARAMETER and len(a.site.weight_shape) == 2):
         return (B @ A) * s
-    return (B.flatten(1) @ A.flatten(1)).reshape(a.site.weight_shape) * s
+    if a.site.op == PARAMETER:  # per expert: A [E·r, in] expert-major, B [out, r·E] expert-minor
+        experts = a.site.experts
+        per_expert = torch.einsum(
+            "ore,eri->eoi", B.reshape(B.shape[0], -1, experts), A.reshape(experts, -1, A.shape[1])
+        )
+        return (per_expert.transpose(1, 2) if a.site.transposed else per_expert) * s
+    groups = a.site.conv_args["groups"]
+    if groups == 1:
+        return (B.flatten(1) @ A.flatten(1)).reshape(a.site.weight_shape) * s
+    # grouped: output o of group g sums its group's ranks of A, which reads all input channels (a dense delta)
+    out, _, *kernel = a.site.weight_shape
+    per_group = torch.einsum(
+        "goj,gjk->gok", B.reshape(groups, out // groups, -1), A.reshape(groups, A.shape[0] // groups, -1)
+    )
+    return per_group.reshape(out, A.shape[1], *kernel) * s
+
+
+def _dense(site: Site, weight: torch.Tensor) -> torch.Tensor:
+    """A grouped conv's weight as the block-diagonal dense one (``groups=1``) that computes the same."""
+    groups = site.conv_args["groups"] if site.op.startswith("conv") else 1
+    if groups == 1:
+        return weight
+    out, per_group, *kernel = weight.shape
+    dense = weight.new_zeros((out, per_group * groups, *kernel))
+    rows = out // groups
+    for g in range(groups):
+        dense[g * rows : (g + 1) * rows, g * per_group : (g + 1) * per_group] = weight[g * rows : (g + 1) * rows]
+    return dense
 
 
 def _storage_factors(site: Site, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,7 +447,7 @@ def _storage_factors(site: Site, A: torch.Tensor, B: torch.Tensor) -> tuple[torc
 
 
 def _storage(site: Site, weight: torch.Tensor) -> torch.Tensor:
-    return weight.t().contiguous() if site.transposed else weight
+    return weight.t().contiguous() if site.transposed and site.op != PARAMETER else weight
 
 
 def _norm_dims(site: Site) -> int | tuple[int, ...]:
