@@ -29,6 +29,7 @@ class PeftConfig(BaseModel):
 
     peft_type: str
     target_modules: Names | None = None
+    target_parameters: Names | None = None
     exclude_modules: Names | None = None
     layers_to_transform: int | list[int] | None = None
     layers_pattern: Names | None = None
