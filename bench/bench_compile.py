@@ -14,8 +14,13 @@ the wall time beside. Results: results/compile.md and .json.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import Figure, llama, load, median, parser, save_lora, table, timed, write
@@ -47,15 +52,35 @@ def main(argv: list[str] | None = None) -> None:
             PeftModel.from_pretrained(copy.deepcopy(base), directory).merge_and_unload()
 
         def compile_merge() -> None:
+            peftfx.compile(base, spec, inputs, cache=False)
+
+        def compile_cached() -> None:
             peftfx.compile(base, spec, inputs)
 
-        for round_ in range(args.repeats + 1):  # round 0 warms up (imports, first-call caches) and is dropped
-            timed(times, "PEFT from_pretrained + merge_and_unload", peft_merge)
-            timed(times, "peftfx compile (capture + merge)", compile_merge)
-            gm = timed(times, "peftfx capture alone", peftfx.capture, base, inputs)
-            timed(times, "peftfx compile minus capture", apply, gm, load_spec(spec)[0])
-            if round_ == 0:
-                times.clear()
+        def capture() -> torch.fx.GraphModule:
+            return peftfx.capture(base, inputs, cache=False)
+
+        def capture_cached() -> None:
+            peftfx.capture(base, inputs)
+
+        before = os.environ.get("PEFTFX_CACHE_DIR")
+        os.environ["PEFTFX_CACHE_DIR"] = str(Path(directory) / "cache")  # filled by round 0's compile_cached
+        try:
+            for round_ in range(args.repeats + 1):  # round 0 warms up (imports, first-call caches), is dropped
+                timed(times, "PEFT from_pretrained + merge_and_unload", peft_merge)
+                timed(times, "peftfx compile (capture + merge)", compile_merge)
+                gm = timed(times, "peftfx capture alone", capture)
+                timed(times, "peftfx compile minus capture", apply, gm, load_spec(spec)[0])
+                timed(times, CACHED, compile_cached)
+                timed(times, "peftfx capture from the cache alone", capture_cached)
+                if round_ == 0:
+                    times.clear()
+            times.update(_in_new_processes(args, spec, args.repeats))
+        finally:
+            if before is None:
+                del os.environ["PEFTFX_CACHE_DIR"]
+            else:
+                os.environ["PEFTFX_CACHE_DIR"] = before
     s = {name: median(cpu) for name, (_, cpu) in times.items()}
     wall = {name: median(w) for name, (w, _) in times.items()}
     peft_wall = wall["PEFT from_pretrained + merge_and_unload"]
@@ -68,11 +93,22 @@ def main(argv: list[str] | None = None) -> None:
             "compile with merge, capture done once / PEFT load + merge", s["peftfx compile minus capture"] / peft_s, 1.0
         ),
         Figure("capture (torch.export) / PEFT load + merge", s["peftfx capture alone"] / peft_s),
+        Figure("compile with merge, capture cached / PEFT load + merge", s[CACHED] / peft_s, 1.0),
+        Figure(
+            "compile with merge, capture cached, in a new process / PEFT load + merge", s[NEW_PROCESS] / peft_s, 1.0
+        ),
+        Figure("in a new process: compile with the cache / without", s[NEW_PROCESS] / s[NEW_PROCESS_NO_CACHE]),
+        Figure(
+            "capture from the cache / capture (torch.export)",
+            s["peftfx capture from the cache alone"] / s["peftfx capture alone"],
+        ),
     ]
     sites = 7 * args.layers
     lines = [
         f"Llama hidden {args.hidden}, {args.layers} layers ({sites} linear sites), float32, LoRA r={args.rank} on "
-        f"every linear layer but the head; medians of {args.repeats} interleaved rounds after one warm-up round.",
+        f"every linear layer but the head; medians of {args.repeats} interleaved rounds after one warm-up round. "
+        "The capture cache is off but where named; *in a new process*: the compile's own time in a fresh Python "
+        "(imports excluded), with the cache holding the graph (the case it is for) and without it, alternately.",
         "",
         *table(
             ["variant", "CPU ms", "ratio to PEFT", "wall ms", "wall ratio to PEFT"],
@@ -91,6 +127,46 @@ def main(argv: list[str] | None = None) -> None:
         {"seconds": s, "wall_seconds": wall, "layers": args.layers, "hidden": args.hidden},
         load_start,
     )
+
+
+CACHED = "peftfx compile, capture from the cache"
+NEW_PROCESS = "peftfx compile, capture from the cache, in a new process"
+NEW_PROCESS_NO_CACHE = "peftfx compile without the cache, in a new process"
+
+_NEW_PROCESS = """
+import json, sys, time
+import torch
+sys.path.insert(0, {bench!r})
+from common import llama
+import peftfx
+torch.set_num_threads({threads})
+base = llama({hidden}, {layers})
+inputs = {{"input_ids": torch.randint(0, base.config.vocab_size, (1, 16))}}
+wall, cpu = time.perf_counter(), time.process_time()
+peftfx.compile(base, json.loads({spec!r}), inputs, cache={cache})
+print(json.dumps([time.perf_counter() - wall, time.process_time() - cpu]))
+"""
+
+
+def _in_new_processes(args: Any, spec: dict, repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+    """(wall, CPU) seconds of a compile in fresh processes (imports excluded), with the cache (filled already) and
+    without, alternately."""
+    times: dict[str, tuple[list[float], list[float]]] = {NEW_PROCESS_NO_CACHE: ([], []), NEW_PROCESS: ([], [])}
+    for _ in range(repeats):
+        for name, cache in ((NEW_PROCESS_NO_CACHE, False), (NEW_PROCESS, True)):
+            code = _NEW_PROCESS.format(
+                bench=str(Path(__file__).parent),
+                threads=args.threads,
+                hidden=args.hidden,
+                layers=args.layers,
+                spec=json.dumps(spec),
+                cache=cache,
+            )
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            wall, cpu = json.loads(out.stdout.strip().splitlines()[-1])
+            times[name][0].append(wall)
+            times[name][1].append(cpu)
+    return times
 
 
 if __name__ == "__main__":

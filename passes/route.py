@@ -3,7 +3,8 @@
 requires: the placements of the routed adapters (on linear and embedding sites), in routing order;
           runs before ``insert``, so always-on adapters at a routed site apply first and the routed delta after.
 ensures:  a keyword input ``adapter_index`` (int64 ``[batch]``: a position in the routing list, -1 the base
-          model); at every site some routed adapter targets, one subgraph adding, sample by sample, the delta
+          model), checked by ``guard.routing_index`` (dtype, length, values: an error, never a silent base row);
+          at every site some routed adapter targets, one subgraph adding, sample by sample, the delta
           ``s[k] * B[k] @ A[k] @ x`` of that sample's adapter ``k``. The factors are stacked and zero-padded to the
           largest rank at the site (parameters ``peftfx.routing.<site>.lora_A`` ``[n+1, r, in]`` and ``lora_B``
           ``[n+1, out, r]``, buffer ``scaling`` ``[n+1]``; ``lora_B_bias``, ``lora_magnitude`` and the ``dora``
@@ -29,8 +30,9 @@ from ..adapters import SiteAdapter
 from ..adapters.base import LowRank
 from ..adapters.lora import dora_output, dora_scale
 from ..errors import PassError, PeftfxError, SpecError
+from ..guard import routing_index
 from ..ir import Placement, Routing, attr_key, routing, set_routing
-from ..rewrite import add_input, build_after, get_attr, set_attr, tagged_get_attr, weight_device
+from ..rewrite import TAG, add_input, build_after, get_attr, set_attr, tagged_get_attr, weight_device
 from ..sites import Site
 from .base import Pass
 
@@ -63,9 +65,11 @@ class Route(Pass):
             placeholder = add_input(gm, INPUT)
         except SpecError as error:
             raise SpecError(f"routing: {error}") from None
-        n = len(self.adapters)
-        # negative indices (the base model) pick row n, the zero row
-        index, _ = build_after(placeholder, lambda i: torch.where(i < 0, n, i), [placeholder], _TAG)
+        # checked against the routing and the batch; negative indices (the base model) pick row n, the zero row
+        others = [p for p in gm.graph.find_nodes(op="placeholder") if p is not placeholder]
+        with gm.graph.inserting_after(placeholder):
+            index = gm.graph.call_function(routing_index, (placeholder, tuple(self.adapters), *others))
+        index.meta[TAG] = dict(_TAG)
         for node, row in by_site.items():
             _route(gm, node, row, index, self.adapters)
         set_routing(gm, Routing(INPUT, list(self.adapters)))

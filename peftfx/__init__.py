@@ -6,6 +6,7 @@ from .errors import (
     CaptureError,
     CheckpointError,
     GenerationError,
+    InputError,
     MatchError,
     MergeError,
     PeftfxError,
@@ -13,6 +14,7 @@ from .errors import (
 )
 from .export import adapter_inputs, dynamic_shapes, export_onnx
 from .generate import generate
+from .guard import check_onnx_inputs
 from .kv_cache import step_inputs
 from .out_of_core import merge_checkpoint
 from .save import save_adapter
@@ -29,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "Explanation",
     "GenerationError",
+    "InputError",
     "MatchError",
     "MergeError",
     "PeftfxError",
@@ -41,6 +44,7 @@ __all__ = [
     "adapter_inputs",
     "build",
     "capture",
+    "check_onnx_inputs",
     "compile",
     "dynamic_shapes",
     "explain",

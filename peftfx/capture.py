@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from . import capture_cache
 from .errors import CaptureError
 from .ir import ModelHeads, set_heads
 from .rewrite import get_attr
@@ -47,11 +48,13 @@ def capture(
     *,
     method: Method = "auto",
     dynamic_shapes: Any = None,
+    cache: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` without mutating it. ``auto`` exports transformers models and traces the rest.
 
     ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary. The trace
     runs on a copy of the module tree (``isolated``), one at a time, so other threads may call the model meanwhile.
+    ``cache``: reuse an earlier ``torch.export`` of the same model structure and inputs (``capture_cache``).
     """
     if example_inputs is not None and not isinstance(example_inputs, tuple | list | Mapping | torch.Tensor):
         raise CaptureError(
@@ -59,7 +62,7 @@ def capture(
             f"not {type(example_inputs).__name__}"
         )
     with TRACING:
-        return _capture(isolated(model), example_inputs, method, dynamic_shapes)
+        return _capture(isolated(model), example_inputs, method, dynamic_shapes, cache)
 
 
 def isolated(model: nn.Module) -> nn.Module:
@@ -81,7 +84,9 @@ def isolated(model: nn.Module) -> nn.Module:
     return copy_of(model)
 
 
-def _capture(model: nn.Module, example_inputs: Inputs | None, method: Method, dynamic_shapes: Any) -> fx.GraphModule:
+def _capture(
+    model: nn.Module, example_inputs: Inputs | None, method: Method, dynamic_shapes: Any, cache: bool
+) -> fx.GraphModule:
     name = type(model).__name__
     trace_error: Exception | None = None
     if method == "symbolic_trace" or (method == "auto" and not _is_transformers_model(model)):
@@ -95,7 +100,7 @@ def _capture(model: nn.Module, example_inputs: Inputs | None, method: Method, dy
     if example_inputs is None:
         raise CaptureError(f"capturing {name} with torch.export needs example_inputs")
     try:
-        return _finish(_export(model, example_inputs, dynamic_shapes), model)
+        return _finish(_export(model, example_inputs, dynamic_shapes, cache), model)
     except CaptureError as error:
         if trace_error is None:
             raise
@@ -128,14 +133,18 @@ def _cache_off(model: nn.Module) -> Iterator[None]:
         config.use_cache = True
 
 
-def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any) -> fx.GraphModule:
+def _export(model: nn.Module, example_inputs: Inputs, dynamic_shapes: Any, cache: bool = True) -> fx.GraphModule:
     args, kwargs = split_inputs(example_inputs)
     if dynamic_shapes == "auto":
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
         dynamic_shapes = {name: tree_map(_all_dims_auto, value) for name, value in bound.items()}
-    try:
+
+    def export() -> torch.export.ExportedProgram:
         with _cache_off(model), _no_stack_traces():
-            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+
+    try:
+        program = capture_cache.exported(model, args, kwargs, dynamic_shapes, export, cache=cache)
     except Exception as error:
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {error}") from error
     gm = program.module()

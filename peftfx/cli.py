@@ -9,6 +9,7 @@ stdout; progress and errors go to stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+
+
+@app.callback()
+def _options(
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="run torch.export, never the capture cache")] = False,
+) -> None:
+    if no_cache:
+        os.environ["PEFTFX_NO_CACHE"] = "1"
 
 
 class Format(StrEnum):

@@ -60,6 +60,7 @@ def compile(
     example_inputs: Inputs | None = None,
     *,
     dynamic_shapes: Any = None,
+    cache: bool = True,
     max_cache_len: int | None = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
@@ -68,10 +69,16 @@ def compile(
     The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
     own tensors (no copy of the weights is made; the same bits as without it). With ``max_cache_len`` a decoder
     is captured as one generation step over a static KV cache of that many positions, for ``peftfx.generate``
-    (see ``kv_cache``).
+    (see ``kv_cache``). ``cache=False`` runs ``torch.export`` even when the capture cache holds this model's graph.
     """
     return build(
-        model, spec, example_inputs, dynamic_shapes=dynamic_shapes, max_cache_len=max_cache_len, inplace=inplace
+        model,
+        spec,
+        example_inputs,
+        dynamic_shapes=dynamic_shapes,
+        cache=cache,
+        max_cache_len=max_cache_len,
+        inplace=inplace,
     ).gm
 
 
@@ -82,6 +89,7 @@ def build(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    cache: bool = True,
     max_cache_len: int | None = None,
     inplace: bool = False,
 ) -> Build:
@@ -98,6 +106,7 @@ def build(
         example_inputs,
         dynamic_shapes=dynamic_shapes,
         progress=progress,
+        cache=cache,
         max_cache_len=max_cache_len,
         inplace=inplace,
     )
@@ -111,6 +120,7 @@ def build_loaded(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    cache: bool = True,
     max_cache_len: int | None = None,
     inplace: bool = False,
     planned: Callable[[Plan], None] | None = None,
@@ -120,7 +130,7 @@ def build_loaded(
     seconds: dict[str, float] = {}
     with _step("capture", seconds, progress):
         if max_cache_len is None:
-            gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes)
+            gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
         elif spec.capture == "symbolic_trace":
             raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
         else:

@@ -33,3 +33,7 @@ class GenerationError(PeftfxError):
 
 class PassError(RuntimeError):
     """A rewrite pass left an invalid graph. This is a bug in peftfx, not a user error."""
+
+
+class InputError(PeftfxError):
+    """A graph was called with an input it cannot take (a routed graph's ``adapter_index``, an ONNX feed)."""

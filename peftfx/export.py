@@ -11,6 +11,11 @@ input per adapter tensor named as its attribute in the graph, ``peftfx.<adapter>
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +28,7 @@ from torch.export import Dim
 from .atomic import check_destination, replaced_file
 from .capture import TRACING, Inputs, split_inputs
 from .errors import CaptureError, SpecError
+from .guard import guard_onnx_index
 from .inputs import batch_input, with_index
 from .ir import adapters, kv_cache, records, routing
 from .kv_cache import CACHE, SEQUENCE_AXES, onnx_names
@@ -66,8 +72,20 @@ def dynamic_shapes(example_inputs: Inputs, dynamic: Dynamic = True) -> dict[str,
     return tuple(specs)
 
 
-def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *, dynamic: Dynamic = False) -> Path:
+def export_onnx(
+    gm: fx.GraphModule,
+    example_inputs: Inputs,
+    path: str | Path,
+    *,
+    dynamic: Dynamic = False,
+    external_data: bool | None = None,
+) -> Path:
     """Export ``gm`` to the ONNX file ``path`` (written atomically) and return the path.
+
+    ``external_data=True`` writes the weights to one file beside the graph, ``<name>.<digest>.data`` (ONNX's
+    external data format), which the graph names; ``None`` does so when they would take the file past protobuf's
+    2 GiB limit. The graph file appears only once its data file is whole, and a failure removes a data file it
+    wrote; data files of an earlier export to ``path`` are removed once the new graph is in place.
 
     The model is checked with ``onnx.checker``; the same spec and model give byte-identical files, in any process
     or checkout (the exporter's per-node stack traces are dropped). ``dynamic`` is as for ``dynamic_shapes``; a
@@ -114,12 +132,71 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Inputs, path: str | Path, *,
                     f"export_onnx: dim {i} of input {name!r} was captured static ({shape[i]}); compile with "
                     "dynamic_shapes=peftfx.dynamic_shapes(example_inputs, dynamic) to export it dynamic"
                 )
+    routed = routing(gm)
+    if routed is not None:
+        key = batch_input(example_inputs)
+        guard_onnx_index(program.model.graph, routed.adapters, f"input_{key}" if isinstance(key, int) else key)
     _drop_stack_traces(program.model)
-    proto = program.model_proto
-    onnx.checker.check_model(proto, full_check=True)
-    with replaced_file(path) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
-    return Path(path)
+    path = Path(path)
+    if external_data or (external_data is None and _weight_bytes(program.model) > _PROTOBUF_LIMIT - _GRAPH_ROOM):
+        _write_with_external_data(program.model, path)
+    else:
+        proto = program.model_proto
+        onnx.checker.check_model(proto, full_check=True)
+        with replaced_file(path) as tmp:
+            tmp.write_bytes(proto.SerializeToString())
+        _remove_stale_data(path, keep=None)
+    return path
+
+
+_PROTOBUF_LIMIT = 2**31  # protobuf cannot serialize a message of 2 GiB or more
+_GRAPH_ROOM = 2**27  # beside the weights, the graph's own bytes (nodes, names, small constants): generously
+
+
+def _weight_bytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _write_with_external_data(model: Any, path: Path) -> None:
+    """The graph and its weights' file, each written whole in a folder beside ``path`` and then moved into place:
+    the data file first, so the graph never names a missing or partial one. The data file is named by a digest of
+    the weights, so the bytes are the same for the same weights, and an old graph never reads new data."""
+    import onnx
+    import onnx_ir as ir
+
+    digest = hashlib.sha256()
+    for name, value in model.graph.initializers.items():
+        digest.update(name.encode())
+        if value.const_value is not None:
+            digest.update(value.const_value.tobytes())
+    data = f"{path.name}.{digest.hexdigest()[:16]}.data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        ir.save(model, staging / path.name, external_data=data)
+        onnx.checker.check_model(str(staging / path.name), full_check=True)
+        target = path.parent / data
+        existed = target.exists()
+        with replaced_file(target) as tmp:
+            os.replace(staging / data, tmp)
+        try:
+            with replaced_file(path) as tmp:
+                os.replace(staging / path.name, tmp)
+        except BaseException:
+            if not existed:
+                target.unlink(missing_ok=True)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _remove_stale_data(path, keep=data)
+
+
+def _remove_stale_data(path: Path, keep: str | None) -> None:
+    """Data files an earlier export to ``path`` wrote (``<name>.<16 hex digits>.data``), other than ``keep``."""
+    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{16}\.data")
+    for file in path.parent.iterdir():
+        if file.name != keep and pattern.fullmatch(file.name):
+            file.unlink(missing_ok=True)
 
 
 def _flatten_sequences(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:

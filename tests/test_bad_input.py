@@ -663,6 +663,119 @@ def test_an_adapter_that_recomputes_its_site_refuses_to_drop_an_earlier_one():
     assert not torch.allclose(live(*inputs), alone(*inputs))
 
 
+# A routed graph's adapter_index, and the tensors an ONNX file takes: runtime inputs are user input too.
+BAD_INDEX = {  # each: the index given a batch of 3 on a graph routing two adapters, and what the error must say
+    "above the routing": (
+        torch.tensor([0, 2, 1]),
+        r"adapter_index: every value must be -1 \(the base model\) or 0\.\.1",
+    ),
+    "below -1": (torch.tensor([0, -2, 1]), r"adapter_index: every value must be -1 \(the base model\) or 0\.\.1"),
+    "one for the batch": (torch.tensor([1]), r"adapter_index: one value per sample"),
+    "float": (torch.tensor([0.0, 1.0, 1.0]), r"adapter_index: expected an int64 tensor of shape \[batch\]"),
+    "2-d": (torch.tensor([[0, 1, 1]]), r"adapter_index: expected an int64 tensor of shape \[batch\]"),
+}
+
+
+@pytest.fixture(scope="module")
+def routed():
+    """Two fresh LoRAs (moved off their identity init) routed per sample on the test MLP."""
+    fresh = {n: {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2}, "seed": i} for i, n in enumerate("ab")}
+    gm = peftfx.compile(mlp(), {"adapters": fresh, "routing": {"adapters": ["a", "b"]}}, mlp_inputs())
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if "routing" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return gm
+
+
+@pytest.mark.parametrize("case", BAD_INDEX)
+def test_routed_graph_refuses_a_bad_adapter_index(routed, case):
+    index, match = BAD_INDEX[case]
+    with pytest.raises(peftfx.InputError, match=match):
+        routed(*mlp_inputs(), adapter_index=index)
+
+
+def test_routed_graph_traced_again_keeps_its_check(routed):
+    traced = torch.fx.symbolic_trace(routed)
+    index, match = BAD_INDEX["above the routing"]
+    with pytest.raises(peftfx.InputError, match=match):
+        traced(*mlp_inputs(), adapter_index=index)
+
+
+def test_routed_graph_under_torch_compile_refuses_a_bad_adapter_index(routed):
+    """The checks are ops and guards of the compiled graph: good routings never recompile, bad ones still fail."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(routed, backend=counter)
+    x = mlp_inputs()[0]
+    for good_index in ([0, -1, 1], [1, 1, 1], [-1, -1, -1]):
+        index = torch.tensor(good_index)
+        torch.testing.assert_close(compiled(x, adapter_index=index), routed(x, adapter_index=index))
+    assert counter.frame_count == 1
+    for index, match in BAD_INDEX.values():
+        with pytest.raises((RuntimeError, peftfx.InputError), match=match):
+            compiled(x, adapter_index=index)
+    torch._dynamo.reset()
+
+
+def test_onnx_file_refuses_a_bad_adapter_index(routed, tmp_path):
+    """In onnxruntime: the graph's own checks (values, length against the batch), then ``check_onnx_inputs`` for
+    what onnxruntime refuses without naming the input (the dtype)."""
+    import onnxruntime as ort
+
+    path = peftfx.export_onnx(routed, mlp_inputs(), tmp_path / "routed.onnx", dynamic=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = mlp_inputs()[0].numpy()
+    good = session.run(None, {"input_0": x, "adapter_index": torch.tensor([0, -1, 1]).numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(good), routed(*mlp_inputs(), adapter_index=torch.tensor([0, -1, 1])))
+    for case in ("above the routing", "below -1", "one for the batch"):
+        index, match = BAD_INDEX[case]
+        with pytest.raises(Exception, match=match):
+            session.run(None, {"input_0": x, "adapter_index": index.numpy()})
+    with pytest.raises(peftfx.InputError, match=r"adapter_index: dim 0 is 'batch', which is 3 in input_0; got 1"):
+        peftfx.check_onnx_inputs(session, {"input_0": x, "adapter_index": BAD_INDEX["one for the batch"][0].numpy()})
+    for case in ("float", "2-d"):
+        with pytest.raises(peftfx.InputError, match=r"adapter_index: expected int64 of shape \['batch'\], got"):
+            peftfx.check_onnx_inputs(path, {"input_0": x, "adapter_index": BAD_INDEX[case][0].numpy()})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """An ONNX file serving a LoRA (max_rank 8) as inputs, and good feeds for it."""
+    spec = {"adapters": {"a": {"type": "lora", "at": {"module": "layers.0"}, "max_rank": 8, "as_inputs": True}}}
+    gm = peftfx.compile(mlp(), spec, mlp_inputs())
+    path = peftfx.export_onnx(gm, mlp_inputs(), tmp_path_factory.mktemp("served") / "m.onnx")
+    feeds = {"input_0": mlp_inputs()[0].numpy(), **{k: v.numpy() for k, v in peftfx.adapter_inputs(gm).items()}}
+    peftfx.check_onnx_inputs(path, feeds)
+    return path, feeds
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t[:4], r": expected float of shape \[8, 12\], got shape \[4, 12\] \(dim 0\)"),
+        (lambda t: t.double(), r": expected float of shape \[8, 12\], got float64"),
+        (lambda t: t[0], r": expected float of shape \[8, 12\], got float32 of shape \[12\]"),
+    ],
+    ids=["shape", "dtype", "rank"],
+)
+def test_onnx_adapter_tensor_fed_with_a_wrong_shape_or_dtype(served, edit, match):
+    """Adapter tensors declared ``as_inputs`` have static shapes in the file; a wrong one is named, not broadcast."""
+    path, feeds = served
+    a = "peftfx.a.layers__0.lora_A"
+    with pytest.raises(peftfx.InputError, match=re.escape(a) + match):
+        peftfx.check_onnx_inputs(path, {**feeds, a: edit(torch.from_numpy(feeds[a])).numpy()})
+
+
+def test_onnx_scaling_fed_with_a_shape(served):
+    path, feeds = served
+    scaling = "peftfx.a.layers__0.scaling"
+    with pytest.raises(peftfx.InputError, match=re.escape(scaling) + r": expected float of shape \[\], got"):
+        peftfx.check_onnx_inputs(path, {**feeds, scaling: feeds[scaling].reshape(1)})
+
+
 # -- hostile spec files: bombs, depth, duplicate keys, encodings, key types ------------------------------------
 
 

@@ -33,6 +33,7 @@ TINY = {
     "bench_fold": ["--hidden", "32", "--layers", "1", "--rank", "2", "--repeats", "1"],
     "bench_scaling": ["--hidden", "32", "--layers", "1", "2", "--rank", "2", "--repeats", "1"],
     "bench_memory": ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--vocab", "64", "--rank", "2"],
+    "bench_onnx_large": ["--width", "64", "--layers", "1", "--rank", "2", "--external-data"],
     "bench_scale": [
         "--hidden",
         "32",

@@ -197,3 +197,62 @@ def test_command_line_export(tmp_path):
     spec.write_text("adapters:\n  a: {type: lora, at: {op: conv2d}, max_rank: 1, with: {r: 2}}\n")
     result = runner.invoke(app, ["export", str(spec), "--model", "test_export:conv_model", "-o", str(out)])
     assert result.exit_code == 2 and "adapters.a.max_rank" in result.output
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_external_data_runs_in_onnxruntime_and_is_reproducible(tmp_path):
+    """``external_data=True``: the weights in one file beside the graph, named by their digest; the same graph gives
+    the same bytes; a later export without it removes the data file it no longer needs."""
+    gm = peftfx.compile(mlp(), {"adapters": {"a": lora({"op": "linear"})}}, mlp_inputs())
+    whole = peftfx.export_onnx(gm, mlp_inputs(), tmp_path / "whole" / "m.onnx")
+    paths = [peftfx.export_onnx(gm, mlp_inputs(), tmp_path / d / "m.onnx", external_data=True) for d in "ab"]
+    (data,) = [name for name in _files(paths[0].parent) if name != "m.onnx"]
+    assert _files(paths[0].parent) == _files(paths[1].parent) == ["m.onnx", data] and data.endswith(".data")
+    for name in ("m.onnx", data):
+        assert (paths[0].parent / name).read_bytes() == (paths[1].parent / name).read_bytes()
+    weights = onnx.load(str(paths[0]), load_external_data=False).graph.initializer
+    assert all(len(w.raw_data) <= 256 for w in weights), "tensors past onnx_ir's 256-byte threshold are outside"
+    outside = [int(e.value) for w in weights for e in w.external_data if e.key == "length"]
+    assert outside and sum(outside) == (paths[0].parent / data).stat().st_size
+    assert paths[0].stat().st_size < whole.stat().st_size
+    assert_close(ort_run(paths[0], named(mlp_inputs())), run(gm, mlp_inputs()), TOL, "onnxruntime, external data")
+    peftfx.export_onnx(gm, mlp_inputs(), paths[0])
+    assert _files(paths[0].parent) == ["m.onnx"]
+
+
+def test_external_data_is_automatic_past_the_protobuf_limit(tmp_path, monkeypatch):
+    """Measured here against a lowered limit: a real >2 GiB export is bench/bench_onnx_large.py's."""
+    gm = peftfx.compile(mlp(), {}, mlp_inputs())
+    monkeypatch.setattr("peftfx.export._PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr("peftfx.export._GRAPH_ROOM", 0)
+    path = peftfx.export_onnx(gm, mlp_inputs(), tmp_path / "m.onnx")
+    assert len(_files(tmp_path)) == 2
+    assert_close(ort_run(path, named(mlp_inputs())), run(gm, mlp_inputs()), TOL, "onnxruntime, automatic")
+    peftfx.export_onnx(gm, mlp_inputs(), path, external_data=False)
+    assert _files(tmp_path) == ["m.onnx"]
+
+
+def test_external_data_appears_with_its_graph_or_not_at_all(tmp_path, monkeypatch):
+    """A failure when the graph is moved into place leaves the earlier export whole and no new data file."""
+    gm = peftfx.compile(mlp(), {"adapters": {"a": lora({"op": "linear"})}}, mlp_inputs())
+    path = peftfx.export_onnx(
+        peftfx.compile(mlp(), {}, mlp_inputs()), mlp_inputs(), tmp_path / "m.onnx", external_data=True
+    )
+    before = {name: (tmp_path / name).read_bytes() for name in _files(tmp_path)}
+    real = os.replace
+
+    def fail_on_the_graph(src, dst):
+        if Path(dst).name == "m.onnx":
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_graph)
+    with pytest.raises(OSError, match="disk full"):
+        peftfx.export_onnx(gm, mlp_inputs(), path, external_data=True)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in _files(tmp_path)} == before
+    base = peftfx.compile(mlp(), {}, mlp_inputs())
+    assert_close(ort_run(path, named(mlp_inputs())), run(base, mlp_inputs()), TOL, "the earlier export")
