@@ -6,9 +6,10 @@ The driver lints the graph after every pass, so a broken pass is caught where it
 from __future__ import annotations
 
 from .base import Pass, run_passes
+from .causal import Causal
 from .cleanup import Cleanup
 from .insert import Insert
 from .merge import Merge
 from .route import Route
 
-__all__ = ["Cleanup", "Insert", "Merge", "Pass", "Route", "run_passes"]
+__all__ = ["Causal", "Cleanup", "Insert", "Merge", "Pass", "Route", "run_passes"]

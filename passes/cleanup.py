@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..ir import adapters, records
+from ..errors import PassError
+from ..ir import adapters, records, routing
 from ..rewrite import TAG, del_attr
 from .base import Pass
 
 
 class Cleanup(Pass):
     name = "cleanup"
-    ensures = "no dead peftfx node or unread adapter tensor"
+    ensures = "no dead peftfx node or unread adapter tensor; with no live adapter, no peftfx node but rebound weights"
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         graph = gm.graph
@@ -42,6 +43,24 @@ class Cleanup(Pass):
         for name in [name for name in adapters(gm) if name not in live]:
             del adapters(gm)[name]
         return gm
+
+    def ensure(self, gm: fx.GraphModule) -> None:
+        ours = [n for n in gm.graph.nodes if TAG in n.meta]
+        dead = [n for n in ours if not n.users and not n.is_impure()]
+        if dead:
+            raise PassError(f"dead node {dead[0].name} is left")
+        read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        if hasattr(gm, "peftfx"):
+            unread = [name for name, _ in gm.peftfx.named_parameters() if f"peftfx.{name}" not in read]
+            if unread:
+                raise PassError(f"adapter tensor peftfx.{unread[0]} is read by no node")
+        if any(r.merged for r in records(gm)):
+            raise PassError("a record of a merged adapter is left")
+        if not records(gm) and routing(gm) is None:  # fully merged: the base capture plus rebound weights only
+            extra = [n for n in ours if "rebind" not in n.meta[TAG]]
+            if extra or hasattr(gm, "peftfx"):
+                where = f"node {extra[0].name}" if extra else "the module gm.peftfx"
+                raise PassError(f"no adapter is live, yet {where} is left")
 
 
 def _drop_empty(root: fx.GraphModule, name: str) -> None:

@@ -13,15 +13,15 @@ ensures:  every consumer of a site's output reads the last adapter's output inst
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ..adapters import SiteAdapter
-from ..errors import CheckpointError, SpecError
-from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, records
+from ..errors import CheckpointError, PassError, SpecError
+from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, nodes_by_name, records
 from ..rewrite import TAG, add_input, build_after, get_attr, rebind, set_attr, tagged_get_attr, weight_device
 from ..sites import PARAMETER, module_of
 from .base import Pass
@@ -39,18 +39,21 @@ class Insert(Pass):
         placements: Sequence[Placement],
         overrides: Sequence[Override] = (),
         configs: Mapping[str, Mapping[str, Any]] | None = None,
+        as_inputs: Collection[str] = (),
         runtime_scale: bool = False,
     ) -> None:
         self.placements = placements
         self.overrides = overrides
         self.configs = configs or {}
         self.runtime_scale = runtime_scale
+        self.as_inputs = frozenset(as_inputs)  # adapters whose tensors export_onnx makes graph inputs
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         info = adapters(gm)
         for placement in self.placements:
             entry = info.setdefault(placement.adapter, AdapterInfo(placement.site_adapter.kind.name))
             entry.config = dict(self.configs.get(placement.adapter) or {}) or None
+            entry.as_inputs = placement.adapter in self.as_inputs
         for override in self.overrides:
             _apply_override(gm, override)
             info.setdefault(override.adapter, AdapterInfo("")).overrides[override.key] = override.tensor
@@ -63,6 +66,21 @@ class Insert(Pass):
             y = outputs.get(a.site.node, a.site.node)
             outputs[a.site.node] = _insert(gm, placement.adapter, a, y, scale if a.kind.runtime_scale else None)
         return gm
+
+    def ensure(self, gm: fx.GraphModule) -> None:
+        nodes = nodes_by_name(gm)
+        placed = {(r.adapter, r.site_node): r for r in records(gm)}
+        for p in self.placements:
+            record = placed.get((p.adapter, p.site_adapter.site.node.name))
+            if record is None:
+                raise PassError(f"{p.adapter!r} at {p.site_adapter.site.module} has no record")
+            if record.output not in nodes or not nodes[record.output].users:
+                raise PassError(f"nothing reads the output of {p.adapter!r} at {record.module}")
+            for target in record.tensors.values():
+                try:
+                    get_attr(gm, target)
+                except AttributeError:
+                    raise PassError(f"{p.adapter!r} at {record.module}: no tensor {target}") from None
 
 
 def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node, scale: fx.Node | None = None) -> fx.Node:
@@ -101,7 +119,7 @@ def _insert(gm: fx.GraphModule, adapter: str, a: SiteAdapter, y: fx.Node, scale:
     out, created = build_after(cursor, forward, [site.live_input, y, site.weight, site.bias, scale, *attrs], tag)
     created_set = set(created)
     if y is not site.node and not created_set & set(y.users):
-        earlier = y.meta.get("peftfx", {}).get("adapter", "an earlier adapter")
+        earlier = y.meta.get(TAG, {}).get("adapter", "an earlier adapter")
         raise SpecError(
             f"adapters.{adapter}: {a.kind.name} recomputes {site.describe()} from its input, so it would silently drop "
             f"{earlier!r} placed before it on the same site; put {adapter!r} first (`active` order) or on other sites"

@@ -1,10 +1,10 @@
 """merge: fold adapters into the weights of their sites.
 
 requires: records from ``insert`` for every adapter named.
-ensures:  those adapters' nodes and tensors are gone; their sites read merged weight constants (exactly rounded
-          to the weight's dtype, see ``rounding``, or computed in float64 and rounded once; written into new
-          tensors, or with ``inplace`` into the weight's own storage when nothing else reads it); a fully merged
-          graph has the base capture's node count and attribute names.
+ensures:  nothing reads those adapters' nodes or tensors (cleanup drops them); their sites read merged weight
+          constants (exactly rounded to the weight's dtype, see ``rounding``, or computed in float64 and rounded once;
+          written into new tensors, or with ``inplace`` into the weight's own storage when nothing else reads it);
+          once cleanup has run, a fully merged graph has the base capture's node count and attribute names.
 An adapter can only be folded past adapters that commute with it: a live non-additive adapter (DoRA) before
 it at the same site, or any live adapter before a non-additive one, makes the fold change the result.
 """
@@ -20,16 +20,16 @@ import torch
 from torch import fx
 
 from ..adapters import KINDS
-from ..errors import MergeError
-from ..ir import Record, nodes_by_name, records
-from ..rewrite import AttrIndex, get_attr, rebind, take_name_back
+from ..errors import MergeError, PassError
+from ..ir import Record, attr_key, nodes_by_name, records
+from ..rewrite import TAG, AttrIndex, get_attr, rebind, take_name_back
 from .base import Pass
 
 
 class Merge(Pass):
     name = "merge"
     requires = "records for the adapters to merge"
-    ensures = "no node or tensor of a merged adapter; merged weights in place"
+    ensures = "nothing reads a merged adapter's nodes or tensors; merged weights in place"
 
     def __init__(self, adapters: Sequence[str], allow_nonfinite: Sequence[str] = (), inplace: bool = False) -> None:
         self.adapters = list(adapters)
@@ -60,6 +60,20 @@ class Merge(Pass):
             take_name_back(gm, new, old)
         return gm
 
+    def ensure(self, gm: fx.GraphModule) -> None:
+        merged = set(self.adapters)
+        live = [r for r in records(gm) if r.adapter in merged and not r.merged]
+        if live:
+            raise PassError(f"{live[0].adapter!r} at {live[0].module} is still live")
+        # unread ones may stay (a shared tensor's get_attr that cleanup deduplicated into another site's): cleanup's
+        left = [n for n in gm.graph.nodes if n.meta.get(TAG, {}).get("adapter") in merged and n.users]
+        if left:
+            raise PassError(f"node {left[0].name} of {left[0].meta[TAG]['adapter']!r} is still read")
+        prefixes = tuple(f"peftfx.{attr_key(name)}." for name in merged)
+        read = [n for n in gm.graph.nodes if n.op == "get_attr" and n.users and str(n.target).startswith(prefixes)]
+        if read:
+            raise PassError(f"node {read[0].name} still reads the merged adapter tensor {read[0].target}")
+
 
 def _merge(
     gm: fx.GraphModule,
@@ -84,8 +98,8 @@ def _merge(
             )
     site = a.site
     raw = get_attr(gm, record.raw_weight)
-    weight = get_attr(gm, str(site.weight.target))
-    bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
+    weight = site.base_weight()
+    bias = site.base_bias()
     raw_bias = get_attr(gm, record.raw_bias) if record.raw_bias is not None else None
     mine = {site.node, *(nodes[n] for n in record.nodes if n in nodes)}
     own = inplace and set(index.users(weight)) <= mine

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..adapters import SiteAdapter
-from ..errors import PeftfxError, SpecError
+from ..adapters.base import LowRank
+from ..adapters.lora import dora_output, dora_scale
+from ..errors import PassError, PeftfxError, SpecError
 from ..guard import routing_index
-from ..ir import Placement, Routing, attr_key, set_routing
+from ..ir import Placement, Routing, attr_key, routing, set_routing
 from ..rewrite import TAG, add_input, build_after, get_attr, set_attr, tagged_get_attr, weight_device
 from ..sites import Site
 from .base import Pass
@@ -73,6 +75,12 @@ class Route(Pass):
         set_routing(gm, Routing(INPUT, list(self.adapters)))
         return gm
 
+    def ensure(self, gm: fx.GraphModule) -> None:
+        if routing(gm) != Routing(INPUT, self.adapters):
+            raise PassError("the graph does not say it is routed, or by which adapters")
+        if not gm.graph.find_nodes(op="placeholder", target=INPUT):
+            raise PassError(f"the graph has no input {INPUT!r}")
+
 
 def _check(p: Placement, i: int) -> None:
     site = p.site_adapter.site
@@ -83,41 +91,40 @@ def _check(p: Placement, i: int) -> None:
         )
 
 
-def _low_rank(a: SiteAdapter | None) -> bool:
-    return a is not None and a.kind.name in ("lora", "dora")
+def _low_rank(a: SiteAdapter | None) -> LowRank | None:
+    return None if a is None else a.kind.low_rank(a)
 
 
 def _stack(row: list[SiteAdapter | None]) -> dict[str, torch.Tensor]:
-    """The LoRA/DoRA adapters' tensors at one site as rows of one tensor each, zero-padded to the largest rank; one
+    """The low-rank adapters' factors at one site as rows of one tensor each, zero-padded to the largest rank; one
     zero row more for the base model. DoRA rows are marked in ``dora``; the other rows' magnitudes are never read."""
-    row = [a if _low_rank(a) else None for a in row]
-    first = next((a for a in row if a is not None), None)
+    factors = [_low_rank(a) for a in row]
+    first = next((lr for lr in factors if lr is not None), None)
     if first is None:
         return {}
-    dtype, n = first.tensors["lora_A"].dtype, len(row) + 1
-    rank = max(a.hyper["r"] for a in row if a is not None)
-    width, out = first.tensors["lora_A"].shape[1], first.tensors["lora_B"].shape[0]
+    dtype, n = first.A.dtype, len(row) + 1
+    rank = max(lr.rank for lr in factors if lr is not None)
+    width, out = first.A.shape[1], first.B.shape[0]
     t = {
         "lora_A": torch.zeros(n, rank, width, dtype=dtype),
         "lora_B": torch.zeros(n, out, rank, dtype=dtype),
         "scaling": torch.zeros(n, dtype=dtype),
     }
-    if any(a is not None and a.hyper["lora_bias"] for a in row):
+    if any(lr is not None and lr.bias is not None for lr in factors):
         t["lora_B_bias"] = torch.zeros(n, out, dtype=dtype)
-    if any(a is not None and a.hyper["dora"] for a in row):
+    if any(lr is not None and lr.magnitude is not None for lr in factors):
         t["lora_magnitude"] = torch.zeros(n, out, dtype=dtype)
         t["dora"] = torch.zeros(n, dtype=torch.bool)
-    for k, a in enumerate(row):
-        if a is None:
+    for k, lr in enumerate(factors):
+        if lr is None:
             continue
-        r = a.hyper["r"]
-        t["lora_A"][k, :r] = a.tensors["lora_A"]
-        t["lora_B"][k, :, :r] = a.tensors["lora_B"]
-        t["scaling"][k] = a.hyper["scaling"]
-        if a.hyper["lora_bias"]:
-            t["lora_B_bias"][k] = a.tensors["lora_B_bias"]
-        if a.hyper["dora"]:
-            t["lora_magnitude"][k] = a.tensors["lora_magnitude"].reshape(-1)
+        t["lora_A"][k, : lr.rank] = lr.A
+        t["lora_B"][k, :, : lr.rank] = lr.B
+        t["scaling"][k] = lr.scaling
+        if lr.bias is not None:
+            t["lora_B_bias"][k] = lr.bias
+        if lr.magnitude is not None:
+            t["lora_magnitude"][k] = lr.magnitude.reshape(-1)
             t["dora"][k] = True
     return t
 
@@ -128,21 +135,18 @@ def _dense(gm: fx.GraphModule, row: list[SiteAdapter | None], adapters: list[str
     if all(a is None or _low_rank(a) for a in row):
         return {}
     site = next(a for a in row if a is not None).site
-    weight = get_attr(gm, str(site.weight.target))
-    bias = get_attr(gm, str(site.bias.target)) if site.bias is not None else None
     t = {"delta": torch.zeros(len(row) + 1, *site.weight_shape, dtype=site.dtype)}  # embeddings: [vocab, dim]
     for k, a in enumerate(row):
         if a is None or _low_rank(a):
             continue
         try:
-            merged, merged_bias = a.kind.merge(a, weight, weight, bias, bias, a.tensors)
+            delta, bias_delta = a.kind.dense_delta(a)
         except PeftfxError as error:
             raise SpecError(f"routing.adapters[{k}]: {adapters[k]!r} cannot be expressed per sample: {error}") from None
-        delta = merged.double() - weight.double()
-        t["delta"][k] = (delta.t() if site.transposed else delta).to(site.dtype)
-        if merged_bias is not None and merged_bias is not bias:
+        t["delta"][k] = delta.to(site.dtype)
+        if bias_delta is not None:
             t.setdefault("delta_bias", torch.zeros(len(row) + 1, site.out_features, dtype=site.dtype))
-            t["delta_bias"][k] = (merged_bias.double() - (0 if bias is None else bias.double())).to(site.dtype)
+            t["delta_bias"][k] = bias_delta.to(site.dtype)
     return t
 
 
@@ -181,7 +185,7 @@ def _route(
             delta = delta.to(site.dtype) if cast else delta
             if "dora" in t:
                 g = torch.index_select(_dora_scale(site, weight, t, cast), 0, i).unsqueeze(1)
-                out = out + (g - 1) * (out if bias is None else out - bias) + g * delta
+                out = dora_output(out, out if bias is None else out - bias, g, delta)
             else:
                 out = out + delta
         if "delta" in t:
@@ -221,5 +225,5 @@ def _dora_scale(site: Site, weight: Any, t: dict[str, Any], cast: bool) -> Any:
     """DoRA's ``m / ‖W + ΔW‖`` per output unit for every row (detached norm, as PEFT), 1 for the other rows."""
     lead = weight.t() if site.transposed or site.op == "embedding" else weight  # [out, in]; embeddings [dim, vocab]
     low_rank = torch.bmm(t["lora_B"], t["lora_A"]) * t["scaling"].reshape(-1, 1, 1)
-    norm = torch.linalg.vector_norm(lead + (low_rank.to(site.dtype) if cast else low_rank), dim=2).detach()
-    return torch.where(t["dora"].unsqueeze(1), t["lora_magnitude"] / norm, 1.0)
+    g = dora_scale(t["lora_magnitude"], lead, low_rank.to(site.dtype) if cast else low_rank, 2)
+    return torch.where(t["dora"].unsqueeze(1), g, 1.0)

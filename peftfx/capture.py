@@ -6,8 +6,8 @@ After symbolic tracing, the leaf modules that own weights (Linear, ConvNd, Embed
 transformers' Conv1D) are lowered to the same aten calls export produces, so the site normaliser and every
 pass see one IR whichever tracer ran. The captured module never shares a Parameter object with the user's
 model: weights are re-wrapped (same storage, no copy) and frozen, so training adapters in the graph cannot
-touch the model, and passes replace tensors rather than write into them. A causal mask the export computed
-from shapes alone is handed back to SDPA as ``is_causal`` (see ``causal``).
+touch the model, and passes replace tensors rather than write into them. The capture is the model as it ran;
+the first pass (``passes/causal.py``) hands a causal mask computed from shapes alone back to SDPA.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from . import capture_cache
 from .capture_hints import export_failure
-from .causal import restore_is_causal
 from .errors import CaptureError
 from .ir import ModelHeads, set_heads
+from .rewrite import get_attr
 from .sites import MODULE_STACK
 
 Inputs = tuple[Any, ...] | Mapping[str, Any]
@@ -152,7 +152,6 @@ def _export(
         raise CaptureError(message) from error
     gm = program.module()
     _trim_call_overhead(gm, has_module_inputs=any(isinstance(x, nn.Module) for x in tree_leaves((args, kwargs))))
-    restore_is_causal(gm)
     gm.recompile()
     return gm
 
@@ -201,15 +200,10 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     owned: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
-            owned[node.target] = _fetch(model, node.target)
+            owned[node.target] = get_attr(model, node.target)
         elif node.op == "call_module":
             owned[node.target] = copy.deepcopy(model.get_submodule(node.target))
     return fx.GraphModule(owned, graph, type(model).__name__).train(model.training)
-
-
-def _fetch(model: nn.Module, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, name)
 
 
 class _LeafTracer(fx.Tracer):

@@ -95,7 +95,9 @@ def read_checkpoint(
     if not config_file.is_file():
         raise CheckpointError(f"{field}: {config_file} not found")
     try:
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{config_file}: not UTF-8 (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}:{e.lineno}: invalid JSON: {e.msg}") from e
     if not isinstance(config, dict) or "peft_type" not in config:

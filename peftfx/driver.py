@@ -15,9 +15,9 @@ from torch import fx, nn
 from .capture import Inputs, capture
 from .dropin import as_dropin, lora_scale_keyword
 from .errors import PeftfxError, SpecError
-from .ir import Override, adapters
+from .ir import Override
 from .kv_cache import capture_with_cache
-from .passes import Cleanup, Insert, Merge, Pass, Route, run_passes
+from .passes import Causal, Cleanup, Insert, Merge, Pass, Route, run_passes
 from .passes.insert import SCALE_INPUT
 from .passes.route import INPUT as ROUTING_INPUT
 from .plan import Plan, make_plan, place, targets
@@ -102,6 +102,34 @@ def build(
     while planning (``what`` is then ``plan <adapter>``).
     """
     spec, base_dir = load_spec(spec)
+    return build_loaded(
+        model,
+        spec,
+        base_dir,
+        example_inputs,
+        dynamic_shapes=dynamic_shapes,
+        progress=progress,
+        cache=cache,
+        max_cache_len=max_cache_len,
+        inplace=inplace,
+    )
+
+
+def build_loaded(
+    model: nn.Module,
+    spec: Spec,
+    base_dir: Path | None,
+    example_inputs: Inputs | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+    cache: bool = True,
+    max_cache_len: int | None = None,
+    inplace: bool = False,
+    planned: Callable[[Plan], None] | None = None,
+) -> Build:
+    """``build`` of a loaded spec (``base_dir`` resolves its relative paths). ``planned(plan)`` sees the plan
+    before the passes run: ``verify`` moves fresh adapters off their initial values there."""
     seconds: dict[str, float] = {}
     example_inputs = _without_index(spec, example_inputs)
     with _step("capture", seconds, progress):
@@ -114,6 +142,8 @@ def build(
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)
+        if planned is not None:
+            planned(plan)
     with _step("rewrite", seconds, progress):
         scaled = lora_scale_keyword(model) is not None
         gm = rewrite(gm, spec, plan, inplace=inplace, runtime_scale=scaled)
@@ -154,13 +184,14 @@ def rewrite(
     ``runtime_scale`` gives live LoRAs the input ``lora_scale`` (dropped again when every one of them merged).
     """
     routed = spec.routed_adapters()
-    passes: list[Pass] = []
+    passes: list[Pass] = [Causal()]
     if routed:
         _check_routed(gm, plan, routed)
         passes.append(Route(routed, [p for p in plan.placements if p.adapter in routed]))
     always = [p for p in plan.placements if p.adapter not in routed]
     overrides = [o for o in plan.overrides if o.adapter not in routed]
-    passes.append(Insert(always, overrides, plan.configs, runtime_scale=runtime_scale))
+    as_inputs = [name for name, adapter in spec.adapters.items() if adapter.as_inputs]
+    passes.append(Insert(always, overrides, plan.configs, as_inputs, runtime_scale=runtime_scale))
     placed = {p.adapter for p in plan.placements}
     merged = [name for name in spec.merged_adapters() if name in placed]  # `expect: any` may have placed nothing
     _check_deployable(spec, merged, routed)
@@ -169,8 +200,6 @@ def rewrite(
     passes.append(Cleanup())
     gm = run_passes(gm, passes)
     drop_input(gm, SCALE_INPUT)
-    for name, info in adapters(gm).items():
-        info.as_inputs = name in spec.adapters and spec.adapters[name].as_inputs
     return gm
 
 

@@ -1,6 +1,6 @@
 """PEFT's module targeting, translated into the pattern language so ``explain`` can show it.
 
-Each rule mirrors PEFT's ``check_target_module_exists`` (peft-math.md §2.2-2.5): a string target is a full
+Each rule mirrors PEFT's ``check_target_module_exists``: a string target is a full
 regex match, a list is exact-or-dotted-suffix; ``layers_to_transform`` filters on the first numbered path
 segment (or the first ``layers_pattern`` that matches) and is bypassed by an exact name; ``exclude_modules``
 and ``modules_to_save`` always exclude; ``all-linear`` is every Linear/Conv1D but the output head.

@@ -22,6 +22,7 @@ from .errors import CheckpointError, MatchError, SpecError
 from .fold import Context, Task, fold_site
 from .ir import Override, Placement, heads
 from .pattern import Matcher
+from .peft_config import check_peft_config
 from .peft_targeting import peft_selector
 from .sites import PARAMETER, Site, find_sites, module_classes
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Selector, Spec
@@ -175,13 +176,10 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
     nodes = sorted({node for by_node in per_source for node in by_node}, key=lambda n: order.get(n, len(order)))
     sites = [next(s[n] for s in per_source if n in s).site for n in nodes]
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
-    lora_ranks = [
-        max(a.hyper["r"] for a in by_node.values())
-        for by_node in per_source
-        if by_node and all(a.kind.name in ("lora", "dora") for a in by_node.values())
-    ]
-    first = next(iter(per_source[0].values()), None)
-    first_rslora = bool(first is not None and first.kind.name == "lora" and first.hyper.get("rslora"))
+    low_ranks = [[a.kind.low_rank(a) for a in by_node.values()] for by_node in per_source]
+    lora_ranks = [max(lr.rank for lr in lrs) for lrs in low_ranks if lrs and None not in lrs]
+    first = next(iter(low_ranks[0]), None)
+    first_rslora = bool(first is not None and first.rslora)
     weights = adapter.weight_values()
     for done, (node, site) in enumerate(zip(nodes, sites, strict=True), start=1):
         plan.placed(name, done, len(nodes))
@@ -214,7 +212,8 @@ def _place_combine(plan: Plan, spec: Spec, target: Target, adapter: CombineAdapt
             first_rslora=first_rslora,
             generator=generator,
             single=len(adapter.combine) == 1,
-            ia3=all(a.kind.name == "ia3" for by_node in per_source for a in by_node.values()),
+            ia3=all(a.kind.folds_by_vector for by_node in per_source for a in by_node.values()),
+            given=frozenset(adapter.fold_fields()),
         )
         plan.placements.append(Placement(name, fold_site(site, tasks, ctx)))
 
@@ -248,6 +247,7 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
         supported = ", ".join(sorted(PEFT_TYPES))
         raise CheckpointError(f"{config_file}: peft_type {peft_type!r} is not supported (supported: {supported})")
     config_file = str(ckpt.directory / "adapter_config.json")
+    check_peft_config(ckpt.config, config_file)
     kind.check_peft_config(ckpt.config, config_file)
     selector = peft_selector(ckpt.config, sorted(kind.ops), heads(gm), config_file)
     field_ = f"adapters.{name} (target_modules of {config_file})"
@@ -289,6 +289,9 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
                 f"{ckpt.file}: {target.kind.name} cannot adapt {site.describe()}, the only way the graph reads "
                 f"{module}'s weight (supports {', '.join(sorted(target.kind.ops))})"
             )
+        problem = target.kind.site_problem(site)
+        if problem is not None:
+            raise CheckpointError(f"{ckpt.file}: {problem}")
         scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
         tensors = layout.modules[module]
         keys = {r: ckpt.key(module, r) for r in tensors}
@@ -384,6 +387,9 @@ def _place_fresh(plan: Plan, target: Target, adapter: FreshAdapter, sites: list[
     span = layer_span(sites, functools.partial(plan.matcher.layer, target.selector))
     params = [_fresh_params(plan, target, adapter, site, span) for site in sites]
     where = f"adapters.{target.name}"
+    problem = next((p for p in map(kind.site_problem, sites) if p is not None), None)
+    if problem is not None:
+        raise SpecError(f"{where}: {problem}")
     largest = max(sites, key=lambda site: math.prod(site.weight_shape), default=None)
     try:
         with sizes.bounded(sizes.limit(math.prod(largest.weight_shape) if largest is not None else 0)):

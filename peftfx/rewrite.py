@@ -14,7 +14,9 @@ from torch.utils._pytree import tree_structure, tree_unflatten
 
 from .errors import SpecError
 
-TAG = "peftfx"  # node.meta key: {"adapter": name, "site": module path} on every node peftfx inserted
+# node.meta key on every node peftfx inserted: {"adapter": name, "node": the site node's name} for an adapter's
+# nodes (routing's: adapter "routing"), {"rebind": hint} for the get_attr of a weight that took a new name
+TAG = "peftfx"
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:

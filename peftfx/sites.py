@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .rewrite import TAG, get_attr
+
 aten = torch.ops.aten
 
 PARAMETER = "parameter"  # the op name of parameter sites
@@ -183,7 +185,14 @@ class Site(OpView):
 
     def base_weight(self) -> torch.Tensor:
         """The weight tensor the site's op reads, in storage layout (transposed for Conv1D)."""
-        return attr(self.weight.graph.owning_module, str(self.weight.target))
+        return get_attr(self.weight.graph.owning_module, str(self.weight.target))
+
+    def base_bias(self) -> torch.Tensor | None:
+        return get_attr(self.weight.graph.owning_module, str(self.bias.target)) if self.bias is not None else None
+
+    def logical(self, weight: Any) -> Any:
+        """A weight of this site in logical layout ``[out, in, ...]`` from storage layout (Conv1D is transposed)."""
+        return weight.t() if self.transposed and self.op != PARAMETER else weight
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.weight_shape))
@@ -259,7 +268,7 @@ def site_of(gm: fx.GraphModule, node: fx.Node) -> Site:
 def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     if node.op == "get_attr":
         return _parameter_site(gm, node)
-    if node.op != "call_function" or node.meta.get("peftfx"):
+    if node.op != "call_function" or node.meta.get(TAG):
         return None
     signature = signature_of(node)
     if signature is None:
@@ -271,7 +280,7 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         weight = _transposed_weight(node, signature.weight)
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
-    tensor = attr(gm, str(weight.target))
+    tensor = get_attr(gm, str(weight.target))
     if by_value and tensor.ndim != 2:
         return None
     if signature.transposed and (tensor.ndim != 2 or module_of(node)[1] not in ("Conv1D", "")):
@@ -302,14 +311,14 @@ def _site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
 
 def _parameter_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     """The site of a parameter read by ``node`` (a get_attr): the first get_attr of each float parameter."""
-    if node.meta.get("peftfx") or node.op != "get_attr":
+    if node.meta.get(TAG) or node.op != "get_attr":
         return None
     owner, _, name = str(node.target).rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
     tensor = module._parameters.get(name)
     if tensor is None or not tensor.is_floating_point() or tensor.ndim == 0:
         return None
-    first = next(n for n in gm.graph.find_nodes(op="get_attr", target=node.target) if not n.meta.get("peftfx"))
+    first = next(n for n in gm.graph.find_nodes(op="get_attr", target=node.target) if not n.meta.get(TAG))
     if first is not node:
         return None
     return Site(
@@ -336,11 +345,6 @@ def module_classes(gm: fx.GraphModule) -> dict[str, str]:
                 classes.setdefault(str(path), cls.rsplit(".", 1)[-1] if isinstance(cls, str) else cls.__name__)
         gm.meta[_CLASSES] = classes
     return gm.meta[_CLASSES]
-
-
-def attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 LOOK_THROUGH = frozenset(

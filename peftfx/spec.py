@@ -29,7 +29,7 @@ from torch import nn
 
 from .adapters import KINDS
 from .errors import SpecError
-from .fold import METHODS
+from .fold import FOLD_FIELDS, METHODS, unread_field
 from .ir import attr_key
 from .model_ref import ModelRef
 from .sizes import Seed
@@ -223,12 +223,20 @@ class CombineAdapter(Deployable):
             raise ValueError(f"method: unknown fold method {self.method!r}{suggest(self.method, METHODS, 'known')}")
         if self.method is not None and METHODS[self.method].needs_density and self.density is None:
             raise ValueError(f"density: method {self.method} needs a density (the fraction of entries kept)")
+        unread = None if self.method is None else unread_field(METHODS[self.method].reads, self.fold_fields())
+        if unread is not None:
+            raise ValueError(f"{unread}: method {self.method} does not read {unread}; remove it")
         if isinstance(self.density, (int, float)) and not 0 <= self.density <= 1:
             raise ValueError(f"density: must be in [0, 1], got {self.density}")
         for i, name in enumerate(self.combine):
             if name in self.combine[:i]:
                 raise ValueError(f"combine[{i}]: {name!r} is listed twice")
         return self
+
+    def fold_fields(self) -> set[str]:
+        """The method parameters the spec sets to other than their defaults (each must be one its method reads)."""
+        fields = type(self).model_fields
+        return {f for f in FOLD_FIELDS if getattr(self, f) != fields[f].default}
 
     def weight_values(self) -> list[float | Gradient | Cases]:
         return list(self.weights) if self.weights is not None else [1.0] * len(self.combine)

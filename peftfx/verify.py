@@ -30,15 +30,15 @@ import torch
 from torch import nn
 
 from . import hub
-from .capture import Inputs, capture, split_inputs
-from .driver import SpecLike, merge_pass, rewrite
+from .capture import Inputs, split_inputs
+from .driver import SpecLike, build_loaded, merge_pass
 from .errors import SpecError
 from .fold import METHODS
 from .inputs import batch_size
 from .ir import records
 from .model_ref import token_inputs
 from .passes import Cleanup, run_passes
-from .plan import Plan, make_plan
+from .plan import Plan
 from .spec import CombineAdapter, FreshAdapter, PeftAdapter, Spec, load_spec
 
 
@@ -59,8 +59,6 @@ DEFAULT_TOLERANCE = {
     torch.float16: Tolerance(rtol=5e-3, atol=1e-3),
     torch.bfloat16: Tolerance(rtol=2e-2, atol=1e-2),
 }
-# add_weighted_adapter's methods, minus the DARE ones: they drop entries at random, so no run repeats another's.
-PEFT_FOLDS = frozenset({"linear", "cat", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd"})
 
 
 def default_tolerance(model: nn.Module) -> Tolerance:
@@ -291,8 +289,10 @@ def peft_fold(model: nn.Module, sources: Mapping[str, Path], name: str, combine:
 
 def _not_a_peft_fold(spec: Spec, combine: CombineAdapter) -> str | None:
     method = combine.method or "svd"
-    if method not in PEFT_FOLDS:
-        return f"method {method} is {'random' if method.startswith('dare') else 'not one of PEFT'}'s"
+    if METHODS[method].random:  # DARE drops entries at random, so no run repeats another's
+        return f"method {method} is random"
+    if not METHODS[method].peft:
+        return f"method {method} is not one of PEFT's"
     sources = [spec.adapters[s] for s in combine.combine]
     if any(not isinstance(s, PeftAdapter) for s in sources):
         return "a source is not a PEFT checkpoint"
@@ -327,10 +327,7 @@ def _live_and_merged(
 def _live(model: nn.Module, spec: Spec, base_dir: Path | None, inputs: Inputs, perturbed: Collection[str] = ()) -> Any:
     """The spec's graph as compile makes it, from an already loaded spec (``base_dir`` resolves its paths), with
     the adapters ``perturbed`` moved off their initial values."""
-    gm = capture(model, inputs, method=spec.capture)
-    plan = make_plan(gm, spec, base_dir)
-    _perturb(plan, set(perturbed))
-    return rewrite(gm, spec, plan)
+    return build_loaded(model, spec, base_dir, inputs, planned=lambda plan: _perturb(plan, set(perturbed))).gm
 
 
 def _perturb(plan: Plan, names: set[str]) -> None:

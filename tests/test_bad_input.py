@@ -273,6 +273,57 @@ def test_unsupported_config_field_is_refused(good, tmp_path):
     fails(mlp(), peft_spec(directory), mlp_inputs(), peftfx.CheckpointError, r"adapter_config\.json: init_lora_weig")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("lora_alpha", "16", r"lora_alpha: input should be a valid number \(got '16'\)"),
+        ("lora_alpha", None, r"lora_alpha: input should be a valid number \(got None\)"),
+        ("target_modules", 5, r"target_modules: input should be a valid string \(got 5\)"),
+        ("rank_pattern", ["layers.0"], r"rank_pattern: input should be a valid dictionary"),
+        ("layers_to_transform", "x", r"layers_to_transform: input should be a valid integer \(got 'x'\)"),
+        ("r", "4", r"r: input should be a valid integer \(got '4'\)"),
+        ("rank_pattern", {"layers.0": 2.5}, r"rank_pattern\.layers\.0: input should be a valid integer"),
+    ],
+)
+def test_adapter_config_field_of_the_wrong_type(good, tmp_path, field, value, match):
+    directory = variant(good, tmp_path, config=lambda c: c.__setitem__(field, value))
+    fails(mlp(), peft_spec(directory), mlp_inputs(), peftfx.CheckpointError, r"adapter_config\.json: " + match)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_adapter_config_number_that_is_not_finite(good, tmp_path, value):
+    """json reads NaN and Infinity; a NaN alpha would make every live output NaN."""
+    directory = variant(good, tmp_path, config=lambda c: c.__setitem__("lora_alpha", value))
+    match = r"adapter_config\.json: lora_alpha: input should be a finite number"
+    fails(mlp(), peft_spec(directory), mlp_inputs(), peftfx.CheckpointError, match)
+    directory = variant(good, tmp_path / "extra", config=lambda c: c.__setitem__("lora_dropout", value))
+    fails(mlp(), peft_spec(directory), mlp_inputs(), peftfx.CheckpointError, r"lora_dropout: .*finite number")
+
+
+def test_adapter_config_rank_below_one(good, tmp_path):
+    def rank_zero(t):
+        for key in list(t):
+            t[key] = torch.randn(0, t[key].shape[1]) if "lora_A" in key else torch.randn(t[key].shape[0], 0)
+
+    directory = variant(good, tmp_path, tensors=rank_zero, config=lambda c: c.__setitem__("r", 0))
+    match = r"adapter_config\.json: r: input should be greater than or equal to 1 \(got 0\)"
+    fails(mlp(), peft_spec(directory), mlp_inputs(), peftfx.CheckpointError, match)
+
+
+def test_adapter_config_that_is_not_utf8(good, tmp_path):
+    directory = variant(good, tmp_path)
+    (directory / "adapter_config.json").write_bytes(b'{"peft_type": "LORA", "r": 2, "x": "\xff\xfe"}')
+    fails(mlp(), peft_spec(directory), mlp_inputs(), peftfx.CheckpointError, r"adapter_config\.json: not UTF-8")
+
+
+def test_saving_a_kind_peft_has_no_format_for(tmp_path):
+    """A dense `delta` adapter has no PEFT checkpoint type: a SpecError, not a NotImplementedError."""
+    gm = peftfx.compile(mlp(), {"adapters": {"d": {"type": "delta", "at": {"module": "layers.0"}}}}, mlp_inputs())
+    with pytest.raises(peftfx.SpecError, match=r"save_adapter: PEFT has no format for a delta adapter"):
+        peftfx.save_adapter(gm, "d", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
 def test_unknown_peft_type(good, tmp_path):
     """Tuners PEFT itself cannot merge (prompt tuning, ...) have their own message: ``tests/test_not_mergeable.py``."""
     directory = variant(good, tmp_path, config=lambda c: c.__setitem__("peft_type", "NOPE"))

@@ -31,7 +31,8 @@ def masked(gm: torch.fx.GraphModule) -> int:
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_a_static_causal_capture_uses_is_causal(factory):
     model, inputs = factory(), token_inputs()
-    gm = capture(model, inputs)
+    assert masked(capture(model, inputs)) > 0, "the capture is the model as it ran; the causal pass rewrites it"
+    gm = peftfx.compile(model, {}, inputs)
     assert attention(gm) and all(n.kwargs.get("is_causal") for n in attention(gm))
     assert masked(gm) == 0
     assert not gm.graph.find_nodes(op="call_function", target=torch.ops.aten.cumsum.default), "mask nodes left"
@@ -51,9 +52,9 @@ def test_a_mask_that_depends_on_inputs_stays(case):
     model, inputs = tiny_llama(), token_inputs()
     if case == "padding":
         inputs["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-        gm = capture(model, inputs)
+        gm = peftfx.compile(model, {}, inputs)
     else:
-        gm = capture(model, inputs, dynamic_shapes=peftfx.dynamic_shapes(inputs))
+        gm = peftfx.compile(model, {}, inputs, dynamic_shapes=peftfx.dynamic_shapes(inputs))
     assert masked(gm) == len(attention(gm)) > 0
     assert_close(run(gm, inputs), run(model, inputs), TOL, f"{case} mask kept")
 
@@ -80,7 +81,7 @@ class Attention(nn.Module):
 @pytest.mark.parametrize(("pattern", "rewritten"), [("causal", 1), ("window", 0), ("upper", 0), ("float", 0)])
 def test_only_the_exact_boolean_triangle_is_rewritten(pattern, rewritten):
     model, q = Attention(pattern), torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(0))
-    gm = capture(model, (q,), method="export")
+    gm = peftfx.compile(model, {"capture": "export"}, (q,))
     assert masked(gm) == 1 - rewritten
     assert restore_is_causal(gm) == 0, "a second run finds nothing more"
     assert_close(run(gm, (q,)), model(q), TOL, f"{pattern} mask")

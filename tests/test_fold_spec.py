@@ -238,3 +238,49 @@ def test_fresh_dense_delta_kind():
     merged = peftfx.passes.run_passes(gm, [peftfx.passes.Merge(["d"]), peftfx.passes.Cleanup()])
     assert adapter_parameters(merged) == []
     assert_close(run(merged, inputs), live, EXACT, "delta merged vs live")
+
+
+FIELD_VALUES = {
+    "density": 0.5,
+    "majority_sign": "frequency",
+    "seed": 1,
+    "svd_rank": 2,
+    "svd_clamp": 0.9,
+    "svd_full_matrices": False,
+}
+UNREAD = [
+    (method, field)
+    for method, entry in peftfx.fold.METHODS.items()
+    for field in peftfx.fold.FOLD_FIELDS
+    if field not in entry.reads
+]
+
+
+@pytest.mark.parametrize(("method", "field"), UNREAD, ids=[f"{m}-{f}" for m, f in UNREAD])
+def test_a_method_refuses_a_field_it_does_not_read(method, field):
+    """Nothing is silently ignored: `method: linear` with a density would change nothing."""
+    mix = {"combine": ["a", "b"], "method": method, field: FIELD_VALUES[field]}
+    if peftfx.fold.METHODS[method].needs_density and field != "density":
+        mix["density"] = 0.5
+    adapters = {n: {"type": "lora", "at": {"op": "linear"}} for n in ("a", "b")}
+    with pytest.raises(peftfx.SpecError, match=rf"adapters\.mix\.{field}: method {method} does not read {field}"):
+        peftfx.spec.load_spec({"adapters": {**adapters, "mix": mix}})
+
+
+def test_every_field_is_read_by_some_method():
+    assert set().union(*(m.reads for m in peftfx.fold.METHODS.values())) == set(peftfx.fold.FOLD_FIELDS)
+
+
+def test_the_default_fold_of_ia3_sources_refuses_fields(ckpt):
+    """Without a method, IA³ sources fold linearly: known only once the sources are read."""
+    model, x = base_and_inputs()
+    dirs, _ = ckpt
+    spec = {
+        "adapters": {
+            "p": {"peft": str(dirs["ia3_out"])},
+            "q": {"peft": str(dirs["ia3_out2"])},
+            "mix": {"combine": ["p", "q"], "svd_rank": 2},
+        }
+    }
+    with pytest.raises(peftfx.SpecError, match=r"adapters\.mix\.svd_rank: method linear \(IA³\) does not read"):
+        peftfx.compile(model, spec, x)

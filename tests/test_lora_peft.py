@@ -22,7 +22,8 @@ from models import (
 from oracle import Tolerance, assert_close, assert_unchanged, peft_checkpoint, run, snapshot
 
 import peftfx
-from peftfx.sites import attr, find_sites
+from peftfx.rewrite import get_attr
+from peftfx.sites import find_sites
 
 # Models and inputs per kind. Models are cached (compile never mutates them, and every test checks that).
 MODELS = {
@@ -175,8 +176,8 @@ def test_tied_embedding_lora_leaves_lm_head(tmp_path):
     assert_close(run(merged, inputs), expected, TOL[torch.float32], "merged")
     sites = {s.module: s for s in find_sites(merged)}
     wte = model.transformer.wte.weight
-    assert torch.equal(attr(merged, str(sites["lm_head"].weight.target)), wte)
-    assert not torch.equal(attr(merged, str(sites["transformer.wte"].weight.target)), wte)
+    assert torch.equal(get_attr(merged, str(sites["lm_head"].weight.target)), wte)
+    assert not torch.equal(get_attr(merged, str(sites["transformer.wte"].weight.target)), wte)
     # the merged wte needs a name of its own, so exactly one get_attr more than the base graph
     assert len(merged.graph.nodes) == base_node_count("gpt2", torch.float32) + 1
     # PEFT's merge_and_unload writes into the shared tensor and so also changes lm_head; peftfx does not follow.

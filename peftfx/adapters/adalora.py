@@ -22,7 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight, refuse_unknown, target_modules
+from .base import (
+    AdditiveKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    refuse_unknown,
+    target_modules,
+)
 
 _ROLES = ("lora_A", "lora_B", "lora_E")
 
@@ -35,16 +42,18 @@ class AdaloraParams(BaseModel):
     init: bool = Field(True, description="true: E = 0 (identity at init), A and B ~ N(0, 0.02²); false: all N(0, 1)")
 
 
-class Adalora(AdapterKind):
+class Adalora(AdditiveKind):
     name = "adalora"
     peft_types = ("ADALORA",)
     peft_prefix = "lora_"
     ops = frozenset({"linear", "conv2d"})
     Params = AdaloraParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return _site_problem(site)
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = AdaloraParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: AdaloraParams = params
         shapes = _shapes(site, p.r)
         tensors = {}
         for role in _ROLES:
@@ -58,7 +67,6 @@ class Adalora(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         init_r = int(cfg.get("init_r", 12))
         mask = _mask(cfg.get("rank_pattern") or {}, site.module, init_r, source.file)
         r = init_r if mask is None else sum(bool(m) for m in mask)
@@ -92,19 +100,11 @@ class Adalora(AdapterKind):
         result = y + out
         return result.to(site.dtype) if dtype != site.dtype else result
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         site, h = a.site, a.hyper
         A, B, E = (t[role].double() for role in _ROLES)
         delta = (B @ (A * E) * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
-        return add_to_weight(weight, delta, site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "AdaLoRA", file)
@@ -123,9 +123,6 @@ class Adalora(AdapterKind):
             "fan_in_fan_out": any(a.site.transposed for a in adapters),
             "bias": "none",
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here; or shaping training only (the rank allocator's schedule, dropout, orthogonal regulariser); or, like
@@ -158,10 +155,10 @@ _HANDLED = frozenset(
 )
 
 
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    prefix = f"{where}: " if where else ""
+def _site_problem(site: Site) -> str | None:
     if site.op == "conv2d" and site.conv_args["groups"] != 1:
-        raise error(f"{prefix}PEFT's AdaLoRA cannot run on a grouped conv ({site.describe()})")
+        return f"PEFT's AdaLoRA cannot run on a grouped conv ({site.describe()})"
+    return None
 
 
 def _shapes(site: Site, r: int) -> dict[str, tuple[int, ...]]:

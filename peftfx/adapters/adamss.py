@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr
+from ..sites import Site
 from ..sizes import Seed
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
@@ -61,11 +61,13 @@ class Adamss(AdapterKind):
     ops = frozenset({"linear"})
     Params = AdamssParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return _site_problem(site)
+
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = AdamssParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: AdamssParams = params
         U, V, groups = _decompose(site, p.r, p.num_subspaces, p.random_seed, SpecError)
         dtype = adapter_dtype(site.dtype)
         tensors = {"newB": V.t().contiguous().to(dtype)}
@@ -94,7 +96,6 @@ class Adamss(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg, file = source.config, source.file
-        _check_site(site, CheckpointError, file)
         r, num_subspaces = int(cfg.get("r", 100)), int(cfg.get("num_subspaces", 5))
         seed = int(cfg.get("random_seed", 0))
         _, V, groups = _decompose(site, r, num_subspaces, seed, CheckpointError, file)
@@ -231,12 +232,12 @@ _HANDLED = frozenset(
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    prefix = f"{where}: " if where else ""
+def _site_problem(site: Site) -> str | None:
     if site.op != "linear" or site.transposed:
-        raise error(f"{prefix}AdaMSS supports torch.nn.Linear only, as PEFT does ({site.describe()})")
+        return f"AdaMSS supports torch.nn.Linear only, as PEFT does ({site.describe()})"
     if site.bias is not None and site.bias.op != "get_attr":
-        raise error(f"{prefix}AdaMSS needs the bias of {site.describe()} as a constant (it is clustered with W)")
+        return f"AdaMSS needs the bias of {site.describe()} as a constant (it is clustered with W)"
+    return None
 
 
 def _hyper(
@@ -285,10 +286,9 @@ def _decompose(
             f"{prefix}AdaMSS at {site.describe()} needs scikit-learn: PEFT recomputes its subspaces with KMeans when "
             "it loads the adapter, and so does peftfx (pip install scikit-learn, or pip install peftfx[adamss])"
         ) from None
-    gm = site.weight.graph.owning_module
-    weight = attr(gm, str(site.weight.target)).detach()
+    weight = site.base_weight().detach()
     if site.bias is not None:
-        weight = torch.cat((weight, attr(gm, str(site.bias.target)).detach().unsqueeze(1)), dim=1)
+        weight = torch.cat((weight, site.base_bias().detach().unsqueeze(1)), dim=1)
     weight = weight.to(torch.float32).contiguous()
     out, width = weight.shape
     R = min(r, out, width)

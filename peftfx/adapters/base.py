@@ -59,8 +59,27 @@ class PeftSource:
         return self.tensors[suffix]
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """An adapter's update as LoRA factors, in PEFT's shapes: ``ΔW = scaling · B A`` (``+ scaling · bias`` on the
+    output), rescaled per output unit by DoRA's ``magnitude`` where it has one."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    rank: int
+    scaling: float
+    rslora: bool = False
+    bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+
+
 class AdapterKind(ABC):
-    """An adapter family: PEFT's math for it, as a graph builder and a closed-form merge."""
+    """An adapter family: PEFT's math for it, as a graph builder and a closed-form merge.
+
+    What other parts may ask of an adapter goes through capabilities, never through its kind's name:
+    ``low_rank`` (its LoRA factors, if it has them), ``dense_delta`` (PEFT's ``get_delta_weight``),
+    ``additive`` (it only adds to its site's output) and ``folds_by_vector`` (IA³'s fold).
+    """
 
     name: ClassVar[str]
     peft_types: ClassVar[tuple[str, ...]] = ()
@@ -70,6 +89,15 @@ class AdapterKind(ABC):
     # forward reads a runtime multiplier of its scaling, t["lora_scale"], when the graph has that input
     # (diffusers' LoRA scale, applied as PEFT's scale_layer does)
     runtime_scale: ClassVar[bool] = False
+    folds_by_vector: ClassVar[bool] = False  # a fold is the weighted sum of its vectors (IA³), not of its deltas
+    conv1d: ClassVar[bool] = True  # PEFT's tuner also takes transformers' Conv1D (a transposed Linear)
+
+    def site_problem(self, site: Site) -> str | None:
+        """Why PEFT's tuner cannot adapt ``site``, one of this kind's ``ops`` (None: it can). The planner raises it
+        as the spec's or the checkpoint's error, so kinds carry no error classes or message prefixes for it."""
+        if site.transposed and not self.conv1d:
+            return f"PEFT's {self.name} adapts nn.Linear only, not transformers' Conv1D ({site.describe()})"
+        return None
 
     def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> Any:
         """What every site of one fresh adapter shares, computed once before ``create`` runs on each site.
@@ -86,7 +114,8 @@ class AdapterKind(ABC):
 
     @abstractmethod
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        """A fresh adapter initialised as PEFT initialises it (``prepared``: what ``prepare`` returned)."""
+        """A fresh adapter initialised as PEFT initialises it. ``params`` is an instance of ``Params``, validated
+        by the planner; ``prepared`` is what ``prepare`` returned for the adapter."""
 
     @abstractmethod
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
@@ -128,7 +157,25 @@ class AdapterKind(ABC):
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
         """The adapter_config.json PEFT needs to rebuild these (fresh) adapters, for ``save_adapter``."""
-        raise NotImplementedError(f"{self.name}: saving a fresh adapter in PEFT's format is not supported")
+        raise SpecError(f"save_adapter: PEFT has no format for a {self.name} adapter")
+
+    def low_rank(self, a: SiteAdapter) -> LowRank | None:
+        """The adapter's LoRA factors, for kinds that are a low-rank product (routing stacks them, folds merge
+        them); None for the others, which are handled through ``dense_delta``."""
+        return None
+
+    def dense_delta(self, a: SiteAdapter) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """PEFT's ``get_delta_weight``: ``merge(W) - W`` at the site's base weight, float64, logical layout
+        (``[out, in, *k]``; embeddings ``[num, dim]``), and the bias change (None where the bias is untouched)."""
+        site = a.site
+        weight = site.base_weight().double()
+        bias = site.base_bias().double() if site.bias is not None else None
+        merged, new_bias = self.merge(a, weight, weight, bias, bias, a.tensors)
+        delta = merged.double() - weight
+        bias_delta = None
+        if new_bias is not None and bias is not None and not torch.equal(new_bias, bias):
+            bias_delta = new_bias.double() - bias
+        return site.logical(delta), bias_delta
 
     def additive(self, a: SiteAdapter) -> bool:
         """True when the adapter only adds to the output, so it commutes with other additive adapters."""
@@ -149,6 +196,32 @@ class AdapterKind(ABC):
     def saved_tensor(self, a: SiteAdapter, role: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` as PEFT stores it (a padded rank trimmed back)."""
         return tensor
+
+
+class AdditiveKind(AdapterKind):
+    """A kind whose adapter only adds ``ΔW x`` to its site's output: it states ``delta``, and its merge, its dense
+    delta and its commuting with other additive adapters follow."""
+
+    @abstractmethod
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``ΔW`` in float64, logical layout (``[out, in, *k]``; embeddings ``[num, dim]``), from the tensors ``t``."""
+
+    def merge(
+        self,
+        a: SiteAdapter,
+        weight: torch.Tensor,
+        raw_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        raw_bias: torch.Tensor | None,
+        t: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return add_to_weight(weight, self.delta(a, t), a.site), bias
+
+    def dense_delta(self, a: SiteAdapter) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.delta(a, a.tensors).double(), None
+
+    def additive(self, a: SiteAdapter) -> bool:
+        return True
 
 
 def adapter_dtype(site_dtype: torch.dtype) -> torch.dtype:

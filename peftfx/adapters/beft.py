@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, MergeError, SpecError
+from ..errors import CheckpointError, MergeError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
@@ -31,17 +31,16 @@ class Beft(AdapterKind):
     peft_prefix = "beft_"
     ops = frozenset({"linear"})
     Params = BeftParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = BeftParams.model_validate(params.model_dump())
-        _check_site(site, SpecError, "")
+        p: BeftParams = params
         offset = torch.zeros(1, site.out_features, dtype=torch.float64)
         if not p.init:
             offset.normal_(generator=generator)
         return SiteAdapter(self, site, {"scale": 1.0}, {_KEY: offset.to(adapter_dtype(site.dtype))}, {_KEY: _KEY})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        _check_site(site, CheckpointError, source.file)
         offset = source.take(_KEY)
         extra = sorted(set(source.tensors) - {_KEY})
         if extra:
@@ -86,9 +85,3 @@ class Beft(AdapterKind):
 
     def additive(self, a: SiteAdapter) -> bool:
         return True
-
-
-def _check_site(site: Site, error: type[Exception], where: str) -> None:
-    if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}BEFT supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})")

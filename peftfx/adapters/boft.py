@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .orthogonal import orthogonal_site_problem, rotated_dim
 
 
 class BoftParams(BaseModel):
@@ -60,11 +61,13 @@ class Boft(AdapterKind):
     ops = frozenset({"linear", "conv2d"})
     Params = BoftParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return orthogonal_site_problem(site, "BOFT")
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = BoftParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: BoftParams = params
         try:
-            num, size = _blocks(_rotated_dim(site), p.block_size, p.block_num, p.butterfly_factor)
+            num, size = _blocks(rotated_dim(site), p.block_size, p.block_num, p.butterfly_factor)
         except ValueError as e:
             raise SpecError(f"boft at {site.describe()}: {e}") from None
         R = torch.zeros(p.butterfly_factor, num, size, size, dtype=torch.float64)
@@ -79,7 +82,6 @@ class Boft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: BOFT has no scaling, so `scale` must be 1 (got {scale})")
         extra = set(source.tensors) - set(_KEYS.values())
@@ -91,7 +93,7 @@ class Boft(AdapterKind):
         factors = 1 if R.ndim == 4 and R.shape[0] == 1 else factor
         try:
             num, size = _blocks(
-                _rotated_dim(site), int(cfg.get("boft_block_size", 4)), int(cfg.get("boft_block_num", 0)), factors
+                rotated_dim(site), int(cfg.get("boft_block_size", 4)), int(cfg.get("boft_block_num", 0)), factors
             )
         except ValueError as e:
             raise CheckpointError(f"{source.file}: adapter_config.json does not fit {site.describe()}: {e}") from None
@@ -117,7 +119,7 @@ class Boft(AdapterKind):
             xr = _butterfly_rows(x.to(dtype), rotations, h).to(site.dtype)
             out = F.linear(xr, weight) * t["boft_s"].reshape(-1).to(site.dtype)
             return out if bias is None else out + bias
-        n = _rotated_dim(site)
+        n = rotated_dim(site)
         B = _butterfly_rows(torch.diag(t["boft_s"].new_ones(n)), rotations, h)
         w = _scaled_rotated(weight.to(dtype), B, t["boft_s"], site.weight_shape).to(site.dtype)
         return F.conv2d(x, w, bias, **site.conv_args)
@@ -133,7 +135,7 @@ class Boft(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = a.hyper
         rotations = _rotations(t["boft_R"].double(), h)
-        eye = torch.eye(_rotated_dim(a.site), dtype=torch.float64)
+        eye = torch.eye(rotated_dim(a.site), dtype=torch.float64)
         B = _butterfly_rows(eye, rotations, h)
         merged = _scaled_rotated(weight.double(), B, t["boft_s"].double(), a.site.weight_shape)
         return merged.to(weight.dtype), bias
@@ -167,23 +169,6 @@ _HANDLED = frozenset(
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's BOFT does not support transformers' Conv1D ({site.describe()})")
-    if site.op == "conv2d":
-        kh, kw = site.weight_shape[2:]
-        if site.conv_args["groups"] != 1 or kh != kw:
-            raise error(f"{prefix}BOFT needs an ungrouped conv with a square kernel, as PEFT does ({site.describe()})")
-
-
-def _rotated_dim(site: Site) -> int:
-    if site.op == "conv2d":
-        _, inp, kh, kw = site.weight_shape
-        return inp * kh * kw
-    return site.weight_shape[1]
 
 
 def _scale_shape(site: Site) -> tuple[int, int]:

@@ -54,7 +54,7 @@ class C3A(AdapterKind):
     Params = C3AParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = C3AParams.model_validate(params.model_dump())
+        p: C3AParams = params
         shape = _kernel_shape(site, p.block_size, SpecError, "")
         out, inp = site.weight_shape
         kernel = torch.zeros(shape, dtype=torch.float64)

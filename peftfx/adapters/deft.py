@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError
-from ..sites import Site, attr
+from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 
@@ -47,7 +47,7 @@ class Deft(AdapterKind):
     Params = DeftParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = DeftParams.model_validate(params.model_dump())
+        p: DeftParams = params
         out, inp = site.weight_shape
         hyper = _hyper(p.r, out, p.decomposition_method, p.alpha, p.para, 1.0)
         r = hyper["r"]
@@ -55,9 +55,9 @@ class Deft(AdapterKind):
         tensors = {"deft_P": P}
         if not p.para:
             if p.init:  # R = rightᵀ W / s: the injection puts back exactly what the projection removes
-                weight = attr(site.weight.graph.owning_module, str(site.weight.target)).double()
+                weight = site.base_weight().double()
                 _, right = _project(P, p.decomposition_method)
-                tensors["deft_R"] = right.t() @ _logical(site, weight) / hyper["scaling"]
+                tensors["deft_R"] = right.t() @ site.logical(weight) / hyper["scaling"]
             else:
                 tensors["deft_R"] = torch.empty(r, inp, dtype=torch.float64).normal_(
                     0.0, 0.02 * p.init_scale, generator=generator
@@ -121,7 +121,7 @@ class Deft(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h, site = a.hyper, a.site
         Q, right = _project(t["deft_P"].double(), h["method"])
-        W = _logical(site, weight.double())
+        W = site.logical(weight.double())
         inner = -(right.t() @ W)
         if not h["para"]:
             inner = inner + t["deft_R"].double() * h["scaling"]
@@ -184,7 +184,3 @@ def _project(P: Any, method: str) -> tuple[Any, Any]:
         Q = torch.linalg.qr(P)[0]
         return Q, Q
     return P, torch.relu(P)
-
-
-def _logical(site: Site, weight: Any) -> Any:
-    return weight.t() if site.transposed else weight

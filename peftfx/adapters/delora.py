@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr
+from ..errors import CheckpointError
+from ..sites import Site
 from .base import (
     AdapterKind,
     PeftSource,
@@ -52,17 +52,17 @@ class Delora(AdapterKind):
     peft_prefix = "delora_"
     ops = frozenset({"linear"})
     Params = DeloraParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = DeloraParams.model_validate(params.model_dump())
-        _check_site(site, SpecError, "")
+        p: DeloraParams = params
         out, inp = site.weight_shape
         A = torch.empty(p.r, inp, dtype=torch.float64)
         B = torch.zeros(out, p.r, dtype=torch.float64)
         torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         if not p.init:
             torch.nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
-        weight = attr(site.weight.graph.owning_module, str(site.weight.target))
+        weight = site.base_weight()
         tensors = {
             "delora_A": A,
             "delora_B": B,
@@ -82,7 +82,6 @@ class Delora(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         tensors = {role: source.take(role) for role in _ROLES}
         extra = sorted(set(source.tensors) - set(_ROLES))
         if extra:
@@ -147,14 +146,6 @@ class Delora(AdapterKind):
 
 # Read here, or init/training-only: lambda and its pattern only seed delora_lambda, which the file stores.
 _HANDLED = frozenset({"r", "rank_pattern", "delora_lambda", "lambda_pattern", "module_dropout", "init_weights", "bias"})
-
-
-def _check_site(site: Site, error: type[Exception], where: str) -> None:
-    if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(
-            f"{prefix}DeLoRA supports nn.Linear only, as PEFT does, not transformers' Conv1D ({site.describe()})"
-        )
 
 
 def _diag(a: SiteAdapter, t: Mapping[str, Any]) -> Any:

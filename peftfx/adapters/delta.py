@@ -34,7 +34,7 @@ class Delta(AdapterKind):
     Params = DeltaParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = DeltaParams.model_validate(params.model_dump())
+        p: DeltaParams = params
         dtype = adapter_dtype(site.dtype)
         tensors = {"delta": torch.zeros(site.weight_shape, dtype=dtype)}
         if p.bias:

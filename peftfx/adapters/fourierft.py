@@ -26,11 +26,10 @@ from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from ..sizes import Seed
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     per_module,
     refuse_unknown,
     strict_suffix_value,
@@ -50,7 +49,7 @@ class FourierFTParams(BaseModel):
     init_weights: bool = Field(False, description="true: zero spectrum (identity at init); false: N(0, 1) as PEFT")
 
 
-class FourierFT(AdapterKind):
+class FourierFT(AdditiveKind):
     name = "fourierft"
     peft_types = ("FOURIERFT",)
     peft_prefix = "fourierft_"
@@ -58,7 +57,7 @@ class FourierFT(AdapterKind):
     Params = FourierFTParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = FourierFTParams.model_validate(params.model_dump())
+        p: FourierFTParams = params
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
         if not p.init_weights:
@@ -97,17 +96,9 @@ class FourierFT(AdapterKind):
         out = F.linear(x.to(dtype) if dtype != a.site.dtype else x, delta)
         return y + (out.to(a.site.dtype) if dtype != a.site.dtype else out)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         delta = _delta(a, t["spectrum"].double())
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "FourierFT", file)
@@ -125,9 +116,6 @@ class FourierFT(AdapterKind):
             "bias": "none",
             "init_weights": False,
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here, or training-only (init_weights: the spectrum is stored).

@@ -62,7 +62,7 @@ class Frod(AdapterKind):
     Params = FrodParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = FrodParams.model_validate(params.model_dump())
+        p: FrodParams = params
         if site.op != "linear":
             raise SpecError(f"frod supports Linear and Conv1D only, not {site.describe()}")
         cat = _category(site.module)
@@ -99,7 +99,7 @@ class Frod(AdapterKind):
         basis ``V``, each layer's ``λ`` (before ``init_weights=False`` noise) and each category's positions."""
         groups: dict[tuple, tuple[FrodParams, dict[str, Site]]] = {}
         for site, params_ in zip(sites, params, strict=True):
-            p = FrodParams.model_validate(params_.model_dump())
+            p: FrodParams = params_
             groups.setdefault(_group_key(p), (p, {}))[1].setdefault(site.module, site)
         return {key: _decompose(list(members.values()), p) for key, (p, members) in groups.items()}
 
@@ -158,7 +158,7 @@ class Frod(AdapterKind):
         cat, site = a.hyper["category"], a.site
         dtype = a.tensors["lambda_l"].dtype
         cast = dtype != site.dtype
-        W = _logical(site, weight)
+        W = site.logical(weight)
         V = t[f"V__{cat}"].detach()
         U = _basis(W, V, dtype)
         S = _sparse(site, t["s_values"], t[f"s_indices__{cat}"], t[f"s_size__{cat}"])
@@ -177,12 +177,12 @@ class Frod(AdapterKind):
         t: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cat, site = a.hyper["category"], a.site
-        raw = _logical(site, raw_weight.double())
+        raw = site.logical(raw_weight.double())
         V = t[f"V__{cat}"].double()
         U = _basis(raw, V, torch.float64)
         S = _sparse(site, t["s_values"].double(), t[f"s_indices__{cat}"], t[f"s_size__{cat}"])
         effective = U @ (S + torch.diag(t["lambda_l"].double())) @ V.t()
-        merged = _logical(site, weight.double()) + (effective - raw)
+        merged = site.logical(weight.double()) + (effective - raw)
         return (merged.t().contiguous() if site.transposed else merged).to(weight.dtype), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
@@ -260,10 +260,6 @@ def _layer_index(module: str) -> int | None:
     return next((int(part) for part in parts if part.isdigit()), None)
 
 
-def _logical(site: Site, weight: Any) -> Any:
-    return weight.t() if site.transposed else weight
-
-
 def _basis(W: Any, V: Any, dtype: torch.dtype) -> Any:
     """``U``: the columns of ``W V⁻ᵀ`` normalised, in float64, then rounded to float32 as PEFT keeps it."""
     B = torch.linalg.solve(V.to(torch.float64), W.to(torch.float64).t()).t()
@@ -313,7 +309,7 @@ def _category_basis(cat: str, members: list[Site], alpha: float, lam: dict[str, 
             )
         if len({(s.in_features, s.dtype) for s in members}) > 1:
             raise SpecError(f"frod: the layers of category {cat!r} differ in input size or dtype (PEFT stacks them)")
-    weights = {s.module: _logical(s, s.base_weight().detach()) for s in members}
+    weights = {s.module: s.logical(s.base_weight().detach()) for s in members}
     ordered = sorted(members, key=lambda s: _layer_index(s.module) or 0)
     site_dtype = members[0].dtype
     V = _joint_basis([weights[s.module].to(torch.float32) for s in ordered], alpha).to(site_dtype)

@@ -46,10 +46,10 @@ class Glora(AdapterKind):
     peft_prefix = "glora_"
     ops = frozenset({"linear"})
     Params = GloraParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = GloraParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: GloraParams = params
         hyper = _hyper(site, p.r, p.config_A_B, p.config_C, p.config_D_E)
         keys = _keys(hyper)
         shapes = _shapes(site, hyper)
@@ -69,7 +69,6 @@ class Glora(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: GLoRA has no scaling factor, so `scale` must be 1 (got {scale})")
         hyper = _hyper(
@@ -141,12 +140,6 @@ class Glora(AdapterKind):
 
 # Read here; init_weights shapes training only; a non-"none" bias arrives as base-tensor overrides.
 _HANDLED = frozenset({"r", "config_A_B", "config_C", "config_D_E", "init_weights", "bias"})
-
-
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEFT's GLoRA supports plain nn.Linear only, not transformers' Conv1D ({site.describe()})")
 
 
 def _hyper(site: Site, r: int, ab: str, c: str, de: str) -> dict[str, Any]:

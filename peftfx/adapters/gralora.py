@@ -24,11 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     refuse_unknown,
     target_modules,
     uniform,
@@ -53,7 +52,7 @@ class GraloraParams(BaseModel):
         return self
 
 
-class Gralora(AdapterKind):
+class Gralora(AdditiveKind):
     name = "gralora"
     peft_types = ("GRALORA",)
     peft_prefix = "gralora_"
@@ -61,7 +60,7 @@ class Gralora(AdapterKind):
     Params = GraloraParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = GraloraParams.model_validate(params.model_dump())
+        p: GraloraParams = params
         _check_site(site, p.gralora_k, SpecError, "")
         out, inp = site.weight_shape
         k, r = p.gralora_k, p.r
@@ -127,15 +126,7 @@ class Gralora(AdapterKind):
         out = out * h["scaling"]
         return y + (out.to(a.site.dtype) if cast else out)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         h, site = a.hyper, a.site
         out, inp = site.weight_shape
         k = h["k"]
@@ -145,7 +136,7 @@ class Gralora(AdapterKind):
         if h["hybrid_r"]:
             delta = delta + t["gralora_B_general"].double() @ t["gralora_A_general"].double()
         delta = delta * h["scaling"]
-        return add_to_weight(weight, delta, site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "GraLoRA", file)
@@ -163,9 +154,6 @@ class Gralora(AdapterKind):
             "fan_in_fan_out": any(a.site.transposed for a in adapters),
             "bias": "none",
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here, or training-only (dropout, init, which biases train); fan_in_fan_out PEFT sets per layer type.

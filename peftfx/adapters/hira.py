@@ -46,9 +46,11 @@ class Hira(AdapterKind):
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = HiraParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return _site_problem(site)
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = HiraParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: HiraParams = params
         shapes = _shapes(site, p.r)
         A = torch.empty(shapes["A"], dtype=torch.float64)
         B = torch.zeros(shapes["B"], dtype=torch.float64)
@@ -66,7 +68,6 @@ class Hira(AdapterKind):
         return SiteAdapter(self, site, {"r": p.r, "scale": 1.0}, {"A": A.to(dtype), "B": B.to(dtype)}, _keys(site))
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: HiRA has no scaling factor, so `scale` must be 1 (got {scale})")
         r = int(source.config.get("r", 32))
@@ -91,7 +92,7 @@ class Hira(AdapterKind):
         site = a.site
         dtype = a.tensors["A"].dtype
         cast = dtype != site.dtype
-        w = _logical(site, weight.to(dtype) if cast else weight) * _modulation(site, t["A"], t["B"])
+        w = site.logical(weight.to(dtype) if cast else weight) * _modulation(site, t["A"], t["B"])
         if site.op == "embedding":
             out = F.embedding(x, w)
         else:
@@ -115,7 +116,7 @@ class Hira(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         site = a.site
         m = _modulation(site, t["A"].double(), t["B"].double())
-        merged = _logical(site, weight.double()) + _logical(site, raw_weight.double()) * m
+        merged = site.logical(weight.double()) + site.logical(raw_weight.double()) * m
         return (merged.t().contiguous() if site.transposed else merged).to(weight.dtype), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
@@ -137,10 +138,10 @@ class Hira(AdapterKind):
 _HANDLED = frozenset({"r", "fan_in_fan_out", "hira_dropout", "init_weights", "rank_pattern", "runtime_config"})
 
 
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
+def _site_problem(site: Site) -> str | None:
     if site.op.startswith("conv") and site.conv_args["groups"] != 1:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEFT's HiRA does not support grouped convs ({site.describe()})")
+        return f"PEFT's HiRA does not support grouped convs ({site.describe()})"
+    return None
 
 
 def _keys(site: Site) -> dict[str, str]:
@@ -164,7 +165,3 @@ def _modulation(site: Site, A: Any, B: Any) -> Any:
     if site.op == "linear":
         return B @ A
     return (B.flatten(1) @ A.flatten(1)).reshape(site.weight_shape)
-
-
-def _logical(site: Site, weight: Any) -> Any:
-    return weight.t() if site.transposed else weight

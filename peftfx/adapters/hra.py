@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .orthogonal import orthogonal_site_problem, rotated_dim
 
 
 class HraParams(BaseModel):
@@ -47,10 +48,12 @@ class Hra(AdapterKind):
     ops = frozenset({"linear", "conv2d"})
     Params = HraParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return orthogonal_site_problem(site, "HRA")
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = HraParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
-        n = _rotated_dim(site)
+        p: HraParams = params
+        n = rotated_dim(site)
         if p.init and p.r % 2 == 0:
             half = torch.zeros(n, p.r // 2, dtype=torch.float64)
             torch.nn.init.kaiming_uniform_(half, a=math.sqrt(5), generator=generator)
@@ -63,14 +66,13 @@ class Hra(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: HRA has no scaling, so `scale` must be 1 (got {scale})")
         extra = set(source.tensors) - set(_KEYS.values())
         if extra:
             raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for HRA")
         U = source.take("hra_u")
-        expected = (_rotated_dim(site), int(cfg.get("r", 8)))
+        expected = (rotated_dim(site), int(cfg.get("r", 8)))
         if tuple(U.shape) != expected:
             raise CheckpointError(
                 f"{source.file}: {source.keys['hra_u']!r} has shape {list(U.shape)}, expected {list(expected)} "
@@ -126,23 +128,6 @@ _HANDLED = frozenset({"r", "apply_GS", "init_weights", "bias"})  # init_weights 
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's HRA does not support transformers' Conv1D ({site.describe()})")
-    if site.op == "conv2d":
-        kh, kw = site.weight_shape[2:]
-        if site.conv_args["groups"] != 1 or kh != kw:
-            raise error(f"{prefix}HRA needs an ungrouped conv with a square kernel, as PEFT does ({site.describe()})")
-
-
-def _rotated_dim(site: Site) -> int:
-    if site.op == "conv2d":
-        _, inp, kh, kw = site.weight_shape
-        return inp * kh * kw
-    return site.weight_shape[1]
 
 
 def _vectors(U: Any, h: Mapping[str, Any]) -> list[Any]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
@@ -41,12 +41,12 @@ class Ia3(AdapterKind):
     name = "ia3"
     peft_types = ("IA3",)
     peft_prefix = "ia3_"
+    folds_by_vector = True
     ops = frozenset({"linear", "conv2d", "conv3d"})
     Params = Ia3Params
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = Ia3Params.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: Ia3Params = params
         shape = _shape(site, p.feedforward)
         if p.init:
             vector = torch.ones(shape, dtype=torch.float64)
@@ -56,7 +56,6 @@ class Ia3(AdapterKind):
         return SiteAdapter(self, site, hyper, {"l": vector.to(adapter_dtype(site.dtype))}, {"l": _KEY})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(
                 f"{source.file}: (IA)³ has no scaling factor, so `scale: {scale}` cannot be applied at {site.module}"
@@ -139,12 +138,6 @@ class Ia3(AdapterKind):
 # Fields read here, and ones that only shape training or targeting (fan_in_fan_out is forced per layer type by
 # PEFT itself, and the site knows its own layout).
 _HANDLED = frozenset({"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"})
-
-
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    if site.op not in Ia3.ops:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}(IA)³ does not support {site.describe()} (PEFT supports Linear, Conv1D, Conv2d/3d)")
 
 
 def _shape(site: Site, feedforward: bool) -> tuple[int, ...]:

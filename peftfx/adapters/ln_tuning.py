@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import fx
 
 from ..errors import CheckpointError
-from ..sites import Site, attr, signature_of
+from ..sites import Site, signature_of
 from .base import AdapterKind, PeftSource, SiteAdapter, refuse_unknown, target_modules
 
 _KEYS = {"weight": "ln_tuning_layers.weight", "bias": "ln_tuning_layers.bias"}
@@ -38,11 +38,9 @@ class LnTuning(AdapterKind):
     Params = LnTuningParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        LnTuningParams.model_validate(params.model_dump())
-        gm = site.weight.graph.owning_module
-        tensors = {"weight": attr(gm, str(site.weight.target)).detach().clone()}
+        tensors = {"weight": site.base_weight().detach().clone()}
         if site.bias is not None:
-            tensors["bias"] = attr(gm, str(site.bias.target)).detach().clone()
+            tensors["bias"] = site.base_bias().detach().clone()
         return SiteAdapter(self, site, {"scale": 1.0}, tensors, {role: _KEYS[role] for role in tensors})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
@@ -51,10 +49,9 @@ class LnTuning(AdapterKind):
                 f"{source.file}: LN tuning replaces {site.module}'s tensors and has no scaling factor, so "
                 f"`scale: {scale}` cannot be applied"
             )
-        gm = site.weight.graph.owning_module
-        base = {"weight": attr(gm, str(site.weight.target))}
+        base = {"weight": site.base_weight()}
         if site.bias is not None:
-            base["bias"] = attr(gm, str(site.bias.target))
+            base["bias"] = site.base_bias()
         roles = {role: _KEYS[role] for role in base}
         extra = sorted(set(source.tensors) - set(roles.values()))
         if extra:

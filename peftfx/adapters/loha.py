@@ -25,11 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     pattern_value,
     per_module,
     refuse_unknown,
@@ -52,7 +51,7 @@ class LohaParams(BaseModel):
     init_weights: bool = Field(True, description="true: w2_b = 0 (identity at init); false: every factor random")
 
 
-class Loha(AdapterKind):
+class Loha(AdditiveKind):
     name = "loha"
     peft_types = ("LOHA",)
     peft_prefix = "hada_"
@@ -60,7 +59,7 @@ class Loha(AdapterKind):
     Params = LohaParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = LohaParams.model_validate(params.model_dump())
+        p: LohaParams = params
         check_lycoris_site(site, "LoHa", SpecError)
         cp = uses_cp(site, p.use_effective_conv2d)
         shapes = _shapes(site, p.r, cp)
@@ -92,17 +91,9 @@ class Loha(AdapterKind):
         delta = _delta(a, t)
         return add_delta_output(a.site, x, y, delta, dtype)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         delta = _delta(a, {role: v.double() for role, v in t.items()})
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "LoHa", file)
@@ -119,9 +110,6 @@ class Loha(AdapterKind):
             "use_effective_conv2d": effective_flag(adapters, "LoHa"),
             "init_weights": True,
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here, or training-only (dropouts act in training; the stored tensors say the rest).

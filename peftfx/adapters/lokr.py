@@ -28,11 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     pattern_value,
     per_module,
     refuse_unknown,
@@ -63,7 +62,7 @@ class LokrParams(BaseModel):
     )
 
 
-class Lokr(AdapterKind):
+class Lokr(AdditiveKind):
     name = "lokr"
     peft_types = ("LOKR",)
     peft_prefix = "lokr_"
@@ -71,7 +70,7 @@ class Lokr(AdapterKind):
     Params = LokrParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = LokrParams.model_validate(params.model_dump())
+        p: LokrParams = params
         check_lycoris_site(site, "LoKr", SpecError)
         hyper = _hyper(site, p.r, p.alpha, p.use_effective_conv2d, p.decompose_both, p.decompose_factor, 1.0)
         shapes = _shapes(site, hyper)
@@ -106,17 +105,9 @@ class Lokr(AdapterKind):
         dtype = next(iter(a.tensors.values())).dtype
         return add_delta_output(a.site, x, y, _delta(a, t), dtype)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         delta = _delta(a, {role: v.double() for role, v in t.items()})
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "LoKr", file)
@@ -138,9 +129,6 @@ class Lokr(AdapterKind):
             "decompose_factor": first["decompose_factor"],
             "init_weights": True,
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here, or training-only (dropouts and their rescaling act in training; the stored tensors say the rest).

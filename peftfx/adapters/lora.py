@@ -35,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..rounding import add_low_rank
-from ..sites import PARAMETER, Site, attr
+from ..sites import PARAMETER, Site
 from .base import (
     AdapterKind,
+    LowRank,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
@@ -78,7 +79,7 @@ class Lora(AdapterKind):
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = LoraParams.model_validate(params.model_dump())
+        p: LoraParams = params
         _check_site(site, p.dora, p.lora_bias, SpecError)
         dtype = adapter_dtype(site.dtype)
         a_shape, b_shape = _factor_shapes(site, p.r)
@@ -102,8 +103,7 @@ class Lora(AdapterKind):
         hyper = _hyper(site, p.r, p.alpha, p.rslora, p.dora, p.lora_bias, 1.0)
         a = SiteAdapter(self, site, hyper, tensors, _peft_keys(site, p.dora, p.lora_bias))
         if p.dora:
-            weight = attr(site.weight.graph.owning_module, str(site.weight.target))
-            a.tensors["lora_magnitude"] = _initial_magnitude(a, weight).to(dtype)
+            a.tensors["lora_magnitude"] = _initial_magnitude(a, site.base_weight()).to(dtype)
         return a
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
@@ -158,10 +158,9 @@ class Lora(AdapterKind):
         if cast:
             lora = lora.to(a.site.dtype)
         delta = _delta(a, t, a.site.dtype, scaling)
-        norm = torch.linalg.vector_norm(_logical(a.site, weight) + delta, dim=_norm_dims(a.site)).detach()
-        g = (t["lora_magnitude"].reshape(-1) / norm).reshape(_broadcast_shape(a.site))
-        base = y if bias is None else y - bias.reshape(_broadcast_shape(a.site))
-        return y + (g - 1) * base + g * lora
+        g = dora_scale(t["lora_magnitude"].reshape(-1), a.site.logical(weight), delta, _norm_dims(a.site))
+        g = g.reshape(_broadcast_shape(a.site))
+        return dora_output(y, y if bias is None else y - bias.reshape(_broadcast_shape(a.site)), g, lora)
 
     def merge(
         self,
@@ -174,10 +173,11 @@ class Lora(AdapterKind):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         site = a.site
         delta = _delta(a, t, torch.float64)
-        merged = _dense(site, _logical(site, weight.double())) + delta  # a grouped conv merges as a dense one
+        merged = _dense(site, site.logical(weight.double())) + delta  # a grouped conv merges as a dense one
         if a.hyper["dora"]:
-            norm = torch.linalg.vector_norm(_logical(site, raw_weight.double()) + delta, dim=_norm_dims(site))
-            g = t["lora_magnitude"].double().reshape(-1) / norm
+            g = dora_scale(
+                t["lora_magnitude"].double().reshape(-1), site.logical(raw_weight.double()), delta, _norm_dims(site)
+            )
             merged = merged * g.reshape(_weight_broadcast(site))
         new_bias = bias
         changed = bias is not None and raw_bias is not None and not bias.is_meta and not torch.equal(bias, raw_bias)
@@ -242,6 +242,23 @@ class Lora(AdapterKind):
 
     def additive(self, a: SiteAdapter) -> bool:
         return not a.hyper["dora"]
+
+    def low_rank(self, a: SiteAdapter) -> LowRank:
+        h, t = a.hyper, a.tensors
+        return LowRank(
+            t["lora_A"], t["lora_B"], h["r"], h["scaling"], h["rslora"], t.get("lora_B_bias"), t.get("lora_magnitude")
+        )
+
+    def from_factors(self, site: Site, A: torch.Tensor, B: torch.Tensor, scaling: float, rslora: bool) -> SiteAdapter:
+        """A plain LoRA at ``site`` from matrix-form factors (``A [r, in·Πk]``, ``B [out, r]``; embeddings
+        ``A [r, num]``, ``B [dim, r]``) with the given scaling; ``alpha`` is chosen so that PEFT's rule
+        (``alpha/r``, or ``alpha/√r``) gives it back, so the adapter saves as an ordinary PEFT LoRA."""
+        r = A.shape[0]
+        a_shape, b_shape = _factor_shapes(site, r)
+        alpha = scaling * (math.sqrt(r) if rslora else r)
+        hyper = {**_hyper(site, r, alpha, rslora, False, False, 1.0), "scaling": scaling}
+        tensors = {"lora_A": A.reshape(a_shape).contiguous(), "lora_B": B.reshape(b_shape).contiguous()}
+        return SiteAdapter(self, site, hyper, tensors, _peft_keys(site, False, False))
 
     def pad(self, a: SiteAdapter, max_rank: int) -> SiteAdapter:
         r = a.hyper["r"]
@@ -432,10 +449,6 @@ def _storage_factors(site: Site, A: torch.Tensor, B: torch.Tensor) -> tuple[torc
     return B.flatten(1), A.flatten(1)
 
 
-def _logical(site: Site, weight: Any) -> Any:
-    return weight.t() if site.transposed and site.op != PARAMETER else weight
-
-
 def _storage(site: Site, weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous() if site.transposed and site.op != PARAMETER else weight
 
@@ -459,7 +472,19 @@ def _weight_broadcast(site: Site) -> tuple[int, ...]:
     return (-1, *[1] * (len(site.weight_shape) - 1))
 
 
+def dora_scale(magnitude: Any, weight: Any, delta: Any, dim: Any) -> Any:
+    """DoRA's rescale of each output unit, ``m / ‖W + ΔW‖`` (``weight`` and ``delta`` in one layout, the norm over
+    ``dim``). The norm is detached, as in PEFT: training does not differentiate through it."""
+    return magnitude / torch.linalg.vector_norm(weight + delta, dim=dim).detach()
+
+
+def dora_output(y: Any, base: Any, g: Any, lora: Any) -> Any:
+    """DoRA's live output from the base output ``y``, the same without the bias ``base``, the scale ``g`` and the
+    LoRA path ``lora``: ``g · (base + lora)`` plus the bias, written as an update of ``y``."""
+    return y + (g - 1) * base + g * lora
+
+
 def _initial_magnitude(a: SiteAdapter, weight: torch.Tensor) -> torch.Tensor:
     delta = _delta(a, a.tensors, torch.float64).to(weight.device)
-    norm = torch.linalg.vector_norm(_logical(a.site, weight.double()) + delta, dim=_norm_dims(a.site))
+    norm = torch.linalg.vector_norm(a.site.logical(weight.double()) + delta, dim=_norm_dims(a.site))
     return norm.reshape(_magnitude_shape(a.site))

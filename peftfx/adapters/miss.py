@@ -48,7 +48,7 @@ class Miss(AdapterKind):
     Params = MissParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = MissParams.model_validate(params.model_dump())
+        p: MissParams = params
         mode = _mode(p.init)
         _check(site, p.r, mode, p.mini_r, SpecError, "")
         block = torch.zeros(_block_shape(site, p.r, mode, p.mini_r), dtype=torch.float64)

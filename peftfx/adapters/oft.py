@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .orthogonal import orthogonal_site_problem, rotated_dim
 
 
 class OftParams(BaseModel):
@@ -60,10 +61,12 @@ class Oft(AdapterKind):
     ops = frozenset({"linear", "conv2d", "embedding"})
     Params = OftParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return orthogonal_site_problem(site, "OFT", undilated=True)
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = OftParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
-        blocks, size = _blocks(_rotated_dim(site), p.r, p.block_size)
+        p: OftParams = params
+        blocks, size = _blocks(rotated_dim(site), p.r, p.block_size)
         vec = torch.zeros(1 if p.block_share else blocks, size * (size - 1) // 2, dtype=torch.float64)
         if not p.init:
             vec.normal_(0.0, 0.1, generator=generator)
@@ -73,7 +76,6 @@ class Oft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: OFT has no scaling, so `scale` must be 1 (got {scale})")
         keys = _peft_keys(site)
@@ -82,7 +84,7 @@ class Oft(AdapterKind):
             raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for OFT")
         vec = source.take(keys["oft_R"])
         share = bool(cfg.get("block_share", False))
-        blocks, size = _blocks(_rotated_dim(site), int(cfg.get("r", 0)), int(cfg.get("oft_block_size", 32)))
+        blocks, size = _blocks(rotated_dim(site), int(cfg.get("r", 0)), int(cfg.get("oft_block_size", 32)))
         expected = (1 if share else blocks, size * (size - 1) // 2)
         if tuple(vec.shape) != expected:
             raise CheckpointError(
@@ -179,27 +181,6 @@ _HANDLED = frozenset(
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's OFT does not support transformers' Conv1D ({site.describe()})")
-    if site.op == "conv2d":
-        c = site.conv_args
-        kh, kw = site.weight_shape[2:]
-        if c["groups"] != 1 or c["dilation"] not in (1, (1, 1), [1, 1]) or kh != kw:
-            raise error(
-                f"{prefix}OFT needs an ungrouped, undilated conv with a square kernel, as PEFT does ({site.describe()})"
-            )
-
-
-def _rotated_dim(site: Site) -> int:
-    """The length OFT rotates: in_features, in_channels * k * k, or the embedding dimension."""
-    if site.op == "conv2d":
-        _, inp, kh, kw = site.weight_shape
-        return inp * kh * kw
-    return site.weight_shape[1]
 
 
 def _nearest_divisor(n: int, p: int) -> int:

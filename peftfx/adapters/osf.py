@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr
+from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, refuse_unknown, target_modules
 
 _ROLES = ("U_low", "S_low", "V_low")
@@ -49,14 +49,14 @@ class Osf(AdapterKind):
     peft_prefix = "osf_"
     ops = frozenset({"linear"})
     Params = OsfParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = OsfParams.model_validate(params.model_dump())
-        _check_site(site, SpecError)
+        p: OsfParams = params
         k = _resolve(p.effective_rank, min(site.weight_shape))
         if k <= 0:
             raise SpecError(f"osf at {site.describe()}: effective_rank must leave at least one frozen direction")
-        weight = attr(site.weight.graph.owning_module, str(site.weight.target))
+        weight = site.base_weight()
         U, S, V = _low(weight, k, site.dtype)
         if not p.init:
             U, S, V = (torch.randn(m.shape, generator=generator, dtype=torch.float64).to(m.dtype) for m in (U, S, V))
@@ -65,7 +65,6 @@ class Osf(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: OSF has no scaling, so `scale` must be 1 (got {scale})")
         extra = set(source.tensors) - set(_KEYS.values())
@@ -134,12 +133,6 @@ class Osf(AdapterKind):
 _KEYS = {role: f"osf_svd_params.{role}" for role in _ROLES}
 # target_svd_config is accepted and ignored by PEFT itself; init_weights only shapes the init.
 _HANDLED = frozenset({"effective_rank", "rank_pattern", "init_weights", "target_svd_config"})
-
-
-def _check_site(site: Site, error: type[Exception], where: str = "") -> None:
-    prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's OSF adapts nn.Linear only, not transformers' Conv1D ({site.describe()})")
 
 
 def _resolve(value: Any, m: int) -> int:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers.activations import ACT2FN
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
@@ -50,10 +50,10 @@ class Peanut(AdapterKind):
     peft_prefix = "peanut_"
     ops = frozenset({"linear"})
     Params = PeanutParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = PeanutParams.model_validate(params.model_dump())
-        _check_site(site, SpecError, "")
+        p: PeanutParams = params
         shapes = _shapes(site, p.r, p.depth)
         tensors = {}
         for role, shape in shapes.items():
@@ -68,7 +68,6 @@ class Peanut(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         r, depth = int(cfg.get("r", 32)), int(cfg.get("depth", 0))
         roles = _peft_keys(depth)
         extra = sorted(set(source.tensors) - set(roles.values()))
@@ -148,12 +147,6 @@ def _shapes(site: Site, r: int, depth: int) -> dict[str, tuple[int, ...]]:
         shapes[f"peanut_encoders_{i}"] = (r, r)
         shapes[f"peanut_decoders_{i}"] = (r, r)
     return shapes
-
-
-def _check_site(site: Site, error: type[Exception], where: str) -> None:
-    if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEANuT supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})")
 
 
 def _delta(a: SiteAdapter, weight: Any, t: Mapping[str, Any]) -> Any:

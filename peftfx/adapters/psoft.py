@@ -55,7 +55,7 @@ class Psoft(AdapterKind):
     Params = PsoftParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = PsoftParams.model_validate(params.model_dump())
+        p: PsoftParams = params
         _check_site(site, p.r, SpecError)
         if p.orth:
             R = torch.zeros(p.r * (p.r - 1) // 2, dtype=torch.float64)

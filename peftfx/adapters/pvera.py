@@ -13,21 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..errors import CheckpointError
-from ..sizes import Seed
 from .base import SiteAdapter, refuse_unknown
-from .vera import Vera
+from .vera import Vera, VeraParams
 
 
-class PveraParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class PveraParams(VeraParams):
     r: int = Field(256, gt=0, description="rank: A has 2r rows (mean and log-variance), B has r columns")
-    d_initial: float = Field(0.1, description="initial value of every λ_d entry (λ_b starts at 0: identity)")
-    projection_prng_key: Seed = Field(0, description="seed of the CPU generator that draws the shared A and B")
-    init: bool = Field(True, description="true: λ_b = 0, λ_d = d_initial (identity); false: λ_b = 1, λ_d ~ N(0, 1)")
 
 
 class Pvera(Vera):

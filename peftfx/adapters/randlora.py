@@ -27,11 +27,10 @@ from ..errors import CheckpointError
 from ..sites import Site
 from ..sizes import Seed
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     refuse_unknown,
     target_modules,
     uniform,
@@ -50,7 +49,7 @@ class RandloraParams(BaseModel):
     init_weights: bool = Field(True, description="true: lambda = 0 (identity at init); false: lambda ~ N(0, 1)")
 
 
-class Randlora(AdapterKind):
+class Randlora(AdditiveKind):
     name = "randlora"
     peft_types = ("RANDLORA",)
     peft_prefix = "randlora_"
@@ -58,7 +57,7 @@ class Randlora(AdapterKind):
     Params = RandloraParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = RandloraParams.model_validate(params.model_dump())
+        p: RandloraParams = params
         dtype = adapter_dtype(site.dtype)
         m, M = min(site.weight_shape), max(site.weight_shape)
         b = math.ceil(m / p.r)
@@ -78,8 +77,7 @@ class Randlora(AdapterKind):
         """The shared bases of each (r, key), sized over the largest targeted (out, in), as PEFT's ``_find_dim``."""
         groups: dict[tuple[int, int], list[Site]] = {}
         for site, p in zip(sites, params, strict=True):
-            q = RandloraParams.model_validate(p.model_dump())
-            groups.setdefault((q.r, q.projection_prng_key), []).append(site)
+            groups.setdefault((p.r, p.projection_prng_key), []).append(site)
         bases = {}
         for (r, key), members in groups.items():
             out = max(s.weight_shape[0] for s in members)
@@ -141,18 +139,10 @@ class Randlora(AdapterKind):
         result = y + F.linear(F.linear(xa, first), second) * a.hyper["scaling"]
         return result.to(a.site.dtype) if dtype != a.site.dtype else result
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         first, second = _bases(a, {role: v.double() for role, v in t.items()})
         delta = second @ first * a.hyper["scaling"]
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if config.get("save_projection", True) is False:
@@ -174,9 +164,6 @@ class Randlora(AdapterKind):
             "fan_in_fan_out": any(a.site.transposed for a in adapters),
             "bias": "none",
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here; or only used to generate the bases, which the file holds (sparse, very_sparse); or training-only.

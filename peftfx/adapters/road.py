@@ -45,7 +45,7 @@ class Road(AdapterKind):
     Params = RoadParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = RoadParams.model_validate(params.model_dump())
+        p: RoadParams = params
         _check_site(site, p.group_size, SpecError)
         size = int(site.out_features * _SIZE[p.variant])
         theta = torch.zeros(size, dtype=torch.float64)

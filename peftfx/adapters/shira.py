@@ -45,7 +45,7 @@ class Shira(AdapterKind):
     Params = ShiraParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = ShiraParams.model_validate(params.model_dump())
+        p: ShiraParams = params
         n = _count(site, p.r, SpecError, "")
         out, inp = site.weight_shape
         mask_generator = torch.Generator()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr
+from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _KEYS = {
@@ -54,10 +54,10 @@ class Supertuning(AdapterKind):
     peft_prefix = "supertuning_"
     ops = frozenset({"linear"})
     Params = SupertuningParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = SupertuningParams.model_validate(params.model_dump())
-        _check_site(site, SpecError, "")
+        p: SupertuningParams = params
         n = _count(site, p.sparsity, SpecError, "")
         indices = _select(site, n, p.select_top)
         values = torch.zeros(n, dtype=torch.float64)
@@ -79,7 +79,6 @@ class Supertuning(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        _check_site(site, CheckpointError, source.file)
         sparsity, select_top = float(cfg.get("sparsity", 0.99)), cfg.get("select_top", True) is not False
         r = cfg.get("r")
         alpha = cfg.get("lora_alpha")
@@ -171,12 +170,6 @@ def _hyper(sparsity: float, top: bool, r: int | None, alpha: float | None, saved
     return {"sparsity": sparsity, "select_top": top, "r": r, "lora_alpha": alpha, "saved": saved, "scale": scale}
 
 
-def _check_site(site: Site, error: type[Exception], where: str) -> None:
-    if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}Super-Tuning supports nn.Linear only, as PEFT does, not Conv1D ({site.describe()})")
-
-
 def _count(site: Site, sparsity: float, error: type[Exception], where: str) -> int:
     """PEFT's number of trained entries: ``int(numel · (1 - sparsity))``, at least one."""
     numel = site.out_features * site.in_features
@@ -189,7 +182,7 @@ def _count(site: Site, sparsity: float, error: type[Exception], where: str) -> i
 
 def _select(site: Site, n: int, top: bool) -> torch.Tensor:
     """The ``n`` largest (or smallest) ``|W|`` positions, flat, as PEFT picks them."""
-    weight = attr(site.weight.graph.owning_module, str(site.weight.target)).detach()
+    weight = site.base_weight().detach()
     return torch.topk(weight.abs().flatten(), k=n, largest=top)[1].to(torch.int32)
 
 

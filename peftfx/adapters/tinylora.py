@@ -26,8 +26,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight, refuse_unknown, target_modules
+from ..sites import Site
+from .base import (
+    AdditiveKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    refuse_unknown,
+    target_modules,
+)
 
 _KEYS = {"A": "tinylora_A", "B": "tinylora_B", "P": "tinylora_P"}
 
@@ -46,7 +53,7 @@ class TinyLoraParams(BaseModel):
     init_v_bound: float = Field(0.02, gt=0, description="bound of the uniform init of v")
 
 
-class TinyLora(AdapterKind):
+class TinyLora(AdditiveKind):
     name = "tinylora"
     peft_types = ("TINYLORA",)
     peft_prefix = "tinylora_"
@@ -56,10 +63,10 @@ class TinyLora(AdapterKind):
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = TinyLoraParams.model_validate(params.model_dump())
+        p: TinyLoraParams = params
         dtype = adapter_dtype(site.dtype)
         index = prepared[p].index(site.module)
-        weight = attr(site.weight.graph.owning_module, str(site.weight.target))
+        weight = site.base_weight()
         A, B = _svd_pair(site, weight, p.r)
         r = A.shape[0]
         if p.init == "uniform":
@@ -109,7 +116,7 @@ class TinyLora(AdapterKind):
         """Each site's index among the adapter's sites of the same settings, in the order they are selected."""
         order: dict[BaseModel, list[str]] = {}
         for site, p in zip(sites, params, strict=True):
-            seen = order.setdefault(TinyLoraParams.model_validate(p.model_dump()), [])
+            seen = order.setdefault(p, [])
             if site.module not in seen:
                 seen.append(site.module)
         return order
@@ -134,18 +141,10 @@ class TinyLora(AdapterKind):
             delta = F.linear(F.linear(F.linear(x.to(a.tensors["A"].dtype), t["A"]), R), t["B"])
         return y + (delta * a.hyper["scale"]).to(a.site.dtype)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         R = torch.einsum("i,ijk->jk", t[_v_role(a.hyper["group"])].double(), t["P"].double())
         delta = t["B"].double() @ R @ t["A"].double() * a.hyper["scale"]
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "TinyLoRA", file)
@@ -167,9 +166,6 @@ class TinyLora(AdapterKind):
             "save_projection": True,
             "fan_in_fan_out": any(a.site.transposed for a in adapters),
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Fields read here, and ones that only shape training or init (the stored tensors say everything).

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import fx
 
 from ..errors import CheckpointError, SpecError
-from ..sites import Site, attr, find_sites, signature_of
+from ..sites import Site, find_sites, signature_of
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
 _KEY = "trainable_tokens_delta"
@@ -63,7 +63,7 @@ class TrainableTokens(AdapterKind):
     Params = TrainableTokensParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = TrainableTokensParams.model_validate(params.model_dump())
+        p: TrainableTokensParams = params
         weight = _check_site(site, p.token_indices, SpecError, "")
         if p.init:
             delta = weight.detach()[p.token_indices].double()
@@ -142,13 +142,13 @@ def _check_site(site: Site, indices: list[int], error: type[Exception], where: s
     """The site's weight, after refusing what PEFT computes differently live and merged, or per-site cannot."""
     prefix = f"{where}: " if where else ""
     gm = site.weight.graph.owning_module
-    weight = attr(gm, str(site.weight.target))
+    weight = site.base_weight()
     if site.op == "linear" and (site.bias is not None or site.transposed):
         raise error(
             f"{prefix}trainable tokens on {site.describe()}: only a bias-free nn.Linear is supported (PEFT's live "
             "forward drops the bias, so its unmerged and merged outputs differ)"
         )
-    tied = [s.module for s in find_sites(gm) if s.node is not site.node and attr(gm, str(s.weight.target)) is weight]
+    tied = [s.module for s in find_sites(gm) if s.node is not site.node and s.base_weight() is weight]
     if tied:
         raise error(
             f"{prefix}trainable tokens on {site.describe()}: its weight is tied to {tied[0]}, and PEFT puts the rows "

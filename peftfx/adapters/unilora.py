@@ -28,11 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import CheckpointError
 from ..sites import Site
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     refuse_unknown,
     target_modules,
     uniform,
@@ -57,7 +56,7 @@ class UniLoRAParams(BaseModel):
     init_weights: bool = Field(True, description="true: θ ~ U(±init_theta_d_bound); false: θ ~ N(0, 1)")
 
 
-class UniLoRA(AdapterKind):
+class UniLoRA(AdditiveKind):
     name = "unilora"
     peft_types = ("UNILORA",)
     peft_prefix = "unilora_"
@@ -65,7 +64,7 @@ class UniLoRA(AdapterKind):
     Params = UniLoRAParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = UniLoRAParams.model_validate(params.model_dump())
+        p: UniLoRAParams = params
         dtype = adapter_dtype(site.dtype)
         # Every site draws a θ; the first one placed is the adapter's (insert keeps one tensor per shared role).
         theta = torch.empty(p.theta_d_length, dtype=torch.float64)
@@ -138,18 +137,10 @@ class UniLoRA(AdapterKind):
         out = F.linear(F.linear(x.to(dtype) if cast else x, A), B)
         return y + (out.to(a.site.dtype) if cast else out)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B = _factors({role: v if role.startswith("indices") else v.double() for role, v in t.items()}, detach=False)
         delta = B @ A
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if not config.get("save_indices", False):
@@ -171,9 +162,6 @@ class UniLoRA(AdapterKind):
             "fan_in_fan_out": any(a.site.transposed for a in adapters),
             "bias": "none",
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here, or not needed once indices and scales are stored (proj_seed, the init fields; dropout is off).

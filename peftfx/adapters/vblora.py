@@ -25,11 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     refuse_unknown,
     target_modules,
     uniform,
@@ -50,7 +49,7 @@ class VBLoRAParams(BaseModel):
     init_logits_std: float = Field(0.1, ge=0, description="logits init: N(0, std²)")
 
 
-class VBLoRA(AdapterKind):
+class VBLoRA(AdditiveKind):
     name = "vblora"
     peft_types = ("VBLORA",)
     peft_prefix = "vblora_"
@@ -58,7 +57,7 @@ class VBLoRA(AdapterKind):
     Params = VBLoRAParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = VBLoRAParams.model_validate(params.model_dump())
+        p: VBLoRAParams = params
         if p.topk > p.num_vectors:
             raise SpecError(f"VB-LoRA topk={p.topk} exceeds num_vectors={p.num_vectors} ({site.describe()})")
         shapes = _logit_shapes(site, p.r, p.num_vectors, p.vector_length, SpecError, "")
@@ -135,18 +134,10 @@ class VBLoRA(AdapterKind):
         out = F.linear(F.linear(x.to(dtype) if cast else x, A), B)
         return y + (out.to(a.site.dtype) if cast else out)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B = _factors(a, {role: v if role.endswith("_indices") else v.double() for role, v in t.items()})
         delta = B @ A
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "VB-LoRA", file)
@@ -164,9 +155,6 @@ class VBLoRA(AdapterKind):
             "fan_in_fan_out": any(a.site.transposed for a in adapters),
             "bias": "none",
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here, or training-only (the init fields: the bank and logits are stored; dropout is off in inference).

@@ -24,7 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from ..sizes import Seed
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight, refuse_unknown, target_modules
+from .base import (
+    AdditiveKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    refuse_unknown,
+    target_modules,
+)
 
 
 class VeraParams(BaseModel):
@@ -36,7 +43,7 @@ class VeraParams(BaseModel):
     init: bool = Field(True, description="true: λ_b = 0, λ_d = d_initial (identity); false: λ_b = 1, λ_d ~ N(0, 1)")
 
 
-class Vera(AdapterKind):
+class Vera(AdditiveKind):
     name = "vera"
     peft_types = ("VERA",)
     peft_prefix = "vera_lambda_"
@@ -48,8 +55,7 @@ class Vera(AdapterKind):
     # -- construction -------------------------------------------------------------------------------------------
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = self.Params.model_validate(params.model_dump())
-        _check_site(site, self.name, SpecError)
+        p: Any = params
         dtype = adapter_dtype(site.dtype)
         A, B = (t.to(dtype) for t in prepared[p.r, p.projection_prng_key])
         if p.init:
@@ -63,7 +69,6 @@ class Vera(AdapterKind):
         return self._adapter(site, hyper, tensors)
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        _check_site(site, self.name, CheckpointError, source.file)
         cfg = source.config
         r = int(cfg.get("r", 256))
         key_b, key_d = f"{self.peft_prefix}b", f"{self.peft_prefix}d"
@@ -112,8 +117,7 @@ class Vera(AdapterKind):
         """PEFT's projections for each (r, key) of the adapter, sized over every site that uses them."""
         groups: dict[tuple[int, int], list[Site]] = {}
         for site, p in zip(sites, params, strict=True):
-            q = self.Params.model_validate(p.model_dump())
-            groups.setdefault((q.r, q.projection_prng_key), []).append(site)
+            groups.setdefault((p.r, p.projection_prng_key), []).append(site)
         return {(r, key): self._draw(members, r, key) for (r, key), members in groups.items()}
 
     def prepare_peft(self, sites: Sequence[Site], config: Mapping[str, Any], file: str) -> tuple | None:
@@ -149,18 +153,10 @@ class Vera(AdapterKind):
         delta = t["lambda_b"] * F.linear(lambda_d * F.linear(x.to(dtype), A), B)
         return y + (delta * a.hyper["scale"]).to(a.site.dtype)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B, lambda_d = (f.double() for f in self._factors(a, t))
         delta = (t["lambda_b"].double()[:, None] * B) @ (lambda_d[:, None] * A) * a.hyper["scale"]
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, self.name, file)
@@ -181,9 +177,6 @@ class Vera(AdapterKind):
             "fan_in_fan_out": any(a.site.transposed for a in adapters),
         }
 
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
-
 
 # Fields read here, and ones that only shape training (dropout, init: the stored tensors say everything).
 _HANDLED = frozenset(
@@ -198,12 +191,6 @@ _HANDLED = frozenset(
         "bias",
     }
 )
-
-
-def _check_site(site: Site, kind: str, error: type[Exception], where: str = "") -> None:
-    if site.op != "linear":
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}{kind} supports Linear and Conv1D only, not {site.describe()}")
 
 
 def draw_projections(rows: int, r: int, max_in: int, max_out: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:

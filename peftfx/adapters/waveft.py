@@ -33,11 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
-    AdapterKind,
+    AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    add_to_weight,
     pattern_value,
     per_module,
     refuse_unknown,
@@ -66,7 +65,7 @@ class WaveFTParams(BaseModel):
         return value
 
 
-class WaveFT(AdapterKind):
+class WaveFT(AdditiveKind):
     name = "waveft"
     peft_types = ("WAVEFT",)
     peft_prefix = "waveft_"
@@ -74,7 +73,7 @@ class WaveFT(AdapterKind):
     Params = WaveFTParams
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
-        p = WaveFTParams.model_validate(params.model_dump())
+        p: WaveFTParams = params
         _check_n(site, p.n_frequency, SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
         if not p.init_weights:
@@ -119,17 +118,9 @@ class WaveFT(AdapterKind):
         out = F.linear(x.to(dtype) if cast else x, _delta(a, t["spectrum"]))
         return y + (out.to(a.site.dtype) if cast else out)
 
-    def merge(
-        self,
-        a: SiteAdapter,
-        weight: torch.Tensor,
-        raw_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        raw_bias: torch.Tensor | None,
-        t: Mapping[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         delta = _delta(a, t["spectrum"].double())
-        return add_to_weight(weight, delta, a.site), bias
+        return delta
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "WaveFT", file)
@@ -152,9 +143,6 @@ class WaveFT(AdapterKind):
             "proportional_parameters": False,
             "init_weights": True,
         }
-
-    def additive(self, a: SiteAdapter) -> bool:
-        return True
 
 
 # Read here, or training-only (init_weights: the spectrum is stored; proportional_parameters: its length says n).

@@ -13,13 +13,13 @@ from dataclasses import replace
 from ..adapters import SiteAdapter
 from ..errors import SpecError
 from ..sites import Site
-from .methods import METHODS, PEFT_LORA_METHODS, Context, FoldMethod, fold_ia3
+from .methods import FOLD_FIELDS, METHODS, Context, FoldMethod, fold_ia3, unread_field
 from .site import Task, check_foldable
 from .tensors import TASK_MERGES, TaskMerge, merge_tasks
 
 __all__ = [
+    "FOLD_FIELDS",
     "METHODS",
-    "PEFT_LORA_METHODS",
     "TASK_MERGES",
     "Context",
     "FoldMethod",
@@ -27,6 +27,7 @@ __all__ = [
     "TaskMerge",
     "fold_site",
     "merge_tasks",
+    "unread_field",
 ]
 
 
@@ -37,9 +38,11 @@ def fold_site(site: Site, tasks: Sequence[Task], ctx: Context) -> SiteAdapter:
     if ctx.ia3:
         if ctx.method not in (None, "linear"):
             raise SpecError(f"{ctx.field}.method: IA³ adapters fold only linearly (method: linear), not {ctx.method}")
+        _check_reads(frozenset(), "linear (IA³)", ctx)
         return fold_ia3(site, tasks, ctx)
     name = ctx.method or "svd"
-    if ctx.single and name in PEFT_LORA_METHODS and all(t.is_lora for t in tasks):
+    _check_reads(METHODS[name].reads, name, ctx)
+    if ctx.single and METHODS[name].peft and all(t.is_lora for t in tasks):
         name = "linear"  # PEFT folds a single LoRA linearly, whatever the method asked
     method = METHODS[name]
     if method.lora_only:
@@ -51,3 +54,9 @@ def fold_site(site: Site, tasks: Sequence[Task], ctx: Context) -> SiteAdapter:
                     "..., task_arithmetic, ties_delta, ...)"
                 )
     return method.build(site, tasks, replace(ctx, method=name))
+
+
+def _check_reads(reads: frozenset[str], name: str, ctx: Context) -> None:
+    unread = unread_field(reads, set(ctx.given))
+    if unread is not None:
+        raise SpecError(f"{ctx.field}.{unread}: method {name} does not read {unread}; remove it")

@@ -66,20 +66,43 @@ class Context:
     generator: torch.Generator | None
     single: bool = False  # the combine names one adapter
     ia3: bool = False  # every source is an IA³ adapter (PEFT's IA³ fold)
+    given: frozenset[str] = frozenset()  # the FOLD_FIELDS the spec sets (each must be one the method reads)
 
 
 Build = Callable[[Site, Sequence[Task], Context], SiteAdapter]
 
 
+# The combine fields a method may read; each method reads the ones its entry implies (``FoldMethod.reads``).
+FOLD_FIELDS = ("density", "majority_sign", "seed", "svd_rank", "svd_clamp", "svd_full_matrices")
+
+
 @dataclass(frozen=True)
 class FoldMethod:
+    """Every fact about one fold method: how it builds a site's result, its task merge, what it reads."""
+
     build: Build
     merge: TaskMerge
     lora_only: bool = False  # works on LoRA factors, so every source must be a plain LoRA
+    peft: bool = False  # PEFT's add_weighted_adapter has it, with the same numbers
+    svd: bool = False  # its result is re-factorised: reads svd_rank, svd_clamp and svd_full_matrices
 
     @property
     def needs_density(self) -> bool:
         return self.merge.trim is not None
+
+    @property
+    def random(self) -> bool:
+        """It drops entries at random (DARE): only a seed makes two runs agree."""
+        return self.merge.trim == "random"
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """The spec fields this method reads; setting any other is an error, not a silent no-op."""
+        fields = {"density"} if self.needs_density else set()
+        fields |= {"majority_sign"} if self.merge.elect else set()
+        fields |= {"seed"} if self.random else set()
+        fields |= {"svd_rank", "svd_clamp", "svd_full_matrices"} if self.svd else set()
+        return frozenset(fields)
 
 
 def _peft_scaling(new_rank: int, ctx: Context) -> float:
@@ -187,23 +210,27 @@ def fold_ia3(site: Site, tasks: Sequence[Task], ctx: Context) -> SiteAdapter:
 
 _TA = TASK_MERGES["task_arithmetic"]
 METHODS: dict[str, FoldMethod] = {
-    "linear": FoldMethod(_factors, _TA, lora_only=True),
-    "ties": FoldMethod(_factors, TASK_MERGES["ties"], lora_only=True),
-    "dare_linear": FoldMethod(_factors, TASK_MERGES["dare_linear"], lora_only=True),
-    "dare_ties": FoldMethod(_factors, TASK_MERGES["dare_ties"], lora_only=True),
-    "magnitude_prune": FoldMethod(_factors, TASK_MERGES["magnitude_prune"], lora_only=True),
-    "cat": FoldMethod(_cat, _TA, lora_only=True),
-    "svd": FoldMethod(_svd, _TA),
-    "ties_svd": FoldMethod(_svd, TASK_MERGES["ties"]),
-    "dare_linear_svd": FoldMethod(_svd, TASK_MERGES["dare_linear"]),
-    "dare_ties_svd": FoldMethod(_svd, TASK_MERGES["dare_ties"]),
-    "magnitude_prune_svd": FoldMethod(_svd, TASK_MERGES["magnitude_prune"]),
-    "task_arithmetic": FoldMethod(_task_arithmetic, _TA),
+    "linear": FoldMethod(_factors, _TA, lora_only=True, peft=True),
+    "ties": FoldMethod(_factors, TASK_MERGES["ties"], lora_only=True, peft=True),
+    "dare_linear": FoldMethod(_factors, TASK_MERGES["dare_linear"], lora_only=True, peft=True),
+    "dare_ties": FoldMethod(_factors, TASK_MERGES["dare_ties"], lora_only=True, peft=True),
+    "magnitude_prune": FoldMethod(_factors, TASK_MERGES["magnitude_prune"], lora_only=True, peft=True),
+    "cat": FoldMethod(_cat, _TA, lora_only=True, peft=True),
+    "svd": FoldMethod(_svd, _TA, peft=True, svd=True),
+    "ties_svd": FoldMethod(_svd, TASK_MERGES["ties"], peft=True, svd=True),
+    "dare_linear_svd": FoldMethod(_svd, TASK_MERGES["dare_linear"], peft=True, svd=True),
+    "dare_ties_svd": FoldMethod(_svd, TASK_MERGES["dare_ties"], peft=True, svd=True),
+    "magnitude_prune_svd": FoldMethod(_svd, TASK_MERGES["magnitude_prune"], peft=True, svd=True),
+    "task_arithmetic": FoldMethod(_task_arithmetic, _TA, svd=True),
     "ties_delta": FoldMethod(_dense, TASK_MERGES["ties"]),
     "dare_linear_delta": FoldMethod(_dense, TASK_MERGES["dare_linear"]),
     "dare_ties_delta": FoldMethod(_dense, TASK_MERGES["dare_ties"]),
     "magnitude_prune_delta": FoldMethod(_dense, TASK_MERGES["magnitude_prune"]),
 }
 
-# The methods PEFT's LoRA add_weighted_adapter knows (the others are peftfx's).
-PEFT_LORA_METHODS = frozenset(list(METHODS)[:11])
+
+def unread_field(reads: frozenset[str], given: set[str]) -> str | None:
+    """The first of the ``given`` combine fields a method reading ``reads`` ignores, in ``FOLD_FIELDS`` order.
+
+    IA³ sources fold linearly over their vectors (``fold_ia3``), which reads none of them."""
+    return next((f for f in FOLD_FIELDS if f in given and f not in reads), None)
