@@ -176,13 +176,16 @@ def test_conv_merged_equals_unmerged(data, dims, seed):
     groups=st.sampled_from([2, 3]),
     seed=st.integers(0, 2**16),
 )
-def test_lora_on_a_grouped_conv_is_refused(dims, groups, seed):
-    """The unsupported case is an error, never a silently different result."""
-    model = nn.Sequential(CONV[dims](groups * 2, groups, 1, groups=groups))
-    x = (torch.randn(1, groups * 2, *[3] * dims),)
-    spec = {"adapters": {"a": {"type": "lora", "at": {"op": f"conv{dims}d"}, "seed": seed}}}
-    with pytest.raises(peftfx.SpecError, match="grouped conv"):
-        peftfx.compile(model, spec, x)
+def test_lora_on_a_grouped_conv_merges_exactly(dims, groups, seed):
+    """A grouped conv takes a LoRA whose rank the groups divide, live as PEFT and merged into a dense conv."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(CONV[dims](groups * 2, groups * 2, 3, groups=groups, padding=1), nn.Tanh())
+    x = (torch.randn(2, groups * 2, *[4] * dims, dtype=torch.float64),)
+    at = {"op": f"conv{dims}d"}
+    check(model, x, {"a": {"type": "lora", "at": at, "with": {"r": groups * 2}, "seed": seed}}, seed)
+    indivisible = {"adapters": {"a": {"type": "lora", "at": at, "with": {"r": groups + 1}, "seed": seed}}}
+    with pytest.raises(peftfx.SpecError, match="not divisible"):
+        peftfx.compile(model, indivisible, x)
 
 
 # -- embeddings ------------------------------------------------------------------------------------------------
