@@ -49,13 +49,14 @@ def capture(
     *,
     method: Method = "auto",
     dynamic_shapes: Any = None,
-    cache: bool = True,
+    cache: bool | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` without mutating it. ``auto`` exports transformers models and traces the rest.
 
     ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary. The trace
     runs on a copy of the module tree (``isolated``), one at a time, so other threads may call the model meanwhile.
-    ``cache``: reuse an earlier ``torch.export`` of the same model structure and inputs (``capture_cache``).
+    ``cache=True`` (or ``$PEFTFX_CACHE=1``): reuse an earlier ``torch.export`` of the same model structure and
+    inputs (``capture_cache``; opt-in).
     """
     if example_inputs is not None and not isinstance(example_inputs, tuple | list | Mapping | torch.Tensor):
         raise CaptureError(
@@ -86,7 +87,7 @@ def isolated(model: nn.Module) -> nn.Module:
 
 
 def _capture(
-    model: nn.Module, example_inputs: Inputs | None, method: Method, dynamic_shapes: Any, cache: bool
+    model: nn.Module, example_inputs: Inputs | None, method: Method, dynamic_shapes: Any, cache: bool | None
 ) -> fx.GraphModule:
     name = type(model).__name__
     trace_error: Exception | None = None
@@ -133,7 +134,7 @@ def _export(
     model: nn.Module,
     example_inputs: Inputs,
     dynamic_shapes: Any,
-    cache: bool = True,
+    cache: bool | None = None,
     trace_error: Exception | None = None,
 ) -> fx.GraphModule:
     args, kwargs = split_inputs(example_inputs)

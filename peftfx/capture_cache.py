@@ -10,8 +10,9 @@ stored as a ``meta`` tensor, and on load the current model's own tensors are bou
 the stored shapes and dtypes). Files are written to a temporary file renamed into place, so concurrent compiles
 never read a partial file; one that cannot be read is a miss, replaced by the next capture.
 
-Where: ``$PEFTFX_CACHE_DIR``, else ``$XDG_CACHE_HOME/peftfx``, else ``~/.cache/peftfx``. Off: ``cache=False``,
-``PEFTFX_NO_CACHE=1`` or ``peftfx --no-cache``.
+Opt-in (``cache=True``, ``PEFTFX_CACHE=1`` or ``peftfx --cache``): the key cannot see code the model calls outside
+its module classes' files, and a graph served stale would be silently wrong, for a saving of about a quarter of a
+compile. Where: ``$PEFTFX_CACHE_DIR``, else ``$XDG_CACHE_HOME/peftfx``, else ``~/.cache/peftfx``.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ from .atomic import replaced_file
 FORMAT = 1  # bumped when what is stored, or how the key is made, changes
 
 
-def directory() -> Path | None:
-    """The cache's folder, or None when the environment turns the cache off."""
-    if os.environ.get("PEFTFX_NO_CACHE", "") not in ("", "0"):
-        return None
+def enabled(cache: bool | None) -> bool:
+    """``cache`` as asked; None leaves it to ``$PEFTFX_CACHE`` (off unless set to something other than 0)."""
+    return cache if cache is not None else os.environ.get("PEFTFX_CACHE", "") not in ("", "0")
+
+
+def directory() -> Path:
+    """The cache's folder."""
     if os.environ.get("PEFTFX_CACHE_DIR"):
         return Path(os.environ["PEFTFX_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -53,10 +57,10 @@ def exported(
     dynamic_shapes: Any,
     export: Callable[[], ExportedProgram],
     *,
-    cache: bool = True,
+    cache: bool | None = None,
 ) -> ExportedProgram:
     """``export()``'s program for ``model`` on inputs like ``args``/``kwargs``, from the cache when it holds one."""
-    folder = directory() if cache else None
+    folder = directory() if enabled(cache) else None
     key = _key(model, args, kwargs, dynamic_shapes) if folder is not None else None
     if folder is None or key is None:
         return export()

@@ -56,10 +56,12 @@ err = Console(stderr=True)
 
 @app.callback()
 def _options(
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="run torch.export, never the capture cache")] = False,
+    cache: Annotated[
+        bool | None, typer.Option("--cache/--no-cache", help="reuse captures from the capture cache ($PEFTFX_CACHE)")
+    ] = None,
 ) -> None:
-    if no_cache:
-        os.environ["PEFTFX_NO_CACHE"] = "1"
+    if cache is not None:
+        os.environ["PEFTFX_CACHE"] = "1" if cache else "0"
 
 
 class Format(StrEnum):

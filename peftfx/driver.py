@@ -63,7 +63,7 @@ def compile(
     example_inputs: Inputs | None = None,
     *,
     dynamic_shapes: Any = None,
-    cache: bool = True,
+    cache: bool | None = None,
     max_cache_len: int | None = None,
     inplace: bool = False,
 ) -> fx.GraphModule:
@@ -72,7 +72,7 @@ def compile(
     The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
     own tensors (no copy of the weights is made; the same bits as without it). With ``max_cache_len`` a decoder
     is captured as one generation step over a static KV cache of that many positions, for ``peftfx.generate``
-    (see ``kv_cache``). ``cache=False`` runs ``torch.export`` even when the capture cache holds this model's graph.
+    (see ``kv_cache``). ``cache=True`` reuses a capture from the capture cache (opt-in; ``$PEFTFX_CACHE``).
     """
     return build(
         model,
@@ -92,7 +92,7 @@ def build(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
-    cache: bool = True,
+    cache: bool | None = None,
     max_cache_len: int | None = None,
     inplace: bool = False,
 ) -> Build:
@@ -123,7 +123,7 @@ def build_loaded(
     *,
     dynamic_shapes: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
-    cache: bool = True,
+    cache: bool | None = None,
     max_cache_len: int | None = None,
     inplace: bool = False,
     planned: Callable[[Plan], None] | None = None,

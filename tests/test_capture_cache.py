@@ -27,7 +27,7 @@ TESTS = Path(__file__).parent
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PEFTFX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("PEFTFX_NO_CACHE", raising=False)
+    monkeypatch.setenv("PEFTFX_CACHE", "1")
     return tmp_path / "cache" / "capture"
 
 
@@ -120,13 +120,27 @@ def test_opt_out(cache, exports, monkeypatch):
     model, inputs = tiny_llama(), token_inputs()
     peftfx.compile(model, {}, inputs, cache=False)
     assert len(exports) == 1 and not cache.exists()
-    monkeypatch.setenv("PEFTFX_NO_CACHE", "1")
+    monkeypatch.setenv("PEFTFX_CACHE", "0")
     peftfx.compile(model, {}, inputs)
     assert len(exports) == 2 and not cache.exists()
-    monkeypatch.delenv("PEFTFX_NO_CACHE")
+    monkeypatch.setenv("PEFTFX_CACHE", "1")
     CliRunner().invoke(app, ["--no-cache", "schema", "--output", str(cache.parent.parent / "schema.json")])
     peftfx.compile(model, {}, inputs)
     assert len(exports) == 3 and not cache.exists(), "--no-cache turns it off for the command's process"
+
+
+def test_the_cache_is_opt_in(cache, exports, monkeypatch):
+    """A stale graph would be silently wrong, and the key cannot see every line a model runs: off unless asked."""
+    model, inputs = tiny_llama(), token_inputs()
+    monkeypatch.delenv("PEFTFX_CACHE")
+    peftfx.compile(model, {}, inputs)
+    assert len(exports) == 1 and not cache.exists()
+    peftfx.compile(model, {}, inputs, cache=True)
+    peftfx.compile(model, {}, inputs, cache=True)
+    assert len(exports) == 2 and len(list(cache.iterdir())) == 1
+    CliRunner().invoke(app, ["--cache", "schema", "--output", str(cache.parent.parent / "schema.json")])
+    peftfx.compile(model, {}, inputs)
+    assert len(exports) == 2, "--cache turns it on for the command's process"
 
 
 def test_an_unreadable_file_is_a_miss_and_is_replaced(cache, exports):
