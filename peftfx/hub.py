@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
 from .errors import CheckpointError
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -32,11 +35,6 @@ def resolve(
         return local / subfolder if subfolder else local
     if not is_hub_id(reference):
         return local / subfolder if subfolder else local
-    try:
-        from huggingface_hub import constants, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:
-        raise CheckpointError(f"{field}: {reference!r} is not a local path, and hub ids need huggingface_hub") from None
     offline = bool(constants.HF_HUB_OFFLINE)
     at = f"{reference!r}" + (f" at revision {revision!r}" if revision else "")
     patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
