@@ -21,12 +21,10 @@ from torch import fx, nn
 
 from ..adapters import SiteAdapter
 from ..errors import CheckpointError, PassError, SpecError
-from ..ir import AdapterInfo, Override, Placement, Record, adapters, attr_key, nodes_by_name, records
+from ..ir import SCALE_INPUT, AdapterInfo, Override, Placement, Record, adapters, attr_key, nodes_by_name, records
 from ..rewrite import TAG, add_input, build_after, get_attr, rebind, set_attr, tagged_get_attr, weight_device
 from ..sites import PARAMETER, module_of
 from .base import Pass
-
-SCALE_INPUT = "lora_scale"  # a 0-d tensor input multiplying every live LoRA's scaling (diffusers' LoRA scale)
 
 
 class Insert(Pass):

@@ -79,17 +79,10 @@ def read_checkpoint(
     *,
     allow_pickle: bool = False,
     field: str = "peft",
-    component: str | None = None,
-    has_text_model: bool = True,
 ) -> Checkpoint:
-    """A PEFT checkpoint directory, or a diffusers/kohya LoRA file (``component``: which part of it; see
-    ``formats.read_lora_file`` for ``has_text_model``)."""
-    from .formats import is_lora_file, read_lora_file
-
+    """A PEFT checkpoint directory (diffusers/kohya LoRA files: ``formats.read_lora_file``)."""
     path = Path(directory)
     config_file = path / CONFIG
-    if not config_file.is_file() and is_lora_file(path):
-        return read_lora_file(path, component, field, has_text_model)
     if not path.is_dir():
         raise CheckpointError(f"{field}: checkpoint directory {str(path)!r} not found")
     if not config_file.is_file():

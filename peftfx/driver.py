@@ -15,10 +15,9 @@ from torch import fx, nn
 from .capture import Inputs, capture
 from .dropin import as_dropin, lora_scale_keyword
 from .errors import PeftfxError, SpecError
-from .ir import Override
+from .ir import SCALE_INPUT, Override
 from .kv_cache import capture_with_cache
 from .passes import Causal, Cleanup, Insert, Merge, Pass, Route, run_passes
-from .passes.insert import SCALE_INPUT
 from .passes.route import INPUT as ROUTING_INPUT
 from .plan import Plan, make_plan, place, targets
 from .rewrite import drop_input, get_attr

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from .capture import Inputs, split_inputs
 from .errors import PeftfxError
-from .passes.insert import SCALE_INPUT
+from .ir import SCALE_INPUT
 
 RETURN_DICT = "return_dict"
 

@@ -20,6 +20,7 @@ from .rewrite import get_attr
 from .sites import site_of
 
 META = "peftfx"  # the key of gm.meta this module owns
+SCALE_INPUT = "lora_scale"  # a 0-d tensor input multiplying every live LoRA's scaling (diffusers' LoRA scale)
 
 
 @dataclass(frozen=True)

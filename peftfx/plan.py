@@ -20,6 +20,7 @@ from .adapters import KINDS, PEFT_TYPES, AdapterKind, PeftSource, SiteAdapter
 from .checkpoint import CONFIG, SHARED_PREFIX, Checkpoint, Layout, read_checkpoint
 from .errors import CheckpointError, MatchError, SpecError
 from .fold import Context, Task, fold_site
+from .formats import is_lora_file, read_lora_file
 from .ir import Override, Placement, heads
 from .pattern import Matcher
 from .peft_config import check_peft_config
@@ -228,13 +229,10 @@ def _peft_target(gm: fx.GraphModule, name: str, adapter: PeftAdapter, base_dir: 
         directory = base_dir / directory
     field = f"adapters.{name}.peft"
     directory = hub.resolve(adapter.peft, directory, field, revision=adapter.revision, subfolder=adapter.subfolder)
-    ckpt = read_checkpoint(
-        directory,
-        allow_pickle=adapter.allow_pickle,
-        field=field,
-        component=adapter.component,
-        has_text_model=hasattr(gm, "text_model"),
-    )
+    if not (directory / CONFIG).is_file() and is_lora_file(directory):
+        ckpt = read_lora_file(directory, adapter.component, field, hasattr(gm, "text_model"))
+    else:
+        ckpt = read_checkpoint(directory, allow_pickle=adapter.allow_pickle, field=field)
     peft_type = str(ckpt.config["peft_type"])
     kind = PEFT_TYPES.get(peft_type)
     if kind is None:
