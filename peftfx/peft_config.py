@@ -315,7 +315,7 @@ class TinyloraConfig(RankedConfig):
 
 
 class TrainableTokensConfig(PeftConfig):
-    token_indices: list[Count] = []
+    token_indices: Annotated[list[Count], Field(min_length=1)]  # the ids of the rows it trains
     init_weights: bool = True
 
 

@@ -150,3 +150,22 @@ def test_each_typed_field_corrupted_is_a_checkpoint_error_naming_it(saved, peft_
             for size in (-1, 0):
                 with pytest.raises(peftfx.CheckpointError, match=rf"{re.escape(file)}: {field}: input should be great"):
                     checks({**config, field: size}, file)
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "field", "value", "match"),
+    [
+        ("DEFT", "decomposition_method", "svd", "input should be 'relu' or 'qr'"),
+        ("PSOFT", "ab_svd_init", "x", "input should be 'psoft_init' or 'pissa_init'"),
+        ("ROAD", "variant", "road_3", "input should be 'road_1', 'road_2' or 'road_4'"),
+        ("GLORA", "config_C", "constant", "input should be 'lora', 'vector' or 'none'"),
+        ("LORA", "bias", "vera_only", "input should be 'none', 'all' or 'lora_only'"),
+        ("TRAINABLE_TOKENS", "token_indices", [], "list should have at least 1 item after validation, not 0"),
+        ("SUPERTUNING", "sparsity", 1.5, "input should be less than or equal to 1"),
+        ("OSF", "effective_rank", 1.5, "input should be less than or equal to 1"),
+    ],
+)
+def test_a_value_outside_peft_s_choices_is_named(saved, peft_type, field, value, match):
+    config, file = saved(peft_type)
+    with pytest.raises(peftfx.CheckpointError, match=rf"{re.escape(file)}: {field}: {match} \(got "):
+        checks({**config, field: value}, file)

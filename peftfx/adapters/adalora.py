@@ -180,7 +180,7 @@ def _mask(patterns: Mapping[str, Any], module: str, init_r: int, file: str) -> l
     """This module's keep-mask from PEFT's rank_pattern (keys ``<module>.lora_E``, maybe with the adapter name)."""
     for key, mask in patterns.items():
         if key.split(".lora_E")[0] == module:
-            if not isinstance(mask, list) or len(mask) != init_r:
+            if len(mask) != init_r:
                 raise CheckpointError(
                     f"{file}: rank_pattern[{key!r}] should be a list of {init_r} booleans (one per init_r triplet)"
                 )

@@ -129,9 +129,6 @@ class Deft(AdapterKind):
         return (merged.t().contiguous() if site.transposed else merged).to(weight.dtype), bias
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
-        method = config.get("decomposition_method", "relu")
-        if method not in ("relu", "qr"):
-            raise CheckpointError(f"{file}: decomposition_method={method!r} is not one of 'relu', 'qr'")
         refuse_unknown(config, _HANDLED, "DeFT", file)
 
     def peft_config(self, adapters: list[SiteAdapter]) -> dict[str, Any]:

@@ -145,8 +145,6 @@ class Psoft(AdapterKind):
                 f"{file}: psoft_svd={config['psoft_svd']!r} rebuilds A and B from a randomised SVD; peftfx supports "
                 "psoft_svd='full' only"
             )
-        if config.get("ab_svd_init", "psoft_init") not in ("psoft_init", "pissa_init"):
-            raise CheckpointError(f"{file}: unknown ab_svd_init={config['ab_svd_init']!r}")
         refuse_unknown(config, _HANDLED, "PSOFT", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:

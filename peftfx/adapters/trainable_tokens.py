@@ -78,9 +78,7 @@ class TrainableTokens(AdapterKind):
                 f"{source.file}: trainable tokens replace rows of {site.module} and have no scaling factor, so "
                 f"`scale: {scale}` cannot be applied"
             )
-        indices = source.config.get("token_indices")
-        if not isinstance(indices, list) or not indices or not all(isinstance(i, int) for i in indices):
-            raise CheckpointError(f"{source.file}: token_indices={indices!r} is not a non-empty list of token ids")
+        indices = source.config["token_indices"]
         weight = _check_site(site, indices, CheckpointError, source.file)
         delta = source.take(_KEY)
         extra = sorted(set(source.tensors) - {_KEY})
