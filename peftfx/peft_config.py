@@ -3,8 +3,9 @@
 A field of the wrong type (``lora_alpha: "16"``, ``target_modules: 5``), a number that is not finite or a rank
 below 1 would otherwise surface as a ``TypeError`` deep in targeting, as NaN in every output, or as a message that
 contradicts itself; here each is one ``CheckpointError`` naming the file and the field. Types are strict (no
-``"4"`` for 4, no ``true`` for 1). Fields a model does not declare stay allowed (each kind refuses the ones that
-would change its math), but every float among them must be finite too.
+``"4"`` for 4, no ``true`` for 1), sizes are at least 1 and PEFT's fixed choices are ``Literal``s. Fields a
+model does not declare stay allowed (each kind refuses the ones that would change its math), but every float among
+them must be finite too.
 """
 
 from __future__ import annotations
