@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
     AdditiveKind,
@@ -30,11 +29,17 @@ from .base import (
     SiteAdapter,
     adapter_dtype,
     pattern_value,
-    per_module,
     refuse_unknown,
-    target_modules,
 )
-from .lycoris import add_delta_output, check_lycoris_site, cp_rebuild, effective_flag, take_rank, take_tensors, uses_cp
+from .lycoris import (
+    add_delta_output,
+    cp_rebuild,
+    lycoris_config,
+    lycoris_site_problem,
+    take_rank,
+    take_tensors,
+    uses_cp,
+)
 
 _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _CP_ROLES = ("hada_t1", "hada_t2")
@@ -58,9 +63,11 @@ class Loha(AdditiveKind):
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LohaParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return lycoris_site_problem(site, "LoHa")
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: LohaParams = params
-        check_lycoris_site(site, "LoHa", SpecError)
         cp = uses_cp(site, p.use_effective_conv2d)
         shapes = _shapes(site, p.r, cp)
         tensors = {}
@@ -76,7 +83,6 @@ class Loha(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        check_lycoris_site(site, "LoHa", CheckpointError, source.file)
         effective = bool(cfg.get("use_effective_conv2d"))
         cp = uses_cp(site, effective)
         r = take_rank(site, source, "hada_w1_b", cfg)
@@ -99,17 +105,7 @@ class Loha(AdditiveKind):
         refuse_unknown(config, _HANDLED, "LoHa", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        return {
-            "peft_type": "LOHA",
-            "target_modules": target_modules(adapters),
-            "r": first["r"],
-            "alpha": first["alpha"],
-            "rank_pattern": per_module(adapters, "r", first["r"]),
-            "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
-            "use_effective_conv2d": effective_flag(adapters, "LoHa"),
-            "init_weights": True,
-        }
+        return {**lycoris_config(adapters, "LOHA", "LoHa"), "init_weights": True}
 
 
 # Read here, or training-only (dropouts act in training; the stored tensors say the rest).

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import SpecError
 from ..sites import Site
 from .base import (
     AdditiveKind,
@@ -33,15 +33,13 @@ from .base import (
     SiteAdapter,
     adapter_dtype,
     pattern_value,
-    per_module,
     refuse_unknown,
-    target_modules,
 )
 from .lycoris import (
     add_delta_output,
-    check_lycoris_site,
     cp_rebuild,
-    effective_flag,
+    lycoris_config,
+    lycoris_site_problem,
     take_tensors,
     uses_cp,
 )
@@ -69,9 +67,11 @@ class Lokr(AdditiveKind):
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LokrParams
 
+    def site_problem(self, site: Site) -> str | None:
+        return lycoris_site_problem(site, "LoKr")
+
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: LokrParams = params
-        check_lycoris_site(site, "LoKr", SpecError)
         hyper = _hyper(site, p.r, p.alpha, p.use_effective_conv2d, p.decompose_both, p.decompose_factor, 1.0)
         shapes = _shapes(site, hyper)
         zero = _zero_role(shapes, p.init_weights)
@@ -85,7 +85,6 @@ class Lokr(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        check_lycoris_site(site, "LoKr", CheckpointError, source.file)
         r = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
         alpha = pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("alpha", 8))
         hyper = _hyper(
@@ -118,13 +117,7 @@ class Lokr(AdditiveKind):
             if any(a.hyper[key] != first[key] for a in adapters):
                 raise SpecError(f"save_adapter: PEFT needs one {key} setting for a whole LoKr adapter")
         return {
-            "peft_type": "LOKR",
-            "target_modules": target_modules(adapters),
-            "r": first["r"],
-            "alpha": first["alpha"],
-            "rank_pattern": per_module(adapters, "r", first["r"]),
-            "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
-            "use_effective_conv2d": effective_flag(adapters, "LoKr"),
+            **lycoris_config(adapters, "LOKR", "LoKr"),
             "decompose_both": first["decompose_both"],
             "decompose_factor": first["decompose_factor"],
             "init_weights": True,

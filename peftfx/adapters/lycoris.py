@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import PeftSource, SiteAdapter, adapter_dtype, pattern_value
+from .base import PeftSource, SiteAdapter, adapter_dtype, pattern_value, per_module, target_modules
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
 
@@ -26,10 +26,11 @@ def uses_cp(site: Site, effective: bool) -> bool:
     return effective and site.op.startswith("conv") and math.prod(site.weight_shape[2:]) != 1
 
 
-def check_lycoris_site(site: Site, kind: str, error: type[Exception], where: str = "") -> None:
+def lycoris_site_problem(site: Site, kind: str) -> str | None:
+    """PEFT builds the LyCORIS kinds on nn.Linear and nn.Conv1d/2d, not on transformers' Conv1D."""
     if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEFT's {kind} does not support transformers' Conv1D ({site.describe()})")
+        return f"PEFT's {kind} does not support transformers' Conv1D ({site.describe()})"
+    return None
 
 
 def take_rank(site: Site, source: PeftSource, role: str, cfg: Mapping[str, Any]) -> int:
@@ -74,6 +75,20 @@ def add_delta_output(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype)
         out = _CONV[site.op](xa, delta, None, c["stride"], c["padding"], c["dilation"], c["groups"])
     result = y + out
     return result.to(site.dtype) if dtype != site.dtype else result
+
+
+def lycoris_config(adapters: Sequence[SiteAdapter], peft_type: str, kind: str) -> dict[str, Any]:
+    """The adapter_config.json fields LoHa and LoKr share: targets, rank and alpha with their patterns, conv form."""
+    first = adapters[0].hyper
+    return {
+        "peft_type": peft_type,
+        "target_modules": target_modules(adapters),
+        "r": first["r"],
+        "alpha": first["alpha"],
+        "rank_pattern": per_module(adapters, "r", first["r"]),
+        "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
+        "use_effective_conv2d": effective_flag(adapters, kind),
+    }
 
 
 def effective_flag(adapters: Sequence[SiteAdapter], kind: str) -> bool:
