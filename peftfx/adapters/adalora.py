@@ -48,9 +48,7 @@ class Adalora(AdditiveKind):
     peft_prefix = "lora_"
     ops = frozenset({"linear", "conv2d"})
     Params = AdaloraParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    grouped_conv = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: AdaloraParams = params
@@ -153,12 +151,6 @@ _HANDLED = frozenset(
         "loftq_config",
     }
 )
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.op == "conv2d" and site.conv_args["groups"] != 1:
-        return f"PEFT's AdaLoRA cannot run on a grouped conv ({site.describe()})"
-    return None
 
 
 def _shapes(site: Site, r: int) -> dict[str, tuple[int, ...]]:

@@ -91,12 +91,15 @@ class AdapterKind(ABC):
     runtime_scale: ClassVar[bool] = False
     folds_by_vector: ClassVar[bool] = False  # a fold is the weighted sum of its vectors (IA³), not of its deltas
     conv1d: ClassVar[bool] = True  # PEFT's tuner also takes transformers' Conv1D (a transposed Linear)
+    grouped_conv: ClassVar[bool] = True  # PEFT's tuner also takes convs with groups > 1
 
     def site_problem(self, site: Site) -> str | None:
         """Why PEFT's tuner cannot adapt ``site``, one of this kind's ``ops`` (None: it can). The planner raises it
         as the spec's or the checkpoint's error, so kinds carry no error classes or message prefixes for it."""
         if site.transposed and not self.conv1d:
-            return f"PEFT's {self.name} adapts nn.Linear only, not transformers' Conv1D ({site.describe()})"
+            return f"PEFT's {self.name} does not adapt transformers' Conv1D ({site.describe()})"
+        if site.op.startswith("conv") and site.conv_args["groups"] != 1 and not self.grouped_conv:
+            return f"PEFT's {self.name} does not adapt grouped convs ({site.describe()})"
         return None
 
     def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> Any:

@@ -60,9 +60,10 @@ class Boft(AdapterKind):
     peft_prefix = "boft_"
     ops = frozenset({"linear", "conv2d"})
     Params = BoftParams
+    conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
-        return orthogonal_site_problem(site, "BOFT")
+        return super().site_problem(site) or orthogonal_site_problem(site, "BOFT")
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: BoftParams = params

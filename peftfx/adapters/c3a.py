@@ -52,6 +52,7 @@ class C3A(AdapterKind):
     peft_prefix = "c3a_"
     ops = frozenset({"linear"})
     Params = C3AParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: C3AParams = params
@@ -131,8 +132,6 @@ _HANDLED = frozenset({"block_size", "block_size_pattern", "init_weights", "bias"
 
 def _kernel_shape(site: Site, b: int, error: type[Exception], where: str) -> tuple[int, int, int]:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's C3A adapts nn.Linear only, not transformers' Conv1D ({site.describe()})")
     out, inp = site.weight_shape
     if b <= 0 or out % b or inp % b:
         raise error(f"{prefix}C3A block_size={b} must divide both in={inp} and out={out} of {site.describe()}")

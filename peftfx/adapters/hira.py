@@ -45,9 +45,7 @@ class Hira(AdapterKind):
     peft_prefix = "hira_"
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = HiraParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    grouped_conv = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: HiraParams = params
@@ -136,12 +134,6 @@ class Hira(AdapterKind):
 
 # Read here; or training-only (dropout, init); rank_pattern never reaches PEFT's layers (see above).
 _HANDLED = frozenset({"r", "fan_in_fan_out", "hira_dropout", "init_weights", "rank_pattern", "runtime_config"})
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.op.startswith("conv") and site.conv_args["groups"] != 1:
-        return f"PEFT's HiRA does not support grouped convs ({site.describe()})"
-    return None
 
 
 def _keys(site: Site) -> dict[str, str]:

@@ -47,9 +47,10 @@ class Hra(AdapterKind):
     peft_prefix = "hra_"
     ops = frozenset({"linear", "conv2d"})
     Params = HraParams
+    conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
-        return orthogonal_site_problem(site, "HRA")
+        return super().site_problem(site) or orthogonal_site_problem(site, "HRA")
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: HraParams = params

@@ -35,7 +35,6 @@ from .lycoris import (
     add_delta_output,
     cp_rebuild,
     lycoris_config,
-    lycoris_site_problem,
     take_rank,
     take_tensors,
     uses_cp,
@@ -62,9 +61,7 @@ class Loha(AdditiveKind):
     peft_prefix = "hada_"
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LohaParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return lycoris_site_problem(site, "LoHa")
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: LohaParams = params

@@ -39,7 +39,6 @@ from .lycoris import (
     add_delta_output,
     cp_rebuild,
     lycoris_config,
-    lycoris_site_problem,
     take_tensors,
     uses_cp,
 )
@@ -66,9 +65,7 @@ class Lokr(AdditiveKind):
     peft_prefix = "lokr_"
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LokrParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return lycoris_site_problem(site, "LoKr")
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: LokrParams = params

@@ -26,13 +26,6 @@ def uses_cp(site: Site, effective: bool) -> bool:
     return effective and site.op.startswith("conv") and math.prod(site.weight_shape[2:]) != 1
 
 
-def lycoris_site_problem(site: Site, kind: str) -> str | None:
-    """PEFT builds the LyCORIS kinds on nn.Linear and nn.Conv1d/2d, not on transformers' Conv1D."""
-    if site.transposed:
-        return f"PEFT's {kind} does not support transformers' Conv1D ({site.describe()})"
-    return None
-
-
 def take_rank(site: Site, source: PeftSource, role: str, cfg: Mapping[str, Any]) -> int:
     """The rank a tensor's first axis stores, checked against adapter_config.json's r / rank_pattern."""
     r = source.take(role).shape[0]

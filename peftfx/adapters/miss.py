@@ -46,6 +46,7 @@ class Miss(AdapterKind):
     peft_prefix = "miss_"
     ops = frozenset({"linear"})
     Params = MissParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: MissParams = params
@@ -146,8 +147,6 @@ def _hyper(r: int, mode: str, init: Any, mini_r: int, scale: float) -> dict[str,
 
 def _check(site: Site, r: int, mode: str, mini_r: int, error: type[Exception], where: str) -> None:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}MiSS supports nn.Linear only, as PEFT does, not transformers' Conv1D ({site.describe()})")
     out, inp = site.weight_shape
     if r > inp:
         raise error(f"{prefix}MiSS r={r} exceeds in_features of {site.describe()}")

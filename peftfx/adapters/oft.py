@@ -60,9 +60,10 @@ class Oft(AdapterKind):
     peft_prefix = "oft_"
     ops = frozenset({"linear", "conv2d", "embedding"})
     Params = OftParams
+    conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
-        return orthogonal_site_problem(site, "OFT", undilated=True)
+        return super().site_problem(site) or orthogonal_site_problem(site, "OFT", undilated=True)
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: OftParams = params

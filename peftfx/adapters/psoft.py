@@ -53,6 +53,7 @@ class Psoft(AdapterKind):
     peft_prefix = "psoft_"
     ops = frozenset({"linear"})
     Params = PsoftParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: PsoftParams = params
@@ -230,8 +231,6 @@ def _hyper(
 
 def _check_site(site: Site, r: int, error: type[Exception], where: str = "") -> None:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's PSOFT supports nn.Linear only, not transformers' Conv1D ({site.describe()})")
     if site.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise error(
             f"{prefix}PSOFT needs a float32/16 or bfloat16 weight, as PEFT does ({site.describe()}: {site.dtype})"

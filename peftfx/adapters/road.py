@@ -43,6 +43,7 @@ class Road(AdapterKind):
     peft_prefix = "road_"
     ops = frozenset({"linear"})
     Params = RoadParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: RoadParams = params
@@ -127,8 +128,6 @@ _HANDLED = frozenset({"variant", "group_size", "init_weights"})  # init_weights 
 
 def _check_site(site: Site, group: int, error: type[Exception], where: str = "") -> None:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's RoAd supports nn.Linear only, not transformers' Conv1D ({site.describe()})")
     if group <= 0 or group % 2 or site.out_features % group:
         raise error(f"{prefix}RoAd group_size={group} must be even and divide {site.out_features} ({site.describe()})")
 

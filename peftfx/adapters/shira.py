@@ -43,6 +43,7 @@ class Shira(AdapterKind):
     peft_prefix = "shira_"
     ops = frozenset({"linear"})
     Params = ShiraParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: ShiraParams = params
@@ -130,8 +131,6 @@ _HANDLED = frozenset({"r", "mask_type", "random_seed", "fan_in_fan_out", "init_w
 
 def _count(site: Site, r: int, error: type[Exception], where: str) -> int:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's SHiRA adapts nn.Linear only, not transformers' Conv1D ({site.describe()})")
     out, inp = site.weight_shape
     n = r * (out + inp)
     if n > out * inp:
