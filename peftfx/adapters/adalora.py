@@ -78,9 +78,7 @@ class Adalora(AdditiveKind):
                     f"{list(expected[role])} for {site.describe()} (rank {r} of init_r={init_r})"
                 )
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
-        extra = sorted(set(source.tensors) - set(_ROLES))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for an AdaLoRA site")
+        source.refuse_others(_ROLES, "an AdaLoRA site")
         hyper = _hyper(site, r, init_r, cfg.get("lora_alpha", 8), scale)
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in _ROLES})
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,6 +57,13 @@ class PeftSource:
             missing = key[: len(key) - len(known)] + suffix if key.endswith(known) else suffix
             raise CheckpointError(f"{self.file}: missing tensor {suffix!r} (key {missing!r})")
         return self.tensors[suffix]
+
+    def refuse_others(self, expected: Iterable[str], what: str) -> None:
+        """Refuse a tensor outside ``expected`` (PEFT suffixes): an unread tensor would be silently dropped math.
+        ``what`` ends the message: "unexpected tensor <key> for <what>"."""
+        extra = sorted(set(self.tensors) - set(expected))
+        if extra:
+            raise CheckpointError(f"{self.file}: unexpected tensor {self.keys[extra[0]]!r} for {what}")
 
 
 @dataclass(frozen=True)

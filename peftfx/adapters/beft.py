@@ -42,9 +42,7 @@ class Beft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         offset = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a BEFT site")
+        source.refuse_others({_KEY}, "a BEFT site")
         if tuple(offset.shape) != (1, site.out_features):
             raise CheckpointError(
                 f"{source.file}: {source.keys[_KEY]!r} has shape {list(offset.shape)}, expected "

@@ -85,9 +85,7 @@ class Boft(AdapterKind):
         cfg = source.config
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: BOFT has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for BOFT")
+        source.refuse_others(_KEYS.values(), "BOFT")
         R, s = source.take("boft_R"), source.take("boft_s")
         factor = int(cfg.get("boft_n_butterfly_factor", 1))
         # PEFT without its CUDA extension stores a single factor whatever the config says

@@ -76,10 +76,7 @@ class C3A(AdapterKind):
             raise CheckpointError(
                 f"{source.file}: C3A has no scaling factor, so `scale: {scale}` cannot be honoured ({site.describe()})"
             )
-        extra = set(source.tensors) - {KERNEL}
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a C3A site")
+        source.refuse_others({KERNEL}, "a C3A site")
         kernel = source.take(KERNEL)
         b = strict_suffix_value(cfg.get("block_size_pattern") or {}, site.module, cfg.get("block_size", 256))
         shape = _kernel_shape(site, int(b), CheckpointError, source.file)

@@ -83,9 +83,7 @@ class Deft(AdapterKind):
         )
         r = hyper["r"]
         expected = {"deft_P": (out, r)} if hyper["para"] else {"deft_P": (out, r), "deft_R": (r, inp)}
-        extra = sorted(set(source.tensors) - set(expected))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for this DeFT site")
+        source.refuse_others(expected, "this DeFT site")
         tensors = {}
         for role, shape in expected.items():
             tensor = source.take(role)

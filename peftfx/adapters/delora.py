@@ -83,9 +83,7 @@ class Delora(AdapterKind):
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
         tensors = {role: source.take(role) for role in _ROLES}
-        extra = sorted(set(source.tensors) - set(_ROLES))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a DeLoRA site")
+        source.refuse_others(_ROLES, "a DeLoRA site")
         r = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
         out, inp = site.weight_shape
         expected = {"delora_A": (r, inp), "delora_B": (out, r), "delora_lambda": (1,), "delora_w_norm": (inp,)}

@@ -112,9 +112,7 @@ class Frod(AdapterKind):
         inp = site.in_features
         roles = _roles(cat)
         shared = frozenset(role for role in roles if "__" in role)
-        extra = sorted(set(source.tensors) - {"frod_lambda_l", "frod_lambda_s_values"})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a FRoD site")
+        source.refuse_others({"frod_lambda_l", "frod_lambda_s_values"}, "a FRoD site")
         tensors: dict[str, torch.Tensor] = {}
         for role, key in roles.items():
             if role in shared:

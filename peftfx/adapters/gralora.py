@@ -91,9 +91,7 @@ class Gralora(AdditiveKind):
         _check_site(site, k, CheckpointError, source.file)
         roles = _peft_keys(hybrid_r)
         tensors = {role: source.take(key) for role, key in roles.items()}
-        extra = sorted(set(source.tensors) - set(roles.values()))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for this GraLoRA site")
+        source.refuse_others(roles.values(), "this GraLoRA site")
         out, inp = site.weight_shape
         expected = {
             "gralora_A": (k, inp // k, r),

@@ -81,9 +81,7 @@ class Hira(AdapterKind):
                     f"{list(shapes[role])} for {site.describe()} (r={r})"
                 )
             tensors[role] = tensor.to(dtype)
-        extra = sorted(set(source.tensors) - set(keys.values()))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a HiRA site")
+        source.refuse_others(keys.values(), "a HiRA site")
         return SiteAdapter(self, site, {"r": r, "scale": scale}, tensors, keys)
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:

@@ -69,9 +69,7 @@ class Hra(AdapterKind):
         cfg = source.config
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: HRA has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for HRA")
+        source.refuse_others(_KEYS.values(), "HRA")
         U = source.take("hra_u")
         expected = (rotated_dim(site), int(cfg.get("r", 8)))
         if tuple(U.shape) != expected:

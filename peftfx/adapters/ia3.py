@@ -61,9 +61,7 @@ class Ia3(AdapterKind):
                 f"{source.file}: (IA)³ has no scaling factor, so `scale: {scale}` cannot be applied at {site.module}"
             )
         vector = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for an (IA)³ site")
+        source.refuse_others({_KEY}, "an (IA)³ site")
         feedforward = _is_feedforward(source.config.get("feedforward_modules"), site.module)
         expected = _shape(site, feedforward)
         if tuple(vector.shape) != expected:

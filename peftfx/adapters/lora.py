@@ -112,10 +112,7 @@ class Lora(AdapterKind):
         _check_site(site, dora, lora_bias, CheckpointError, source.file)
         roles = _peft_keys(site, dora, lora_bias)
         tensors = {role: source.take(key) for role, key in roles.items()}
-        extra = set(source.tensors) - set(roles.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a {site.op} LoRA site")
+        source.refuse_others(roles.values(), f"a {site.op} LoRA site")
         r = tensors["lora_A"].shape[0] // site.experts  # a stack of experts: one rank-r block per expert
         r_cfg = pattern_value(cfg.get("rank_pattern") or {}, site.qualified_name, cfg.get("r", 8))
         if r != r_cfg:

@@ -50,11 +50,7 @@ def take_tensors(
                 f"for {site.describe()}"
             )
         tensors[role] = tensor.to(adapter_dtype(site.dtype))
-    extra = sorted(set(source.tensors) - set(expected))
-    if extra:
-        raise CheckpointError(
-            f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a {site.op} {kind} site with this config"
-        )
+    source.refuse_others(expected, f"a {site.op} {kind} site with this config")
     return tensors
 
 

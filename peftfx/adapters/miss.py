@@ -65,9 +65,7 @@ class Miss(AdapterKind):
         r, mini_r = int(cfg.get("r", 64)), int(cfg.get("mini_r", 1))
         _check(site, r, mode, mini_r, CheckpointError, source.file)
         block = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a MiSS site")
+        source.refuse_others({_KEY}, "a MiSS site")
         expected = _block_shape(site, r, mode, mini_r)
         if tuple(block.shape) != expected:
             raise CheckpointError(

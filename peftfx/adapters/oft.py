@@ -80,9 +80,7 @@ class Oft(AdapterKind):
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: OFT has no scaling, so `scale` must be 1 (got {scale})")
         keys = _peft_keys(site)
-        extra = set(source.tensors) - set(keys.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for OFT")
+        source.refuse_others(keys.values(), "OFT")
         vec = source.take(keys["oft_R"])
         share = bool(cfg.get("block_share", False))
         blocks, size = _blocks(rotated_dim(site), int(cfg.get("r", 0)), int(cfg.get("oft_block_size", 32)))

@@ -67,9 +67,7 @@ class Osf(AdapterKind):
         cfg = source.config
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: OSF has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for OSF")
+        source.refuse_others(_KEYS.values(), "OSF")
         out, inp = site.weight_shape
         m = min(out, inp)
         value = cfg.get("effective_rank")

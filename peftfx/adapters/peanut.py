@@ -70,11 +70,7 @@ class Peanut(AdapterKind):
         cfg = source.config
         r, depth = int(cfg.get("r", 32)), int(cfg.get("depth", 0))
         roles = _peft_keys(depth)
-        extra = sorted(set(source.tensors) - set(roles.values()))
-        if extra:
-            raise CheckpointError(
-                f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a PEANuT site of depth {depth}"
-            )
+        source.refuse_others(roles.values(), f"a PEANuT site of depth {depth}")
         tensors = {}
         for role, shape in _shapes(site, r, depth).items():
             tensor = source.take(roles[role])

@@ -88,9 +88,7 @@ class Psoft(AdapterKind):
         if mag_a:
             expected["vector_a"] = (r,)
         keys = _keys(expected)
-        extra = set(source.tensors) - set(keys.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for PSOFT")
+        source.refuse_others(keys.values(), "PSOFT")
         tensors = {}
         for role, key in keys.items():
             tensor = source.take(key)

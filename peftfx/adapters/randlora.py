@@ -125,9 +125,7 @@ class Randlora(AdditiveKind):
                     f"{source.file}: {source.keys[role]!r} differs from the shared 'base_model.{role}'"
                 )
             tensors[role] = shared.to(dtype)
-        extra = sorted(set(source.tensors) - set(_OWN) - set(_SHARED))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a RandLoRA site")
+        source.refuse_others({*_OWN, *_SHARED}, "a RandLoRA site")
         a = SiteAdapter(self, site, hyper, tensors, _keys())
         a.shared = a.frozen = frozenset(_SHARED)
         return a

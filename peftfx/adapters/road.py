@@ -68,9 +68,7 @@ class Road(AdapterKind):
         _check_site(site, group, CheckpointError, source.file)
         if scale != 1.0:
             raise CheckpointError(f"{source.file}: RoAd has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for RoAd")
+        source.refuse_others(_KEYS.values(), "RoAd")
         expected = (int(site.out_features * _SIZE[variant]),)
         tensors = {}
         for role in _KEYS:

@@ -61,10 +61,7 @@ class Shira(AdapterKind):
         return SiteAdapter(self, site, {"r": p.r, "random_seed": p.random_seed, "scale": 1.0}, tensors, dict(KEYS))
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        extra = set(source.tensors) - set(KEYS.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a SHiRA site")
+        source.refuse_others(KEYS.values(), "a SHiRA site")
         r = int(source.config.get("r", 32))
         n = _count(site, r, CheckpointError, source.file)
         values, indices = source.take(KEYS["weight"]), source.take(KEYS["indices"])

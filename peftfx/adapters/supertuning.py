@@ -92,11 +92,7 @@ class Supertuning(AdapterKind):
         if r is not None:
             expected |= {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
         wanted = {_KEYS[role] for role in expected}
-        extra = sorted(set(source.tensors) - wanted)
-        if extra:
-            raise CheckpointError(
-                f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for this Super-Tuning site"
-            )
+        source.refuse_others(wanted, "this Super-Tuning site")
         dtype = adapter_dtype(site.dtype)
         tensors = {}
         for role, shape in expected.items():

@@ -83,9 +83,7 @@ class TrainableTokens(AdapterKind):
             raise CheckpointError(f"{source.file}: token_indices={indices!r} is not a non-empty list of token ids")
         weight = _check_site(site, indices, CheckpointError, source.file)
         delta = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for trainable tokens")
+        source.refuse_others({_KEY}, "trainable tokens")
         expected = (len(indices), weight.shape[1])
         if tuple(delta.shape) != expected:
             raise CheckpointError(

@@ -96,10 +96,7 @@ class UniLoRA(AdditiveKind):
             )
         r, length = int(cfg.get("r", 4)), int(cfg.get("theta_d_length", 256))
         module_keys = {role: key for role, key in KEYS.items() if role != "theta"}
-        extra = set(source.tensors) - set(module_keys.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a UniLoRA site")
+        source.refuse_others(module_keys.values(), "a UniLoRA site")
         if THETA not in source.shared:
             raise CheckpointError(f"{source.file}: missing the shared tensor 'base_model.{THETA}'")
         theta = source.shared[THETA]

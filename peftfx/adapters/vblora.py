@@ -96,10 +96,7 @@ class VBLoRA(AdditiveKind):
             else:
                 keys[role] = LOGITS[role]
                 expected[role] = shape
-        extra = set(source.tensors) - set(keys.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a VB-LoRA site")
+        source.refuse_others(keys.values(), "a VB-LoRA site")
         if BANK not in source.shared:
             raise CheckpointError(f"{source.file}: missing the shared tensor 'base_model.{BANK}'")
         bank = source.shared[BANK]

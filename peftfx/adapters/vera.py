@@ -72,9 +72,7 @@ class Vera(AdditiveKind):
         cfg = source.config
         r = int(cfg.get("r", 256))
         key_b, key_d = f"{self.peft_prefix}b", f"{self.peft_prefix}d"
-        extra = sorted(set(source.tensors) - {key_b, key_d})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a {self.name} site")
+        source.refuse_others({key_b, key_d}, f"a {self.name} site")
         lambda_b, lambda_d = source.take(key_b), source.take(key_d)
         dtype = adapter_dtype(site.dtype)
         name_a, name_b = self._shared
