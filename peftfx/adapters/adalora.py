@@ -72,11 +72,7 @@ class Adalora(AdditiveKind):
         tensors = {}
         for role in _ROLES:
             tensor = source.take(role)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()} (rank {r} of init_r={init_r})"
-                )
+            source.check_shape(role, tensor, expected[role], site, f" (rank {r} of init_r={init_r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         source.refuse_others(_ROLES, "an AdaLoRA site")
         hyper = _hyper(site, r, init_r, cfg.get("lora_alpha", 8), scale)

@@ -58,6 +58,15 @@ class PeftSource:
             raise CheckpointError(f"{self.file}: missing tensor {suffix!r} (key {missing!r})")
         return self.tensors[suffix]
 
+    def check_shape(self, suffix: str, tensor: torch.Tensor, shape: Sequence[int], site: Site, note: str = "") -> None:
+        """Refuse ``tensor`` (stored under ``suffix``) unless its shape is ``shape``, naming the key, the site and
+        ``note`` (what set the shape, e.g. `` (r=8)``)."""
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.file}: {self.keys[suffix]!r} has shape {list(tensor.shape)}, expected {list(shape)} for "
+                f"{site.describe()}{note}"
+            )
+
     def refuse_others(self, expected: Iterable[str], what: str) -> None:
         """Refuse a tensor outside ``expected`` (PEFT suffixes): an unread tensor would be silently dropped math.
         ``what`` ends the message: "unexpected tensor <key> for <what>"."""

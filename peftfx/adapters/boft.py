@@ -100,11 +100,7 @@ class Boft(AdapterKind):
         dtype = adapter_dtype(site.dtype)
         tensors = {}
         for role, tensor in (("boft_R", R), ("boft_s", s)):
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()}"
-                )
+            source.check_shape(role, tensor, expected[role], site)
             tensors[role] = tensor.to(dtype)
         hyper = {"factors": factors, "blocks": num, "block_size": size, "scale": scale}
         return SiteAdapter(self, site, hyper, tensors, dict(_KEYS))

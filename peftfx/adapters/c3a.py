@@ -80,11 +80,7 @@ class C3A(AdapterKind):
         kernel = source.take(KERNEL)
         b = strict_suffix_value(cfg.get("block_size_pattern") or {}, site.module, cfg.get("block_size", 256))
         shape = _kernel_shape(site, int(b), CheckpointError, source.file)
-        if tuple(kernel.shape) != shape:
-            raise CheckpointError(
-                f"{source.file}: {source.keys[KERNEL]!r} has shape {list(kernel.shape)}, expected {list(shape)} "
-                f"(block_size={b} of adapter_config.json) for {site.describe()}"
-            )
+        source.check_shape(KERNEL, kernel, shape, site, f" (block_size={b} of adapter_config.json)")
         hyper = {"block_size": int(b), "scale": 1.0}
         return SiteAdapter(self, site, hyper, {"kernel": kernel.to(adapter_dtype(site.dtype))}, {"kernel": KERNEL})
 

@@ -87,11 +87,7 @@ class Deft(AdapterKind):
         tensors = {}
         for role, shape in expected.items():
             tensor = source.take(role)
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                    f"for {site.describe()} (r={r})"
-                )
+            source.check_shape(role, tensor, shape, site, f" (r={r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in expected})
 

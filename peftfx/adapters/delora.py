@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError
 from ..sites import Site
 from .base import (
     AdapterKind,
@@ -89,11 +88,7 @@ class Delora(AdapterKind):
         expected = {"delora_A": (r, inp), "delora_B": (out, r), "delora_lambda": (1,), "delora_w_norm": (inp,)}
         dtype = adapter_dtype(site.dtype)
         for role, tensor in tensors.items():
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()} (r={r} from adapter_config.json)"
-                )
+            source.check_shape(role, tensor, expected[role], site, f" (r={r} from adapter_config.json)")
             tensors[role] = tensor.to(dtype)
         lam = pattern_value(cfg.get("lambda_pattern") or {}, site.module, cfg.get("delora_lambda", 15))
         hyper = {"r": r, "lambda": lam, "scale": scale}

@@ -67,11 +67,7 @@ class FourierFT(AdditiveKind):
         cfg = source.config
         spectrum = take_spectrum(source, SPECTRUM, "FourierFT")
         n = strict_suffix_value(cfg.get("n_frequency_pattern") or {}, site.module, cfg.get("n_frequency", 1000))
-        if tuple(spectrum.shape) != (n,):
-            raise CheckpointError(
-                f"{source.file}: {source.keys[SPECTRUM]!r} has shape {list(spectrum.shape)}, expected [{n}] "
-                f"(n_frequency of adapter_config.json) for {site.describe()}"
-            )
+        source.check_shape(SPECTRUM, spectrum, (n,), site, " (n_frequency of adapter_config.json)")
         check_n(site, n, "FourierFT", CheckpointError, source.file)
         seed = cfg.get("random_loc_seed", 777)
         if seed is None:

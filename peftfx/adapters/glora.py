@@ -82,11 +82,7 @@ class Glora(AdapterKind):
         tensors = {}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != shapes[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shapes[role])} for {site.describe()}"
-                )
+            source.check_shape(key, tensor, shapes[role], site)
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         for key in sorted(set(source.tensors) - set(keys.values())):
             path = key.removeprefix("glora_").removesuffix(".zeros")

@@ -101,11 +101,9 @@ class Gralora(AdditiveKind):
         }
         dtype = adapter_dtype(site.dtype)
         for role, tensor in tensors.items():
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[roles[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()} (r={r}, gralora_k={k}, hybrid_r={hybrid_r})"
-                )
+            source.check_shape(
+                roles[role], tensor, expected[role], site, f" (r={r}, gralora_k={k}, hybrid_r={hybrid_r})"
+            )
             tensors[role] = tensor.to(dtype)
         hyper = _hyper(r, cfg.get("alpha", 64), k, hybrid_r, scale)
         return SiteAdapter(self, site, hyper, tensors, roles)

@@ -75,11 +75,7 @@ class Hira(AdapterKind):
         tensors = {}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != shapes[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shapes[role])} for {site.describe()} (r={r})"
-                )
+            source.check_shape(key, tensor, shapes[role], site, f" (r={r})")
             tensors[role] = tensor.to(dtype)
         source.refuse_others(keys.values(), "a HiRA site")
         return SiteAdapter(self, site, {"r": r, "scale": scale}, tensors, keys)

@@ -72,11 +72,7 @@ class Hra(AdapterKind):
         source.refuse_others(_KEYS.values(), "HRA")
         U = source.take("hra_u")
         expected = (rotated_dim(site), int(cfg.get("r", 8)))
-        if tuple(U.shape) != expected:
-            raise CheckpointError(
-                f"{source.file}: {source.keys['hra_u']!r} has shape {list(U.shape)}, expected {list(expected)} "
-                f"(adapter_config.json r={expected[1]}) for {site.describe()}"
-            )
+        source.check_shape("hra_u", U, expected, site, f" (adapter_config.json r={expected[1]})")
         hyper = {"r": expected[1], "apply_GS": bool(cfg.get("apply_GS", False)), "scale": scale}
         return SiteAdapter(self, site, hyper, {"hra_u": U.to(adapter_dtype(site.dtype))}, dict(_KEYS))
 

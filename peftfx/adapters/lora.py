@@ -130,11 +130,7 @@ class Lora(AdapterKind):
             expected["lora_magnitude"] = _magnitude_shape(site)
         dtype = adapter_dtype(site.dtype)
         for role, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(expected[role]):
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[roles[role]]!r} has shape {list(tensor.shape)}, "
-                    f"expected {list(expected[role])} for {site.describe()}"
-                )
+            source.check_shape(roles[role], tensor, expected[role], site)
             a.tensors[role] = tensor.to(dtype)
         return a
 

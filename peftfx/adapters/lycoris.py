@@ -44,11 +44,7 @@ def take_tensors(
     tensors = {}
     for role, shape in expected.items():
         tensor = source.take(role)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                f"for {site.describe()}"
-            )
+        source.check_shape(role, tensor, shape, site)
         tensors[role] = tensor.to(adapter_dtype(site.dtype))
     source.refuse_others(expected, f"a {site.op} {kind} site with this config")
     return tensors

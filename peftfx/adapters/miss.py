@@ -67,11 +67,7 @@ class Miss(AdapterKind):
         block = source.take(_KEY)
         source.refuse_others({_KEY}, "a MiSS site")
         expected = _block_shape(site, r, mode, mini_r)
-        if tuple(block.shape) != expected:
-            raise CheckpointError(
-                f"{source.file}: {source.keys[_KEY]!r} has shape {list(block.shape)}, expected {list(expected)} "
-                f"for {site.describe()} (MiSS {mode}, r={r})"
-            )
+        source.check_shape(_KEY, block, expected, site, f" (MiSS {mode}, r={r})")
         hyper = _hyper(r, mode, init, mini_r, scale)
         return SiteAdapter(self, site, hyper, {_KEY: block.to(adapter_dtype(site.dtype))}, {_KEY: _KEY})
 

@@ -85,11 +85,7 @@ class Oft(AdapterKind):
         share = bool(cfg.get("block_share", False))
         blocks, size = _blocks(rotated_dim(site), int(cfg.get("r", 0)), int(cfg.get("oft_block_size", 32)))
         expected = (1 if share else blocks, size * (size - 1) // 2)
-        if tuple(vec.shape) != expected:
-            raise CheckpointError(
-                f"{source.file}: {source.keys[keys['oft_R']]!r} has shape {list(vec.shape)}, expected "
-                f"{list(expected)} ({blocks} blocks of {size}) for {site.describe()}"
-            )
+        source.check_shape(keys["oft_R"], vec, expected, site, f" ({blocks} blocks of {size})")
         hyper = _hyper(
             blocks,
             size,

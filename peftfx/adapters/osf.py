@@ -83,11 +83,7 @@ class Osf(AdapterKind):
         tensors = {}
         for role, key in _KEYS.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} (effective_rank {k}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, expected[role], site, f" (effective_rank {k})")
             tensors[role] = tensor.to(site.dtype)
         return SiteAdapter(self, site, {"k": k, "scale": scale}, tensors, dict(_KEYS))
 

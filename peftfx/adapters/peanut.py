@@ -74,11 +74,7 @@ class Peanut(AdapterKind):
         tensors = {}
         for role, shape in _shapes(site, r, depth).items():
             tensor = source.take(roles[role])
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[roles[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shape)} for {site.describe()} (r={r})"
-                )
+            source.check_shape(roles[role], tensor, shape, site, f" (r={r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         hyper = _hyper(r, depth, cfg.get("act_fn", "relu"), float(cfg.get("scaling", 1.0)), scale)
         return SiteAdapter(self, site, hyper, tensors, roles)

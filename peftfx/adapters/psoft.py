@@ -92,11 +92,7 @@ class Psoft(AdapterKind):
         tensors = {}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} (r={r}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, expected[role], site, f" (r={r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         eps = cfg.get("cayley_neumann_eps")
         hyper = _hyper(

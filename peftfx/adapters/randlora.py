@@ -94,11 +94,7 @@ class Randlora(AdditiveKind):
         tensors = {}
         for role, shape in (("randlora_lambda", (r, b)), ("randlora_gamma", (b, m))):
             tensor = source.take(role)
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                    f"for {site.describe()} (r={r})"
-                )
+            source.check_shape(role, tensor, shape, site, f" (r={r})")
             tensors[role] = tensor.to(dtype)
         for role in _SHARED:
             if role not in source.shared:

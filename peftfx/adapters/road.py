@@ -73,11 +73,7 @@ class Road(AdapterKind):
         tensors = {}
         for role in _KEYS:
             tensor = source.take(role)
-            if tuple(tensor.shape) != expected:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(expected)} "
-                    f"({variant}) for {site.describe()}"
-                )
+            source.check_shape(role, tensor, expected, site, f" ({variant})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         return SiteAdapter(self, site, {"variant": variant, "group_size": group, "scale": scale}, tensors, dict(_KEYS))
 

@@ -66,11 +66,7 @@ class Shira(AdapterKind):
         n = _count(site, r, CheckpointError, source.file)
         values, indices = source.take(KEYS["weight"]), source.take(KEYS["indices"])
         for role, tensor, shape in (("weight", values, (n,)), ("indices", indices, (2, n))):
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[KEYS[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shape)} (r={r} of adapter_config.json) for {site.describe()}"
-                )
+            source.check_shape(KEYS[role], tensor, shape, site, f" (r={r} of adapter_config.json)")
         out, inp = site.weight_shape
         as_int = indices.to(torch.int64)
         if (

@@ -97,11 +97,7 @@ class Supertuning(AdapterKind):
         tensors = {}
         for role, shape in expected.items():
             tensor = source.take(_KEYS[role])
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[_KEYS[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shape)} for {site.describe()} (sparsity={sparsity}, r={r})"
-                )
+            source.check_shape(_KEYS[role], tensor, shape, site, f" (sparsity={sparsity}, r={r})")
             tensors[role] = tensor.to(dtype) if role != "indices" else tensor
         if saved:
             _check_indices(site, tensors["indices"], source)

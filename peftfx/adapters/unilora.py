@@ -111,11 +111,7 @@ class UniLoRA(AdditiveKind):
         for role, key in module_keys.items():
             tensor = source.take(key)
             shape = shapes[role[-1]]
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                    f"(r={r}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, shape, site, f" (r={r})")
             if role.startswith("indices"):
                 if tensor.is_floating_point() or bool((tensor < 0).any() or (tensor >= length).any()):
                     raise CheckpointError(f"{source.file}: {source.keys[key]!r} holds indices outside 0..{length - 1}")

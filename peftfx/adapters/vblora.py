@@ -109,11 +109,7 @@ class VBLoRA(AdditiveKind):
         tensors = {"bank": bank.to(dtype)}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} (r={r}, vector_length={length}, topk={k}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, expected[role], site, f" (r={r}, vector_length={length}, topk={k})")
             if role.endswith("_indices"):
                 if tensor.is_floating_point() or bool((tensor.long() < 0).any() or (tensor.long() >= nv).any()):
                     raise CheckpointError(f"{source.file}: {source.keys[key]!r} holds indices outside 0..{nv - 1}")
