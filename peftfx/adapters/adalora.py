@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
@@ -87,8 +86,7 @@ class Adalora(AdditiveKind):
             out = (xa @ AE.t() @ t["lora_B"].t()) * h["scaling"] / h["ranknum"]
         else:
             delta = (t["lora_B"] @ AE * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
-            c = site.conv_args
-            out = F.conv2d(xa, delta, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+            out = site.run(xa, delta)
         result = y + out
         return result.to(site.dtype) if dtype != site.dtype else result
 

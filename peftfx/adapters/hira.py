@@ -20,14 +20,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
-
-_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
 class HiraParams(BaseModel):
@@ -85,16 +82,7 @@ class Hira(AdapterKind):
         dtype = a.tensors["A"].dtype
         cast = dtype != site.dtype
         w = site.logical(weight.to(dtype) if cast else weight) * _modulation(site, t["A"], t["B"])
-        if site.op == "embedding":
-            out = F.embedding(x, w)
-        else:
-            xa = x.to(dtype) if cast else x
-            if site.op == "linear":
-                out = F.linear(xa, w)
-            else:
-                c = site.conv_args
-                out = _CONV[site.op](xa, w, None, c["stride"], c["padding"], c["dilation"], c["groups"])
-        result = y + out
+        result = y + site.run(x if site.op == "embedding" or not cast else x.to(dtype), w)
         return result.to(site.dtype) if cast else result
 
     def merge(

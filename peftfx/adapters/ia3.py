@@ -17,14 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
-_CONV = {"conv2d": F.conv2d, "conv3d": F.conv3d}
 _KEY = "ia3_l"
 
 
@@ -83,10 +81,7 @@ class Ia3(AdapterKind):
         scaled = (x.to(dtype) * l_vec).to(site.dtype)
         if site.op == "linear" and site.transposed:  # transformers Conv1D: addmm(bias, x, W[in, out])
             return scaled @ weight if bias is None else torch.addmm(bias, scaled, weight)
-        if site.op == "linear":
-            return F.linear(scaled, weight, bias)
-        c = site.conv_args
-        return _CONV[site.op](scaled, weight, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+        return site.run(scaled, weight, bias)
 
     def merge(
         self,

@@ -7,13 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import PeftSource, SiteAdapter, adapter_dtype, pattern_value, per_module, target_modules
-
-_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
 
 
 def cp_rebuild(core: Any, w_a: Any, w_b: Any) -> Any:
@@ -53,12 +50,7 @@ def take_tensors(
 def add_delta_output(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype) -> Any:
     """``y + op(x, ΔW)`` with the base op's conv arguments, computed in the adapter dtype as PEFT does."""
     xa = x.to(dtype) if dtype != site.dtype else x
-    if site.op == "linear":
-        out = F.linear(xa, delta)
-    else:
-        c = site.conv_args
-        out = _CONV[site.op](xa, delta, None, c["stride"], c["padding"], c["dilation"], c["groups"])
-    result = y + out
+    result = y + site.run(xa, delta)
     return result.to(site.dtype) if dtype != site.dtype else result
 
 
