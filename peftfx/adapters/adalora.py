@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
 from .base import (
     AdditiveKind,
@@ -28,6 +28,7 @@ from .base import (
     adapter_dtype,
     refuse_unknown,
     target_modules,
+    uniform,
 )
 
 _ROLES = ("lora_A", "lora_B", "lora_E")
@@ -100,9 +101,7 @@ class Adalora(AdditiveKind):
         refuse_unknown(config, _HANDLED, "AdaLoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        if any(a.hyper["r"] != first["r"] or a.hyper["alpha"] != first["alpha"] for a in adapters):
-            raise SpecError("save_adapter: PEFT's AdaLoRA needs one r (init_r) and one alpha for a whole adapter")
+        first = uniform(adapters, ("r", "alpha"), "AdaLoRA", " (r is its init_r)")
         return {
             "peft_type": "ADALORA",
             "target_modules": target_modules(adapters),

@@ -22,9 +22,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 
 class HiraParams(BaseModel):
@@ -103,9 +103,7 @@ class Hira(AdapterKind):
         refuse_unknown(config, _HANDLED, "HiRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        r = adapters[0].hyper["r"]
-        if any(a.hyper["r"] != r for a in adapters):
-            raise SpecError("save_adapter: PEFT's HiRA builds every layer with one r, so a fresh adapter needs one r")
+        r = uniform(adapters, ("r",), "HiRA", " (it builds every layer with one r)")["r"]
         return {
             "peft_type": "HIRA",
             "target_modules": target_modules(adapters),

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 from .orthogonal import orthogonal_site_problem, rotated_dim
 
 
@@ -104,10 +104,7 @@ class Hra(AdapterKind):
         refuse_unknown(config, _HANDLED, "HRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for a in adapters:
-            if (a.hyper["r"], a.hyper["apply_GS"]) != (first["r"], first["apply_GS"]):
-                raise SpecError("save_adapter: PEFT's HRA needs one r and one apply_GS for the whole adapter")
+        first = uniform(adapters, ("r", "apply_GS"), "HRA")
         return {
             "peft_type": "HRA",
             "target_modules": target_modules(adapters),

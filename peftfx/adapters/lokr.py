@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import SpecError
 from ..sites import Site
 from .base import (
     AdditiveKind,
@@ -34,6 +33,7 @@ from .base import (
     adapter_dtype,
     pattern_value,
     refuse_unknown,
+    uniform,
 )
 from .lycoris import (
     add_delta_output,
@@ -109,10 +109,7 @@ class Lokr(AdditiveKind):
         refuse_unknown(config, _HANDLED, "LoKr", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("decompose_both", "decompose_factor"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT needs one {key} setting for a whole LoKr adapter")
+        first = uniform(adapters, ("decompose_both", "decompose_factor"), "LoKr")
         return {
             **lycoris_config(adapters, "LOKR", "LoKr"),
             "decompose_both": first["decompose_both"],

@@ -46,6 +46,7 @@ from .base import (
     per_module,
     refuse_unknown,
     target_modules,
+    uniform,
 )
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -210,9 +211,7 @@ class Lora(AdapterKind):
         refuse_unknown(config, _HANDLED, "LoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        if any(a.hyper["rslora"] != first["rslora"] or a.hyper["lora_bias"] != first["lora_bias"] for a in adapters):
-            raise SpecError("save_adapter: PEFT needs one rslora and one lora_bias setting for a whole adapter")
+        first = uniform(adapters, ("rslora", "lora_bias"), "LoRA")
         dora = {a.hyper["dora"] for a in adapters}
         if len(dora) > 1:
             raise SpecError("save_adapter: PEFT cannot mix DoRA and plain LoRA sites in one adapter")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _SIZE = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # tensor length per output feature
 
@@ -103,10 +103,7 @@ class Road(AdapterKind):
         refuse_unknown(config, _HANDLED, "RoAd", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for a in adapters:
-            if (a.hyper["variant"], a.hyper["group_size"]) != (first["variant"], first["group_size"]):
-                raise SpecError("save_adapter: PEFT's RoAd needs one variant and one group_size for the whole adapter")
+        first = uniform(adapters, ("variant", "group_size"), "RoAd")
         return {
             "peft_type": "ROAD",
             "target_modules": target_modules(adapters),

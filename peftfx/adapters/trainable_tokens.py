@@ -25,7 +25,7 @@ from torch import fx
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site, find_sites, signature_of
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _KEY = "trainable_tokens_delta"
 
@@ -122,9 +122,7 @@ class TrainableTokens(AdapterKind):
         refuse_unknown(config, _HANDLED, "trainable tokens", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        indices = adapters[0].hyper["token_indices"]
-        if any(a.hyper["token_indices"] != indices for a in adapters):
-            raise SpecError("save_adapter: PEFT needs one token_indices list for a whole trainable-tokens adapter")
+        indices = uniform(adapters, ("token_indices",), "trainable tokens")["token_indices"]
         return {
             "peft_type": "TRAINABLE_TOKENS",
             "target_modules": target_modules(adapters),
