@@ -117,7 +117,7 @@ class Boft(AdapterKind):
         n = rotated_dim(site)
         B = _butterfly_rows(torch.diag(t["boft_s"].new_ones(n)), rotations, h)
         w = _scaled_rotated(weight.to(dtype), B, t["boft_s"], site.weight_shape).to(site.dtype)
-        return F.conv2d(x, w, bias, **site.conv_args)
+        return site.run(x, w, bias)
 
     def merge(
         self,

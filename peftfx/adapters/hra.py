@@ -85,7 +85,7 @@ class Hra(AdapterKind):
             xr = _reflect_rows(x.to(dtype), vectors, a.hyper, transpose=True).to(site.dtype)
             return F.linear(xr, weight, bias)
         w = _reflect_rows(weight.to(dtype).flatten(1), vectors, a.hyper, transpose=False)
-        return F.conv2d(x, w.reshape(site.weight_shape).to(site.dtype), bias, **site.conv_args)
+        return site.run(x, w.reshape(site.weight_shape).to(site.dtype), bias)
 
     def merge(
         self,

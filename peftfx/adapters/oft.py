@@ -110,7 +110,7 @@ class Oft(AdapterKind):
         if site.op == "embedding":
             return _rotate_rows(y.to(dtype), R, h).to(site.dtype)
         w = _rotate_weight(weight.to(dtype), R, h, site.weight_shape).to(site.dtype)
-        return F.conv2d(x, w, bias, **site.conv_args)
+        return site.run(x, w, bias)
 
     def merge(
         self,
