@@ -153,11 +153,10 @@ class Vera(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B, lambda_d = (f.double() for f in self._factors(a, t))
-        delta = (t["lambda_b"].double()[:, None] * B) @ (lambda_d[:, None] * A) * a.hyper["scale"]
-        return delta
+        return (t["lambda_b"].double()[:, None] * B) @ (lambda_d[:, None] * A) * a.hyper["scale"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
-        refuse_unknown(config, _HANDLED, self.name, file)
+        refuse_unknown(config, HANDLED, self.name, file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
         first = adapters[0].hyper
@@ -177,7 +176,7 @@ class Vera(AdditiveKind):
 
 
 # Fields read here, and ones that only shape training (dropout, init: the stored tensors say everything).
-_HANDLED = frozenset(
+HANDLED = frozenset(
     {
         "r",
         "projection_prng_key",
