@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel
 
 from ..errors import CheckpointError, SpecError
@@ -246,6 +247,14 @@ class AdditiveKind(AdapterKind):
 def adapter_dtype(site_dtype: torch.dtype) -> torch.dtype:
     """PEFT keeps adapters in the base dtype, upcasting half precisions to float32."""
     return torch.float32 if site_dtype in (torch.float16, torch.bfloat16) else site_dtype
+
+
+def add_linear_delta(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype) -> Any:
+    """``y + x ΔWᵀ`` for a linear site: computed in the adapter ``dtype`` (as PEFT does), cast back to the site's
+    before the add. Works on tensors and fx proxies alike."""
+    cast = dtype != site.dtype
+    out = F.linear(x.to(dtype) if cast else x, delta)
+    return y + (out.to(site.dtype) if cast else out)
 
 
 def target_modules(adapters: Sequence[SiteAdapter]) -> list[str]:

@@ -28,10 +28,11 @@ from .base import (
     PeftSource,
     SiteAdapter,
     adapter_dtype,
+    add_linear_delta,
     refuse_unknown,
     strict_suffix_value,
 )
-from .spectral import add_linear_delta, check_n, random_positions, spectral_config, take_spectrum
+from .spectral import check_n, random_positions, spectral_config, take_spectrum
 
 SPECTRUM = "fourierft_spectrum"
 
@@ -78,11 +79,10 @@ class FourierFT(AdditiveKind):
         )
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
-        return add_linear_delta(a, x, y, _delta(a, t["spectrum"]))
+        return add_linear_delta(a.site, x, y, _delta(a, t["spectrum"]), a.tensors["spectrum"].dtype)
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = _delta(a, t["spectrum"].double())
-        return delta
+        return _delta(a, t["spectrum"].double())
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "FourierFT", file)

@@ -24,7 +24,16 @@ from transformers.activations import ACT2FN
 
 from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_linear_delta,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 
 class PeanutParams(BaseModel):
@@ -81,10 +90,8 @@ class Peanut(AdapterKind):
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         dtype = a.tensors["peanut_A"].dtype
-        cast = dtype != a.site.dtype
-        delta = _delta(a, weight.to(dtype) if cast else weight, t)
-        out = F.linear(x.to(dtype) if cast else x, delta)
-        return y + (out.to(a.site.dtype) if cast else out)
+        delta = _delta(a, weight.to(dtype) if dtype != a.site.dtype else weight, t)
+        return add_linear_delta(a.site, x, y, delta, dtype)
 
     def merge(
         self,

@@ -18,13 +18,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from ..sizes import Seed
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_linear_delta,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 KEYS = {"weight": "shira_weight", "indices": "shira_indices"}
 
@@ -83,10 +91,8 @@ class Shira(AdapterKind):
         return SiteAdapter(self, site, hyper, tensors, dict(KEYS))
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
-        dtype = a.tensors["weight"].dtype
-        cast = dtype != a.site.dtype
-        out = F.linear(x.to(dtype) if cast else x, _delta(a, t["weight"], t["indices"]))
-        return y + (out.to(a.site.dtype) if cast else out)
+        delta = _delta(a, t["weight"], t["indices"])
+        return add_linear_delta(a.site, x, y, delta, a.tensors["weight"].dtype)
 
     def merge(
         self,

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..sites import Site
 from .base import PeftSource, SiteAdapter, per_module, target_modules, uniform
@@ -33,14 +32,6 @@ def take_spectrum(source: PeftSource, key: str, kind: str) -> torch.Tensor:
     """The site's one tensor, ``key``; any other is refused."""
     source.refuse_others({key}, f"a {kind} site")
     return source.take(key)
-
-
-def add_linear_delta(a: SiteAdapter, x: Any, y: Any, delta: Any) -> Any:
-    """``y + x ΔWᵀ``, computed in the adapter dtype (as PEFT does) and cast back to the site's."""
-    dtype = a.tensors["spectrum"].dtype
-    cast = dtype != a.site.dtype
-    out = F.linear(x.to(dtype) if cast else x, delta)
-    return y + (out.to(a.site.dtype) if cast else out)
 
 
 def spectral_config(

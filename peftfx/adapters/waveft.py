@@ -37,10 +37,11 @@ from .base import (
     PeftSource,
     SiteAdapter,
     adapter_dtype,
+    add_linear_delta,
     pattern_value,
     refuse_unknown,
 )
-from .spectral import add_linear_delta, check_n, random_positions, spectral_config, take_spectrum
+from .spectral import check_n, random_positions, spectral_config, take_spectrum
 
 SPECTRUM = "waveft_spectrum"
 MAX_DB = 10  # PEFT has reconstruction filters for db1-db10 only
@@ -107,11 +108,10 @@ class WaveFT(AdditiveKind):
         return SiteAdapter(self, site, hyper, tensors, {"spectrum": SPECTRUM})
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
-        return add_linear_delta(a, x, y, _delta(a, t["spectrum"]))
+        return add_linear_delta(a.site, x, y, _delta(a, t["spectrum"]), a.tensors["spectrum"].dtype)
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = _delta(a, t["spectrum"].double())
-        return delta
+        return _delta(a, t["spectrum"].double())
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "WaveFT", file)
