@@ -94,8 +94,7 @@ class Adalora(AdditiveKind):
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         site, h = a.site, a.hyper
         A, B, E = (t[role].double() for role in _ROLES)
-        delta = (B @ (A * E) * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
-        return delta
+        return (B @ (A * E) * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "AdaLoRA", file)

@@ -131,8 +131,7 @@ class Gralora(AdditiveKind):
         delta = torch.einsum("nijc,jnco->nijo", A, B).reshape(inp, out).t()
         if h["hybrid_r"]:
             delta = delta + t["gralora_B_general"].double() @ t["gralora_A_general"].double()
-        delta = delta * h["scaling"]
-        return delta
+        return delta * h["scaling"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "GraLoRA", file)

@@ -102,8 +102,7 @@ class Lokr(AdditiveKind):
         return add_delta_output(a.site, x, y, _delta(a, t), dtype)
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = _delta(a, {role: v.double() for role, v in t.items()})
-        return delta
+        return _delta(a, {role: v.double() for role, v in t.items()})
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "LoKr", file)

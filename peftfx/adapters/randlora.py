@@ -135,8 +135,7 @@ class Randlora(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         first, second = _bases(a, {role: v.double() for role, v in t.items()})
-        delta = second @ first * a.hyper["scaling"]
-        return delta
+        return second @ first * a.hyper["scaling"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if config.get("save_projection", True) is False:

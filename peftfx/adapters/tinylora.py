@@ -141,8 +141,7 @@ class TinyLora(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         R = torch.einsum("i,ijk->jk", t[_v_role(a.hyper["group"])].double(), t["P"].double())
-        delta = t["B"].double() @ R @ t["A"].double() * a.hyper["scale"]
-        return delta
+        return t["B"].double() @ R @ t["A"].double() * a.hyper["scale"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "TinyLoRA", file)

@@ -132,8 +132,7 @@ class UniLoRA(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B = _factors({role: v if role.startswith("indices") else v.double() for role, v in t.items()}, detach=False)
-        delta = B @ A
-        return delta
+        return B @ A
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if not config.get("save_indices", False):

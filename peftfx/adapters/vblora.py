@@ -129,8 +129,7 @@ class VBLoRA(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B = _factors(a, {role: v if role.endswith("_indices") else v.double() for role, v in t.items()})
-        delta = B @ A
-        return delta
+        return B @ A
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "VB-LoRA", file)
