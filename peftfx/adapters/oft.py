@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 from .orthogonal import orthogonal_site_problem, rotated_dim
 
 
@@ -134,11 +134,7 @@ class Oft(AdapterKind):
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
         fields = ("cfg_r", "cfg_block_size", "block_share", "coft", "eps", "cayley_neumann", "neumann_terms")
-        first = adapters[0].hyper
-        for a in adapters:
-            differs = [f for f in fields if a.hyper[f] != first[f]]
-            if differs:
-                raise SpecError(f"save_adapter: PEFT's OFT needs one {differs[0]} for the whole adapter")
+        first = uniform(adapters, fields, "OFT")
         return {
             "peft_type": "OFT",
             "target_modules": target_modules(adapters),

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 
 class PsoftParams(BaseModel):
@@ -145,12 +145,18 @@ class Psoft(AdapterKind):
         refuse_unknown(config, _HANDLED, "PSOFT", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        fields = ("r", "alpha", "ab_svd_init", "orth", "cayley_neumann", "neumann_terms", "neumann_eps", "mag_b")
-        first = adapters[0].hyper
-        for a in adapters:
-            differs = [f for f in (*fields, "mag_a") if a.hyper[f] != first[f]]
-            if differs:
-                raise SpecError(f"save_adapter: PEFT's PSOFT needs one {differs[0]} for the whole adapter")
+        fields = (
+            "r",
+            "alpha",
+            "ab_svd_init",
+            "orth",
+            "cayley_neumann",
+            "neumann_terms",
+            "neumann_eps",
+            "mag_b",
+            "mag_a",
+        )
+        first = uniform(adapters, fields, "PSOFT")
         return {
             "peft_type": "PSOFT",
             "target_modules": target_modules(adapters),
