@@ -10,6 +10,7 @@ suffix, so loading and saving back a checkpoint are the same table read in both 
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -255,6 +256,21 @@ def add_linear_delta(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype)
     cast = dtype != site.dtype
     out = F.linear(x.to(dtype) if cast else x, delta)
     return y + (out.to(site.dtype) if cast else out)
+
+
+def kaiming_factors(
+    shapes: Mapping[str, Sequence[int]], zero: str | None, generator: torch.Generator | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Fresh factors as PEFT initialises them: nn.Linear's kaiming-uniform (a = √5), drawn in float64 in ``shapes``'
+    order from one ``generator``, except the ``zero`` role, left at zero (so the adapter starts as the identity)
+    and drawing nothing; cast to ``dtype``."""
+    tensors = {}
+    for role, shape in shapes.items():
+        t = torch.zeros(shape, dtype=torch.float64)
+        if role != zero:
+            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+        tensors[role] = t.to(dtype)
+    return tensors
 
 
 def target_modules(adapters: Sequence[SiteAdapter]) -> list[str]:

@@ -28,6 +28,7 @@ from .base import (
     PeftSource,
     SiteAdapter,
     adapter_dtype,
+    kaiming_factors,
     pattern_value,
     refuse_unknown,
 )
@@ -67,14 +68,8 @@ class Loha(AdditiveKind):
         p: LohaParams = params
         cp = uses_cp(site, p.use_effective_conv2d)
         shapes = _shapes(site, p.r, cp)
-        tensors = {}
-        for role, shape in shapes.items():
-            t = torch.empty(shape, dtype=torch.float64)
-            if role == "hada_w2_b" and p.init_weights:
-                t.zero_()
-            else:
-                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
-            tensors[role] = t.to(adapter_dtype(site.dtype))
+        zero = "hada_w2_b" if p.init_weights else None
+        tensors = kaiming_factors(shapes, zero, generator, adapter_dtype(site.dtype))
         hyper = _hyper(p.r, p.alpha, p.use_effective_conv2d, cp, 1.0)
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in shapes})
 

@@ -31,6 +31,7 @@ from .base import (
     PeftSource,
     SiteAdapter,
     adapter_dtype,
+    kaiming_factors,
     pattern_value,
     refuse_unknown,
     uniform,
@@ -72,12 +73,7 @@ class Lokr(AdditiveKind):
         hyper = _hyper(site, p.r, p.alpha, p.use_effective_conv2d, p.decompose_both, p.decompose_factor, 1.0)
         shapes = _shapes(site, hyper)
         zero = _zero_role(shapes, p.init_weights)
-        tensors = {}
-        for role, shape in shapes.items():
-            t = torch.zeros(shape, dtype=torch.float64)
-            if role != zero:
-                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
-            tensors[role] = t.to(adapter_dtype(site.dtype))
+        tensors = kaiming_factors(shapes, zero, generator, adapter_dtype(site.dtype))
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in shapes})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:

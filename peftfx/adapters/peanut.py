@@ -13,7 +13,6 @@ from that same weight, as PEFT does (it caches the weight from before merging).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from .base import (
     SiteAdapter,
     adapter_dtype,
     add_linear_delta,
+    kaiming_factors,
     refuse_unknown,
     target_modules,
     uniform,
@@ -64,14 +64,7 @@ class Peanut(AdapterKind):
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: PeanutParams = params
         shapes = _shapes(site, p.r, p.depth)
-        tensors = {}
-        for role, shape in shapes.items():
-            tensor = torch.empty(shape, dtype=torch.float64)
-            if role == "peanut_B" and p.init:
-                tensor.zero_()
-            else:
-                torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
-            tensors[role] = tensor.to(adapter_dtype(site.dtype))
+        tensors = kaiming_factors(shapes, "peanut_B" if p.init else None, generator, adapter_dtype(site.dtype))
         hyper = _hyper(p.r, p.depth, p.act_fn, p.scaling, 1.0)
         return SiteAdapter(self, site, hyper, tensors, _peft_keys(p.depth))
 
