@@ -33,6 +33,7 @@ from .base import (
     refuse_unknown,
 )
 from .lycoris import (
+    LYCORIS_FIELDS,
     add_delta_output,
     cp_rebuild,
     lycoris_config,
@@ -93,25 +94,10 @@ class Loha(AdditiveKind):
         return _delta(a, {role: v.double() for role, v in t.items()})
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
-        refuse_unknown(config, _HANDLED, "LoHa", file)
+        refuse_unknown(config, LYCORIS_FIELDS, "LoHa", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
         return {**lycoris_config(adapters, "LOHA", "LoHa"), "init_weights": True}
-
-
-# Read here, or training-only (dropouts act in training; the stored tensors say the rest).
-_HANDLED = frozenset(
-    {
-        "r",
-        "alpha",
-        "rank_pattern",
-        "alpha_pattern",
-        "use_effective_conv2d",
-        "init_weights",
-        "rank_dropout",
-        "module_dropout",
-    }
-)
 
 
 def _hyper(r: int, alpha: float, effective: bool, cp: bool, scale: float) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .base import (
     uniform,
 )
 from .lycoris import (
+    LYCORIS_FIELDS,
     add_delta_output,
     cp_rebuild,
     lycoris_config,
@@ -113,22 +114,8 @@ class Lokr(AdditiveKind):
         }
 
 
-# Read here, or training-only (dropouts and their rescaling act in training; the stored tensors say the rest).
-_HANDLED = frozenset(
-    {
-        "r",
-        "alpha",
-        "rank_pattern",
-        "alpha_pattern",
-        "use_effective_conv2d",
-        "decompose_both",
-        "decompose_factor",
-        "init_weights",
-        "rank_dropout",
-        "module_dropout",
-        "rank_dropout_scale",
-    }
-)
+# LyCORIS' fields, LoKr's factorisation, and the dropout rescaling (training only).
+_HANDLED = LYCORIS_FIELDS | {"decompose_both", "decompose_factor", "rank_dropout_scale"}
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

@@ -12,6 +12,21 @@ from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import PeftSource, SiteAdapter, adapter_dtype, pattern_value, per_module, target_modules
 
+# The adapter_config.json fields of PEFT's LyCORIS configs that LoHa and LoKr read, or that act only in training
+# (dropouts; the stored tensors say the rest).
+LYCORIS_FIELDS = frozenset(
+    {
+        "r",
+        "alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_effective_conv2d",
+        "init_weights",
+        "rank_dropout",
+        "module_dropout",
+    }
+)
+
 
 def cp_rebuild(core: Any, w_a: Any, w_b: Any) -> Any:
     """``R[o,i,k,l] = Σ_{p,q} core[p,q,k,l] w_a[p,o] w_b[q,i]`` (a Tucker/CP rebuild of a conv kernel)."""
