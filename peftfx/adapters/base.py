@@ -110,6 +110,7 @@ class AdapterKind(ABC):
     folds_by_vector: ClassVar[bool] = False  # a fold is the weighted sum of its vectors (IA³), not of its deltas
     conv1d: ClassVar[bool] = True  # PEFT's tuner also takes transformers' Conv1D (a transposed Linear)
     grouped_conv: ClassVar[bool] = True  # PEFT's tuner also takes convs with groups > 1
+    scalable: ClassVar[bool] = True  # it has a scaling factor a checkpoint's ``scale`` multiplies (else it must be 1)
 
     def site_problem(self, site: Site) -> str | None:
         """Why PEFT's tuner cannot adapt ``site``, one of this kind's ``ops`` (None: it can). The planner raises it

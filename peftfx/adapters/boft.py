@@ -60,6 +60,7 @@ class Boft(AdapterKind):
     peft_prefix = "boft_"
     ops = frozenset({"linear", "conv2d"})
     Params = BoftParams
+    scalable = False
     conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
@@ -83,8 +84,6 @@ class Boft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: BOFT has no scaling, so `scale` must be 1 (got {scale})")
         source.refuse_others(_KEYS.values(), "BOFT")
         R, s = source.take("boft_R"), source.take("boft_s")
         factor = int(cfg.get("boft_n_butterfly_factor", 1))

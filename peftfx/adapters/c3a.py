@@ -52,6 +52,7 @@ class C3A(AdapterKind):
     peft_prefix = "c3a_"
     ops = frozenset({"linear"})
     Params = C3AParams
+    scalable = False
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
@@ -72,10 +73,6 @@ class C3A(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: C3A has no scaling factor, so `scale: {scale}` cannot be honoured ({site.describe()})"
-            )
         source.refuse_others({KERNEL}, "a C3A site")
         kernel = source.take(KERNEL)
         b = strict_suffix_value(cfg.get("block_size_pattern") or {}, site.module, cfg.get("block_size", 256))

@@ -45,6 +45,7 @@ class Deft(AdapterKind):
     peft_prefix = "deft_"
     ops = frozenset({"linear"})
     Params = DeftParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: DeftParams = params
@@ -67,10 +68,6 @@ class Deft(AdapterKind):
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in tensors})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: DeFT has no natural scaling (PEFT refuses to scale it too), so `scale` must be 1"
-            )
         cfg = source.config
         out, inp = site.weight_shape
         hyper = _hyper(

@@ -60,6 +60,7 @@ class Frod(AdapterKind):
     peft_prefix = "frod_"
     ops = frozenset({"linear"})
     Params = FrodParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: FrodParams = params
@@ -104,10 +105,6 @@ class Frod(AdapterKind):
         return {key: _decompose(list(members.values()), p) for key, (p, members) in groups.items()}
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: FRoD replaces the weight and has no natural scaling; `scale` must be 1"
-            )
         cat = _category(site.module)
         inp = site.in_features
         roles = _roles(cat)

@@ -46,6 +46,7 @@ class Glora(AdapterKind):
     peft_prefix = "glora_"
     ops = frozenset({"linear"})
     Params = GloraParams
+    scalable = False
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
@@ -69,8 +70,6 @@ class Glora(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: GLoRA has no scaling factor, so `scale` must be 1 (got {scale})")
         hyper = _hyper(
             site,
             int(cfg.get("r", 8)),

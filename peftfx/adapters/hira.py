@@ -22,7 +22,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
@@ -42,6 +41,7 @@ class Hira(AdapterKind):
     peft_prefix = "hira_"
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = HiraParams
+    scalable = False
     grouped_conv = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
@@ -63,8 +63,6 @@ class Hira(AdapterKind):
         return SiteAdapter(self, site, {"r": p.r, "scale": 1.0}, {"A": A.to(dtype), "B": B.to(dtype)}, _keys(site))
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: HiRA has no scaling factor, so `scale` must be 1 (got {scale})")
         r = int(source.config.get("r", 32))
         keys = _keys(site)
         shapes = _shapes(site, r)

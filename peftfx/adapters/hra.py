@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 from .orthogonal import orthogonal_site_problem, rotated_dim
@@ -47,6 +46,7 @@ class Hra(AdapterKind):
     peft_prefix = "hra_"
     ops = frozenset({"linear", "conv2d"})
     Params = HraParams
+    scalable = False
     conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
@@ -67,8 +67,6 @@ class Hra(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: HRA has no scaling, so `scale` must be 1 (got {scale})")
         source.refuse_others(_KEYS.values(), "HRA")
         U = source.take("hra_u")
         expected = (rotated_dim(site), int(cfg.get("r", 8)))

@@ -42,6 +42,7 @@ class Ia3(AdapterKind):
     folds_by_vector = True
     ops = frozenset({"linear", "conv2d", "conv3d"})
     Params = Ia3Params
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: Ia3Params = params
@@ -54,10 +55,6 @@ class Ia3(AdapterKind):
         return SiteAdapter(self, site, hyper, {"l": vector.to(adapter_dtype(site.dtype))}, {"l": _KEY})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: (IA)³ has no scaling factor, so `scale: {scale}` cannot be applied at {site.module}"
-            )
         vector = source.take(_KEY)
         source.refuse_others({_KEY}, "an (IA)³ site")
         feedforward = _is_feedforward(source.config.get("feedforward_modules"), site.module)

@@ -60,6 +60,7 @@ class Oft(AdapterKind):
     peft_prefix = "oft_"
     ops = frozenset({"linear", "conv2d", "embedding"})
     Params = OftParams
+    scalable = False
     conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
@@ -77,8 +78,6 @@ class Oft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: OFT has no scaling, so `scale` must be 1 (got {scale})")
         keys = _peft_keys(site)
         source.refuse_others(keys.values(), "OFT")
         vec = source.take(keys["oft_R"])

@@ -49,6 +49,7 @@ class Osf(AdapterKind):
     peft_prefix = "osf_"
     ops = frozenset({"linear"})
     Params = OsfParams
+    scalable = False
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
@@ -65,8 +66,6 @@ class Osf(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: OSF has no scaling, so `scale` must be 1 (got {scale})")
         source.refuse_others(_KEYS.values(), "OSF")
         out, inp = site.weight_shape
         m = min(out, inp)

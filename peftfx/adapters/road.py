@@ -43,6 +43,7 @@ class Road(AdapterKind):
     peft_prefix = "road_"
     ops = frozenset({"linear"})
     Params = RoadParams
+    scalable = False
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
@@ -66,8 +67,6 @@ class Road(AdapterKind):
         if variant not in _SIZE:
             raise CheckpointError(f"{source.file}: unknown RoAd variant {variant!r} (road_1, road_2, road_4)")
         _check_site(site, group, CheckpointError, source.file)
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: RoAd has no scaling, so `scale` must be 1 (got {scale})")
         source.refuse_others(_KEYS.values(), "RoAd")
         expected = (int(site.out_features * _SIZE[variant]),)
         tensors = {}

@@ -61,6 +61,7 @@ class TrainableTokens(AdapterKind):
     peft_prefix = "trainable_tokens_"
     ops = frozenset({"embedding", "linear"})
     Params = TrainableTokensParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: TrainableTokensParams = params
@@ -73,11 +74,6 @@ class TrainableTokens(AdapterKind):
         return SiteAdapter(self, site, hyper, {"delta": delta.to(adapter_dtype(site.dtype))}, {"delta": _KEY})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: trainable tokens replace rows of {site.module} and have no scaling factor, so "
-                f"`scale: {scale}` cannot be applied"
-            )
         indices = source.config.get("token_indices")
         if not isinstance(indices, list) or not indices or not all(isinstance(i, int) for i in indices):
             raise CheckpointError(f"{source.file}: token_indices={indices!r} is not a non-empty list of token ids")

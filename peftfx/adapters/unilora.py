@@ -62,6 +62,7 @@ class UniLoRA(AdditiveKind):
     peft_prefix = "unilora_"
     ops = frozenset({"linear"})
     Params = UniLoRAParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: UniLoRAParams = params
@@ -89,11 +90,6 @@ class UniLoRA(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: UniLoRA has no scaling factor, so `scale: {scale}` cannot be honoured "
-                f"({site.describe()})"
-            )
         r, length = int(cfg.get("r", 4)), int(cfg.get("theta_d_length", 256))
         module_keys = {role: key for role, key in KEYS.items() if role != "theta"}
         source.refuse_others(module_keys.values(), "a UniLoRA site")

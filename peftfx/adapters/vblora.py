@@ -55,6 +55,7 @@ class VBLoRA(AdditiveKind):
     peft_prefix = "vblora_"
     ops = frozenset({"linear"})
     Params = VBLoRAParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: VBLoRAParams = params
@@ -75,11 +76,6 @@ class VBLoRA(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: VB-LoRA has no scaling factor, so `scale: {scale}` cannot be honoured "
-                f"({site.describe()})"
-            )
         r, nv, length, k = (
             int(cfg.get(f, d)) for f, d in (("r", 4), ("num_vectors", 256), ("vector_length", 256), ("topk", 2))
         )
