@@ -291,6 +291,11 @@ def _place_peft(plan: Plan, target: Target, adapter: PeftAdapter, sites: list[Si
         if problem is not None:
             raise CheckpointError(f"{ckpt.file}: {problem}")
         scale = resolve(adapter.scale, site, span, plan.matcher, f"adapters.{target.name}.scale")
+        if float(scale) != 1.0 and not target.kind.scalable:
+            raise CheckpointError(
+                f"{ckpt.file}: {target.kind.name} has no scaling factor, so `scale: {scale}` cannot be applied "
+                f"({site.describe()})"
+            )
         tensors = layout.modules[module]
         keys = {r: ckpt.key(module, r) for r in tensors}
         source = PeftSource(ckpt.config, tensors, keys, ckpt.file, layout.shared, prepared)

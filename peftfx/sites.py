@@ -183,6 +183,17 @@ class Site(OpView):
         }
         return {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} | given
 
+    def run(self, x: Any, weight: Any, bias: Any = None) -> Any:
+        """The site's op on ``x`` with another ``weight`` (logical layout) and ``bias``: an adapter's ΔW or modulated
+        weight applied as the base op applies its own (a conv with its stride, padding, dilation and groups; an
+        embedding, which has no bias, looked up). Works on tensors and fx proxies alike."""
+        if self.op == "embedding":
+            return F.embedding(x, weight)
+        if self.op == "linear":  # no bias argument where there is none: the graph reads as the kinds wrote it
+            return F.linear(x, weight) if bias is None else F.linear(x, weight, bias)
+        c = self.conv_args
+        return getattr(F, self.op)(x, weight, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
     def base_weight(self) -> torch.Tensor:
         """The weight tensor the site's op reads, in storage layout (transposed for Conv1D)."""
         return get_attr(self.weight.graph.owning_module, str(self.weight.target))

@@ -84,7 +84,7 @@ def test_wrong_shape_names_the_key(tmp_path):
 
 def test_unknown_config_field_and_scale_are_refused(tmp_path):
     saved_peft(mlp(), deft(), tmp_path)
-    with pytest.raises(peftfx.PeftfxError, match="no natural scaling"):
+    with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path), "scale": 0.5}}}, mlp_inputs())
     edit_config(tmp_path, use_magic=True)
     with pytest.raises(peftfx.PeftfxError, match=r"adapter_config\.json: use_magic=True"):

@@ -142,7 +142,7 @@ def test_unsaved_projection_and_scale_are_refused(tmp_path):
     with pytest.raises(peftfx.PeftfxError, match="save_projection=false"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path / "unsaved")}}}, mlp_inputs())
     _saved(tmp_path / "saved")
-    with pytest.raises(peftfx.PeftfxError, match="no natural scaling"):
+    with pytest.raises(peftfx.PeftfxError, match="no scaling factor"):
         peftfx.compile(mlp(), {"adapters": {"a": {"peft": str(tmp_path / "saved"), "scale": 2}}}, mlp_inputs())
 
 

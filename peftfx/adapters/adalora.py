@@ -17,10 +17,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
 from .base import (
     AdditiveKind,
@@ -29,6 +28,7 @@ from .base import (
     adapter_dtype,
     refuse_unknown,
     target_modules,
+    uniform,
 )
 
 _ROLES = ("lora_A", "lora_B", "lora_E")
@@ -48,9 +48,7 @@ class Adalora(AdditiveKind):
     peft_prefix = "lora_"
     ops = frozenset({"linear", "conv2d"})
     Params = AdaloraParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    grouped_conv = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: AdaloraParams = params
@@ -74,15 +72,9 @@ class Adalora(AdditiveKind):
         tensors = {}
         for role in _ROLES:
             tensor = source.take(role)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()} (rank {r} of init_r={init_r})"
-                )
+            source.check_shape(role, tensor, expected[role], site, f" (rank {r} of init_r={init_r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
-        extra = sorted(set(source.tensors) - set(_ROLES))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for an AdaLoRA site")
+        source.refuse_others(_ROLES, "an AdaLoRA site")
         hyper = _hyper(site, r, init_r, cfg.get("lora_alpha", 8), scale)
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in _ROLES})
 
@@ -95,24 +87,20 @@ class Adalora(AdditiveKind):
             out = (xa @ AE.t() @ t["lora_B"].t()) * h["scaling"] / h["ranknum"]
         else:
             delta = (t["lora_B"] @ AE * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
-            c = site.conv_args
-            out = F.conv2d(xa, delta, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+            out = site.run(xa, delta)
         result = y + out
         return result.to(site.dtype) if dtype != site.dtype else result
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         site, h = a.site, a.hyper
         A, B, E = (t[role].double() for role in _ROLES)
-        delta = (B @ (A * E) * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
-        return delta
+        return (B @ (A * E) * h["scaling"] / h["ranknum"]).reshape(site.weight_shape)
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "AdaLoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        if any(a.hyper["r"] != first["r"] or a.hyper["alpha"] != first["alpha"] for a in adapters):
-            raise SpecError("save_adapter: PEFT's AdaLoRA needs one r (init_r) and one alpha for a whole adapter")
+        first = uniform(adapters, ("r", "alpha"), "AdaLoRA", " (r is its init_r)")
         return {
             "peft_type": "ADALORA",
             "target_modules": target_modules(adapters),
@@ -153,12 +141,6 @@ _HANDLED = frozenset(
         "loftq_config",
     }
 )
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.op == "conv2d" and site.conv_args["groups"] != 1:
-        return f"PEFT's AdaLoRA cannot run on a grouped conv ({site.describe()})"
-    return None
 
 
 def _shapes(site: Site, r: int) -> dict[str, tuple[int, ...]]:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from ..sizes import Seed
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _KMEANS_SEED = 123456789  # PEFT's fixed KMeans random_state
 _KMEANS_ITERATIONS = 10
@@ -185,10 +185,7 @@ class Adamss(AdapterKind):
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
         fields = ("r", "num_subspaces", "subspace_rank", "random_seed", "dynamic_rank", "svd_threshold")
-        first = adapters[0].hyper
-        for field in fields:
-            if any(a.hyper[field] != first[field] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT needs one AdaMSS {field} for a whole adapter (it has no patterns)")
+        first = uniform(adapters, fields, "AdaMSS", " (it has no patterns)")
         return {
             "peft_type": "ADAMSS",
             "target_modules": target_modules(adapters),

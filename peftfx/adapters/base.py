@@ -10,13 +10,15 @@ suffix, so loading and saving back a checkpoint are the same table read in both 
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel
 
 from ..errors import CheckpointError, SpecError
@@ -58,6 +60,22 @@ class PeftSource:
             raise CheckpointError(f"{self.file}: missing tensor {suffix!r} (key {missing!r})")
         return self.tensors[suffix]
 
+    def check_shape(self, suffix: str, tensor: torch.Tensor, shape: Sequence[int], site: Site, note: str = "") -> None:
+        """Refuse ``tensor`` (stored under ``suffix``) unless its shape is ``shape``, naming the key, the site and
+        ``note`` (what set the shape, e.g. `` (r=8)``)."""
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.file}: {self.keys[suffix]!r} has shape {list(tensor.shape)}, expected {list(shape)} for "
+                f"{site.describe()}{note}"
+            )
+
+    def refuse_others(self, expected: Iterable[str], what: str) -> None:
+        """Refuse a tensor outside ``expected`` (PEFT suffixes): an unread tensor would be silently dropped math.
+        ``what`` ends the message: "unexpected tensor <key> for <what>"."""
+        extra = sorted(set(self.tensors) - set(expected))
+        if extra:
+            raise CheckpointError(f"{self.file}: unexpected tensor {self.keys[extra[0]]!r} for {what}")
+
 
 @dataclass(frozen=True)
 class LowRank:
@@ -91,12 +109,16 @@ class AdapterKind(ABC):
     runtime_scale: ClassVar[bool] = False
     folds_by_vector: ClassVar[bool] = False  # a fold is the weighted sum of its vectors (IA³), not of its deltas
     conv1d: ClassVar[bool] = True  # PEFT's tuner also takes transformers' Conv1D (a transposed Linear)
+    grouped_conv: ClassVar[bool] = True  # PEFT's tuner also takes convs with groups > 1
+    scalable: ClassVar[bool] = True  # it has a scaling factor a checkpoint's ``scale`` multiplies (else it must be 1)
 
     def site_problem(self, site: Site) -> str | None:
         """Why PEFT's tuner cannot adapt ``site``, one of this kind's ``ops`` (None: it can). The planner raises it
         as the spec's or the checkpoint's error, so kinds carry no error classes or message prefixes for it."""
         if site.transposed and not self.conv1d:
-            return f"PEFT's {self.name} adapts nn.Linear only, not transformers' Conv1D ({site.describe()})"
+            return f"PEFT's {self.name} does not adapt transformers' Conv1D ({site.describe()})"
+        if site.op.startswith("conv") and site.conv_args["groups"] != 1 and not self.grouped_conv:
+            return f"PEFT's {self.name} does not adapt grouped convs ({site.describe()})"
         return None
 
     def prepare(self, sites: Sequence[Site], params: Sequence[BaseModel]) -> Any:
@@ -227,6 +249,29 @@ class AdditiveKind(AdapterKind):
 def adapter_dtype(site_dtype: torch.dtype) -> torch.dtype:
     """PEFT keeps adapters in the base dtype, upcasting half precisions to float32."""
     return torch.float32 if site_dtype in (torch.float16, torch.bfloat16) else site_dtype
+
+
+def add_linear_delta(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype) -> Any:
+    """``y + x ΔWᵀ`` for a linear site: computed in the adapter ``dtype`` (as PEFT does), cast back to the site's
+    before the add. Works on tensors and fx proxies alike."""
+    cast = dtype != site.dtype
+    out = F.linear(x.to(dtype) if cast else x, delta)
+    return y + (out.to(site.dtype) if cast else out)
+
+
+def kaiming_factors(
+    shapes: Mapping[str, Sequence[int]], zero: str | None, generator: torch.Generator | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Fresh factors as PEFT initialises them: nn.Linear's kaiming-uniform (a = √5), drawn in float64 in ``shapes``'
+    order from one ``generator``, except the ``zero`` role, left at zero (so the adapter starts as the identity)
+    and drawing nothing; cast to ``dtype``."""
+    tensors = {}
+    for role, shape in shapes.items():
+        t = torch.zeros(shape, dtype=torch.float64)
+        if role != zero:
+            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+        tensors[role] = t.to(dtype)
+    return tensors
 
 
 def target_modules(adapters: Sequence[SiteAdapter]) -> list[str]:

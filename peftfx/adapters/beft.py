@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, MergeError
+from ..errors import MergeError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
@@ -42,14 +42,8 @@ class Beft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         offset = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a BEFT site")
-        if tuple(offset.shape) != (1, site.out_features):
-            raise CheckpointError(
-                f"{source.file}: {source.keys[_KEY]!r} has shape {list(offset.shape)}, expected "
-                f"{[1, site.out_features]} for {site.describe()}"
-            )
+        source.refuse_others({_KEY}, "a BEFT site")
+        source.check_shape(_KEY, offset, (1, site.out_features), site)
         return SiteAdapter(self, site, {"scale": scale}, {_KEY: offset.to(adapter_dtype(site.dtype))}, {_KEY: _KEY})
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:

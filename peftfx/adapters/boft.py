@@ -60,9 +60,11 @@ class Boft(AdapterKind):
     peft_prefix = "boft_"
     ops = frozenset({"linear", "conv2d"})
     Params = BoftParams
+    scalable = False
+    conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
-        return orthogonal_site_problem(site, "BOFT")
+        return super().site_problem(site) or orthogonal_site_problem(site, "BOFT")
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: BoftParams = params
@@ -82,11 +84,7 @@ class Boft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: BOFT has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for BOFT")
+        source.refuse_others(_KEYS.values(), "BOFT")
         R, s = source.take("boft_R"), source.take("boft_s")
         factor = int(cfg.get("boft_n_butterfly_factor", 1))
         # PEFT without its CUDA extension stores a single factor whatever the config says
@@ -101,11 +99,7 @@ class Boft(AdapterKind):
         dtype = adapter_dtype(site.dtype)
         tensors = {}
         for role, tensor in (("boft_R", R), ("boft_s", s)):
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()}"
-                )
+            source.check_shape(role, tensor, expected[role], site)
             tensors[role] = tensor.to(dtype)
         hyper = {"factors": factors, "blocks": num, "block_size": size, "scale": scale}
         return SiteAdapter(self, site, hyper, tensors, dict(_KEYS))
@@ -122,7 +116,7 @@ class Boft(AdapterKind):
         n = rotated_dim(site)
         B = _butterfly_rows(torch.diag(t["boft_s"].new_ones(n)), rotations, h)
         w = _scaled_rotated(weight.to(dtype), B, t["boft_s"], site.weight_shape).to(site.dtype)
-        return F.conv2d(x, w, bias, **site.conv_args)
+        return site.run(x, w, bias)
 
     def merge(
         self,

@@ -52,6 +52,8 @@ class C3A(AdapterKind):
     peft_prefix = "c3a_"
     ops = frozenset({"linear"})
     Params = C3AParams
+    scalable = False
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: C3AParams = params
@@ -71,22 +73,11 @@ class C3A(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: C3A has no scaling factor, so `scale: {scale}` cannot be honoured ({site.describe()})"
-            )
-        extra = set(source.tensors) - {KERNEL}
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a C3A site")
+        source.refuse_others({KERNEL}, "a C3A site")
         kernel = source.take(KERNEL)
         b = strict_suffix_value(cfg.get("block_size_pattern") or {}, site.module, cfg.get("block_size", 256))
         shape = _kernel_shape(site, int(b), CheckpointError, source.file)
-        if tuple(kernel.shape) != shape:
-            raise CheckpointError(
-                f"{source.file}: {source.keys[KERNEL]!r} has shape {list(kernel.shape)}, expected {list(shape)} "
-                f"(block_size={b} of adapter_config.json) for {site.describe()}"
-            )
+        source.check_shape(KERNEL, kernel, shape, site, f" (block_size={b} of adapter_config.json)")
         hyper = {"block_size": int(b), "scale": 1.0}
         return SiteAdapter(self, site, hyper, {"kernel": kernel.to(adapter_dtype(site.dtype))}, {"kernel": KERNEL})
 
@@ -131,8 +122,6 @@ _HANDLED = frozenset({"block_size", "block_size_pattern", "init_weights", "bias"
 
 def _kernel_shape(site: Site, b: int, error: type[Exception], where: str) -> tuple[int, int, int]:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's C3A adapts nn.Linear only, not transformers' Conv1D ({site.describe()})")
     out, inp = site.weight_shape
     if b <= 0 or out % b or inp % b:
         raise error(f"{prefix}C3A block_size={b} must divide both in={inp} and out={out} of {site.describe()}")

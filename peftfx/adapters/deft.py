@@ -45,6 +45,7 @@ class Deft(AdapterKind):
     peft_prefix = "deft_"
     ops = frozenset({"linear"})
     Params = DeftParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: DeftParams = params
@@ -67,10 +68,6 @@ class Deft(AdapterKind):
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in tensors})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: DeFT has no natural scaling (PEFT refuses to scale it too), so `scale` must be 1"
-            )
         cfg = source.config
         out, inp = site.weight_shape
         hyper = _hyper(
@@ -83,17 +80,11 @@ class Deft(AdapterKind):
         )
         r = hyper["r"]
         expected = {"deft_P": (out, r)} if hyper["para"] else {"deft_P": (out, r), "deft_R": (r, inp)}
-        extra = sorted(set(source.tensors) - set(expected))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for this DeFT site")
+        source.refuse_others(expected, "this DeFT site")
         tensors = {}
         for role, shape in expected.items():
             tensor = source.take(role)
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                    f"for {site.describe()} (r={r})"
-                )
+            source.check_shape(role, tensor, shape, site, f" (r={r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in expected})
 

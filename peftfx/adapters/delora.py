@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError
 from ..sites import Site
 from .base import (
     AdapterKind,
@@ -83,19 +82,13 @@ class Delora(AdapterKind):
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
         tensors = {role: source.take(role) for role in _ROLES}
-        extra = sorted(set(source.tensors) - set(_ROLES))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a DeLoRA site")
+        source.refuse_others(_ROLES, "a DeLoRA site")
         r = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
         out, inp = site.weight_shape
         expected = {"delora_A": (r, inp), "delora_B": (out, r), "delora_lambda": (1,), "delora_w_norm": (inp,)}
         dtype = adapter_dtype(site.dtype)
         for role, tensor in tensors.items():
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()} (r={r} from adapter_config.json)"
-                )
+            source.check_shape(role, tensor, expected[role], site, f" (r={r} from adapter_config.json)")
             tensors[role] = tensor.to(dtype)
         lam = pattern_value(cfg.get("lambda_pattern") or {}, site.module, cfg.get("delora_lambda", 15))
         hyper = {"r": r, "lambda": lam, "scale": scale}

@@ -12,14 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import SpecError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, add_to_weight
-
-_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
 class DeltaParams(BaseModel):
@@ -49,14 +46,7 @@ class Delta(AdapterKind):
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         site, delta = a.site, t["delta"]
         dtype = delta.dtype
-        if site.op == "embedding":
-            out = F.embedding(x, delta)
-        elif site.op == "linear":
-            out = F.linear(x.to(dtype), delta, t.get("bias"))
-        else:
-            c = site.conv_args
-            args = (c["stride"], c["padding"], c["dilation"], c["groups"])
-            out = _CONV[site.op](x.to(dtype), delta, t.get("bias"), *args)
+        out = site.run(x if site.op == "embedding" else x.to(dtype), delta, t.get("bias"))
         return y + out.to(site.dtype)
 
     def merge(

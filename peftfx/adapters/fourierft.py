@@ -14,12 +14,10 @@ float64 model gets a float64 ΔW (float32 models compute exactly what PEFT compu
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
@@ -30,12 +28,11 @@ from .base import (
     PeftSource,
     SiteAdapter,
     adapter_dtype,
-    per_module,
+    add_linear_delta,
     refuse_unknown,
     strict_suffix_value,
-    target_modules,
-    uniform,
 )
+from .spectral import check_n, random_positions, spectral_config, take_spectrum
 
 SPECTRUM = "fourierft_spectrum"
 
@@ -58,7 +55,7 @@ class FourierFT(AdditiveKind):
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: FourierFTParams = params
-        _check_n(site, p.n_frequency, SpecError, "")
+        check_n(site, p.n_frequency, "FourierFT", SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
         if not p.init_weights:
             spectrum.normal_(generator=generator)
@@ -69,18 +66,10 @@ class FourierFT(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        extra = set(source.tensors) - {SPECTRUM}
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a FourierFT site")
-        spectrum = source.take(SPECTRUM)
+        spectrum = take_spectrum(source, SPECTRUM, "FourierFT")
         n = strict_suffix_value(cfg.get("n_frequency_pattern") or {}, site.module, cfg.get("n_frequency", 1000))
-        if tuple(spectrum.shape) != (n,):
-            raise CheckpointError(
-                f"{source.file}: {source.keys[SPECTRUM]!r} has shape {list(spectrum.shape)}, expected [{n}] "
-                f"(n_frequency of adapter_config.json) for {site.describe()}"
-            )
-        _check_n(site, n, CheckpointError, source.file)
+        source.check_shape(SPECTRUM, spectrum, (n,), site, " (n_frequency of adapter_config.json)")
+        check_n(site, n, "FourierFT", CheckpointError, source.file)
         seed = cfg.get("random_loc_seed", 777)
         if seed is None:
             raise CheckpointError(f"{source.file}: random_loc_seed is null; PEFT cannot rebuild the positions either")
@@ -90,32 +79,16 @@ class FourierFT(AdditiveKind):
         )
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
-        spectrum = t["spectrum"]
-        dtype = a.tensors["spectrum"].dtype
-        delta = _delta(a, spectrum)
-        out = F.linear(x.to(dtype) if dtype != a.site.dtype else x, delta)
-        return y + (out.to(a.site.dtype) if dtype != a.site.dtype else out)
+        return add_linear_delta(a.site, x, y, _delta(a, t["spectrum"]), a.tensors["spectrum"].dtype)
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = _delta(a, t["spectrum"].double())
-        return delta
+        return _delta(a, t["spectrum"].double())
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "FourierFT", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = uniform(adapters, ("scaling", "random_loc_seed"), "FourierFT")
-        return {
-            "peft_type": "FOURIERFT",
-            "target_modules": target_modules(adapters),
-            "n_frequency": first["n_frequency"],
-            "n_frequency_pattern": per_module(adapters, "n_frequency", first["n_frequency"]),
-            "scaling": first["scaling"],
-            "random_loc_seed": first["random_loc_seed"],
-            "fan_in_fan_out": any(a.site.transposed for a in adapters),
-            "bias": "none",
-            "init_weights": False,
-        }
+        return {**spectral_config(adapters, "FOURIERFT", "FourierFT"), "init_weights": False}
 
 
 # Read here, or training-only (init_weights: the spectrum is stored).
@@ -128,23 +101,10 @@ def _hyper(n: int, scaling: float, seed: int, scale: float) -> dict[str, Any]:
     return {"n_frequency": n, "scaling": scaling, "random_loc_seed": seed, "scale": scale}
 
 
-def _check_n(site: Site, n: int, error: type[Exception], where: str) -> None:
-    out, inp = site.weight_shape
-    if n > out * inp:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}FourierFT n_frequency={n} exceeds out*in={out * inp} of {site.describe()}")
-
-
-@functools.lru_cache(maxsize=256)
-def _positions(out: int, inp: int, n: int, seed: int) -> tuple[int, ...]:
-    """Flat positions (row * in + col) of the coefficients, drawn as PEFT draws them."""
-    return tuple(torch.randperm(out * inp, generator=torch.Generator().manual_seed(seed))[:n].tolist())
-
-
 def _delta(a: SiteAdapter, spectrum: Any) -> Any:
     """ΔW (logical ``[out, in]``) in the spectrum's dtype, scaled; works on tensors and fx proxies alike."""
     h = a.hyper
     out, inp = a.site.weight_shape
-    index = spectrum.new_tensor(_positions(out, inp, h["n_frequency"], h["random_loc_seed"]), dtype=torch.long)
+    index = spectrum.new_tensor(random_positions(out, inp, h["n_frequency"], h["random_loc_seed"]), dtype=torch.long)
     dense = spectrum.new_zeros(out * inp).scatter(0, index, spectrum).reshape(out, inp)
     return torch.fft.ifft2(dense).real * (h["scaling"] * h["scale"])

@@ -60,6 +60,7 @@ class Frod(AdapterKind):
     peft_prefix = "frod_"
     ops = frozenset({"linear"})
     Params = FrodParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: FrodParams = params
@@ -104,17 +105,11 @@ class Frod(AdapterKind):
         return {key: _decompose(list(members.values()), p) for key, (p, members) in groups.items()}
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: FRoD replaces the weight and has no natural scaling; `scale` must be 1"
-            )
         cat = _category(site.module)
         inp = site.in_features
         roles = _roles(cat)
         shared = frozenset(role for role in roles if "__" in role)
-        extra = sorted(set(source.tensors) - {"frod_lambda_l", "frod_lambda_s_values"})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a FRoD site")
+        source.refuse_others({"frod_lambda_l", "frod_lambda_s_values"}, "a FRoD site")
         tensors: dict[str, torch.Tensor] = {}
         for role, key in roles.items():
             if role in shared:

@@ -46,6 +46,7 @@ class Glora(AdapterKind):
     peft_prefix = "glora_"
     ops = frozenset({"linear"})
     Params = GloraParams
+    scalable = False
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
@@ -69,8 +70,6 @@ class Glora(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: GLoRA has no scaling factor, so `scale` must be 1 (got {scale})")
         hyper = _hyper(
             site,
             int(cfg.get("r", 8)),
@@ -82,11 +81,7 @@ class Glora(AdapterKind):
         tensors = {}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != shapes[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shapes[role])} for {site.describe()}"
-                )
+            source.check_shape(key, tensor, shapes[role], site)
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         for key in sorted(set(source.tensors) - set(keys.values())):
             path = key.removeprefix("glora_").removesuffix(".zeros")

@@ -91,9 +91,7 @@ class Gralora(AdditiveKind):
         _check_site(site, k, CheckpointError, source.file)
         roles = _peft_keys(hybrid_r)
         tensors = {role: source.take(key) for role, key in roles.items()}
-        extra = sorted(set(source.tensors) - set(roles.values()))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for this GraLoRA site")
+        source.refuse_others(roles.values(), "this GraLoRA site")
         out, inp = site.weight_shape
         expected = {
             "gralora_A": (k, inp // k, r),
@@ -103,11 +101,9 @@ class Gralora(AdditiveKind):
         }
         dtype = adapter_dtype(site.dtype)
         for role, tensor in tensors.items():
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[roles[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} for {site.describe()} (r={r}, gralora_k={k}, hybrid_r={hybrid_r})"
-                )
+            source.check_shape(
+                roles[role], tensor, expected[role], site, f" (r={r}, gralora_k={k}, hybrid_r={hybrid_r})"
+            )
             tensors[role] = tensor.to(dtype)
         hyper = _hyper(r, cfg.get("alpha", 64), k, hybrid_r, scale)
         return SiteAdapter(self, site, hyper, tensors, roles)
@@ -135,8 +131,7 @@ class Gralora(AdditiveKind):
         delta = torch.einsum("nijc,jnco->nijo", A, B).reshape(inp, out).t()
         if h["hybrid_r"]:
             delta = delta + t["gralora_B_general"].double() @ t["gralora_A_general"].double()
-        delta = delta * h["scaling"]
-        return delta
+        return delta * h["scaling"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "GraLoRA", file)

@@ -20,14 +20,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
-
-_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 
 class HiraParams(BaseModel):
@@ -45,9 +41,8 @@ class Hira(AdapterKind):
     peft_prefix = "hira_"
     ops = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = HiraParams
-
-    def site_problem(self, site: Site) -> str | None:
-        return _site_problem(site)
+    scalable = False
+    grouped_conv = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: HiraParams = params
@@ -68,8 +63,6 @@ class Hira(AdapterKind):
         return SiteAdapter(self, site, {"r": p.r, "scale": 1.0}, {"A": A.to(dtype), "B": B.to(dtype)}, _keys(site))
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: HiRA has no scaling factor, so `scale` must be 1 (got {scale})")
         r = int(source.config.get("r", 32))
         keys = _keys(site)
         shapes = _shapes(site, r)
@@ -77,15 +70,9 @@ class Hira(AdapterKind):
         tensors = {}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != shapes[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shapes[role])} for {site.describe()} (r={r})"
-                )
+            source.check_shape(key, tensor, shapes[role], site, f" (r={r})")
             tensors[role] = tensor.to(dtype)
-        extra = sorted(set(source.tensors) - set(keys.values()))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a HiRA site")
+        source.refuse_others(keys.values(), "a HiRA site")
         return SiteAdapter(self, site, {"r": r, "scale": scale}, tensors, keys)
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
@@ -93,16 +80,7 @@ class Hira(AdapterKind):
         dtype = a.tensors["A"].dtype
         cast = dtype != site.dtype
         w = site.logical(weight.to(dtype) if cast else weight) * _modulation(site, t["A"], t["B"])
-        if site.op == "embedding":
-            out = F.embedding(x, w)
-        else:
-            xa = x.to(dtype) if cast else x
-            if site.op == "linear":
-                out = F.linear(xa, w)
-            else:
-                c = site.conv_args
-                out = _CONV[site.op](xa, w, None, c["stride"], c["padding"], c["dilation"], c["groups"])
-        result = y + out
+        result = y + site.run(x if site.op == "embedding" or not cast else x.to(dtype), w)
         return result.to(site.dtype) if cast else result
 
     def merge(
@@ -123,9 +101,7 @@ class Hira(AdapterKind):
         refuse_unknown(config, _HANDLED, "HiRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        r = adapters[0].hyper["r"]
-        if any(a.hyper["r"] != r for a in adapters):
-            raise SpecError("save_adapter: PEFT's HiRA builds every layer with one r, so a fresh adapter needs one r")
+        r = uniform(adapters, ("r",), "HiRA", " (it builds every layer with one r)")["r"]
         return {
             "peft_type": "HIRA",
             "target_modules": target_modules(adapters),
@@ -136,12 +112,6 @@ class Hira(AdapterKind):
 
 # Read here; or training-only (dropout, init); rank_pattern never reaches PEFT's layers (see above).
 _HANDLED = frozenset({"r", "fan_in_fan_out", "hira_dropout", "init_weights", "rank_pattern", "runtime_config"})
-
-
-def _site_problem(site: Site) -> str | None:
-    if site.op.startswith("conv") and site.conv_args["groups"] != 1:
-        return f"PEFT's HiRA does not support grouped convs ({site.describe()})"
-    return None
 
 
 def _keys(site: Site) -> dict[str, str]:

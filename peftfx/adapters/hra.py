@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 from .orthogonal import orthogonal_site_problem, rotated_dim
 
 
@@ -47,9 +46,11 @@ class Hra(AdapterKind):
     peft_prefix = "hra_"
     ops = frozenset({"linear", "conv2d"})
     Params = HraParams
+    scalable = False
+    conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
-        return orthogonal_site_problem(site, "HRA")
+        return super().site_problem(site) or orthogonal_site_problem(site, "HRA")
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: HraParams = params
@@ -66,18 +67,10 @@ class Hra(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: HRA has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for HRA")
+        source.refuse_others(_KEYS.values(), "HRA")
         U = source.take("hra_u")
         expected = (rotated_dim(site), int(cfg.get("r", 8)))
-        if tuple(U.shape) != expected:
-            raise CheckpointError(
-                f"{source.file}: {source.keys['hra_u']!r} has shape {list(U.shape)}, expected {list(expected)} "
-                f"(adapter_config.json r={expected[1]}) for {site.describe()}"
-            )
+        source.check_shape("hra_u", U, expected, site, f" (adapter_config.json r={expected[1]})")
         hyper = {"r": expected[1], "apply_GS": bool(cfg.get("apply_GS", False)), "scale": scale}
         return SiteAdapter(self, site, hyper, {"hra_u": U.to(adapter_dtype(site.dtype))}, dict(_KEYS))
 
@@ -90,7 +83,7 @@ class Hra(AdapterKind):
             xr = _reflect_rows(x.to(dtype), vectors, a.hyper, transpose=True).to(site.dtype)
             return F.linear(xr, weight, bias)
         w = _reflect_rows(weight.to(dtype).flatten(1), vectors, a.hyper, transpose=False)
-        return F.conv2d(x, w.reshape(site.weight_shape).to(site.dtype), bias, **site.conv_args)
+        return site.run(x, w.reshape(site.weight_shape).to(site.dtype), bias)
 
     def merge(
         self,
@@ -109,10 +102,7 @@ class Hra(AdapterKind):
         refuse_unknown(config, _HANDLED, "HRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for a in adapters:
-            if (a.hyper["r"], a.hyper["apply_GS"]) != (first["r"], first["apply_GS"]):
-                raise SpecError("save_adapter: PEFT's HRA needs one r and one apply_GS for the whole adapter")
+        first = uniform(adapters, ("r", "apply_GS"), "HRA")
         return {
             "peft_type": "HRA",
             "target_modules": target_modules(adapters),

@@ -17,14 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError
 from ..sites import Site
 from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
 
-_CONV = {"conv2d": F.conv2d, "conv3d": F.conv3d}
 _KEY = "ia3_l"
 
 
@@ -44,6 +42,7 @@ class Ia3(AdapterKind):
     folds_by_vector = True
     ops = frozenset({"linear", "conv2d", "conv3d"})
     Params = Ia3Params
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: Ia3Params = params
@@ -56,14 +55,8 @@ class Ia3(AdapterKind):
         return SiteAdapter(self, site, hyper, {"l": vector.to(adapter_dtype(site.dtype))}, {"l": _KEY})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: (IA)³ has no scaling factor, so `scale: {scale}` cannot be applied at {site.module}"
-            )
         vector = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for an (IA)³ site")
+        source.refuse_others({_KEY}, "an (IA)³ site")
         feedforward = _is_feedforward(source.config.get("feedforward_modules"), site.module)
         expected = _shape(site, feedforward)
         if tuple(vector.shape) != expected:
@@ -85,10 +78,7 @@ class Ia3(AdapterKind):
         scaled = (x.to(dtype) * l_vec).to(site.dtype)
         if site.op == "linear" and site.transposed:  # transformers Conv1D: addmm(bias, x, W[in, out])
             return scaled @ weight if bias is None else torch.addmm(bias, scaled, weight)
-        if site.op == "linear":
-            return F.linear(scaled, weight, bias)
-        c = site.conv_args
-        return _CONV[site.op](scaled, weight, bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+        return site.run(scaled, weight, bias)
 
     def merge(
         self,

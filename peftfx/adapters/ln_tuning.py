@@ -36,6 +36,7 @@ class LnTuning(AdapterKind):
     peft_prefix = "ln_tuning_"
     ops = frozenset({"layer_norm", "rms_norm", "linear", "conv1d", "conv2d", "conv3d", "embedding"})
     Params = LnTuningParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         tensors = {"weight": site.base_weight().detach().clone()}
@@ -44,11 +45,6 @@ class LnTuning(AdapterKind):
         return SiteAdapter(self, site, {"scale": 1.0}, tensors, {role: _KEYS[role] for role in tensors})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: LN tuning replaces {site.module}'s tensors and has no scaling factor, so "
-                f"`scale: {scale}` cannot be applied"
-            )
         base = {"weight": site.base_weight()}
         if site.bias is not None:
             base["bias"] = site.base_bias()

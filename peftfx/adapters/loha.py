@@ -22,19 +22,25 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
     AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
+    kaiming_factors,
     pattern_value,
-    per_module,
     refuse_unknown,
-    target_modules,
 )
-from .lycoris import add_delta_output, check_lycoris_site, cp_rebuild, effective_flag, take_rank, take_tensors, uses_cp
+from .lycoris import (
+    LYCORIS_FIELDS,
+    add_delta_output,
+    cp_rebuild,
+    lycoris_config,
+    take_rank,
+    take_tensors,
+    uses_cp,
+)
 
 _ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _CP_ROLES = ("hada_t1", "hada_t2")
@@ -57,26 +63,19 @@ class Loha(AdditiveKind):
     peft_prefix = "hada_"
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LohaParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: LohaParams = params
-        check_lycoris_site(site, "LoHa", SpecError)
         cp = uses_cp(site, p.use_effective_conv2d)
         shapes = _shapes(site, p.r, cp)
-        tensors = {}
-        for role, shape in shapes.items():
-            t = torch.empty(shape, dtype=torch.float64)
-            if role == "hada_w2_b" and p.init_weights:
-                t.zero_()
-            else:
-                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
-            tensors[role] = t.to(adapter_dtype(site.dtype))
+        zero = "hada_w2_b" if p.init_weights else None
+        tensors = kaiming_factors(shapes, zero, generator, adapter_dtype(site.dtype))
         hyper = _hyper(p.r, p.alpha, p.use_effective_conv2d, cp, 1.0)
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in shapes})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        check_lycoris_site(site, "LoHa", CheckpointError, source.file)
         effective = bool(cfg.get("use_effective_conv2d"))
         cp = uses_cp(site, effective)
         r = take_rank(site, source, "hada_w1_b", cfg)
@@ -92,39 +91,13 @@ class Loha(AdditiveKind):
         return add_delta_output(a.site, x, y, delta, dtype)
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = _delta(a, {role: v.double() for role, v in t.items()})
-        return delta
+        return _delta(a, {role: v.double() for role, v in t.items()})
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
-        refuse_unknown(config, _HANDLED, "LoHa", file)
+        refuse_unknown(config, LYCORIS_FIELDS, "LoHa", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        return {
-            "peft_type": "LOHA",
-            "target_modules": target_modules(adapters),
-            "r": first["r"],
-            "alpha": first["alpha"],
-            "rank_pattern": per_module(adapters, "r", first["r"]),
-            "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
-            "use_effective_conv2d": effective_flag(adapters, "LoHa"),
-            "init_weights": True,
-        }
-
-
-# Read here, or training-only (dropouts act in training; the stored tensors say the rest).
-_HANDLED = frozenset(
-    {
-        "r",
-        "alpha",
-        "rank_pattern",
-        "alpha_pattern",
-        "use_effective_conv2d",
-        "init_weights",
-        "rank_dropout",
-        "module_dropout",
-    }
-)
+        return {**lycoris_config(adapters, "LOHA", "LoHa"), "init_weights": True}
 
 
 def _hyper(r: int, alpha: float, effective: bool, cp: bool, scale: float) -> dict[str, Any]:

@@ -25,23 +25,22 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from .base import (
     AdditiveKind,
     PeftSource,
     SiteAdapter,
     adapter_dtype,
+    kaiming_factors,
     pattern_value,
-    per_module,
     refuse_unknown,
-    target_modules,
+    uniform,
 )
 from .lycoris import (
+    LYCORIS_FIELDS,
     add_delta_output,
-    check_lycoris_site,
     cp_rebuild,
-    effective_flag,
+    lycoris_config,
     take_tensors,
     uses_cp,
 )
@@ -68,24 +67,18 @@ class Lokr(AdditiveKind):
     peft_prefix = "lokr_"
     ops = frozenset({"linear", "conv1d", "conv2d"})
     Params = LokrParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: LokrParams = params
-        check_lycoris_site(site, "LoKr", SpecError)
         hyper = _hyper(site, p.r, p.alpha, p.use_effective_conv2d, p.decompose_both, p.decompose_factor, 1.0)
         shapes = _shapes(site, hyper)
         zero = _zero_role(shapes, p.init_weights)
-        tensors = {}
-        for role, shape in shapes.items():
-            t = torch.zeros(shape, dtype=torch.float64)
-            if role != zero:
-                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
-            tensors[role] = t.to(adapter_dtype(site.dtype))
+        tensors = kaiming_factors(shapes, zero, generator, adapter_dtype(site.dtype))
         return SiteAdapter(self, site, hyper, tensors, {role: role for role in shapes})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        check_lycoris_site(site, "LoKr", CheckpointError, source.file)
         r = pattern_value(cfg.get("rank_pattern") or {}, site.module, cfg.get("r", 8))
         alpha = pattern_value(cfg.get("alpha_pattern") or {}, site.module, cfg.get("alpha", 8))
         hyper = _hyper(
@@ -106,47 +99,23 @@ class Lokr(AdditiveKind):
         return add_delta_output(a.site, x, y, _delta(a, t), dtype)
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = _delta(a, {role: v.double() for role, v in t.items()})
-        return delta
+        return _delta(a, {role: v.double() for role, v in t.items()})
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "LoKr", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for key in ("decompose_both", "decompose_factor"):
-            if any(a.hyper[key] != first[key] for a in adapters):
-                raise SpecError(f"save_adapter: PEFT needs one {key} setting for a whole LoKr adapter")
+        first = uniform(adapters, ("decompose_both", "decompose_factor"), "LoKr")
         return {
-            "peft_type": "LOKR",
-            "target_modules": target_modules(adapters),
-            "r": first["r"],
-            "alpha": first["alpha"],
-            "rank_pattern": per_module(adapters, "r", first["r"]),
-            "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
-            "use_effective_conv2d": effective_flag(adapters, "LoKr"),
+            **lycoris_config(adapters, "LOKR", "LoKr"),
             "decompose_both": first["decompose_both"],
             "decompose_factor": first["decompose_factor"],
             "init_weights": True,
         }
 
 
-# Read here, or training-only (dropouts and their rescaling act in training; the stored tensors say the rest).
-_HANDLED = frozenset(
-    {
-        "r",
-        "alpha",
-        "rank_pattern",
-        "alpha_pattern",
-        "use_effective_conv2d",
-        "decompose_both",
-        "decompose_factor",
-        "init_weights",
-        "rank_dropout",
-        "module_dropout",
-        "rank_dropout_scale",
-    }
-)
+# LyCORIS' fields, LoKr's factorisation, and the dropout rescaling (training only).
+_HANDLED = LYCORIS_FIELDS | {"decompose_both", "decompose_factor", "rank_dropout_scale"}
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

@@ -46,6 +46,7 @@ from .base import (
     per_module,
     refuse_unknown,
     target_modules,
+    uniform,
 )
 
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -112,10 +113,7 @@ class Lora(AdapterKind):
         _check_site(site, dora, lora_bias, CheckpointError, source.file)
         roles = _peft_keys(site, dora, lora_bias)
         tensors = {role: source.take(key) for role, key in roles.items()}
-        extra = set(source.tensors) - set(roles.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a {site.op} LoRA site")
+        source.refuse_others(roles.values(), f"a {site.op} LoRA site")
         r = tensors["lora_A"].shape[0] // site.experts  # a stack of experts: one rank-r block per expert
         r_cfg = pattern_value(cfg.get("rank_pattern") or {}, site.qualified_name, cfg.get("r", 8))
         if r != r_cfg:
@@ -133,11 +131,7 @@ class Lora(AdapterKind):
             expected["lora_magnitude"] = _magnitude_shape(site)
         dtype = adapter_dtype(site.dtype)
         for role, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(expected[role]):
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[roles[role]]!r} has shape {list(tensor.shape)}, "
-                    f"expected {list(expected[role])} for {site.describe()}"
-                )
+            source.check_shape(roles[role], tensor, expected[role], site)
             a.tensors[role] = tensor.to(dtype)
         return a
 
@@ -217,9 +211,7 @@ class Lora(AdapterKind):
         refuse_unknown(config, _HANDLED, "LoRA", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        if any(a.hyper["rslora"] != first["rslora"] or a.hyper["lora_bias"] != first["lora_bias"] for a in adapters):
-            raise SpecError("save_adapter: PEFT needs one rslora and one lora_bias setting for a whole adapter")
+        first = uniform(adapters, ("rslora", "lora_bias"), "LoRA")
         dora = {a.hyper["dora"] for a in adapters}
         if len(dora) > 1:
             raise SpecError("save_adapter: PEFT cannot mix DoRA and plain LoRA sites in one adapter")

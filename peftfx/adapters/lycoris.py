@@ -7,13 +7,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import PeftSource, SiteAdapter, adapter_dtype, pattern_value
+from .base import PeftSource, SiteAdapter, adapter_dtype, pattern_value, per_module, target_modules
 
-_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d}
+# The adapter_config.json fields of PEFT's LyCORIS configs that LoHa and LoKr read, or that act only in training
+# (dropouts; the stored tensors say the rest).
+LYCORIS_FIELDS = frozenset(
+    {
+        "r",
+        "alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_effective_conv2d",
+        "init_weights",
+        "rank_dropout",
+        "module_dropout",
+    }
+)
 
 
 def cp_rebuild(core: Any, w_a: Any, w_b: Any) -> Any:
@@ -24,12 +36,6 @@ def cp_rebuild(core: Any, w_a: Any, w_b: Any) -> Any:
 def uses_cp(site: Site, effective: bool) -> bool:
     """PEFT's rule: the effective conv form applies to convs whose kernel is not all ones."""
     return effective and site.op.startswith("conv") and math.prod(site.weight_shape[2:]) != 1
-
-
-def check_lycoris_site(site: Site, kind: str, error: type[Exception], where: str = "") -> None:
-    if site.transposed:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}PEFT's {kind} does not support transformers' Conv1D ({site.describe()})")
 
 
 def take_rank(site: Site, source: PeftSource, role: str, cfg: Mapping[str, Any]) -> int:
@@ -50,30 +56,31 @@ def take_tensors(
     tensors = {}
     for role, shape in expected.items():
         tensor = source.take(role)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                f"for {site.describe()}"
-            )
+        source.check_shape(role, tensor, shape, site)
         tensors[role] = tensor.to(adapter_dtype(site.dtype))
-    extra = sorted(set(source.tensors) - set(expected))
-    if extra:
-        raise CheckpointError(
-            f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a {site.op} {kind} site with this config"
-        )
+    source.refuse_others(expected, f"a {site.op} {kind} site with this config")
     return tensors
 
 
 def add_delta_output(site: Site, x: Any, y: Any, delta: Any, dtype: torch.dtype) -> Any:
     """``y + op(x, ΔW)`` with the base op's conv arguments, computed in the adapter dtype as PEFT does."""
     xa = x.to(dtype) if dtype != site.dtype else x
-    if site.op == "linear":
-        out = F.linear(xa, delta)
-    else:
-        c = site.conv_args
-        out = _CONV[site.op](xa, delta, None, c["stride"], c["padding"], c["dilation"], c["groups"])
-    result = y + out
+    result = y + site.run(xa, delta)
     return result.to(site.dtype) if dtype != site.dtype else result
+
+
+def lycoris_config(adapters: Sequence[SiteAdapter], peft_type: str, kind: str) -> dict[str, Any]:
+    """The adapter_config.json fields LoHa and LoKr share: targets, rank and alpha with their patterns, conv form."""
+    first = adapters[0].hyper
+    return {
+        "peft_type": peft_type,
+        "target_modules": target_modules(adapters),
+        "r": first["r"],
+        "alpha": first["alpha"],
+        "rank_pattern": per_module(adapters, "r", first["r"]),
+        "alpha_pattern": per_module(adapters, "alpha", first["alpha"]),
+        "use_effective_conv2d": effective_flag(adapters, kind),
+    }
 
 
 def effective_flag(adapters: Sequence[SiteAdapter], kind: str) -> bool:

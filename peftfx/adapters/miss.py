@@ -46,6 +46,7 @@ class Miss(AdapterKind):
     peft_prefix = "miss_"
     ops = frozenset({"linear"})
     Params = MissParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: MissParams = params
@@ -64,15 +65,9 @@ class Miss(AdapterKind):
         r, mini_r = int(cfg.get("r", 64)), int(cfg.get("mini_r", 1))
         _check(site, r, mode, mini_r, CheckpointError, source.file)
         block = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a MiSS site")
+        source.refuse_others({_KEY}, "a MiSS site")
         expected = _block_shape(site, r, mode, mini_r)
-        if tuple(block.shape) != expected:
-            raise CheckpointError(
-                f"{source.file}: {source.keys[_KEY]!r} has shape {list(block.shape)}, expected {list(expected)} "
-                f"for {site.describe()} (MiSS {mode}, r={r})"
-            )
+        source.check_shape(_KEY, block, expected, site, f" (MiSS {mode}, r={r})")
         hyper = _hyper(r, mode, init, mini_r, scale)
         return SiteAdapter(self, site, hyper, {_KEY: block.to(adapter_dtype(site.dtype))}, {_KEY: _KEY})
 
@@ -146,8 +141,6 @@ def _hyper(r: int, mode: str, init: Any, mini_r: int, scale: float) -> dict[str,
 
 def _check(site: Site, r: int, mode: str, mini_r: int, error: type[Exception], where: str) -> None:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}MiSS supports nn.Linear only, as PEFT does, not transformers' Conv1D ({site.describe()})")
     out, inp = site.weight_shape
     if r > inp:
         raise error(f"{prefix}MiSS r={r} exceeds in_features of {site.describe()}")

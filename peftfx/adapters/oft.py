@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 from .orthogonal import orthogonal_site_problem, rotated_dim
 
 
@@ -60,9 +60,11 @@ class Oft(AdapterKind):
     peft_prefix = "oft_"
     ops = frozenset({"linear", "conv2d", "embedding"})
     Params = OftParams
+    scalable = False
+    conv1d = False
 
     def site_problem(self, site: Site) -> str | None:
-        return orthogonal_site_problem(site, "OFT", undilated=True)
+        return super().site_problem(site) or orthogonal_site_problem(site, "OFT", undilated=True)
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: OftParams = params
@@ -76,21 +78,13 @@ class Oft(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: OFT has no scaling, so `scale` must be 1 (got {scale})")
         keys = _peft_keys(site)
-        extra = set(source.tensors) - set(keys.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for OFT")
+        source.refuse_others(keys.values(), "OFT")
         vec = source.take(keys["oft_R"])
         share = bool(cfg.get("block_share", False))
         blocks, size = _blocks(rotated_dim(site), int(cfg.get("r", 0)), int(cfg.get("oft_block_size", 32)))
         expected = (1 if share else blocks, size * (size - 1) // 2)
-        if tuple(vec.shape) != expected:
-            raise CheckpointError(
-                f"{source.file}: {source.keys[keys['oft_R']]!r} has shape {list(vec.shape)}, expected "
-                f"{list(expected)} ({blocks} blocks of {size}) for {site.describe()}"
-            )
+        source.check_shape(keys["oft_R"], vec, expected, site, f" ({blocks} blocks of {size})")
         hyper = _hyper(
             blocks,
             size,
@@ -115,7 +109,7 @@ class Oft(AdapterKind):
         if site.op == "embedding":
             return _rotate_rows(y.to(dtype), R, h).to(site.dtype)
         w = _rotate_weight(weight.to(dtype), R, h, site.weight_shape).to(site.dtype)
-        return F.conv2d(x, w, bias, **site.conv_args)
+        return site.run(x, w, bias)
 
     def merge(
         self,
@@ -139,11 +133,7 @@ class Oft(AdapterKind):
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
         fields = ("cfg_r", "cfg_block_size", "block_share", "coft", "eps", "cayley_neumann", "neumann_terms")
-        first = adapters[0].hyper
-        for a in adapters:
-            differs = [f for f in fields if a.hyper[f] != first[f]]
-            if differs:
-                raise SpecError(f"save_adapter: PEFT's OFT needs one {differs[0]} for the whole adapter")
+        first = uniform(adapters, fields, "OFT")
         return {
             "peft_type": "OFT",
             "target_modules": target_modules(adapters),

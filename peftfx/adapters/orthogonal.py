@@ -14,9 +14,8 @@ def rotated_dim(site: Site) -> int:
 
 
 def orthogonal_site_problem(site: Site, kind: str, undilated: bool = False) -> str | None:
-    """PEFT's limits: no transformers Conv1D; convs ungrouped with a square kernel (OFT: undilated too)."""
-    if site.transposed:
-        return f"PEFT's {kind} does not support transformers' Conv1D ({site.describe()})"
+    """PEFT's limits beyond Conv1D (the kinds set ``conv1d = False``): convs ungrouped with a square kernel (OFT:
+    undilated too)."""
     if site.op == "conv2d":
         c = site.conv_args
         kh, kw = site.weight_shape[2:]

@@ -49,6 +49,7 @@ class Osf(AdapterKind):
     peft_prefix = "osf_"
     ops = frozenset({"linear"})
     Params = OsfParams
+    scalable = False
     conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
@@ -65,11 +66,7 @@ class Osf(AdapterKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: OSF has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for OSF")
+        source.refuse_others(_KEYS.values(), "OSF")
         out, inp = site.weight_shape
         m = min(out, inp)
         value = cfg.get("effective_rank")
@@ -85,11 +82,7 @@ class Osf(AdapterKind):
         tensors = {}
         for role, key in _KEYS.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} (effective_rank {k}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, expected[role], site, f" (effective_rank {k})")
             tensors[role] = tensor.to(site.dtype)
         return SiteAdapter(self, site, {"k": k, "scale": scale}, tensors, dict(_KEYS))
 

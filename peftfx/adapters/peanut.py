@@ -13,7 +13,6 @@ from that same weight, as PEFT does (it caches the weight from before merging).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +23,17 @@ from transformers.activations import ACT2FN
 
 from ..errors import CheckpointError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_linear_delta,
+    kaiming_factors,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 
 class PeanutParams(BaseModel):
@@ -55,14 +64,7 @@ class Peanut(AdapterKind):
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: PeanutParams = params
         shapes = _shapes(site, p.r, p.depth)
-        tensors = {}
-        for role, shape in shapes.items():
-            tensor = torch.empty(shape, dtype=torch.float64)
-            if role == "peanut_B" and p.init:
-                tensor.zero_()
-            else:
-                torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
-            tensors[role] = tensor.to(adapter_dtype(site.dtype))
+        tensors = kaiming_factors(shapes, "peanut_B" if p.init else None, generator, adapter_dtype(site.dtype))
         hyper = _hyper(p.r, p.depth, p.act_fn, p.scaling, 1.0)
         return SiteAdapter(self, site, hyper, tensors, _peft_keys(p.depth))
 
@@ -70,29 +72,19 @@ class Peanut(AdapterKind):
         cfg = source.config
         r, depth = int(cfg.get("r", 32)), int(cfg.get("depth", 0))
         roles = _peft_keys(depth)
-        extra = sorted(set(source.tensors) - set(roles.values()))
-        if extra:
-            raise CheckpointError(
-                f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a PEANuT site of depth {depth}"
-            )
+        source.refuse_others(roles.values(), f"a PEANuT site of depth {depth}")
         tensors = {}
         for role, shape in _shapes(site, r, depth).items():
             tensor = source.take(roles[role])
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[roles[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shape)} for {site.describe()} (r={r})"
-                )
+            source.check_shape(roles[role], tensor, shape, site, f" (r={r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         hyper = _hyper(r, depth, cfg.get("act_fn", "relu"), float(cfg.get("scaling", 1.0)), scale)
         return SiteAdapter(self, site, hyper, tensors, roles)
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
         dtype = a.tensors["peanut_A"].dtype
-        cast = dtype != a.site.dtype
-        delta = _delta(a, weight.to(dtype) if cast else weight, t)
-        out = F.linear(x.to(dtype) if cast else x, delta)
-        return y + (out.to(a.site.dtype) if cast else out)
+        delta = _delta(a, weight.to(dtype) if dtype != a.site.dtype else weight, t)
+        return add_linear_delta(a.site, x, y, delta, dtype)
 
     def merge(
         self,

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 
 class PsoftParams(BaseModel):
@@ -53,6 +53,7 @@ class Psoft(AdapterKind):
     peft_prefix = "psoft_"
     ops = frozenset({"linear"})
     Params = PsoftParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: PsoftParams = params
@@ -87,17 +88,11 @@ class Psoft(AdapterKind):
         if mag_a:
             expected["vector_a"] = (r,)
         keys = _keys(expected)
-        extra = set(source.tensors) - set(keys.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for PSOFT")
+        source.refuse_others(keys.values(), "PSOFT")
         tensors = {}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} (r={r}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, expected[role], site, f" (r={r})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         eps = cfg.get("cayley_neumann_eps")
         hyper = _hyper(
@@ -148,12 +143,18 @@ class Psoft(AdapterKind):
         refuse_unknown(config, _HANDLED, "PSOFT", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        fields = ("r", "alpha", "ab_svd_init", "orth", "cayley_neumann", "neumann_terms", "neumann_eps", "mag_b")
-        first = adapters[0].hyper
-        for a in adapters:
-            differs = [f for f in (*fields, "mag_a") if a.hyper[f] != first[f]]
-            if differs:
-                raise SpecError(f"save_adapter: PEFT's PSOFT needs one {differs[0]} for the whole adapter")
+        fields = (
+            "r",
+            "alpha",
+            "ab_svd_init",
+            "orth",
+            "cayley_neumann",
+            "neumann_terms",
+            "neumann_eps",
+            "mag_b",
+            "mag_a",
+        )
+        first = uniform(adapters, fields, "PSOFT")
         return {
             "peft_type": "PSOFT",
             "target_modules": target_modules(adapters),
@@ -228,8 +229,6 @@ def _hyper(
 
 def _check_site(site: Site, r: int, error: type[Exception], where: str = "") -> None:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's PSOFT supports nn.Linear only, not transformers' Conv1D ({site.describe()})")
     if site.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise error(
             f"{prefix}PSOFT needs a float32/16 or bfloat16 weight, as PEFT does ({site.describe()}: {site.dtype})"

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..errors import CheckpointError
 from .base import SiteAdapter, refuse_unknown
+from .vera import HANDLED as VERA_HANDLED
 from .vera import Vera, VeraParams
 
 
@@ -45,18 +46,6 @@ class Pvera(Vera):
         refuse_unknown(config, _HANDLED, self.name, file)
 
 
-# As VeRA's, plus the sampling fields, neutral when sample_at_inference is false (checked above).
-_HANDLED = frozenset(
-    {
-        "r",
-        "projection_prng_key",
-        "save_projection",
-        "fan_in_fan_out",
-        "init_weights",
-        "d_initial",
-        "pvera_dropout",
-        "bias",
-        "sample_at_inference",
-        "generator_seed",
-    }
-)
+# As VeRA's (its dropout named for PVeRA), plus the sampling fields, neutral when sample_at_inference is false
+# (checked above).
+_HANDLED = VERA_HANDLED - {"vera_dropout"} | {"pvera_dropout", "sample_at_inference", "generator_seed"}

@@ -94,11 +94,7 @@ class Randlora(AdditiveKind):
         tensors = {}
         for role, shape in (("randlora_lambda", (r, b)), ("randlora_gamma", (b, m))):
             tensor = source.take(role)
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                    f"for {site.describe()} (r={r})"
-                )
+            source.check_shape(role, tensor, shape, site, f" (r={r})")
             tensors[role] = tensor.to(dtype)
         for role in _SHARED:
             if role not in source.shared:
@@ -125,9 +121,7 @@ class Randlora(AdditiveKind):
                     f"{source.file}: {source.keys[role]!r} differs from the shared 'base_model.{role}'"
                 )
             tensors[role] = shared.to(dtype)
-        extra = sorted(set(source.tensors) - set(_OWN) - set(_SHARED))
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a RandLoRA site")
+        source.refuse_others({*_OWN, *_SHARED}, "a RandLoRA site")
         a = SiteAdapter(self, site, hyper, tensors, _keys())
         a.shared = a.frozen = frozenset(_SHARED)
         return a
@@ -141,8 +135,7 @@ class Randlora(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         first, second = _bases(a, {role: v.double() for role, v in t.items()})
-        delta = second @ first * a.hyper["scaling"]
-        return delta
+        return second @ first * a.hyper["scaling"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if config.get("save_projection", True) is False:

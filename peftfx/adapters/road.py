@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _SIZE = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # tensor length per output feature
 
@@ -43,6 +43,8 @@ class Road(AdapterKind):
     peft_prefix = "road_"
     ops = frozenset({"linear"})
     Params = RoadParams
+    scalable = False
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: RoadParams = params
@@ -65,20 +67,12 @@ class Road(AdapterKind):
         if variant not in _SIZE:
             raise CheckpointError(f"{source.file}: unknown RoAd variant {variant!r} (road_1, road_2, road_4)")
         _check_site(site, group, CheckpointError, source.file)
-        if scale != 1.0:
-            raise CheckpointError(f"{source.file}: RoAd has no scaling, so `scale` must be 1 (got {scale})")
-        extra = set(source.tensors) - set(_KEYS.values())
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[sorted(extra)[0]]!r} for RoAd")
+        source.refuse_others(_KEYS.values(), "RoAd")
         expected = (int(site.out_features * _SIZE[variant]),)
         tensors = {}
         for role in _KEYS:
             tensor = source.take(role)
-            if tuple(tensor.shape) != expected:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[role]!r} has shape {list(tensor.shape)}, expected {list(expected)} "
-                    f"({variant}) for {site.describe()}"
-                )
+            source.check_shape(role, tensor, expected, site, f" ({variant})")
             tensors[role] = tensor.to(adapter_dtype(site.dtype))
         return SiteAdapter(self, site, {"variant": variant, "group_size": group, "scale": scale}, tensors, dict(_KEYS))
 
@@ -108,10 +102,7 @@ class Road(AdapterKind):
         refuse_unknown(config, _HANDLED, "RoAd", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = adapters[0].hyper
-        for a in adapters:
-            if (a.hyper["variant"], a.hyper["group_size"]) != (first["variant"], first["group_size"]):
-                raise SpecError("save_adapter: PEFT's RoAd needs one variant and one group_size for the whole adapter")
+        first = uniform(adapters, ("variant", "group_size"), "RoAd")
         return {
             "peft_type": "ROAD",
             "target_modules": target_modules(adapters),
@@ -127,8 +118,6 @@ _HANDLED = frozenset({"variant", "group_size", "init_weights"})  # init_weights 
 
 def _check_site(site: Site, group: int, error: type[Exception], where: str = "") -> None:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's RoAd supports nn.Linear only, not transformers' Conv1D ({site.describe()})")
     if group <= 0 or group % 2 or site.out_features % group:
         raise error(f"{prefix}RoAd group_size={group} must be even and divide {site.out_features} ({site.describe()})")
 

@@ -18,13 +18,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site
 from ..sizes import Seed
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
+from .base import (
+    AdapterKind,
+    PeftSource,
+    SiteAdapter,
+    adapter_dtype,
+    add_linear_delta,
+    refuse_unknown,
+    target_modules,
+    uniform,
+)
 
 KEYS = {"weight": "shira_weight", "indices": "shira_indices"}
 
@@ -43,6 +51,7 @@ class Shira(AdapterKind):
     peft_prefix = "shira_"
     ops = frozenset({"linear"})
     Params = ShiraParams
+    conv1d = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: ShiraParams = params
@@ -60,19 +69,12 @@ class Shira(AdapterKind):
         return SiteAdapter(self, site, {"r": p.r, "random_seed": p.random_seed, "scale": 1.0}, tensors, dict(KEYS))
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        extra = set(source.tensors) - set(KEYS.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a SHiRA site")
+        source.refuse_others(KEYS.values(), "a SHiRA site")
         r = int(source.config.get("r", 32))
         n = _count(site, r, CheckpointError, source.file)
         values, indices = source.take(KEYS["weight"]), source.take(KEYS["indices"])
         for role, tensor, shape in (("weight", values, (n,)), ("indices", indices, (2, n))):
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[KEYS[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shape)} (r={r} of adapter_config.json) for {site.describe()}"
-                )
+            source.check_shape(KEYS[role], tensor, shape, site, f" (r={r} of adapter_config.json)")
         out, inp = site.weight_shape
         as_int = indices.to(torch.int64)
         if (
@@ -89,10 +91,8 @@ class Shira(AdapterKind):
         return SiteAdapter(self, site, hyper, tensors, dict(KEYS))
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
-        dtype = a.tensors["weight"].dtype
-        cast = dtype != a.site.dtype
-        out = F.linear(x.to(dtype) if cast else x, _delta(a, t["weight"], t["indices"]))
-        return y + (out.to(a.site.dtype) if cast else out)
+        delta = _delta(a, t["weight"], t["indices"])
+        return add_linear_delta(a.site, x, y, delta, a.tensors["weight"].dtype)
 
     def merge(
         self,
@@ -130,8 +130,6 @@ _HANDLED = frozenset({"r", "mask_type", "random_seed", "fan_in_fan_out", "init_w
 
 def _count(site: Site, r: int, error: type[Exception], where: str) -> int:
     prefix = f"{where}: " if where else ""
-    if site.transposed:
-        raise error(f"{prefix}PEFT's SHiRA adapts nn.Linear only, not transformers' Conv1D ({site.describe()})")
     out, inp = site.weight_shape
     n = r * (out + inp)
     if n > out * inp:

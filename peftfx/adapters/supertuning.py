@@ -92,20 +92,12 @@ class Supertuning(AdapterKind):
         if r is not None:
             expected |= {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
         wanted = {_KEYS[role] for role in expected}
-        extra = sorted(set(source.tensors) - wanted)
-        if extra:
-            raise CheckpointError(
-                f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for this Super-Tuning site"
-            )
+        source.refuse_others(wanted, "this Super-Tuning site")
         dtype = adapter_dtype(site.dtype)
         tensors = {}
         for role, shape in expected.items():
             tensor = source.take(_KEYS[role])
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[_KEYS[role]]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(shape)} for {site.describe()} (sparsity={sparsity}, r={r})"
-                )
+            source.check_shape(_KEYS[role], tensor, shape, site, f" (sparsity={sparsity}, r={r})")
             tensors[role] = tensor.to(dtype) if role != "indices" else tensor
         if saved:
             _check_indices(site, tensors["indices"], source)

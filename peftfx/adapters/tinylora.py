@@ -88,9 +88,7 @@ class TinyLora(AdditiveKind):
         groups = max(1, round(count * (1.0 - float(cfg.get("weight_tying", 0.0)))))
         group = min(index // max(1, count // groups), groups - 1)
         roles = ["A", "B"] + (["P"] if _KEYS["P"] in source.tensors else [])
-        extra = sorted(set(source.tensors) - {_KEYS[role] for role in roles})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a TinyLoRA site")
+        source.refuse_others({_KEYS[role] for role in roles}, "a TinyLoRA site")
         tensors = {role: source.take(_KEYS[role]) for role in roles}
         out_f, in_f = site.weight_shape[:2]  # embeddings: [num, dim], and B is num x r
         r = min(r_cfg, out_f, in_f)
@@ -143,8 +141,7 @@ class TinyLora(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         R = torch.einsum("i,ijk->jk", t[_v_role(a.hyper["group"])].double(), t["P"].double())
-        delta = t["B"].double() @ R @ t["A"].double() * a.hyper["scale"]
-        return delta
+        return t["B"].double() @ R @ t["A"].double() * a.hyper["scale"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "TinyLoRA", file)

@@ -25,7 +25,7 @@ from torch import fx
 
 from ..errors import CheckpointError, SpecError
 from ..sites import Site, find_sites, signature_of
-from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules
+from .base import AdapterKind, PeftSource, SiteAdapter, adapter_dtype, refuse_unknown, target_modules, uniform
 
 _KEY = "trainable_tokens_delta"
 
@@ -61,6 +61,7 @@ class TrainableTokens(AdapterKind):
     peft_prefix = "trainable_tokens_"
     ops = frozenset({"embedding", "linear"})
     Params = TrainableTokensParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: TrainableTokensParams = params
@@ -73,17 +74,10 @@ class TrainableTokens(AdapterKind):
         return SiteAdapter(self, site, hyper, {"delta": delta.to(adapter_dtype(site.dtype))}, {"delta": _KEY})
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: trainable tokens replace rows of {site.module} and have no scaling factor, so "
-                f"`scale: {scale}` cannot be applied"
-            )
         indices = source.config["token_indices"]
         weight = _check_site(site, indices, CheckpointError, source.file)
         delta = source.take(_KEY)
-        extra = sorted(set(source.tensors) - {_KEY})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for trainable tokens")
+        source.refuse_others({_KEY}, "trainable tokens")
         expected = (len(indices), weight.shape[1])
         if tuple(delta.shape) != expected:
             raise CheckpointError(
@@ -122,9 +116,7 @@ class TrainableTokens(AdapterKind):
         refuse_unknown(config, _HANDLED, "trainable tokens", file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        indices = adapters[0].hyper["token_indices"]
-        if any(a.hyper["token_indices"] != indices for a in adapters):
-            raise SpecError("save_adapter: PEFT needs one token_indices list for a whole trainable-tokens adapter")
+        indices = uniform(adapters, ("token_indices",), "trainable tokens")["token_indices"]
         return {
             "peft_type": "TRAINABLE_TOKENS",
             "target_modules": target_modules(adapters),

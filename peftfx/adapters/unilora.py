@@ -62,6 +62,7 @@ class UniLoRA(AdditiveKind):
     peft_prefix = "unilora_"
     ops = frozenset({"linear"})
     Params = UniLoRAParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: UniLoRAParams = params
@@ -89,17 +90,9 @@ class UniLoRA(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: UniLoRA has no scaling factor, so `scale: {scale}` cannot be honoured "
-                f"({site.describe()})"
-            )
         r, length = int(cfg.get("r", 4)), int(cfg.get("theta_d_length", 256))
         module_keys = {role: key for role, key in KEYS.items() if role != "theta"}
-        extra = set(source.tensors) - set(module_keys.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a UniLoRA site")
+        source.refuse_others(module_keys.values(), "a UniLoRA site")
         if THETA not in source.shared:
             raise CheckpointError(f"{source.file}: missing the shared tensor 'base_model.{THETA}'")
         theta = source.shared[THETA]
@@ -114,11 +107,7 @@ class UniLoRA(AdditiveKind):
         for role, key in module_keys.items():
             tensor = source.take(key)
             shape = shapes[role[-1]]
-            if tuple(tensor.shape) != shape:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
-                    f"(r={r}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, shape, site, f" (r={r})")
             if role.startswith("indices"):
                 if tensor.is_floating_point() or bool((tensor < 0).any() or (tensor >= length).any()):
                     raise CheckpointError(f"{source.file}: {source.keys[key]!r} holds indices outside 0..{length - 1}")
@@ -139,8 +128,7 @@ class UniLoRA(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B = _factors({role: v if role.startswith("indices") else v.double() for role, v in t.items()}, detach=False)
-        delta = B @ A
-        return delta
+        return B @ A
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         if not config.get("save_indices", False):

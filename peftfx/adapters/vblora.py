@@ -55,6 +55,7 @@ class VBLoRA(AdditiveKind):
     peft_prefix = "vblora_"
     ops = frozenset({"linear"})
     Params = VBLoRAParams
+    scalable = False
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: VBLoRAParams = params
@@ -75,11 +76,6 @@ class VBLoRA(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        if scale != 1.0:
-            raise CheckpointError(
-                f"{source.file}: VB-LoRA has no scaling factor, so `scale: {scale}` cannot be honoured "
-                f"({site.describe()})"
-            )
         r, nv, length, k = (
             int(cfg.get(f, d)) for f, d in (("r", 4), ("num_vectors", 256), ("vector_length", 256), ("topk", 2))
         )
@@ -96,10 +92,7 @@ class VBLoRA(AdditiveKind):
             else:
                 keys[role] = LOGITS[role]
                 expected[role] = shape
-        extra = set(source.tensors) - set(keys.values())
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a VB-LoRA site")
+        source.refuse_others(keys.values(), "a VB-LoRA site")
         if BANK not in source.shared:
             raise CheckpointError(f"{source.file}: missing the shared tensor 'base_model.{BANK}'")
         bank = source.shared[BANK]
@@ -112,11 +105,7 @@ class VBLoRA(AdditiveKind):
         tensors = {"bank": bank.to(dtype)}
         for role, key in keys.items():
             tensor = source.take(key)
-            if tuple(tensor.shape) != expected[role]:
-                raise CheckpointError(
-                    f"{source.file}: {source.keys[key]!r} has shape {list(tensor.shape)}, expected "
-                    f"{list(expected[role])} (r={r}, vector_length={length}, topk={k}) for {site.describe()}"
-                )
+            source.check_shape(key, tensor, expected[role], site, f" (r={r}, vector_length={length}, topk={k})")
             if role.endswith("_indices"):
                 if tensor.is_floating_point() or bool((tensor.long() < 0).any() or (tensor.long() >= nv).any()):
                     raise CheckpointError(f"{source.file}: {source.keys[key]!r} holds indices outside 0..{nv - 1}")
@@ -136,8 +125,7 @@ class VBLoRA(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B = _factors(a, {role: v if role.endswith("_indices") else v.double() for role, v in t.items()})
-        delta = B @ A
-        return delta
+        return B @ A
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "VB-LoRA", file)

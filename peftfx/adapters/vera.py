@@ -72,9 +72,7 @@ class Vera(AdditiveKind):
         cfg = source.config
         r = int(cfg.get("r", 256))
         key_b, key_d = f"{self.peft_prefix}b", f"{self.peft_prefix}d"
-        extra = sorted(set(source.tensors) - {key_b, key_d})
-        if extra:
-            raise CheckpointError(f"{source.file}: unexpected tensor {source.keys[extra[0]]!r} for a {self.name} site")
+        source.refuse_others({key_b, key_d}, f"a {self.name} site")
         lambda_b, lambda_d = source.take(key_b), source.take(key_d)
         dtype = adapter_dtype(site.dtype)
         name_a, name_b = self._shared
@@ -155,11 +153,10 @@ class Vera(AdditiveKind):
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         A, B, lambda_d = (f.double() for f in self._factors(a, t))
-        delta = (t["lambda_b"].double()[:, None] * B) @ (lambda_d[:, None] * A) * a.hyper["scale"]
-        return delta
+        return (t["lambda_b"].double()[:, None] * B) @ (lambda_d[:, None] * A) * a.hyper["scale"]
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
-        refuse_unknown(config, _HANDLED, self.name, file)
+        refuse_unknown(config, HANDLED, self.name, file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
         first = adapters[0].hyper
@@ -179,7 +176,7 @@ class Vera(AdditiveKind):
 
 
 # Fields read here, and ones that only shape training (dropout, init: the stored tensors say everything).
-_HANDLED = frozenset(
+HANDLED = frozenset(
     {
         "r",
         "projection_prng_key",

@@ -37,12 +37,11 @@ from .base import (
     PeftSource,
     SiteAdapter,
     adapter_dtype,
+    add_linear_delta,
     pattern_value,
-    per_module,
     refuse_unknown,
-    target_modules,
-    uniform,
 )
+from .spectral import check_n, random_positions, spectral_config, take_spectrum
 
 SPECTRUM = "waveft_spectrum"
 MAX_DB = 10  # PEFT has reconstruction filters for db1-db10 only
@@ -74,7 +73,7 @@ class WaveFT(AdditiveKind):
 
     def create(self, site: Site, params: BaseModel, generator: torch.Generator, prepared: Any = None) -> SiteAdapter:
         p: WaveFTParams = params
-        _check_n(site, p.n_frequency, SpecError, "")
+        check_n(site, p.n_frequency, "WaveFT", SpecError, "")
         spectrum = torch.zeros(p.n_frequency, dtype=torch.float64)
         if not p.init_weights:
             spectrum.normal_(0.0, 0.01, generator=generator)
@@ -84,11 +83,7 @@ class WaveFT(AdditiveKind):
 
     def from_peft(self, site: Site, source: PeftSource, scale: float) -> SiteAdapter:
         cfg = source.config
-        extra = set(source.tensors) - {SPECTRUM}
-        if extra:
-            key = source.keys[sorted(extra)[0]]
-            raise CheckpointError(f"{source.file}: unexpected tensor {key!r} for a WaveFT site")
-        spectrum = source.take(SPECTRUM)
+        spectrum = take_spectrum(source, SPECTRUM, "WaveFT")
         if spectrum.ndim != 1:
             raise CheckpointError(
                 f"{source.file}: {source.keys[SPECTRUM]!r} has shape {list(spectrum.shape)}, expected a vector"
@@ -101,7 +96,7 @@ class WaveFT(AdditiveKind):
                     f"{source.file}: {source.keys[SPECTRUM]!r} has shape {list(spectrum.shape)}, expected "
                     f"[{expected}] (n_frequency of adapter_config.json) for {site.describe()}"
                 )
-        _check_n(site, n, CheckpointError, source.file)
+        check_n(site, n, "WaveFT", CheckpointError, source.file)
         family = str(cfg.get("wavelet_family", "db1"))
         use_idwt = bool(cfg.get("use_idwt", True))
         if use_idwt:
@@ -113,14 +108,10 @@ class WaveFT(AdditiveKind):
         return SiteAdapter(self, site, hyper, tensors, {"spectrum": SPECTRUM})
 
     def forward(self, a: SiteAdapter, x: Any, y: Any, weight: Any, bias: Any, t: Mapping[str, Any]) -> Any:
-        dtype = a.tensors["spectrum"].dtype
-        cast = dtype != a.site.dtype
-        out = F.linear(x.to(dtype) if cast else x, _delta(a, t["spectrum"]))
-        return y + (out.to(a.site.dtype) if cast else out)
+        return add_linear_delta(a.site, x, y, _delta(a, t["spectrum"]), a.tensors["spectrum"].dtype)
 
     def delta(self, a: SiteAdapter, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        delta = _delta(a, t["spectrum"].double())
-        return delta
+        return _delta(a, t["spectrum"].double())
 
     def check_peft_config(self, config: Mapping[str, Any], file: str) -> None:
         refuse_unknown(config, _HANDLED, "WaveFT", file)
@@ -128,18 +119,11 @@ class WaveFT(AdditiveKind):
             _order(str(config.get("wavelet_family", "db1")), CheckpointError, file)
 
     def peft_config(self, adapters: Sequence[SiteAdapter]) -> dict[str, Any]:
-        first = uniform(adapters, ("scaling", "random_loc_seed", "wavelet_family", "use_idwt"), "WaveFT")
+        first = adapters[0].hyper
         return {
-            "peft_type": "WAVEFT",
-            "target_modules": target_modules(adapters),
-            "n_frequency": first["n_frequency"],
-            "n_frequency_pattern": per_module(adapters, "n_frequency", first["n_frequency"]),
-            "scaling": first["scaling"],
+            **spectral_config(adapters, "WAVEFT", "WaveFT", ("wavelet_family", "use_idwt")),
             "wavelet_family": first["wavelet_family"],
             "use_idwt": first["use_idwt"],
-            "random_loc_seed": first["random_loc_seed"],
-            "fan_in_fan_out": any(a.site.transposed for a in adapters),
-            "bias": "none",
             "proportional_parameters": False,
             "init_weights": True,
         }
@@ -171,13 +155,6 @@ def _hyper(n: int, scaling: float, seed: int, family: str, use_idwt: bool, scale
         "use_idwt": use_idwt,
         "scale": scale,
     }
-
-
-def _check_n(site: Site, n: int, error: type[Exception], where: str) -> None:
-    out, inp = site.weight_shape
-    if n > out * inp:
-        prefix = f"{where}: " if where else ""
-        raise error(f"{prefix}WaveFT n_frequency={n} exceeds out*in={out * inp} of {site.describe()}")
 
 
 def _order(family: str, error: type[Exception], where: str) -> int:
@@ -222,7 +199,7 @@ def _lowpass(order: int) -> tuple[float, ...]:
 @functools.lru_cache(maxsize=256)
 def _positions(out: int, inp: int, n: int, seed: int, family: str, use_idwt: bool) -> tuple[tuple[int, ...], int, int]:
     """Flat positions in the (padded) coefficient grid, and the grid's shape."""
-    flat = torch.randperm(out * inp, generator=torch.Generator().manual_seed(seed))[:n]
+    flat = torch.tensor(random_positions(out, inp, n, seed), dtype=torch.long)
     rows, cols = flat // inp, flat % inp
     if not use_idwt:
         return tuple((rows * inp + cols).tolist()), out, inp
