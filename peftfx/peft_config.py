@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import CheckpointError
+from .sizes import Seed
 
 Rank = Annotated[int, Field(ge=1)]
 Size = Annotated[int, Field(ge=1)]  # a count of elements, blocks or vectors: at least one
@@ -113,7 +114,7 @@ class VeraConfig(RankedConfig):
     """VeRA and PVeRA: the rank of the shared projections and the key they are drawn from."""
 
     r: Rank = 256
-    projection_prng_key: int = 0
+    projection_prng_key: Seed = 0
     save_projection: bool = True
     d_initial: Finite = 0.1
     vera_dropout: Fraction = 0.0
@@ -122,7 +123,7 @@ class VeraConfig(RankedConfig):
 class PveraConfig(VeraConfig):
     pvera_dropout: Fraction = 0.0
     sample_at_inference: bool = False
-    generator_seed: int | None = None
+    generator_seed: Seed | None = None
 
 
 class Ia3Config(PeftConfig):
@@ -134,7 +135,7 @@ class AdamssConfig(RankedConfig):
     r: Rank = 100
     num_subspaces: Size = 5
     subspace_rank: Size = 1
-    random_seed: int = 0
+    random_seed: Seed = 0
     svd_threshold: Finite = 0.1
     use_dynamic_rank: bool = False
     use_asa: bool = False
@@ -185,7 +186,7 @@ class SpectralConfig(TunerConfig):
     n_frequency: Size = 1000
     n_frequency_pattern: dict[str, Size] | None = None
     scaling: Finite = 150.0
-    random_loc_seed: int | None = 777
+    random_loc_seed: Seed | None = 777
 
 
 class WaveftConfig(SpectralConfig):
@@ -195,7 +196,7 @@ class WaveftConfig(SpectralConfig):
 
 
 class FrodConfig(TunerConfig):
-    projection_prng_key: int = 0
+    projection_prng_key: Seed = 0
     save_projection: bool = True
     sparse_rate: Fraction = 0.01
     regularization_alpha: Finite = 0.001
@@ -271,13 +272,13 @@ class PsoftConfig(RankedConfig):
     use_cayley_neumann: bool = False
     num_cayley_neumann_terms: Count = 5
     cayley_neumann_eps: Finite | None = None
-    random_seed: int = 0
+    random_seed: Seed = 0
     psoft_dropout: Fraction = 0.0
 
 
 class RandloraConfig(RankedConfig):
     randlora_alpha: Finite = 640
-    projection_prng_key: int = 0
+    projection_prng_key: Seed = 0
     save_projection: bool = True
     sparse: bool = False
     very_sparse: bool = False
@@ -292,7 +293,7 @@ class RoadConfig(PeftConfig):
 
 class ShiraConfig(RankedConfig):
     mask_type: Literal["random"] = "random"
-    random_seed: int | None = None
+    random_seed: Seed | None = None
 
 
 class SupertuningConfig(TunerConfig):
@@ -308,7 +309,7 @@ class TinyloraConfig(RankedConfig):
     r: Rank = 2
     u: Size = 64
     weight_tying: Fraction = 0.0
-    projection_seed: int = 42
+    projection_seed: Seed = 42
     save_projection: bool = True
     init_v_bound: Finite = 0.02
     tinylora_dropout: Fraction = 0.0
@@ -324,7 +325,7 @@ class UniloraConfig(RankedConfig):
     r: Rank = 4
     theta_d_length: Size = 256
     save_indices: bool = False
-    proj_seed: int = 42
+    proj_seed: Seed = 42
     init_theta_d_bound: Finite = 0.02
     unilora_dropout: Fraction = 0.0
 
