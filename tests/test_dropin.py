@@ -81,10 +81,10 @@ def unet_lora(tmp_path_factory: pytest.TempPathFactory) -> tuple[UNet2DCondition
     return unet, oracle.base_model.model, str(directory)
 
 
-def sd_latents(unet: nn.Module, **extra) -> torch.Tensor:
-    pipe = StableDiffusionPipeline(
+def pipeline(unet: nn.Module, text_encoder: nn.Module | None = None) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
         vae=tiny_vae(),
-        text_encoder=None,
+        text_encoder=text_encoder,
         tokenizer=None,
         unet=unet,
         scheduler=DDIMScheduler(),
@@ -92,6 +92,10 @@ def sd_latents(unet: nn.Module, **extra) -> torch.Tensor:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def sd_latents(unet: nn.Module, **extra) -> torch.Tensor:
+    pipe = pipeline(unet)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -11,31 +11,18 @@ import copy
 import peft
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from oracle import perturb
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from test_dropin import tiny_unet, tiny_vae, unet_inputs
+from test_dropin import pipeline, tiny_unet, unet_inputs
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import peftfx
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
-
-
-def pipeline(unet: nn.Module, text_encoder: nn.Module | None = None) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=text_encoder,
-        tokenizer=None,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def trained_lora(model: nn.Module, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
