@@ -31,13 +31,12 @@ from ..adapters.base import LowRank
 from ..adapters.lora import dora_output, dora_scale
 from ..errors import PassError, PeftfxError, SpecError
 from ..guard import routing_index
-from ..ir import Placement, Routing, attr_key, routing, set_routing
+from ..ir import ROUTING_INPUT, Placement, Routing, attr_key, routing, set_routing
 from ..rewrite import TAG, add_input, build_after, get_attr, set_attr, tagged_get_attr, weight_device
 from ..sites import Site
 from .base import Pass
 
-INPUT = "adapter_index"
-_TAG = {"adapter": "routing", "node": INPUT}
+_TAG = {"adapter": "routing", "node": ROUTING_INPUT}
 
 
 class Route(Pass):
@@ -62,7 +61,7 @@ class Route(Pass):
                 )
             row[position[p.adapter]] = p.site_adapter
         try:
-            placeholder = add_input(gm, INPUT)
+            placeholder = add_input(gm, ROUTING_INPUT)
         except SpecError as error:
             raise SpecError(f"routing: {error}") from None
         # checked against the routing and the batch; negative indices (the base model) pick row n, the zero row
@@ -72,14 +71,14 @@ class Route(Pass):
         index.meta[TAG] = dict(_TAG)
         for node, row in by_site.items():
             _route(gm, node, row, index, self.adapters)
-        set_routing(gm, Routing(INPUT, list(self.adapters)))
+        set_routing(gm, Routing(ROUTING_INPUT, list(self.adapters)))
         return gm
 
     def ensure(self, gm: fx.GraphModule) -> None:
-        if routing(gm) != Routing(INPUT, self.adapters):
+        if routing(gm) != Routing(ROUTING_INPUT, self.adapters):
             raise PassError("the graph does not say it is routed, or by which adapters")
-        if not gm.graph.find_nodes(op="placeholder", target=INPUT):
-            raise PassError(f"the graph has no input {INPUT!r}")
+        if not gm.graph.find_nodes(op="placeholder", target=ROUTING_INPUT):
+            raise PassError(f"the graph has no input {ROUTING_INPUT!r}")
 
 
 def _check(p: Placement, i: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,10 +15,10 @@ from torch import fx, nn
 from .capture import Inputs, capture
 from .dropin import as_dropin, lora_scale_keyword
 from .errors import PeftfxError, SpecError
+from .inputs import without_index
 from .ir import SCALE_INPUT, Override
 from .kv_cache import capture_with_cache
 from .passes import Causal, Cleanup, Insert, Merge, Pass, Route, run_passes
-from .passes.route import INPUT as ROUTING_INPUT
 from .plan import Plan, make_plan, place, targets
 from .rewrite import drop_input, get_attr
 from .spec import CombineAdapter, Spec, load_spec
@@ -130,7 +130,8 @@ def build_loaded(
     """``build`` of a loaded spec (``base_dir`` resolves its relative paths). ``planned(plan)`` sees the plan
     before the passes run: ``verify`` moves fresh adapters off their initial values there."""
     seconds: dict[str, float] = {}
-    example_inputs = _without_index(spec, example_inputs)
+    if spec.routed_adapters():  # a routed graph's callers pass adapter_index, so its example inputs may too
+        example_inputs = without_index(example_inputs)
     with _step("capture", seconds, progress):
         if max_cache_len is None:
             gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
@@ -148,13 +149,6 @@ def build_loaded(
         gm = rewrite(gm, spec, plan, inplace=inplace, runtime_scale=scaled)
         gm = as_dropin(gm, model, example_inputs, _scale_refusal(spec, plan) if scaled else None)
     return Build(gm, summarize(spec, plan), seconds)
-
-
-def _without_index(spec: Spec, example_inputs: Inputs | None) -> Inputs | None:
-    """A routed graph's callers pass ``adapter_index``, so its example inputs may too; the model never takes it."""
-    if spec.routed_adapters() and isinstance(example_inputs, Mapping) and ROUTING_INPUT in example_inputs:
-        return {k: v for k, v in example_inputs.items() if k != ROUTING_INPUT}
-    return example_inputs
 
 
 def _scale_refusal(spec: Spec, plan: Plan) -> str | None:

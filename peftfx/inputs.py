@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ from torch import fx
 
 from .capture import Inputs, split_inputs
 from .errors import SpecError
-from .ir import routing
+from .ir import ROUTING_INPUT, routing
 
 
 def batch_input(inputs: Inputs) -> int | str:
@@ -36,3 +37,11 @@ def with_index(gm: fx.GraphModule, inputs: Inputs) -> tuple[tuple[Any, ...], dic
     if routed is not None and routed.input not in kwargs:
         kwargs[routed.input] = torch.full((batch_size(inputs),), -1, dtype=torch.int64)
     return args, kwargs
+
+
+def without_index(inputs: Inputs | None) -> Inputs | None:
+    """``inputs`` less an ``adapter_index`` keyword: the routed graph takes it, the model it was captured from never
+    does (``with_index``'s inverse)."""
+    if isinstance(inputs, Mapping) and ROUTING_INPUT in inputs:
+        return {k: v for k, v in inputs.items() if k != ROUTING_INPUT}
+    return inputs

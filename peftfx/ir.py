@@ -20,6 +20,7 @@ from .rewrite import get_attr
 from .sites import site_of
 
 META = "peftfx"  # the key of gm.meta this module owns
+ROUTING_INPUT = "adapter_index"  # the int64 [batch] input of a routed graph: which adapter each sample takes
 SCALE_INPUT = "lora_scale"  # a 0-d tensor input multiplying every live LoRA's scaling (diffusers' LoRA scale)
 
 
