@@ -35,14 +35,16 @@ def add_low_rank(out: torch.Tensor, weight: torch.Tensor, left: torch.Tensor, ri
     starts = range(0, rows, step)
     threads = min(torch.get_num_threads(), len(starts))
     if threads <= 1:
-        job.run(starts, step)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda i: job.run(starts[i::threads], step), range(threads)))
+        doubts = [job.run(starts, step)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            doubts = list(pool.map(lambda i: job.run(starts[i::threads], step), range(threads)))
+    job.settle(*(torch.cat(parts) for parts in zip(*doubts, strict=True)))
 
 
 class _Job:
-    """One weight's merge; ``run`` does some of its blocks with buffers of its own."""
+    """One weight's merge; ``run`` does some of its blocks with buffers of its own, ``settle`` the doubtful entries
+    of them all at once (a few dozen a block: settled block by block, their few ops each cost more than the block)."""
 
     def __init__(self, out: torch.Tensor, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s: float):
         self.out, self.weight, self.left, self.right, self.s = out, weight, left, right, s
@@ -60,57 +62,63 @@ class _Job:
             self.log2_s = exponent - 1 if mantissa in (0.5, -0.5) else None  # s·x is exact for a power of two
             self.width = 2 - math.frexp(torch.finfo(weight.dtype).eps)[1] if weight.is_floating_point() else 53
 
-    def run(self, starts: range, step: int) -> None:
+    def run(self, starts: range, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write these blocks' float64 results rounded by torch; return the entries in doubt: (flat index, float64
+        result, weight), the weight read before its block is written (``out`` may be it)."""
         rows, cols = self.weight.shape
-        r = torch.empty((min(step, rows), cols), dtype=torch.float64)
-        narrow = torch.empty((min(step, rows), cols), dtype=torch.float32) if self.exact and self.grid.via32 else None
+        shape = (min(step, rows), cols)
+        r = torch.empty(shape, dtype=torch.float64)
+        narrow = torch.empty(shape, dtype=torch.float32) if self.exact and self.grid.via32 else None
+        if self.exact:
+            scratch = torch.empty(shape, dtype=torch.int64 if narrow is None else torch.int32)
+            other, flags = torch.empty_like(scratch), torch.empty(shape, dtype=torch.int8)
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in starts:
             stop = min(start + step, rows)
             block = r[: stop - start]
             block.copy_(self.weight[start:stop])
             block.addmm_(self.left[start:stop], self.right, alpha=self.s)
-            if narrow is not None:  # (b)float16: checked and rounded through float32, half the bytes
-                image = narrow[: stop - start]
-                image.copy_(block)
-                self._round(block, start, self.grid.doubtful32(image), image)
-                self.out[start:stop].copy_(image)
-                continue
+            image = block if narrow is None else narrow[: stop - start].copy_(block)  # (b)float16: via float32
             if self.exact:
-                self._round(block, start, self.grid.doubtful(block), block)
-            self.out[start:stop].copy_(block)
+                n = stop - start
+                where = _true(self.grid.doubtful(image, scratch[:n], other[:n], flags[:n]))
+                if len(where):
+                    found.append(
+                        (where + start * cols, block.view(-1)[where], self.weight[start:stop].reshape(-1)[where])
+                    )
+            self.out[start:stop].copy_(image)
+        empty = torch.empty(0, dtype=torch.int64)
+        return (
+            tuple(torch.cat(part) for part in zip(*found, strict=True))
+            if found
+            else (empty, empty.double(), empty.to(self.weight.dtype))
+        )
 
-    def _round(self, block: torch.Tensor, start: int, doubtful: torch.Tensor, target: torch.Tensor) -> None:
-        """Set the entries whose rounding is in doubt to their exactly rounded value (representable, so the final
-        copy keeps it). Doubt, cheaply: an entry whose float64 bits lie near the middle between two ``dtype``
-        values, or that is small beside the block's largest delta (cancellation); each is then settled with its
-        own error bound, and the few that bound cannot settle in rational arithmetic."""
-        flagged = doubtful.nonzero()
-        if not len(flagged):
+    def settle(self, flat: torch.Tensor, value: torch.Tensor, weight: torch.Tensor) -> None:
+        """Set the entries whose rounding is in doubt to their exactly rounded value. Doubt, cheaply: an entry
+        whose float64 (or float32 image's) bits lie near the middle between two ``dtype`` values, or that is small
+        beside the largest delta (cancellation); each is then settled with its own error bound, and the few that
+        bound cannot settle in rational arithmetic."""
+        if not len(flat):
             return
-        i, j = flagged[:, 0], flagged[:, 1]
-        value = block[i, j]
-        size = 2 * abs(self.s) * self.left_max[start + i] * self.right_sum[j]
+        cols = self.weight.shape[1]
+        i, j = flat // cols, flat % cols
+        size = 2 * abs(self.s) * self.left_max[i] * self.right_sum[j]
         tol = self.bound * (value.abs() + size)
         if self.log2_s is not None:  # entries float64 computed exactly (coarse factors: often exact ties) have none
-            w = self.weight[start + i, j].double()
-            lsb = torch.minimum(
-                self.lsb_left[start + i] + self.lsb_right[j] + self.log2_s, _lowest_bit(w, None, self.width)
-            )
+            w = weight.double()
+            lsb = torch.minimum(self.lsb_left[i] + self.lsb_right[j] + self.log2_s, _lowest_bit(w, None, self.width))
             top = torch.frexp(w.abs() + size).exponent
             tol = torch.where((top - lsb <= 52) & (lsb >= -1074), 0.0, tol)
         rounded, settled = self.grid.settle(value, tol)
-        target[i, j] = rounded.to(target.dtype)  # a dtype value: exact in float32 too
-        for n in (~settled).nonzero().flatten().tolist():
+        self.out[i[settled], j[settled]] = rounded[settled].to(self.out.dtype)  # a dtype value: exact in any type
+        for n in (~settled & value.isfinite()).nonzero().flatten().tolist():
             row, col = int(i[n]), int(j[n])
-            x = block[row, col].item()
-            if not math.isfinite(x):
-                continue
-            w = Fraction(self.weight[start + row, col].item())
             dot = sum(
                 Fraction(a) * Fraction(b)
-                for a, b in zip(self.left[start + row].tolist(), self.right[:, col].tolist(), strict=True)
+                for a, b in zip(self.left[row].tolist(), self.right[:, col].tolist(), strict=True)
             )
-            target[row, col] = round_fraction(w + Fraction(self.s) * dot, self.out.dtype)
+            self.out[row, col] = round_fraction(Fraction(weight[n].item()) + Fraction(self.s) * dot, self.out.dtype)
 
 
 class _Grid:
@@ -131,20 +139,33 @@ class _Grid:
         self.near = 1 << (29 if self.via32 else 21)
         # past ``small``, an entry's error bound is under ``near`` ulps of it: bound (|r| + most) < near ulp(r)
         headroom = self.near / (bound * 2.0**53) - 1
-        self.small = max(most / headroom if headroom > 0 else math.inf, info.tiny * 2)
+        small = max(most / headroom if headroom > 0 else math.inf, info.tiny * 2)
+        narrow = torch.tensor(small, dtype=torch.float32)
+        if narrow.item() < small:  # rounded up: a larger threshold only doubts more entries
+            narrow = torch.nextafter(narrow, torch.tensor(math.inf))
+        self.small_bits = {
+            torch.float64: torch.tensor(small, dtype=torch.float64).view(torch.int64).item(),
+            torch.float32: narrow.view(torch.int32).item(),
+        }
 
-    def doubtful(self, block: torch.Tensor) -> torch.Tensor:
-        bits = block.view(torch.int64)
-        middle = 1 << (self.dropped - 1)
-        low = torch.bitwise_and(bits, (1 << self.dropped) - 1)
-        return ((low - middle).abs_() < self.near) | (block.abs() < self.small)
-
-    def doubtful32(self, image: torch.Tensor) -> torch.Tensor:
-        """``doubtful`` from the float32 image of a block: a (b)float16 boundary is a float32 value, and an entry
-        whose image is not within one float32 ulp of one is more than 1.5 of them (2^29.5 float64 ulps) away."""
-        dropped = 23 - self.fraction_bits
-        low = torch.bitwise_and(image.view(torch.int32), (1 << dropped) - 1)
-        return ((low - (1 << (dropped - 1))).abs_() <= 1) | (image.abs() < self.small)
+    def doubtful(
+        self, image: torch.Tensor, scratch: torch.Tensor, other: torch.Tensor, flags: torch.Tensor
+    ) -> torch.Tensor:
+        """A block's entries in doubt: ``flags`` (int8, ``image``'s shape) nonzero where its bits lie near the middle
+        between two ``dtype`` values, or where it is small beside the largest delta. ``image`` is the float64 block,
+        or for (b)float16 its float32 image: a (b)float16 boundary is a float32 value, and an entry whose image is
+        not within one float32 ulp of one is more than 1.5 of them (2^29.5 float64 ulps) away. Integer ops in the
+        buffers given (``scratch``, ``other``: integers of ``image``'s width): torch's comparisons are slower."""
+        wide = image.dtype == torch.float64
+        bits = image.view(scratch.dtype)
+        dropped, near, sign = (self.dropped, self.near, 63) if wide else (23 - self.fraction_bits, 2, 31)
+        mask = (1 << dropped) - 1
+        # |low - middle| < near  <=>  (low - middle + near - 1 mod 2^dropped) - (2 near - 1) < 0
+        low = torch.bitwise_and(bits, mask, out=scratch)
+        low.sub_((1 << (dropped - 1)) - (near - 1)).bitwise_and_(mask).sub_(2 * near - 1)
+        # |x| < small  <=>  |x|'s bits minus small's < 0 (non-negative floats order as their bits; NaN's are above)
+        magnitude = torch.bitwise_and(bits, (1 << sign) - 1, out=other).sub_(self.small_bits[image.dtype])
+        return flags.copy_(low.bitwise_or_(magnitude).bitwise_right_shift_(sign))  # -1 where either is negative
 
     def settle(self, value: torch.Tensor, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rounded, settled): each entry rounded to the dtype where its interval ``value ± tol`` lies on one side
@@ -167,6 +188,17 @@ class _Grid:
         )
         exact_zero = (value == 0) & (tol == 0)
         return rounded, (usable & (above | below | tie)) | exact_zero
+
+
+def _true(flags: torch.Tensor) -> torch.Tensor:
+    """The flat indices of ``flags``'s nonzero bytes: a few in a block, found among its nonzero 8-byte words (a
+    scan of an eighth as many elements as ``nonzero``'s)."""
+    flat = flags.view(-1)
+    if flat.numel() % 8:
+        return flat.nonzero().flatten()
+    words = flat.view(torch.int64).nonzero().flatten()
+    candidates = (words[:, None] * 8 + torch.arange(8)).flatten()
+    return candidates[flat[candidates] != 0]
 
 
 def _lowest_bit(x: torch.Tensor, dim: int | None, width: int | None = None) -> torch.Tensor:
