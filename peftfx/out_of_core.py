@@ -3,16 +3,22 @@
 The model is built and captured on the meta device (no weight is materialised: the graph only resolves the sites
 and the spec), the plan loads the adapters, and each output tensor is read from its shard (``safe_open``,
 memory-mapped), merged exactly as ``compile`` merges it (``AdapterKind.merge_into`` / ``merge``) and streamed to
-its output shard. Memory holds one tensor and its temporaries, never a shard or the model. The output folder is
-written beside the destination and renamed into place, so an interrupted run leaves nothing.
+its output shard. Meanwhile, from the start, a thread copies every tensor's input bytes into place in the kernel
+(``_Shards``): writing is the floor of the merge's time and needs nothing the capture decides, so it runs while the
+graph is captured; the merged tensors are then written over their copies, or in their place where the copy had not
+got there. Memory holds one tensor and its temporaries, never a shard or the model. The output folder is written
+beside the destination and renamed into place, so an interrupted run leaves nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
+import os
 import shutil
 import struct
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +28,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import fx, nn
 
 from .atomic import check_destination, replaced_folder
@@ -71,29 +77,22 @@ def merge_checkpoint(
         raise SpecError(f"--output: {output} exists; the merged checkpoint goes to a new folder")
     names = _merged_adapters(spec)
     source = _Source(model_dir)
-    model = _meta_model(model_dir, source)
-    gm = capture(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}, method=spec.capture)
-    plan = make_plan(gm, spec, base_dir)
-    sites = _site_merges(gm, plan.placements, names, source)
-    overrides = {_key(gm, o.target, source): o.tensor for o in plan.overrides if o.adapter in names}
     config = json.loads((model_dir / "config.json").read_text())
-    keys = dict.fromkeys(source.keys)  # output tensors, input order
-    untied = _untie(gm, sites, source)
-    if untied:
-        config["tie_word_embeddings"] = False
-        keys.update(dict.fromkeys(untied))
-    layout = {
-        k: torch.empty(source.shape(untied.get(k, k)), dtype=source.dtype(untied.get(k, k)), device="meta")
-        for k in keys
-    }
-    split = split_torch_state_dict_into_shards(layout, max_shard_size=shard_bytes)
-    allow = {n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)}
-    with replaced_folder(output) as tmp:  # staged beside it, renamed in whole
-        tensors = _Tensors(source, sites, overrides, untied, allow)
-        for shard, shard_keys in split.filename_to_tensors.items():
-            _write_shard(tmp / shard, [(k, layout[k]) for k in shard_keys], tensors, progress)
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    with replaced_folder(output) as tmp, _Shards(tmp, source, shard_bytes) as shards:  # staged, renamed in whole
+        shards.start({})  # every tensor copied as it is, while the graph is captured and the adapters planned
+        model = _meta_model(model_dir, source)
+        gm = capture(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}, method=spec.capture)
+        plan = make_plan(gm, spec, base_dir)
+        sites = _site_merges(gm, plan.placements, names, source)
+        overrides = {_key(gm, o.target, source): o.tensor for o in plan.overrides if o.adapter in names}
+        untied = _untie(gm, sites, source)
+        if untied:
+            config["tie_word_embeddings"] = False
+            shards.start(untied)  # more tensors: another layout, copied anew
+        allow = {n for n in names if getattr(spec.adapters[n], "allow_nonfinite", False)}
+        shards.finish(_Tensors(source, sites, overrides, untied, allow), progress)
+        if shards.split.is_sharded:
+            index = {"metadata": shards.split.metadata, "weight_map": shards.split.tensor_to_filename}
             (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for extra in sorted(model_dir.iterdir()):  # tokenizer, generation config: what serving needs besides
@@ -149,11 +148,14 @@ class _Source:
         self.meta: dict[str, tuple[list[int], torch.dtype]] = {}
         self.span: dict[str, tuple[int, int]] = {}  # absolute byte range in the shard file
         for shard in sorted(set(weight_map.values())) if weight_map else [SINGLE]:
-            with safe_open(model_dir / shard, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    piece = f.get_slice(key)
-                    self.shard[key] = shard
-                    self.meta[key] = (piece.get_shape(), _DTYPES[piece.get_dtype()])
+            try:
+                with safe_open(model_dir / shard, framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                        piece = f.get_slice(key)
+                        self.shard[key] = shard
+                        self.meta[key] = (piece.get_shape(), _DTYPES[piece.get_dtype()])
+            except (SafetensorError, OSError) as e:  # missing, truncated, not safetensors
+                raise CheckpointError(f"--model: {model_dir / shard} cannot be read: {e}") from None
             with open(model_dir / shard, "rb") as raw:
                 (length,) = struct.unpack("<Q", raw.read(8))
                 header = json.loads(raw.read(length))
@@ -293,6 +295,10 @@ class _Tensors:
         self.source, self.sites, self.overrides, self.untied, self.allow = source, sites, overrides, untied, allow
         self.pending: dict[str, torch.Tensor] = {}  # a site's other output, until its turn comes
 
+    def made(self, key: str) -> bool:
+        """Whether ``key``'s output differs from its input's bytes (merged, or replaced by an adapter)."""
+        return key in self.sites or key in self.overrides or self.untied.get(key, key) in self.overrides
+
     def get(self, key: str) -> torch.Tensor:
         if key in self.pending:
             return self.pending.pop(key)
@@ -329,36 +335,182 @@ class _Tensors:
         return weight, bias
 
 
-def _write_shard(
-    path: Path, layout: list[tuple[str, torch.Tensor]], tensors: _Tensors, progress: Progress | None
-) -> None:
-    """A safetensors file written as a stream: the header first (every shape and dtype is known), then each tensor
-    as it is made, so one tensor is in memory at a time (``save_file`` needs them all)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, meta in layout:
-        size = meta.numel() * meta.element_size()
-        header[key] = {"dtype": _NAMES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    done, pending = 0, None
-    with open(path, "wb") as f, ThreadPoolExecutor(1) as writer:  # the next tensor is made while one is written
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for key, meta in layout:
-            tensor = tensors.get(key)
-            if tensor.dtype != meta.dtype or list(tensor.shape) != list(meta.shape):
-                raise MergeError(f"merge: {key} came out {tensor.dtype} {list(tensor.shape)}, not as stored")
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+@dataclass
+class _Piece:
+    """One output tensor's place: the input tensor it starts from, and its bytes in the output shard."""
+
+    key: str
+    stored: str
+    shard: int
+    offset: int  # absolute, in the output shard file
+    size: int
+
+
+class _Shards:
+    """The output shards, written by two threads into files sized from the start (every shape and dtype is known,
+    so each header is written first and each tensor at its offset).
+
+    ``start`` copies every tensor's input bytes to its place on a thread of its own (``copy_file_range``: in the
+    kernel, no page through Python; threads release the GIL in it, so it runs beside the capture). ``finish`` then
+    tells it which tensors a merge changes, so it skips those it has not reached yet, and writes them itself: over
+    the copy where it got there first (after it, never before), in their place otherwise.
+    """
+
+    def __init__(self, folder: Path, source: _Source, shard_bytes: int) -> None:
+        self.folder, self.source, self.shard_bytes = folder, source, shard_bytes
+        self.inputs = {name: os.open(source.dir / name, os.O_RDONLY) for name in sorted(set(source.shard.values()))}
+        self.outputs: list[int] = []
+        self.files: list[str] = []
+        self.copier: threading.Thread | None = None
+
+    def __enter__(self) -> _Shards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        for fd in self.inputs.values():
+            os.close(fd)
+
+    def start(self, untied: dict[str, str]) -> None:
+        """Lay the shards out (``untied``: written keys the checkpoint lacks, and the stored key each starts from)
+        and start copying into them, anew if a copy into another layout was running."""
+        self._stop()
+        for name in self.files:  # a layout given up: its shards go
+            (self.folder / name).unlink()
+        keys = dict.fromkeys([*self.source.keys, *untied])  # output tensors, input order
+        layout = {
+            k: torch.empty(self.source.shape(s), dtype=self.source.dtype(s), device="meta")
+            for k, s in ((k, untied.get(k, k)) for k in keys)
+        }
+        self.split = split_torch_state_dict_into_shards(layout, max_shard_size=self.shard_bytes)
+        self.files = list(self.split.filename_to_tensors)
+        self.pieces: list[_Piece] = []
+        self.sizes: list[int] = []
+        for number, (name, shard_keys) in enumerate(self.split.filename_to_tensors.items()):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for key in shard_keys:
+                meta = layout[key]
+                size = meta.numel() * meta.element_size()
+                header[key] = {
+                    "dtype": _NAMES[meta.dtype],
+                    "shape": list(meta.shape),
+                    "data_offsets": [offset, offset + size],
+                }
+                offset += size
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+            start = 8 + len(encoded)
+            fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self.outputs.append(fd)
+            _write_at(fd, memoryview(struct.pack("<Q", len(encoded)) + encoded), 0)
+            os.ftruncate(fd, start + offset)
+            for key in shard_keys:
+                begin, stop = header[key]["data_offsets"]
+                self.pieces.append(_Piece(key, untied.get(key, key), number, start + begin, stop - begin))
+            self.sizes.append(offset)
+        self.skip: set[str] = set()
+        self.claimed, self.copied, self.stopping, self.error = -1, 0, False, None
+        self.turn = threading.Condition()
+        self.copier = threading.Thread(target=self._copy, name="peftfx-merge-copy", daemon=True)
+        self.copier.start()
+
+    def finish(self, tensors: _Tensors, progress: Progress | None) -> None:
+        """Write the tensors ``tensors`` makes, the next one made while one is written; wait for the copies."""
+        made = {p.key for p in self.pieces if tensors.made(p.key)}
+        with self.turn:
+            self.skip, reached = made, self.claimed
+        names = list(self.split.filename_to_tensors)
+        done, pending = [0] * len(names), None
+        with ThreadPoolExecutor(1) as writer:  # at most two tensors in memory: the one written and the one made
+            for number, piece in enumerate(self.pieces):
+                if piece.key in made:
+                    tensor, meta = tensors.get(piece.key), self.source.meta[piece.stored]
+                    if tensor.dtype != meta[1] or list(tensor.shape) != list(meta[0]):
+                        raise MergeError(
+                            f"merge: {piece.key} came out {tensor.dtype} {list(tensor.shape)}, not as stored"
+                        )
+                    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+                    if number <= reached:
+                        self._wait(number)  # the copier got there: write over its copy, not under it
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(_write_at, self.outputs[piece.shard], data, piece.offset)
+                else:
+                    self._wait(number)
+                done[piece.shard] += piece.size
+                if progress is not None:
+                    progress(names[piece.shard], done[piece.shard], self.sizes[piece.shard])
             if pending is not None:
-                pending.result()  # at most two tensors in memory: the one written and the one made
-            pending = writer.submit(f.write, memoryview(data.numpy()))
-            done += data.numel()
-            if progress is not None:
-                progress(path.name, done, offset)
-        if pending is not None:
-            pending.result()
+                pending.result()
+        self._wait(len(self.pieces) - 1)
+        self._stop()
+
+    def _copy(self) -> None:
+        try:
+            for number, piece in enumerate(self.pieces):
+                with self.turn:
+                    if self.stopping:
+                        return
+                    self.claimed, skip = number, piece.key in self.skip
+                if not skip:
+                    begin, stop = self.source.span[piece.stored]
+                    src = self.inputs[self.source.shard[piece.stored]]
+                    _copy_range(src, self.outputs[piece.shard], stop - begin, begin, piece.offset, piece.stored)
+                with self.turn:
+                    self.copied = number + 1
+                    self.turn.notify_all()
+        except BaseException as e:  # handed to the caller, raised there
+            with self.turn:
+                self.error = e
+                self.turn.notify_all()
+
+    def _wait(self, number: int) -> None:
+        """Until the copier is past piece ``number``; its error, if it failed."""
+        with self.turn:
+            while self.copied <= number and self.error is None:
+                self.turn.wait()
+            if self.error is not None:
+                raise self.error
+
+    def _stop(self) -> None:
+        if self.copier is not None:
+            with self.turn:
+                self.stopping = True
+            self.copier.join()
+            self.copier = None
+        for fd in self.outputs:
+            os.close(fd)
+        self.outputs = []
+
+
+_CHUNK = 1 << 24  # bytes a call copies: a stop request waits for one at most, and the fallback's buffer
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
+
+
+def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int, key: str) -> None:
+    """``size`` bytes of file ``src`` from ``src_at`` to file ``dst`` at ``dst_at``: in the kernel
+    (``copy_file_range``) where the system and file systems allow it, else through a buffer."""
+    while size > 0:
+        count, n = min(size, _CHUNK), -1
+        if hasattr(os, "copy_file_range"):
+            try:
+                n = os.copy_file_range(src, dst, count, src_at, dst_at)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+        if n < 0:
+            n = os.pwrite(dst, os.pread(src, count, src_at), dst_at) if count else 0
+        if n == 0:
+            raise CheckpointError(f"--model: the checkpoint's file ends inside tensor {key!r} (truncated?)")
+        size, src_at, dst_at = size - n, src_at + n, dst_at + n
+
+
+def _write_at(fd: int, data: torch.Tensor | memoryview, offset: int) -> None:
+    view = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _weights_file(name: str) -> bool:

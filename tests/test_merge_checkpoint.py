@@ -4,7 +4,11 @@ peftfx's own compile-and-merge, loads in transformers, keeps names, dtypes and t
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import peft
@@ -98,21 +102,80 @@ def test_dora_bf16_equals_compile_bit_for_bit(tmp_path):
     assert all(torch.equal(written[k], compiled[k]) for k in written)
 
 
-def test_an_interrupted_merge_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["merge", "copy"])
+def test_an_interrupted_merge_leaves_nothing(tmp_path, monkeypatch, where):
+    """Stopped mid-way, in the merge (a user's Ctrl-C) or in the copy thread (a full disk): the error comes out,
+    nothing is left behind, and the copy thread is gone."""
     _, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj"])
     calls = []
-    get = ooc._Tensors.get
+    name, error = ("get", KeyboardInterrupt) if where == "merge" else ("_copy_range", OSError)
+    original = getattr(ooc._Tensors, name) if where == "merge" else ooc._copy_range
 
-    def failing(self, key):
-        calls.append(key)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # as a user's Ctrl-C mid-way
-        return get(self, key)
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise error("interrupted")
+        return original(*args)
 
-    monkeypatch.setattr(ooc._Tensors, "get", failing)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(*((ooc._Tensors, name) if where == "merge" else (ooc, name)), failing)
+    with pytest.raises(error, match="interrupted"):
         ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+    assert not [t for t in threading.enumerate() if t.name == "peftfx-merge-copy"]
+
+
+def test_the_copy_without_copy_file_range_and_a_truncated_input(tmp_path, monkeypatch):
+    """Where the kernel cannot copy between the files (another file system, another OS), the bytes go through a
+    buffer, to the same result; an input shard shorter than its header says is refused, naming the file (or,
+    cut once its header was read, the tensor)."""
+    _, spec = checkpoint(tmp_path, torch.bfloat16, False, ["q_proj"])
+    kernel = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "kernel", max_shard_size="30KB")
+
+    def refused(*args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    buffered = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "buffered", max_shard_size="30KB")
+    files = sorted(p.name for p in kernel.iterdir())
+    assert files == sorted(p.name for p in buffered.iterdir())
+    assert all((kernel / f).read_bytes() == (buffered / f).read_bytes() for f in files)
+    shard = max((tmp_path / "base").glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    source, partial = ooc._Source(tmp_path / "base"), tmp_path / "partial"
+    partial.mkdir()
+    os.truncate(shard, shard.stat().st_size - 100)  # after the index was read: the copy finds it
+    with pytest.raises(PeftfxError, match="ends inside tensor"), ooc._Shards(partial, source, 30_000) as shards:
+        shards.start({})
+        shards._wait(len(shards.pieces) - 1)
+    with pytest.raises(PeftfxError, match=f"{shard.name} cannot be read"):  # before: the index refuses it
+        ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_merged_tensor_is_written_over_its_copy_never_under_it(tmp_path, monkeypatch):
+    """The copy thread held inside a merged weight's copy until the merge has made that weight: the merge waits
+    for the copy to end, then writes; the output is the one an unhindered run writes."""
+    _, spec = checkpoint(tmp_path, torch.bfloat16, False, ["q_proj"])
+    expected = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "expected", max_shard_size="30KB")
+    key, made = "model.layers.0.self_attn.q_proj.weight", threading.Event()
+    copy, get = ooc._copy_range, ooc._Tensors.get
+
+    def held(*args):
+        if args[-1] == key:
+            made.wait(10)
+            time.sleep(0.2)  # the merged weight is ready to be written: it must not be, yet
+        return copy(*args)
+
+    def getting(self, name):
+        tensor = get(self, name)
+        made.set()
+        return tensor
+
+    monkeypatch.setattr(ooc, "_copy_range", held)
+    monkeypatch.setattr(ooc._Tensors, "get", getting)
+    out = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
+    assert made.is_set()
+    files = sorted(p.name for p in expected.iterdir())
+    assert all((out / f).read_bytes() == (expected / f).read_bytes() for f in files)
 
 
 def test_cli_merge_and_its_bad_input(tmp_path):
