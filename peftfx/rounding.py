@@ -13,7 +13,6 @@ straddles a boundary are recomputed in rational arithmetic. Blocks of rows keep 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import torch
@@ -25,26 +24,17 @@ _U = 2.0**-53
 def add_low_rank(out: torch.Tensor, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s: float) -> None:
     """``out = round(weight + s · left @ right)`` exactly rounded to ``out``'s dtype; 2-D, ``out`` may be ``weight``.
 
-    ``left`` is ``[rows, k]``, ``right`` ``[k, cols]`` (any float dtype; taken exactly, in float64). Blocks run on
-    ``torch.get_num_threads()`` threads: each op on a block is too small for torch's own threads to split.
+    ``left`` is ``[rows, k]``, ``right`` ``[k, cols]`` (any float dtype; taken exactly, in float64). The blocks
+    run one after another, each op on ``torch.get_num_threads()`` threads (a block is large enough to split: blocks
+    on threads of our own would each run torch's threads too, more threads than cores).
     """
-    rows, cols = weight.shape
-    left, right = left.double(), right.double()
-    step = max(1, BLOCK_BYTES // (8 * max(cols, 1)))
-    job = _Job(out, weight, left, right, s)
-    starts = range(0, rows, step)
-    threads = min(torch.get_num_threads(), len(starts))
-    if threads <= 1:
-        doubts = [job.run(starts, step)]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            doubts = list(pool.map(lambda i: job.run(starts[i::threads], step), range(threads)))
-    job.settle(*(torch.cat(parts) for parts in zip(*doubts, strict=True)))
+    job = _Job(out, weight, left.double(), right.double(), s)
+    job.settle(*job.run(max(1, BLOCK_BYTES // (8 * max(weight.shape[1], 1)))))
 
 
 class _Job:
-    """One weight's merge; ``run`` does some of its blocks with buffers of its own, ``settle`` the doubtful entries
-    of them all at once (a few dozen a block: settled block by block, their few ops each cost more than the block)."""
+    """One weight's merge; ``run`` does its blocks, ``settle`` their doubtful entries all at once (a few dozen a
+    block: settled block by block, their few ops each would cost more than the block's own)."""
 
     def __init__(self, out: torch.Tensor, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s: float):
         self.out, self.weight, self.left, self.right, self.s = out, weight, left, right, s
@@ -62,9 +52,9 @@ class _Job:
             self.log2_s = exponent - 1 if mantissa in (0.5, -0.5) else None  # s·x is exact for a power of two
             self.width = 2 - math.frexp(torch.finfo(weight.dtype).eps)[1] if weight.is_floating_point() else 53
 
-    def run(self, starts: range, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write these blocks' float64 results rounded by torch; return the entries in doubt: (flat index, float64
-        result, weight), the weight read before its block is written (``out`` may be it)."""
+    def run(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the float64 results rounded by torch, ``step`` rows at a time; return the entries in doubt: (flat
+        index, float64 result, weight), the weight read before its block is written (``out`` may be it)."""
         rows, cols = self.weight.shape
         shape = (min(step, rows), cols)
         r = torch.empty(shape, dtype=torch.float64)
@@ -73,7 +63,7 @@ class _Job:
             scratch = torch.empty(shape, dtype=torch.int64 if narrow is None else torch.int32)
             other, flags = torch.empty_like(scratch), torch.empty(shape, dtype=torch.int8)
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for start in starts:
+        for start in range(0, rows, step):
             stop = min(start + step, rows)
             block = r[: stop - start]
             block.copy_(self.weight[start:stop])

@@ -87,8 +87,8 @@ def test_round_fraction_is_ieee_rounding():
 @pytest.mark.parametrize(("cols", "inplace"), [(64, False), (63, True)])
 def test_every_entry_is_the_exactly_rounded_value(dtype, cols, inplace, monkeypatch):
     """Against rational arithmetic, entry by entry: fine factors and coarse ones (bfloat16-valued, as trained in
-    mixed precision: exact ties), zero rows, blocks of a few rows, on two threads (the blocks are independent),
-    into a new tensor or into the weight itself (the doubtful entries are settled after every block is written)."""
+    mixed precision: exact ties), zero rows, blocks of a few rows, on two torch threads, into a new tensor or into
+    the weight itself (the doubtful entries are settled after every block is written)."""
     monkeypatch.setattr(rounding, "BLOCK_BYTES", 8 * 64 * 5)  # five rows a block
     generator = torch.Generator().manual_seed(1)
     weight = (torch.randn(24, cols, generator=generator) * 0.05).to(dtype)
