@@ -289,11 +289,17 @@ def _untie(gm: fx.GraphModule, sites: dict[str, _SiteMerge], source: _Source) ->
 
 
 class _Tensors:
-    """Every output tensor by key: read, merged where a site needs it (weight and bias together), dtype kept."""
+    """Every output tensor by key: read, merged where a site needs it (weight and bias together), dtype kept.
+
+    Merges write into buffers handed back once their tensor is written (``release``): a new buffer each weight would
+    fault every page in again (some 0.5 s a GiB here), and at most three are in use at a time."""
 
     def __init__(self, source: _Source, sites: dict[str, _SiteMerge], overrides: dict, untied: dict, allow: set):
         self.source, self.sites, self.overrides, self.untied, self.allow = source, sites, overrides, untied, allow
         self.pending: dict[str, torch.Tensor] = {}  # a site's other output, until its turn comes
+        self.spare: list[torch.Tensor] = []  # flat byte buffers, free
+        self.lent: dict[int, torch.Tensor] = {}  # by address: the buffers merges hold
+        self.lock = threading.Lock()  # release runs on the writer's thread
 
     def made(self, key: str) -> bool:
         """Whether ``key``'s output differs from its input's bytes (merged, or replaced by an adapter)."""
@@ -328,11 +334,32 @@ class _Tensors:
                 if not allow and not finite(tensor):
                     raise MergeError(f"merge: adapter {name!r} at {a.site.module}: tensor {role} holds NaN or inf")
             with torch.no_grad():
-                done = a.kind.merge_into(a, torch.empty_like(weight), weight, bias, a.tensors)
+                before, out = weight, self._buffer(weight)
+                done = a.kind.merge_into(a, out, weight, bias, a.tensors)
                 weight, bias = done or a.kind.merge(a, weight, raw, bias, raw_bias, a.tensors)
+            for unused in (before, out):  # an earlier adapter's result, read; a buffer merge_into declined
+                if unused is not weight:
+                    self.release(unused)
             if not allow and not finite(weight):
                 raise MergeError(f"merge: adapter {name!r} at {a.site.module}: the merged weight is not finite")
         return weight, bias
+
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        size = like.numel() * like.element_size()
+        with self.lock:
+            fits = [b for b in self.spare if b.numel() >= size]
+            flat = min(fits, key=torch.Tensor.numel) if fits else torch.empty(size, dtype=torch.uint8)
+            if fits:
+                self.spare.remove(flat)
+            self.lent[flat.data_ptr()] = flat
+        return flat[:size].view(like.dtype).view(like.shape)
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """``tensor`` is written (or was a step of a merge): its buffer, if a merge had it, serves the next one."""
+        with self.lock:
+            flat = self.lent.pop(tensor.data_ptr(), None)
+            if flat is not None:
+                self.spare = sorted([*self.spare, flat], key=torch.Tensor.numel)[-3:]
 
 
 @dataclass
@@ -435,7 +462,7 @@ class _Shards:
                         self._wait(number)  # the copier got there: write over its copy, not under it
                     if pending is not None:
                         pending.result()
-                    pending = writer.submit(_write_at, self.outputs[piece.shard], data, piece.offset)
+                    pending = writer.submit(self._write, tensors, tensor, data, piece)
                 else:
                     self._wait(number)
                 done[piece.shard] += piece.size
@@ -445,6 +472,10 @@ class _Shards:
                 pending.result()
         self._wait(len(self.pieces) - 1)
         self._stop()
+
+    def _write(self, tensors: _Tensors, tensor: torch.Tensor, data: torch.Tensor, piece: _Piece) -> None:
+        _write_at(self.outputs[piece.shard], data, piece.offset)
+        tensors.release(tensor)
 
     def _copy(self) -> None:
         try:

@@ -13,6 +13,7 @@ straddles a boundary are recomputed in rational arithmetic. Blocks of rows keep 
 from __future__ import annotations
 
 import math
+import threading
 from fractions import Fraction
 
 import torch
@@ -57,11 +58,12 @@ class _Job:
         index, float64 result, weight), the weight read before its block is written (``out`` may be it)."""
         rows, cols = self.weight.shape
         shape = (min(step, rows), cols)
-        r = torch.empty(shape, dtype=torch.float64)
-        narrow = torch.empty(shape, dtype=torch.float32) if self.exact and self.grid.via32 else None
+        r = _buffer("result", shape, torch.float64)
+        narrow = _buffer("image", shape, torch.float32) if self.exact and self.grid.via32 else None
         if self.exact:
-            scratch = torch.empty(shape, dtype=torch.int64 if narrow is None else torch.int32)
-            other, flags = torch.empty_like(scratch), torch.empty(shape, dtype=torch.int8)
+            width = torch.int64 if narrow is None else torch.int32
+            scratch, other = _buffer("scratch", shape, width), _buffer("other", shape, width)
+            flags = _buffer("flags", shape, torch.int8)
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, rows, step):
             stop = min(start + step, rows)
@@ -178,6 +180,20 @@ class _Grid:
         )
         exact_zero = (value == 0) & (tol == 0)
         return rounded, (usable & (above | below | tie)) | exact_zero
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(role: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A block buffer, kept by the thread between weights (some 10 MiB): new ones each weight would fault every page
+    in again, a quarter of a second a GiB."""
+    size = shape[0] * shape[1] * dtype.itemsize
+    flat = getattr(_BUFFERS, role, None)
+    if flat is None or flat.numel() < size:
+        flat = torch.empty(size, dtype=torch.uint8)
+        setattr(_BUFFERS, role, flat)
+    return flat[:size].view(dtype).view(shape)
 
 
 def _true(flags: torch.Tensor) -> torch.Tensor:
