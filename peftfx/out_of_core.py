@@ -346,11 +346,9 @@ class _Tensors:
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         size = like.numel() * like.element_size()
-        with self.lock:
-            fits = [b for b in self.spare if b.numel() >= size]
-            flat = min(fits, key=torch.Tensor.numel) if fits else torch.empty(size, dtype=torch.uint8)
-            if fits:
-                self.spare.remove(flat)
+        with self.lock:  # the smallest spare that holds it (they are sorted by size), else a new one
+            fits = next((i for i, b in enumerate(self.spare) if b.numel() >= size), None)
+            flat = torch.empty(size, dtype=torch.uint8) if fits is None else self.spare.pop(fits)
             self.lent[flat.data_ptr()] = flat
         return flat[:size].view(like.dtype).view(like.shape)
 

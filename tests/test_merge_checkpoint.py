@@ -102,6 +102,22 @@ def test_dora_bf16_equals_compile_bit_for_bit(tmp_path):
     assert all(torch.equal(written[k], compiled[k]) for k in written)
 
 
+def test_two_adapters_at_one_site_equal_compile_bit_for_bit(tmp_path):
+    """A LoRA then a DoRA on the same weights: the second merges the first's result (held in a buffer that then
+    serves the next weight), DoRA declines to merge into a given buffer and makes its own."""
+    model, spec = checkpoint(tmp_path, torch.bfloat16, False, ["q_proj", "gate_proj"])
+    dora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], use_dora=True)
+    peft_checkpoint(model, dora, tmp_path / "dora")
+    spec = {"adapters": {**spec["adapters"], "b": {"peft": str(tmp_path / "dora")}}}
+    out = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
+    compiled = peftfx.compile(model, {**spec, "merge": True}, IDS).state_dict()
+    written = tensors(out)
+    assert all(torch.equal(written[k], compiled[k]) for k in written)
+    assert not torch.equal(
+        written["model.layers.1.self_attn.q_proj.weight"], model.model.layers[1].self_attn.q_proj.weight
+    )
+
+
 @pytest.mark.parametrize("where", ["merge", "copy"])
 def test_an_interrupted_merge_leaves_nothing(tmp_path, monkeypatch, where):
     """Stopped mid-way, in the merge (a user's Ctrl-C) or in the copy thread (a full disk): the error comes out,
