@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,10 +162,13 @@ _HOOKS = (
 
 
 def lora_scale_keyword(model: nn.Module) -> str | None:
-    """The keyword whose ``"scale"`` diffusers applies to the model's PEFT layers (its ``apply_lora_scale``)."""
-    try:
-        from diffusers.utils.peft_utils import apply_lora_scale
-    except ImportError:
+    """The keyword whose ``"scale"`` diffusers applies to the model's PEFT layers (its ``apply_lora_scale``).
+
+    A forward diffusers decorated was defined after diffusers was imported: where it was not, there is none (and
+    importing diffusers, half a second, is not paid by compiles of other models)."""
+    peft_utils = sys.modules.get("diffusers.utils.peft_utils")
+    apply_lora_scale = getattr(peft_utils, "apply_lora_scale", None)
+    if apply_lora_scale is None:
         return None
     forward = getattr(type(model), "forward", None)
     code = getattr(forward, "__code__", None)
