@@ -19,17 +19,25 @@ from typer.testing import CliRunner
 import peftfx
 from peftfx import out_of_core as ooc
 from peftfx.cli import app
-from peftfx.errors import PeftfxError
+from peftfx.errors import CheckpointError, PeftfxError
 
 IDS = {"input_ids": torch.tensor([[3, 17, 9, 40, 1, 22]])}
 
 
 def checkpoint(
-    tmp_path: Path, dtype: torch.dtype, tie: bool, targets: list[str], dora: bool = False, save: list | None = None
+    tmp_path: Path,
+    dtype: torch.dtype,
+    tie: bool,
+    targets: list[str],
+    dora: bool = False,
+    save: list | None = None,
+    shards: str = "20KB",
+    **sizes: int,
 ) -> tuple:
-    """A tiny Llama saved in shards of a few kB, and a PEFT LoRA on ``targets`` moved off its init."""
-    model = tiny_llama(dtype=dtype, tie_word_embeddings=tie)
-    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    """A tiny Llama (``sizes`` override its config) saved in shards of at most ``shards`` (a larger tensor alone
+    in its own), and a PEFT LoRA on ``targets`` moved off its init."""
+    model = tiny_llama(dtype=dtype, tie_word_embeddings=tie, **sizes)
+    model.save_pretrained(tmp_path / "base", max_shard_size=shards)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora, modules_to_save=save)
     peft_checkpoint(model, config, tmp_path / "adapter")
     return model, {"adapters": {"a": {"peft": str(tmp_path / "adapter")}}}
@@ -130,6 +138,17 @@ def test_cli_merge_and_its_bad_input(tmp_path):
     assert bad.exit_code == 2 and "--max-shard-size" in bad.output
     no_model = runner.invoke(app, [*args[:3], str(tmp_path / "adapter"), "--output", str(tmp_path / "o3")])
     assert no_model.exit_code == 2 and "config.json" in no_model.output
+
+
+def test_a_truncated_or_foreign_shard_is_named(tmp_path):
+    _, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj"])
+    shard = sorted((tmp_path / "base").glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    for content, message in ((data[:-4], "is truncated"), (b"PK\x03\x04" + bytes(200), "is not a safetensors file")):
+        shard.write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"{shard.name} {message}"):
+            ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_live_adapters_and_routing_are_refused(tmp_path):
