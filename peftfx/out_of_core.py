@@ -157,13 +157,22 @@ class _Source:
                     header = json.loads(raw.read(min(length, size)))  # a foreign file's length is noise
             except (struct.error, ValueError) as error:
                 raise CheckpointError(f"--model: {shard} is not a safetensors file ({error})") from error
+            if not isinstance(header, dict):
+                raise CheckpointError(f"--model: {shard} is not a safetensors file (its header is not an object)")
             for key in sorted(header.keys() - {"__metadata__"}):  # safe_open's order
-                entry = header[key]
-                begin, stop = entry["data_offsets"]
+                try:
+                    entry = header[key]
+                    (begin, stop), shape, dtype = entry["data_offsets"], list(entry["shape"]), _DTYPES[entry["dtype"]]
+                    if not all(isinstance(v, int) and v >= 0 for v in (begin, stop, *shape)) or begin > stop:
+                        raise ValueError("negative or non-integer offsets or dims")
+                except (KeyError, TypeError, ValueError) as error:
+                    raise CheckpointError(
+                        f"--model: {shard}: entry {key!r} of its header is malformed ({error})"
+                    ) from error
                 if 8 + length + stop > size:  # a map past the end of the file faults when read
                     raise CheckpointError(f"--model: {shard} is truncated: {key} ends past its {size} bytes")
                 self.shard[key] = shard
-                self.meta[key] = (entry["shape"], _DTYPES[entry["dtype"]])
+                self.meta[key] = (shape, dtype)
                 self.span[key] = (8 + length + begin, 8 + length + stop)
         self.keys = list(self.shard)
 

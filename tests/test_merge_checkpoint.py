@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import peft
@@ -144,9 +145,19 @@ def test_a_truncated_or_foreign_shard_is_named(tmp_path):
     _, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj"])
     shard = sorted((tmp_path / "base").glob("*.safetensors"))[-1]
     data = shard.read_bytes()
-    for content, message in ((data[:-4], "is truncated"), (b"PK\x03\x04" + bytes(200), "is not a safetensors file")):
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["shape"] = [-1, 4]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)  # the same length: only the entry is wrong
+    malformed = data[:8] + text + data[8 + length :]
+    for content, message in (
+        (data[:-4], " is truncated"),
+        (b"PK\x03\x04" + bytes(200), " is not a safetensors file"),
+        (malformed, f": entry '{key}' of its header is malformed"),
+    ):
         shard.write_bytes(content)
-        with pytest.raises(CheckpointError, match=rf"{shard.name} {message}"):
+        with pytest.raises(CheckpointError, match=re.escape(shard.name + message)):
             ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
