@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from .capture import Inputs, capture
 from .dropin import as_dropin, lora_scale_keyword
-from .errors import PeftfxError, SpecError
+from .errors import PassError, PeftfxError, SpecError
 from .inputs import without_index
 from .ir import SCALE_INPUT, Override
 from .kv_cache import capture_with_cache
@@ -146,8 +146,13 @@ def build_loaded(
             planned(plan)
     with _step("rewrite", seconds, progress):
         scaled = lora_scale_keyword(model) is not None
-        gm = rewrite(gm, spec, plan, inplace=inplace, runtime_scale=scaled)
-        gm = as_dropin(gm, model, example_inputs, _scale_refusal(spec, plan) if scaled else None)
+        gm = rewrite(gm, spec, plan, inplace=inplace, runtime_scale=scaled, recompile=False)
+        try:  # the drop-in generates the rewritten graph's code, once
+            gm = as_dropin(gm, model, example_inputs, _scale_refusal(spec, plan) if scaled else None)
+        except PeftfxError:
+            raise
+        except Exception as error:
+            raise PassError(f"the rewritten graph does not compile to Python: {error}") from error
     return Build(gm, summarize(spec, plan), seconds)
 
 
@@ -170,11 +175,18 @@ def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.Gr
 
 
 def rewrite(
-    gm: fx.GraphModule, spec: Spec, plan: Plan, *, inplace: bool = False, runtime_scale: bool = False
+    gm: fx.GraphModule,
+    spec: Spec,
+    plan: Plan,
+    *,
+    inplace: bool = False,
+    runtime_scale: bool = False,
+    recompile: bool = True,
 ) -> fx.GraphModule:
     """Run the passes a planned spec needs on a captured graph (rewritten in place; ``inplace``: its weights too).
 
     ``runtime_scale`` gives live LoRAs the input ``lora_scale`` (dropped again when every one of them merged).
+    ``recompile=False`` leaves the code generation to the caller.
     """
     routed = spec.routed_adapters()
     passes: list[Pass] = [Causal()]
@@ -191,8 +203,8 @@ def rewrite(
     if merged:
         passes.append(merge_pass(spec, merged, inplace=inplace))
     passes.append(Cleanup())
-    gm = run_passes(gm, passes)
-    drop_input(gm, SCALE_INPUT)
+    gm = run_passes(gm, passes, recompile=recompile)
+    drop_input(gm, SCALE_INPUT, recompile=recompile)
     return gm
 
 

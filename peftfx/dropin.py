@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import Inputs, split_inputs
 from .errors import PeftfxError
 from .ir import SCALE_INPUT
+from .rewrite import adopt
 
 RETURN_DICT = "return_dict"
 
@@ -139,7 +140,8 @@ def as_dropin(
     """
     origin = _origin(model, example_inputs)
     origin.scale_refusal = scale_refusal
-    out = DropIn(gm, gm.graph, type(model).__name__)
+    out = DropIn(nn.Module(), fx.Graph(), type(model).__name__)
+    adopt(out, gm)
     out.meta = gm.meta
     for name in ("_in_spec", "_out_spec", "range_constraints", "validate_inputs"):
         if name in gm.__dict__:
@@ -148,7 +150,7 @@ def as_dropin(
     for hooks in _HOOKS:  # export's own, kept when the model takes modules as inputs
         getattr(out, hooks).update(getattr(gm, hooks))
     out._origin = origin
-    origin.graph_inputs = _graph_inputs(out)
+    out.graph = gm.graph  # its code, generated once
     return out
 
 
@@ -343,5 +345,5 @@ def _restore(rebuild: Any, args: tuple[Any, ...], origin: Origin) -> DropIn:
     out = DropIn(gm, gm.graph, gm.__class__.__name__)
     out.meta = gm.meta
     out._origin = origin
-    origin.graph_inputs = _graph_inputs(out)
+    out.graph = gm.graph  # its code, generated once
     return out

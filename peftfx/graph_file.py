@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.export import _unlift
 from torch.utils._pytree import TreeSpec, treespec_dumps, treespec_loads
 
+from .rewrite import adopt
 from .sites import MODULE_STACK
 
 FORMAT = 1
@@ -245,18 +246,6 @@ def _tree(record: dict[str, Any]) -> nn.Module:
     module.__dict__.update(record["tensors"])
     module.training = record["training"]
     return module
-
-
-def adopt(gm: fx.GraphModule, root: nn.Module) -> None:
-    """Give ``gm`` the module tree of ``root`` whole, shared. Built empty and given its graph after, a GraphModule
-    skips its constructor's copying of each tensor the graph names, one ``setattr`` at a time."""
-    gm._parameters, gm._buffers = root._parameters, root._buffers
-    gm._non_persistent_buffers_set = root._non_persistent_buffers_set
-    gm._modules = root._modules
-    for name, value in vars(root).items():
-        if isinstance(value, torch.Tensor):
-            gm.__dict__[name] = value
-    gm.training = root.training
 
 
 def _graph(record: dict[str, Any]) -> fx.Graph:
