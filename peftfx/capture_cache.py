@@ -1,18 +1,18 @@
 """An on-disk cache of captures, so compiling the same model again skips ``torch.export``.
 
-torch.export is most of a compile's time, and its result depends on the model's code and structure and on the
-input signature, not on the weights. A capture is stored (``graph_file``: the unlifted graph, no weights) under a
-key that digests all of that: the model's class, its transformers config, every module's class, mode, hooks and
-plain attributes, every tensor's name, shape, dtype and device (and which are tied), where every method of the
-module classes comes from (a method patched at run time, or a class redefined in a notebook, is another key), the
-inputs' structure, shapes and dtypes, the dynamic shapes, and the versions of torch, transformers, peftfx and
-Python. Beside the graph, a manifest lists the source files the capture could have run, with their size and
-modification time (the rule Python's own bytecode cache uses): every loaded module of the packages defining the
-model's classes (all of transformers' loaded modules for a transformers model), every module those reference,
-and every module outside site-packages and the standard library (your own code, editable installs). A stored
-capture is served only while all of them are unchanged, so a stale graph is never served for an edited model.
-What the key cannot see is state outside the model that its code reads at run time (an environment variable, a
-global flag flipped after import): ``cache=False`` / ``PEFTFX_CACHE=0`` turns the cache off.
+torch.export is most of a compile's time, and its result depends on the model's code and structure and on the input
+signature, not on the weights. A capture is stored (``graph_file``: the unlifted graph, no weights) under a key that
+digests all of that: the model's class, its transformers config, every module's class, mode, hooks and plain
+attributes, every tensor's name, shape, dtype and device (and which are tied), where every method of the module
+classes comes from (a method patched at run time, or a class redefined in a notebook, is another key), the inputs'
+structure, shapes and dtypes, the dynamic shapes, transformers' and torch's environment variables, and the versions
+of torch, transformers, peftfx and Python. Beside the graph, a manifest lists the source files the capture could
+have run, with their size and modification time (the rule Python's own bytecode cache uses): every loaded module of
+the packages defining the model's classes (all of transformers' loaded modules for a transformers model), every
+module those reference, and every module outside site-packages and the standard library (your own code, editable
+installs). A stored capture is served only while all of them are unchanged, so a stale graph is never served for an
+edited model. What the key cannot see is other state outside the model that its code reads at run time (a global
+flag flipped after import, say): ``cache=False`` / ``PEFTFX_CACHE=0`` turns the cache off.
 
 The current model's own tensors are bound in by name (checked against the stored shapes and dtypes). Files are
 written to a temporary file renamed into place, so concurrent compiles never read a partial file; one that cannot
@@ -99,11 +99,16 @@ def _key(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynami
             "code": _code(model),
             "inputs": _inputs((args, kwargs)),
             "dynamic_shapes": _dynamic(dynamic_shapes),
+            "environment": {k: v for k, v in os.environ.items() if k.startswith(_SWITCHES)},
         }
         text = json.dumps(parts, sort_keys=True)
     except (_Uncacheable, TypeError, ValueError, OSError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SWITCHES = ("TRANSFORMERS_", "TORCH_", "PYTORCH_")
+"""Environment variables that may switch what transformers and torch trace (``TRANSFORMERS_SDPA_FORCE_GQA``)."""
 
 
 def _versions() -> dict[str, str]:

@@ -71,7 +71,7 @@ def compile(
     The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
     own tensors (no copy of the weights is made; the same bits as without it). With ``max_cache_len`` a decoder
     is captured as one generation step over a static KV cache of that many positions, for ``peftfx.generate``
-    (see ``kv_cache``). ``cache=True`` reuses a capture from the capture cache (opt-in; ``$PEFTFX_CACHE``).
+    (see ``kv_cache``). A capture is reused from the capture cache unless ``cache=False`` (or ``$PEFTFX_CACHE=0``).
     """
     return build(
         model,
@@ -138,7 +138,7 @@ def build_loaded(
         elif spec.capture == "symbolic_trace":
             raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
         else:
-            gm = capture_with_cache(model, example_inputs, max_cache_len)
+            gm = capture_with_cache(model, example_inputs, max_cache_len, cache=cache)
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)

@@ -277,3 +277,17 @@ def test_the_least_recently_used_files_go_beyond_the_limit(cache, exports, monke
     assert len(list(cache.iterdir())) == 2
     peftfx.capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
     assert len(exports) == 3, "the newest stayed"
+
+
+def test_a_generation_capture_is_cached_and_generates_the_same_tokens(cache, exports):
+    """compile(max_cache_len=L) captures a step over a static KV cache (dynamic sequence dim): served from the
+    cache, it generates what a fresh capture does, and ``cache=False`` still exports."""
+    model, ids = tiny_llama(), token_inputs()["input_ids"]
+    lora = {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2, "init": False}, "seed": 0}
+    spec = {"adapters": {"a": lora}}
+    fresh = peftfx.compile(model, spec, {"input_ids": ids}, max_cache_len=12, cache=False)
+    peftfx.compile(model, spec, {"input_ids": ids}, max_cache_len=12)
+    cached = peftfx.compile(model, spec, {"input_ids": ids}, max_cache_len=12)
+    assert len(exports) == 2 and len(list(cache.iterdir())) == 1
+    want = peftfx.generate(fresh, ids, max_new_tokens=5)
+    assert torch.equal(peftfx.generate(cached, ids, max_new_tokens=5), want)
