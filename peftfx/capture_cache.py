@@ -293,8 +293,11 @@ def _trim(folder: Path) -> None:
 
 def _load(file: Path, model: nn.Module) -> fx.GraphModule | None:
     """The cached capture with the model's own tensors bound in, or None (no file, an unreadable one, a changed
-    source file, or a stored tensor the model lacks or holds with another shape or dtype)."""
+    source file, a file another user wrote, or a stored tensor the model lacks or holds with another shape or
+    dtype)."""
     try:
+        if hasattr(os, "getuid") and file.stat().st_uid != os.getuid():
+            return None  # its pickles would run as code: only the user's own files are read
         manifest, data = pickle.loads(file.read_bytes())
         if not _unchanged(manifest):
             return None

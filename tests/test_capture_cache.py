@@ -291,3 +291,16 @@ def test_a_generation_capture_is_cached_and_generates_the_same_tokens(cache, exp
     assert len(exports) == 2 and len(list(cache.iterdir())) == 1
     want = peftfx.generate(fresh, ids, max_new_tokens=5)
     assert torch.equal(peftfx.generate(cached, ids, max_new_tokens=5), want)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="file owners are POSIX")
+def test_a_file_another_user_wrote_is_never_read(cache, exports, monkeypatch):
+    """A cache file is a pickle, code to Python: one in a shared folder written by someone else is a miss."""
+    import os
+
+    model, inputs = tiny_llama(), token_inputs()
+    peftfx.capture(model, inputs)
+    owner = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
+    peftfx.capture(model, inputs)
+    assert len(exports) == 2
