@@ -304,3 +304,27 @@ def test_a_file_another_user_wrote_is_never_read(cache, exports, monkeypatch):
     monkeypatch.setattr(os, "getuid", lambda: owner + 1)
     peftfx.capture(model, inputs)
     assert len(exports) == 2
+
+
+class _Stateful(torch.nn.Module):
+    """Buffers (persistent or not) and a plain tensor attribute: values no key holds, each the model's own."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(4).eval()
+        self.norm.running_mean.fill_(value)
+        self.register_buffer("offset", torch.full((4,), value), persistent=False)
+        self.plain = torch.full((4,), -value)
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x)) + self.offset * self.plain
+
+
+def test_buffers_and_tensor_attributes_are_the_current_models(cache, exports):
+    x = (torch.randn(3, 4),)
+    first, second = _Stateful(1.0), _Stateful(5.0)
+    peftfx.capture(first, x, method="export")
+    gm = peftfx.capture(second, x, method="export")
+    assert len(exports) == 1
+    assert torch.equal(gm(*x), second(*x)) and not torch.equal(gm(*x), first(*x))
