@@ -34,9 +34,10 @@ class Pass(ABC):
         return None
 
 
-def run_passes(gm: fx.GraphModule, passes: Sequence[Pass]) -> fx.GraphModule:
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], *, recompile: bool = True) -> fx.GraphModule:
     """Check each pass's contract and lint after it, so a broken one is named; generate the code once, at the end
-    (each ``recompile`` of a transformer's graph costs as much as a whole pass)."""
+    (each ``recompile`` of a transformer's graph costs as much as a whole pass), or leave it to the caller
+    (``recompile=False``: the driver's drop-in module generates it)."""
     done: list[str] = []
     for p in passes:
         before = f" (after {', '.join(done)})" if done else ""
@@ -53,6 +54,8 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass]) -> fx.GraphModule:
         except PassError as error:
             raise PassError(f"pass {p.name!r}{before} broke its contract ({p.ensures}): {error}") from error
         done.append(p.name)
+    if not recompile:
+        return gm
     try:
         gm.recompile()
     except Exception as error:

@@ -47,6 +47,10 @@ class Merge(Pass):
         nodes, index = nodes_by_name(gm), AttrIndex(gm)
         untrimmed = 0  # bytes of weights merged since freed memory was last given back
         todo = [r for r in all_records if r.adapter in self.adapters and not r.merged]
+        if self.inplace:  # refused before the model's first weight is written, not after some are
+            for record in todo:
+                if record.adapter not in self.allow_nonfinite:
+                    _check_finite(record, {role: get_attr(gm, t) for role, t in record.tensors.items()})
         for record in todo:
             inplace = self.inplace and _raw_unread_after(record, all_records, gm, nodes)
             allow = record.adapter in self.allow_nonfinite
@@ -75,6 +79,15 @@ class Merge(Pass):
             raise PassError(f"node {read[0].name} still reads the merged adapter tensor {read[0].target}")
 
 
+def _check_finite(record: Record, tensors: dict[str, torch.Tensor]) -> None:
+    for role, tensor in tensors.items():
+        if not finite(tensor):
+            raise MergeError(
+                f"merge: adapter {record.adapter!r} at {record.module}: tensor {role} holds NaN or inf; "
+                "merging it would corrupt the weights (set `allow_nonfinite: true` on the adapter to fold it anyway)"
+            )
+
+
 def _merge(
     gm: fx.GraphModule,
     record: Record,
@@ -90,12 +103,8 @@ def _merge(
     weight gets a new tensor, as without it)."""
     a = record.site_adapter(gm, nodes)
     _check_order(record, a.kind.additive(a), all_records, gm, nodes)
-    for role, tensor in a.tensors.items():
-        if not allow_nonfinite and not finite(tensor):
-            raise MergeError(
-                f"merge: adapter {record.adapter!r} at {record.module}: tensor {role} holds NaN or inf; "
-                "merging it would corrupt the weights (set `allow_nonfinite: true` on the adapter to fold it anyway)"
-            )
+    if not allow_nonfinite:
+        _check_finite(record, a.tensors)
     site = a.site
     raw = get_attr(gm, record.raw_weight)
     weight = site.base_weight()

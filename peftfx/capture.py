@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from . import capture_cache
 from .capture_hints import export_failure
 from .errors import CaptureError
+from .graph_file import unlifted
 from .ir import ModelHeads, set_heads
 from .rewrite import get_attr
 from .sites import MODULE_STACK
@@ -55,8 +56,8 @@ def capture(
 
     ``dynamic_shapes`` goes to ``torch.export``; ``"auto"`` lets every dim of every tensor input vary. The trace
     runs on a copy of the module tree (``isolated``), one at a time, so other threads may call the model meanwhile.
-    ``cache=True`` (or ``$PEFTFX_CACHE=1``): reuse an earlier ``torch.export`` of the same model structure and
-    inputs (``capture_cache``; opt-in).
+    An earlier ``torch.export`` of the same model code, structure and inputs is reused from the capture cache
+    (``capture_cache``); ``cache=False`` (or ``$PEFTFX_CACHE=0``) always exports.
     """
     if example_inputs is not None and not isinstance(example_inputs, tuple | list | Mapping | torch.Tensor):
         raise CaptureError(
@@ -142,19 +143,19 @@ def _export(
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
         dynamic_shapes = {name: tree_map(_all_dims_auto, value) for name, value in bound.items()}
 
-    def export() -> torch.export.ExportedProgram:
-        with _cache_off(model), _no_stack_traces():
-            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    def export() -> fx.GraphModule:
+        try:
+            with _cache_off(model), _no_stack_traces():
+                program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        except Exception as error:
+            message = export_failure(type(model).__name__, error, dynamic_shapes is not None, trace_error)
+            raise CaptureError(message) from error
+        gm = unlifted(program)
+        _trim_call_overhead(gm, has_module_inputs=any(isinstance(x, nn.Module) for x in tree_leaves((args, kwargs))))
+        gm.recompile()
+        return gm
 
-    try:
-        program = capture_cache.exported(model, args, kwargs, dynamic_shapes, export, cache=cache)
-    except Exception as error:
-        message = export_failure(type(model).__name__, error, dynamic_shapes is not None, trace_error)
-        raise CaptureError(message) from error
-    gm = program.module()
-    _trim_call_overhead(gm, has_module_inputs=any(isinstance(x, nn.Module) for x in tree_leaves((args, kwargs))))
-    gm.recompile()
-    return gm
+    return capture_cache.captured(model, args, kwargs, dynamic_shapes, export, cache=cache)
 
 
 @contextlib.contextmanager

@@ -1,45 +1,54 @@
-"""An on-disk cache of ``torch.export`` captures, so compiling the same model again skips the export.
+"""An on-disk cache of captures, so compiling the same model again skips ``torch.export``.
 
-torch.export is most of a compile's time, and its result depends only on the model's code and structure and the
-input signature, not on the weights. A capture is stored (``torch.export.save``) under a key that digests all of
-it: the model's class, its transformers config, every module's class, mode, hooks and plain attributes, every
-tensor's name, shape, dtype and device (and which are tied), the source files of its module classes, the inputs'
-structure, shapes and dtypes, the dynamic shapes, and the versions of torch, transformers, peftfx and Python. Any
-change is another key: a stale graph is never served. The cache holds no weights: every tensor the model holds is
-stored as a ``meta`` tensor, and on load the current model's own tensors are bound in by name (checked against
-the stored shapes and dtypes). Files are written to a temporary file renamed into place, so concurrent compiles
-never read a partial file; one that cannot be read is a miss, replaced by the next capture.
+torch.export is most of a compile's time, and its result depends on the model's code and structure and on the input
+signature, not on the weights. A capture is stored (``graph_file``: the unlifted graph, no weights) under a key that
+digests all of that: the model's class, its transformers config, every module's class, mode, hooks and plain
+attributes, every tensor's name, shape, dtype and device (and which are tied), where every method of the module
+classes comes from (a method patched at run time, or a class redefined in a notebook, is another key), the inputs'
+structure, shapes and dtypes, the dynamic shapes, transformers' and torch's environment variables, and the versions
+of torch, transformers, peftfx and Python. Beside the graph, a manifest lists the source files the capture could
+have run, with their size and modification time (the rule Python's own bytecode cache uses): every loaded module of
+the packages defining the model's classes (all of transformers' loaded modules for a transformers model), every
+module those reference, and every module outside site-packages and the standard library (your own code, editable
+installs). A stored capture is served only while all of them are unchanged, so a stale graph is never served for an
+edited model. What the key cannot see is other state outside the model that its code reads at run time (a global
+flag flipped after import, say): ``cache=False`` / ``PEFTFX_CACHE=0`` turns the cache off.
 
-Opt-in (``cache=True``, ``PEFTFX_CACHE=1`` or ``peftfx --cache``): the key cannot see code the model calls outside
-its module classes' files, and a graph served stale would be silently wrong, for a saving of about a quarter of a
-compile. Where: ``$PEFTFX_CACHE_DIR``, else ``$XDG_CACHE_HOME/peftfx``, else ``~/.cache/peftfx``.
+The current model's own tensors are bound in by name (checked against the stored shapes and dtypes). Files are
+written to a temporary file renamed into place, so concurrent compiles never read a partial file; one that cannot
+be read is a miss, replaced by the next capture. On by default; where: ``$PEFTFX_CACHE_DIR``, else
+``$XDG_CACHE_HOME/peftfx``, else ``~/.cache/peftfx``, created private to the user (its files are code, as a
+``.pyc`` is); the oldest files beyond ``KEEP`` are removed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
+import marshal
 import os
+import pickle
 import platform
 import sys
+import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.export import ExportedProgram
-from torch.utils._pytree import tree_flatten, tree_map
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
+from . import graph_file
 from .atomic import replaced_file
 
-FORMAT = 1  # bumped when what is stored, or how the key is made, changes
+FORMAT = 2  # bumped when what is stored, or how the key is made, changes
+KEEP = 512  # files kept in the cache folder; the least recently used beyond it are removed
 
 
 def enabled(cache: bool | None) -> bool:
-    """``cache`` as asked; None leaves it to ``$PEFTFX_CACHE`` (off unless set to something other than 0)."""
-    return cache if cache is not None else os.environ.get("PEFTFX_CACHE", "") not in ("", "0")
+    """``cache`` as asked; None leaves it to ``$PEFTFX_CACHE`` (on unless set to 0)."""
+    return cache if cache is not None else os.environ.get("PEFTFX_CACHE", "1") != "0"
 
 
 def directory() -> Path:
@@ -50,26 +59,28 @@ def directory() -> Path:
     return Path(base) / "peftfx"
 
 
-def exported(
+def captured(
     model: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     dynamic_shapes: Any,
-    export: Callable[[], ExportedProgram],
+    capture: Callable[[], fx.GraphModule],
     *,
     cache: bool | None = None,
-) -> ExportedProgram:
-    """``export()``'s program for ``model`` on inputs like ``args``/``kwargs``, from the cache when it holds one."""
+) -> fx.GraphModule:
+    """``capture()``'s GraphModule for ``model`` on inputs like ``args``/``kwargs``, from the cache when it holds one.
+
+    ``capture`` must unlift its program with ``graph_file.unlifted`` (so its input checks can be stored)."""
     folder = directory() if enabled(cache) else None
     key = _key(model, args, kwargs, dynamic_shapes) if folder is not None else None
     if folder is None or key is None:
-        return export()
-    file = folder / "capture" / f"{key}.pt2"
-    program = _load(file, model)
-    if program is None:
-        program = export()
-        _store(program, model, file)
-    return program
+        return capture()
+    file = folder / "capture" / f"{key}.fx"
+    gm = _load(file, model)
+    if gm is None:
+        gm = capture()
+        _store(gm, model, file)
+    return gm
 
 
 class _Uncacheable(Exception):
@@ -85,14 +96,19 @@ def _key(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynami
             "config": _config(model),
             "modules": [_module(name, m) for name, m in model.named_modules(remove_duplicate=False)],
             "tensors": _tensors(model),
-            "sources": _sources(model),
+            "code": _code(model),
             "inputs": _inputs((args, kwargs)),
             "dynamic_shapes": _dynamic(dynamic_shapes),
+            "environment": {k: v for k, v in os.environ.items() if k.startswith(_SWITCHES)},
         }
         text = json.dumps(parts, sort_keys=True)
     except (_Uncacheable, TypeError, ValueError, OSError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SWITCHES = ("TRANSFORMERS_", "TORCH_", "PYTORCH_")
+"""Environment variables that may switch what transformers and torch trace (``TRANSFORMERS_SDPA_FORCE_GQA``)."""
 
 
 def _versions() -> dict[str, str]:
@@ -163,17 +179,29 @@ def _tensors(model: nn.Module) -> list[Any]:
     return out
 
 
-def _sources(model: nn.Module) -> dict[str, str]:
-    """A digest of each file defining a module class of the model (an edited ``forward`` is another graph)."""
-    digests = {}
-    for cls in {type(m) for m in model.modules()}:
-        try:
-            file = inspect.getsourcefile(cls)
-        except TypeError:
-            continue
-        if file is not None and file not in digests:
-            digests[file] = hashlib.sha256(Path(file).read_bytes()).hexdigest()
-    return digests
+def _code(model: nn.Module) -> list[Any]:
+    """Where each method of each module class (and its bases, torch's aside) comes from: a method replaced at run
+    time, or a class redefined under the same name, is another key. Code with no file (``python -c``, a notebook
+    cell) is digested whole, as no manifest can watch it."""
+    classes: dict[type, None] = {}
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            if cls is not object and not cls.__module__.startswith("torch."):
+                classes[cls] = None
+    described = []
+    for cls in classes:
+        methods = []
+        for name, value in vars(cls).items():
+            function = getattr(value, "__func__", getattr(value, "fget", value))
+            code = getattr(function, "__code__", None)
+            if code is None:
+                continue
+            where: list[Any] = [name, code.co_filename, code.co_firstlineno]
+            if not os.path.isfile(code.co_filename):
+                where.append(hashlib.sha256(marshal.dumps(code)).hexdigest())
+            methods.append(where)
+        described.append([_qualified(cls), methods])
+    return described
 
 
 def _inputs(inputs: Any) -> list[Any]:
@@ -203,53 +231,79 @@ def _dynamic(shapes: Any) -> Any:
     raise _Uncacheable(f"a dynamic shape of type {type(shapes).__name__}")
 
 
-def _store(program: ExportedProgram, model: nn.Module, file: Path) -> None:
-    """Save ``program`` with the model's tensors and the example inputs' values left out; best effort: a capture
-    that cannot be saved is simply not cached."""
-    own = {id(t) for _, t in _named_tensors(model)}
-    state, constants, examples = program._state_dict, program._constants, program._example_inputs
-    program._state_dict = {k: _meta(v) if id(v) in own else v for k, v in state.items()}
-    program._constants = {k: _meta(v) if id(v) in own else v for k, v in constants.items()}
-    program._example_inputs = tree_map(_meta, examples)  # their structure names the inputs of the shape checks
+_INSTALLED = tuple(
+    {str(Path(p).resolve()) for key in ("stdlib", "platstdlib", "purelib", "platlib") if (p := sysconfig.get_path(key))}
+)
+
+
+def _manifest(model: nn.Module) -> dict[str, list[int]]:
+    """(size, mtime_ns) of each source file the model's code could run (see the module's docstring)."""
+    packages = {cls.__module__.split(".")[0] for cls in (type(m) for m in model.modules())} - {"torch"}
+    modules: dict[str, Any] = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not isinstance(file, str):
+            continue
+        if name.split(".")[0] in packages:
+            modules[name] = module
+            for value in list(vars(module).values()):  # what the model's packages reference directly
+                referenced = sys.modules.get(getattr(value, "__module__", None) or getattr(value, "__name__", ""))
+                if referenced is not None:
+                    modules.setdefault(referenced.__name__, referenced)
+        elif not os.path.realpath(file).startswith(_INSTALLED):
+            modules[name] = module
+    files = {}
+    for module in modules.values():
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and not module.__name__.startswith("torch"):
+            stat = os.stat(file)
+            files[file] = [stat.st_size, stat.st_mtime_ns]
+    return files
+
+
+def _unchanged(manifest: dict[str, list[int]]) -> bool:
+    for file, (size, mtime) in manifest.items():
+        try:
+            stat = os.stat(file)
+        except OSError:
+            return False
+        if stat.st_size != size or stat.st_mtime_ns != mtime:
+            return False
+    return True
+
+
+def _store(gm: fx.GraphModule, model: nn.Module, file: Path) -> None:
+    """Save ``gm`` and the manifest; best effort: a capture that cannot be saved is simply not cached."""
+    lent = {id(t): name for name, t in reversed(list(_named_tensors(model)))}
     try:
+        data = pickle.dumps((_manifest(model), graph_file.dumps(gm, lent)), protocol=pickle.HIGHEST_PROTOCOL)
+        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with replaced_file(file) as tmp:
-            torch.export.save(program, tmp, extra_files={_GUARDS: json.dumps(program._guards_code)})
+            Path(tmp).write_bytes(data)
+        _trim(file.parent)
     except Exception:  # the cache is an optimisation: a failed write leaves no file and no error
         pass
-    finally:
-        program._state_dict, program._constants, program._example_inputs = state, constants, examples
 
 
-_GUARDS = "peftfx/guards.json"
-"""The input shape checks of the program's module (``_guards_fn``): torch derives them from the export's shape
-environment, which a loaded program lacks, so they are stored beside it."""
+def _trim(folder: Path) -> None:
+    files = sorted(folder.glob("*.fx"), key=lambda f: f.stat().st_mtime)
+    for stale in files[: max(0, len(files) - KEEP)]:
+        stale.unlink(missing_ok=True)
 
 
-def _meta(t: Any) -> Any:
-    if not isinstance(t, torch.Tensor):
-        return t
-    empty = torch.empty_like(t, device="meta")
-    return nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
-
-
-def _load(file: Path, model: nn.Module) -> ExportedProgram | None:
-    """The cached program with the model's own tensors bound in, or None (no file, an unreadable one, or a
-    stored tensor the model lacks or holds with another shape or dtype)."""
-    if not file.is_file():
-        return None
-    extra = {_GUARDS: ""}
+def _load(file: Path, model: nn.Module) -> fx.GraphModule | None:
+    """The cached capture with the model's own tensors bound in, or None (no file, an unreadable one, a changed
+    source file, a file another user wrote, or a stored tensor the model lacks or holds with another shape or
+    dtype)."""
     try:
-        program = torch.export.load(file, extra_files=extra)
-        guards = json.loads(extra[_GUARDS])
-    except Exception:  # partial (a disk error) or from another torch: a miss
+        if hasattr(os, "getuid") and file.stat().st_uid != os.getuid():
+            return None  # its pickles would run as code: only the user's own files are read
+        manifest, data = pickle.loads(file.read_bytes())
+        if not _unchanged(manifest):
+            return None
+        current = dict(_named_tensors(model))
+        gm = graph_file.loads(data, current.get)
+        os.utime(file)  # recently used: kept by _trim
+    except Exception:  # absent, partial (a disk error) or from another torch: a miss
         return None
-    program._guards_code = guards
-    current = dict(_named_tensors(model))
-    for table in (program._state_dict, program._constants):
-        for name, stored in table.items():
-            if isinstance(stored, torch.Tensor) and stored.device.type == "meta":
-                mine = current.get(name)
-                if mine is None or mine.shape != stored.shape or mine.dtype != stored.dtype:
-                    return None
-                table[name] = mine
-    return program
+    return gm

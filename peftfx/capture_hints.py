@@ -19,7 +19,7 @@ _BOUND = re.compile(r"(min|max)=(\d+)")
 
 def export_failure(name: str, error: BaseException, dynamic: bool, trace_error: BaseException | None) -> str:
     """The CaptureError message for a failed ``torch.export`` of model class ``name``."""
-    text = str(error)
+    text = str(error) or type(error).__name__  # a MemoryError says nothing else
     lines = [f"torch.export could not capture {name}: {_headline(text)}"]
     where = _stopped_at(text, error)
     if where:
@@ -29,7 +29,9 @@ def export_failure(name: str, error: BaseException, dynamic: bool, trace_error: 
         lines.append(f"  the model limits dynamic dims: {fixes}")
     lines.append(f"  try: {'; '.join(_hints(text, dynamic, fixes is not None))}")
     if trace_error is not None:
-        lines.append(f"  (capture: auto tried symbolic_trace first: {_headline(str(trace_error))})")
+        lines.append(
+            f"  (capture: auto tried symbolic_trace first: {_headline(str(trace_error) or type(trace_error).__name__)})"
+        )
     return "\n".join(lines)
 
 

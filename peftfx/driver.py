@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from .capture import Inputs, capture
 from .dropin import as_dropin, lora_scale_keyword
-from .errors import PeftfxError, SpecError
+from .errors import PassError, PeftfxError, SpecError
 from .inputs import without_index
 from .ir import SCALE_INPUT, Override
 from .kv_cache import capture_with_cache
@@ -71,7 +71,7 @@ def compile(
     The model is never mutated, unless ``inplace``: then it is given up, and merged weights are written into its
     own tensors (no copy of the weights is made; the same bits as without it). With ``max_cache_len`` a decoder
     is captured as one generation step over a static KV cache of that many positions, for ``peftfx.generate``
-    (see ``kv_cache``). ``cache=True`` reuses a capture from the capture cache (opt-in; ``$PEFTFX_CACHE``).
+    (see ``kv_cache``). A capture is reused from the capture cache unless ``cache=False`` (or ``$PEFTFX_CACHE=0``).
     """
     return build(
         model,
@@ -138,7 +138,7 @@ def build_loaded(
         elif spec.capture == "symbolic_trace":
             raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
         else:
-            gm = capture_with_cache(model, example_inputs, max_cache_len)
+            gm = capture_with_cache(model, example_inputs, max_cache_len, cache=cache)
     with _step("plan", seconds, progress):
         sites = None if progress is None else lambda adapter, done, total: progress(f"plan {adapter}", done, total)
         plan = make_plan(gm, spec, base_dir, sites)
@@ -146,8 +146,13 @@ def build_loaded(
             planned(plan)
     with _step("rewrite", seconds, progress):
         scaled = lora_scale_keyword(model) is not None
-        gm = rewrite(gm, spec, plan, inplace=inplace, runtime_scale=scaled)
-        gm = as_dropin(gm, model, example_inputs, _scale_refusal(spec, plan) if scaled else None)
+        gm = rewrite(gm, spec, plan, inplace=inplace, runtime_scale=scaled, recompile=False)
+        try:  # the drop-in generates the rewritten graph's code, once
+            gm = as_dropin(gm, model, example_inputs, _scale_refusal(spec, plan) if scaled else None)
+        except PeftfxError:
+            raise
+        except Exception as error:
+            raise PassError(f"the rewritten graph does not compile to Python: {error}") from error
     return Build(gm, summarize(spec, plan), seconds)
 
 
@@ -170,11 +175,18 @@ def apply(gm: fx.GraphModule, spec: Spec, base_dir: Path | None = None) -> fx.Gr
 
 
 def rewrite(
-    gm: fx.GraphModule, spec: Spec, plan: Plan, *, inplace: bool = False, runtime_scale: bool = False
+    gm: fx.GraphModule,
+    spec: Spec,
+    plan: Plan,
+    *,
+    inplace: bool = False,
+    runtime_scale: bool = False,
+    recompile: bool = True,
 ) -> fx.GraphModule:
     """Run the passes a planned spec needs on a captured graph (rewritten in place; ``inplace``: its weights too).
 
     ``runtime_scale`` gives live LoRAs the input ``lora_scale`` (dropped again when every one of them merged).
+    ``recompile=False`` leaves the code generation to the caller.
     """
     routed = spec.routed_adapters()
     passes: list[Pass] = [Causal()]
@@ -191,8 +203,8 @@ def rewrite(
     if merged:
         passes.append(merge_pass(spec, merged, inplace=inplace))
     passes.append(Cleanup())
-    gm = run_passes(gm, passes)
-    drop_input(gm, SCALE_INPUT)
+    gm = run_passes(gm, passes, recompile=recompile)
+    drop_input(gm, SCALE_INPUT, recompile=recompile)
     return gm
 
 

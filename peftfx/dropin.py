@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import Inputs, split_inputs
 from .errors import PeftfxError
 from .ir import SCALE_INPUT
+from .rewrite import adopt
 
 RETURN_DICT = "return_dict"
 
@@ -138,7 +140,8 @@ def as_dropin(
     """
     origin = _origin(model, example_inputs)
     origin.scale_refusal = scale_refusal
-    out = DropIn(gm, gm.graph, type(model).__name__)
+    out = DropIn(nn.Module(), fx.Graph(), type(model).__name__)
+    adopt(out, gm)
     out.meta = gm.meta
     for name in ("_in_spec", "_out_spec", "range_constraints", "validate_inputs"):
         if name in gm.__dict__:
@@ -147,7 +150,7 @@ def as_dropin(
     for hooks in _HOOKS:  # export's own, kept when the model takes modules as inputs
         getattr(out, hooks).update(getattr(gm, hooks))
     out._origin = origin
-    origin.graph_inputs = _graph_inputs(out)
+    out.graph = gm.graph  # its code, generated once
     return out
 
 
@@ -161,10 +164,13 @@ _HOOKS = (
 
 
 def lora_scale_keyword(model: nn.Module) -> str | None:
-    """The keyword whose ``"scale"`` diffusers applies to the model's PEFT layers (its ``apply_lora_scale``)."""
-    try:
-        from diffusers.utils.peft_utils import apply_lora_scale
-    except ImportError:
+    """The keyword whose ``"scale"`` diffusers applies to the model's PEFT layers (its ``apply_lora_scale``).
+
+    A forward diffusers decorated was defined after diffusers was imported: where it was not, there is none (and
+    importing diffusers, half a second, is not paid by compiles of other models)."""
+    peft_utils = sys.modules.get("diffusers.utils.peft_utils")
+    apply_lora_scale = getattr(peft_utils, "apply_lora_scale", None)
+    if apply_lora_scale is None:
         return None
     forward = getattr(type(model), "forward", None)
     code = getattr(forward, "__code__", None)
@@ -339,5 +345,5 @@ def _restore(rebuild: Any, args: tuple[Any, ...], origin: Origin) -> DropIn:
     out = DropIn(gm, gm.graph, gm.__class__.__name__)
     out.meta = gm.meta
     out._origin = origin
-    origin.graph_inputs = _graph_inputs(out)
+    out.graph = gm.graph  # its code, generated once
     return out

@@ -35,8 +35,11 @@ CACHE = "past_key_values"
 SEQUENCE_AXES = {"input_ids": {1: "sequence"}, "position_ids": {1: "sequence"}, "cache_position": {0: "sequence"}}
 
 
-def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cache_len: int) -> fx.GraphModule:
-    """Capture ``model`` as a generation step over a static cache of ``max_cache_len`` positions (see the module)."""
+def capture_with_cache(
+    model: nn.Module, example_inputs: Inputs | None, max_cache_len: int, *, cache: bool | None = None
+) -> fx.GraphModule:
+    """Capture ``model`` as a generation step over a static cache of ``max_cache_len`` positions (see the module);
+    ``cache`` as for ``capture``."""
     from transformers import StaticCache
 
     name = type(model).__name__
@@ -56,14 +59,14 @@ def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cach
             f"max_cache_len: the example prompt has {length} tokens, more than max_cache_len={max_cache_len}"
         )
     try:
-        cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        static = StaticCache(config=config, max_cache_len=max_cache_len)
     except Exception as error:
         raise CaptureError(f"max_cache_len: transformers' StaticCache does not support {name}: {error}") from error
     generation = getattr(model, "generation_config", None)
     layout = KVCache(
         max_cache_len=max_cache_len,
         batch=batch,
-        shapes=_layer_shapes(model, cache, batch, max_cache_len),
+        shapes=_layer_shapes(model, static, batch, max_cache_len),
         dtype=next(model.parameters()).dtype,
         vocab_size=getattr(config.get_text_config(), "vocab_size", None),
         eos_token_id=getattr(generation, "eos_token_id", None),
@@ -86,7 +89,8 @@ def capture_with_cache(model: nn.Module, example_inputs: Inputs | None, max_cach
         CACHE: (None,) * len(layout.shapes),
     }
     with _sdpa_gqa():
-        gm = capture(_with_cache_forward(model, max_cache_len), example, method="export", dynamic_shapes=dynamic)
+        step = _with_cache_forward(model, max_cache_len)
+        gm = capture(step, example, method="export", dynamic_shapes=dynamic, cache=cache)
     set_kv_cache(gm, layout)
     return gm
 

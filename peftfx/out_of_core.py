@@ -1,13 +1,13 @@
 """Out-of-core merge: a sharded transformers checkpoint in, the merged checkpoint out, one tensor at a time.
 
 The model is built and captured on the meta device (no weight is materialised: the graph only resolves the sites
-and the spec), the plan loads the adapters, and each output tensor is read from its shard (``safe_open``,
-memory-mapped), merged exactly as ``compile`` merges it (``AdapterKind.merge_into`` / ``merge``) and streamed to
-its output shard. Meanwhile, from the start, a thread copies every tensor's input bytes into place in the kernel
-(``_Shards``): writing is the floor of the merge's time and needs nothing the capture decides, so it runs while the
-graph is captured; the merged tensors are then written over their copies, or in their place where the copy had not
-got there. Memory holds one tensor and its temporaries, never a shard or the model. The output folder is written
-beside the destination and renamed into place, so an interrupted run leaves nothing.
+and the spec), the plan loads the adapters, and each output tensor is read from its shard (a memory map of its
+bytes), merged exactly as ``compile`` merges it (``AdapterKind.merge_into`` / ``merge``) and streamed to its output
+shard. Meanwhile, from the start, a thread copies every tensor's input bytes into place in the kernel (``_Shards``):
+writing is the floor of the merge's time and needs nothing the capture decides, so it runs while the graph is
+captured; the merged tensors are then written over their copies, or in their place where the copy had not got
+there. Memory holds one tensor and its temporaries, never a shard or the model. The output folder is written beside
+the destination and renamed into place, so an interrupted run leaves nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import SafetensorError, safe_open
 from torch import fx, nn
 
 from .atomic import check_destination, replaced_folder
@@ -127,9 +126,11 @@ def _merged_adapters(spec: Any) -> list[str]:
 class _Source:
     """The input checkpoint's tensors by key: which shard, shape, dtype and byte range, read one at a time.
 
-    ``safe_open`` lists them; each tensor is then a zero-copy view of a memory map of its own bytes, unmapped when
-    the tensor is dropped, so what was read does not stay resident (``safe_open``'s ``get_tensor`` copies out of
-    a map of the whole shard, whose touched pages stay in the process's RSS until it is closed).
+    Each shard's header lists them (read alone: ``safe_open`` maps the whole shard copy-on-write, private memory
+    the size of the shard to the kernel's accounting); each tensor is then a zero-copy view of a memory map of its
+    own bytes, unmapped when the tensor is dropped, so what was read does not stay resident (``safe_open``'s
+    ``get_tensor`` copies out of its map of the shard, whose touched pages stay in the process's RSS until it is
+    closed).
     """
 
     def __init__(self, model_dir: Path) -> None:
@@ -148,21 +149,30 @@ class _Source:
         self.meta: dict[str, tuple[list[int], torch.dtype]] = {}
         self.span: dict[str, tuple[int, int]] = {}  # absolute byte range in the shard file
         for shard in sorted(set(weight_map.values())) if weight_map else [SINGLE]:
+            size = (model_dir / shard).stat().st_size
             try:
-                with safe_open(model_dir / shard, framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                        piece = f.get_slice(key)
-                        self.shard[key] = shard
-                        self.meta[key] = (piece.get_shape(), _DTYPES[piece.get_dtype()])
-            except (SafetensorError, OSError) as e:  # missing, truncated, not safetensors
-                raise CheckpointError(f"--model: {model_dir / shard} cannot be read: {e}") from None
-            with open(model_dir / shard, "rb") as raw:
-                (length,) = struct.unpack("<Q", raw.read(8))
-                header = json.loads(raw.read(length))
-            for key, entry in header.items():
-                if key in self.meta:
-                    begin, stop = entry["data_offsets"]
-                    self.span[key] = (8 + length + begin, 8 + length + stop)
+                with open(model_dir / shard, "rb") as raw:
+                    (length,) = struct.unpack("<Q", raw.read(8))
+                    header = json.loads(raw.read(min(length, size)))  # a foreign file's length is noise
+            except (struct.error, ValueError) as error:
+                raise CheckpointError(f"--model: {shard} is not a safetensors file ({error})") from error
+            if not isinstance(header, dict):
+                raise CheckpointError(f"--model: {shard} is not a safetensors file (its header is not an object)")
+            for key in sorted(header.keys() - {"__metadata__"}):  # safe_open's order
+                try:
+                    entry = header[key]
+                    (begin, stop), shape, dtype = entry["data_offsets"], list(entry["shape"]), _DTYPES[entry["dtype"]]
+                    if not all(isinstance(v, int) and v >= 0 for v in (begin, stop, *shape)) or begin > stop:
+                        raise ValueError("negative or non-integer offsets or dims")
+                except (KeyError, TypeError, ValueError) as error:
+                    raise CheckpointError(
+                        f"--model: {shard}: entry {key!r} of its header is malformed ({error})"
+                    ) from error
+                if 8 + length + stop > size:  # a map past the end of the file faults when read
+                    raise CheckpointError(f"--model: {shard} is truncated: {key} ends past its {size} bytes")
+                self.shard[key] = shard
+                self.meta[key] = (shape, dtype)
+                self.span[key] = (8 + length + begin, 8 + length + stop)
         self.keys = list(self.shard)
 
     def shape(self, key: str) -> list[int]:

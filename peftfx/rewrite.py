@@ -24,6 +24,18 @@ def get_attr(gm: nn.Module, target: str) -> Any:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
+def adopt(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Give ``gm`` the module tree of ``root`` whole, shared. Built empty and given its graph after, a GraphModule
+    skips its constructor's copying of each tensor the graph names, one ``setattr`` at a time."""
+    gm._parameters, gm._buffers = root._parameters, root._buffers
+    gm._non_persistent_buffers_set = root._non_persistent_buffers_set
+    gm._modules = root._modules
+    for name, value in vars(root).items():
+        if isinstance(value, torch.Tensor):
+            gm.__dict__[name] = value
+    gm.training = root.training
+
+
 def set_attr(gm: nn.Module, target: str, value: torch.Tensor | nn.Module) -> None:
     """Set ``gm.<target>``, creating empty container modules along the way."""
     *path, name = target.split(".")
@@ -201,7 +213,7 @@ def add_input(gm: fx.GraphModule, name: str, default: Any = inspect.Parameter.em
     return node
 
 
-def drop_input(gm: fx.GraphModule, name: str) -> None:
+def drop_input(gm: fx.GraphModule, name: str, *, recompile: bool = True) -> None:
     """Remove the keyword input ``name`` that nothing reads any more (``add_input`` undone)."""
     node = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == name), None)
     if node is None or node.users:
@@ -215,4 +227,5 @@ def drop_input(gm: fx.GraphModule, name: str) -> None:
         codegen.pytree_info = info._replace(orig_args=[a for a in info.orig_args if a != name], in_spec=spec)
         if hasattr(gm, "_in_spec"):
             gm._in_spec = spec
-    gm.recompile()
+    if recompile:
+        gm.recompile()

@@ -634,6 +634,15 @@ def test_bad_capture_inputs():
     fails(tiny_llama(), {}, llama_bad, peftfx.CaptureError, r"could not capture LlamaForCausalLM")
 
 
+class OutOfMemory(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise MemoryError  # as an allocation that fails during the trace: no message at all
+
+
+def test_a_capture_failing_without_a_message_names_the_error():
+    fails(OutOfMemory(), {"capture": "export"}, (torch.randn(2),), peftfx.CaptureError, r"OutOfMemory: MemoryError")
+
+
 def test_untraceable_model():
     fails(DataDependent(), {}, None, peftfx.CaptureError, r"symbolic_trace cannot trace DataDependent.*example_inputs")
     spec = {"capture": "symbolic_trace"}

@@ -129,18 +129,12 @@ def test_opt_out(cache, exports, monkeypatch):
     assert len(exports) == 3 and not cache.exists(), "--no-cache turns it off for the command's process"
 
 
-def test_the_cache_is_opt_in(cache, exports, monkeypatch):
-    """A stale graph would be silently wrong, and the key cannot see every line a model runs: off unless asked."""
+def test_the_cache_is_on_by_default(cache, exports, monkeypatch):
     model, inputs = tiny_llama(), token_inputs()
     monkeypatch.delenv("PEFTFX_CACHE")
     peftfx.compile(model, {}, inputs)
-    assert len(exports) == 1 and not cache.exists()
-    peftfx.compile(model, {}, inputs, cache=True)
-    peftfx.compile(model, {}, inputs, cache=True)
-    assert len(exports) == 2 and len(list(cache.iterdir())) == 1
-    CliRunner().invoke(app, ["--cache", "schema", "--output", str(cache.parent.parent / "schema.json")])
     peftfx.compile(model, {}, inputs)
-    assert len(exports) == 2, "--cache turns it on for the command's process"
+    assert len(exports) == 1 and len(list(cache.iterdir())) == 1
 
 
 def test_an_unreadable_file_is_a_miss_and_is_replaced(cache, exports):
@@ -176,7 +170,161 @@ def test_concurrent_writers(cache, tmp_path, exports):
     for run in runs:
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 0, stderr.decode()[-2000:]
-    assert [f.suffix for f in cache.iterdir()] == [".pt2"]
+    assert [f.suffix for f in cache.iterdir()] == [".fx"]
     model, inputs = tiny_llama(), token_inputs()
     peftfx.capture(model, inputs)
     assert not exports
+
+
+USER_MODEL = """
+import torch
+from {helper} import scale
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return scale(self.proj(x))
+"""
+
+
+def _user_code(root: Path, factor: float, package: str) -> None:
+    """A model in one of the user's packages calling a helper in another (neither is installed)."""
+    for name, text in ((f"{package}_model", USER_MODEL.format(helper=f"{package}_helper")), (f"{package}_helper", "")):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "__init__.py").write_text(text)
+    (root / f"{package}_helper" / "__init__.py").write_text(f"def scale(x):\n    return x * {factor}\n")
+
+
+def _import_user_model(root: Path, package: str):
+    import importlib
+
+    for name in (f"{package}_helper", f"{package}_model"):  # as a new process would import the edited files
+        sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+    return importlib.import_module(f"{package}_model").Net
+
+
+def test_an_edited_source_file_is_a_miss(cache, exports, tmp_path, monkeypatch):
+    """The helper lives in another package than the model's class: only the manifest can see it changed."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = f"user{abs(hash(tmp_path)) % 10**8}"
+    _user_code(tmp_path, 2.0, package)
+    x = (torch.randn(3, 4),)
+    torch.manual_seed(0)
+    model = _import_user_model(tmp_path, package)()
+    peftfx.capture(model, x, method="export")
+    peftfx.capture(model, x, method="export")
+    assert len(exports) == 1
+    helper = tmp_path / f"{package}_helper" / "__init__.py"
+    helper.write_text(helper.read_text().replace("2.0", "3.0"))
+    torch.manual_seed(0)
+    edited = _import_user_model(tmp_path, package)()
+    gm = peftfx.capture(edited, x, method="export")
+    assert len(exports) == 2
+    assert torch.equal(gm(*x), edited(*x)) and torch.equal(gm(*x), model(*x) * 1.5)
+
+
+def test_a_method_patched_at_run_time_is_a_miss(cache, exports, monkeypatch):
+    model, inputs = tiny_llama(), token_inputs()
+    peftfx.capture(model, inputs)
+    mlp = type(model.model.layers[0].mlp)
+    original = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda self, x: original(self, x) * 2)
+    gm = peftfx.capture(model, inputs)
+    assert len(exports) == 2
+    assert torch.equal(*outputs(gm, model, inputs))
+
+
+def test_a_class_redefined_without_a_file_is_a_miss(cache, exports):
+    """Code with no source file (``python -c``, a notebook cell) is digested itself: same name, other body."""
+    made = []
+    for factor in (2, 3):
+        namespace: dict = {}
+        exec(USER_MODEL.format(helper="math").replace("from math import scale", "") .replace(
+            "scale(self.proj(x))", f"self.proj(x) * {factor}"), namespace)  # fmt: skip
+        torch.manual_seed(0)
+        model = namespace["Net"]()
+        made.append(peftfx.capture(model, (torch.ones(2, 4),), method="export"))
+    assert len(exports) == 2
+    assert torch.equal(made[1](torch.ones(2, 4)), model(torch.ones(2, 4)))
+
+
+def test_dynamic_shapes_from_the_cache_keep_their_input_checks(cache, exports):
+    model, inputs = tiny_llama(), token_inputs()
+    fresh = peftfx.capture(model, inputs, dynamic_shapes="auto", cache=False)
+    peftfx.capture(model, inputs, dynamic_shapes="auto")
+    gm = peftfx.capture(model, inputs, dynamic_shapes="auto")
+    assert len(exports) == 2 and gm.code == fresh.code
+    for seq in (3, 9):
+        longer = {"input_ids": torch.randint(0, 64, (2, seq))}
+        assert torch.equal(*outputs(gm, model, longer))
+    static = peftfx.capture(model, inputs)
+    with pytest.raises(AssertionError, match="Guard failed"):
+        static(input_ids=torch.randint(0, 64, (2, 7)))
+
+
+def test_the_least_recently_used_files_go_beyond_the_limit(cache, exports, monkeypatch):
+    from peftfx import capture_cache
+
+    monkeypatch.setattr(capture_cache, "KEEP", 2)
+    model = tiny_llama()
+    for seq in (3, 4, 5):
+        peftfx.capture(model, {"input_ids": torch.randint(0, 64, (1, seq))})
+    assert len(list(cache.iterdir())) == 2
+    peftfx.capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
+    assert len(exports) == 3, "the newest stayed"
+
+
+def test_a_generation_capture_is_cached_and_generates_the_same_tokens(cache, exports):
+    """compile(max_cache_len=L) captures a step over a static KV cache (dynamic sequence dim): served from the
+    cache, it generates what a fresh capture does, and ``cache=False`` still exports."""
+    model, ids = tiny_llama(), token_inputs()["input_ids"]
+    lora = {"type": "lora", "at": {"op": "linear"}, "with": {"r": 2, "init": False}, "seed": 0}
+    spec = {"adapters": {"a": lora}}
+    fresh = peftfx.compile(model, spec, {"input_ids": ids}, max_cache_len=12, cache=False)
+    peftfx.compile(model, spec, {"input_ids": ids}, max_cache_len=12)
+    cached = peftfx.compile(model, spec, {"input_ids": ids}, max_cache_len=12)
+    assert len(exports) == 2 and len(list(cache.iterdir())) == 1
+    want = peftfx.generate(fresh, ids, max_new_tokens=5)
+    assert torch.equal(peftfx.generate(cached, ids, max_new_tokens=5), want)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="file owners are POSIX")
+def test_a_file_another_user_wrote_is_never_read(cache, exports, monkeypatch):
+    """A cache file is a pickle, code to Python: one in a shared folder written by someone else is a miss."""
+    import os
+
+    model, inputs = tiny_llama(), token_inputs()
+    peftfx.capture(model, inputs)
+    owner = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
+    peftfx.capture(model, inputs)
+    assert len(exports) == 2
+
+
+class _Stateful(torch.nn.Module):
+    """Buffers (persistent or not) and a plain tensor attribute: values no key holds, each the model's own."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(4).eval()
+        self.norm.running_mean.fill_(value)
+        self.register_buffer("offset", torch.full((4,), value), persistent=False)
+        self.plain = torch.full((4,), -value)
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x)) + self.offset * self.plain
+
+
+def test_buffers_and_tensor_attributes_are_the_current_models(cache, exports):
+    x = (torch.randn(3, 4),)
+    first, second = _Stateful(1.0), _Stateful(5.0)
+    peftfx.capture(first, x, method="export")
+    gm = peftfx.capture(second, x, method="export")
+    assert len(exports) == 1
+    assert torch.equal(gm(*x), second(*x)) and not torch.equal(gm(*x), first(*x))

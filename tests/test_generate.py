@@ -2,11 +2,11 @@
 ``generate``.
 
 The oracle is transformers' own loop on the PEFT model (``do_sample=False``; its dynamic cache). Greedy tokens must
-be **identical**: live, merged and folded adapters, Llama, GPT-2 and Mistral with a sliding window shorter than the
-text, a batch of left-padded ragged prompts, and routed batches against ``adapter_names``. Sampling draws from a
-``torch.Generator`` seeded as transformers' global generator is, so it gives transformers' tokens too. Compiled:
-the decode step compiles once, for every step, routing and swap. ONNX: one file (the prompt and every step) drives
-the same loop in onnxruntime, and serves two adapters fed as inputs.
+be **identical**: live, merged (also ``inplace``) and folded adapters, Llama, GPT-2 and Mistral with a sliding
+window shorter than the text, a batch of left-padded ragged prompts, and routed batches against ``adapter_names``.
+Sampling draws from a ``torch.Generator`` seeded as transformers' global generator is, so it gives transformers'
+tokens too. Compiled: the decode step compiles once, for every step, routing and swap. ONNX: one file (the prompt
+and every step) drives the same loop in onnxruntime, and serves two adapters fed as inputs.
 """
 
 from __future__ import annotations
@@ -154,15 +154,23 @@ def test_eos_finishes_rows_as_transformers_does(setup, live):
     assert (got[0, 9:] == 0).all()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "mistral"])
-def test_gpt2_and_a_sliding_window_match_peft(family, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+def wide_gpt2() -> torch.nn.Module:
+    """A GPT-2 with a wide init, so the random model does not repeat one token."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    if family == "gpt2":  # a wide init, so the random model does not repeat one token
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, initializer_range=0.3)
-        base, targets = GPT2LMHeadModel(config).eval(), ["c_attn", "c_fc"]
-    else:  # the window (3) is shorter than every text: the mask, not the cache, must forget
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, initializer_range=0.3)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_gpt2_and_a_sliding_window_match_peft(family, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if family == "gpt2":
+        base, targets = wide_gpt2(), ["c_attn", "c_fc"]
+    else:
+        torch.manual_seed(0)  # the window (3) is shorter than every text: the mask, not the cache, must forget
         config = MistralConfig(
             hidden_size=32,
             intermediate_size=64,
@@ -183,6 +191,32 @@ def test_gpt2_and_a_sliding_window_match_peft(family, tmp_path):
         full.config.sliding_window = None
         full.base_model.model.config.sliding_window = None
         assert not torch.equal(peft_tokens(full), want), "the window changes no token: a vacuous test"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_inplace_merge_generates_as_peft_merged_and_the_default(family, tmp_path):
+    """``inplace=True`` with ``max_cache_len``: the step graph's merged weights are the model's own tensors, its
+    tokens those of PEFT's merge_and_unload and of the default merge, which leaves the model untouched."""
+    if family == "llama":
+        base, targets, site = tiny_llama(), ["q_proj", "v_proj", "up_proj"], "model.layers.0.self_attn.q_proj"
+    else:
+        base, targets, site = wide_gpt2(), ["c_attn", "c_fc"], "transformer.h.0.attn.c_attn"
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=family == "gpt2")
+    peft_model = peft_checkpoint(base, config, tmp_path / "a", lambda m: _perturb(m, 0))
+    want = peft_tokens(peft_model.merge_and_unload())
+    assert not torch.equal(want, peft_tokens(base)), "the adapter changes no token: a vacuous test"
+    spec, inputs = {"adapters": {"a": {"peft": str(tmp_path / "a")}}, "merge": True}, {"input_ids": IDS}
+    before = snapshot(base)
+    default = peftfx.compile(base, spec, inputs, max_cache_len=LENGTH)
+    assert_unchanged(base, before)
+    storage = base.get_submodule(site).weight.data_ptr()
+    inplace = peftfx.compile(base, spec, inputs, max_cache_len=LENGTH, inplace=True)
+    merged = inplace.get_submodule(site).weight
+    assert merged.data_ptr() == storage and torch.equal(base.get_submodule(site).weight, merged)
+    assert not torch.equal(merged, before[f"{site}.weight"])
+    assert all(torch.equal(inplace.state_dict()[k], t) for k, t in default.state_dict().items())
+    for gm in (default, inplace):
+        assert torch.equal(peftfx.generate(gm, PADDED, max_new_tokens=NEW, attention_mask=MASK), want)
 
 
 def test_compiled_decode_step_never_recompiles(setup):

@@ -4,7 +4,9 @@ merges are exactly rounded (one rounding from the exact value), even where float
 from __future__ import annotations
 
 import copy
+import tempfile
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +110,19 @@ def test_every_entry_is_the_exactly_rounded_value(dtype, cols, inplace, monkeypa
         for j in range(cols):
             dot = sum(Fraction(left[i, c].item()) * Fraction(right[c, j].item()) for c in range(3))
             assert out[i, j].item() == round_fraction(Fraction(weight[i, j].item()) + 2 * dot, dtype), (i, j)
+
+
+def test_an_inplace_merge_refused_for_a_nan_leaves_the_model_untouched():
+    """The NaN sits at the last site merged: every adapter is checked before the model's first weight is written."""
+    lora = {**KINDS["lora"], "at": {"op": "linear", "exclude": {"module": "lm_head"}}, "seed": 0}
+    model, inputs = tiny_llama(), token_inputs()
+    good = peftfx.compile(model, {"adapters": {"a": lora}}, inputs)  # live: the tensors, to poison one and save
+    last = [n for n, _ in good.named_parameters() if n.startswith("peftfx.")][-1]
+    with torch.no_grad():
+        good.get_parameter(last).view(-1)[0] = float("nan")
+    folder = peftfx.save_adapter(good, "a", Path(tempfile.mkdtemp()) / "a")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(peftfx.MergeError, match="NaN or inf"):
+        peftfx.compile(model, {"adapters": {"a": {"peft": str(folder)}}, "merge": True}, inputs, inplace=True)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
