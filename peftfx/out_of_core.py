@@ -451,7 +451,8 @@ class _Shards:
         self.copier.start()
 
     def finish(self, tensors: _Tensors, progress: Progress | None) -> None:
-        """Write the tensors ``tensors`` makes, the next one made while one is written; wait for the copies."""
+        """Write the tensors ``tensors`` makes, the next one made while one is written (never waiting for the copier
+        but where it is inside that tensor's place); then wait for the copies."""
         made = {p.key for p in self.pieces if tensors.made(p.key)}
         with self.turn:
             self.skip, reached = made, self.claimed
@@ -471,9 +472,7 @@ class _Shards:
                     if pending is not None:
                         pending.result()
                     pending = writer.submit(self._write, tensors, tensor, data, piece)
-                else:
-                    self._wait(number)
-                done[piece.shard] += piece.size
+                done[piece.shard] += piece.size  # written, or being written by the writer or the copier
                 if progress is not None:
                     progress(names[piece.shard], done[piece.shard], self.sizes[piece.shard])
             if pending is not None:
