@@ -492,9 +492,9 @@ class _Shards:
                         return
                     self.claimed, skip = number, piece.key in self.skip
                 if not skip:
-                    begin, stop = self.source.span[piece.stored]
-                    src = self.inputs[self.source.shard[piece.stored]]
-                    _copy_range(src, self.outputs[piece.shard], stop - begin, begin, piece.offset, piece.stored)
+                    (begin, stop), shard = self.source.span[piece.stored], self.source.shard[piece.stored]
+                    where = f"{shard} ends inside tensor {piece.stored!r}"
+                    _copy_range(self.inputs[shard], self.outputs[piece.shard], stop - begin, begin, piece.offset, where)
                 with self.turn:
                     self.copied = number + 1
                     self.turn.notify_all()
@@ -523,12 +523,13 @@ class _Shards:
 
 
 _CHUNK = 1 << 24  # bytes a call copies: a stop request waits for one at most, and the fallback's buffer
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # then through a buffer
 
 
-def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int, key: str) -> None:
+def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int, where: str) -> None:
     """``size`` bytes of file ``src`` from ``src_at`` to file ``dst`` at ``dst_at``: in the kernel
-    (``copy_file_range``) where the system and file systems allow it, else through a buffer."""
+    (``copy_file_range``) where the system and file systems allow it, else through a buffer. ``where`` says what
+    ended, should ``src`` end first."""
     while size > 0:
         count, n = min(size, _CHUNK), -1
         if hasattr(os, "copy_file_range"):
@@ -538,9 +539,9 @@ def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int, key: st
                 if e.errno not in _NO_KERNEL_COPY:
                     raise
         if n < 0:
-            n = os.pwrite(dst, os.pread(src, count, src_at), dst_at) if count else 0
+            n = os.pwrite(dst, os.pread(src, count, src_at), dst_at)
         if n == 0:
-            raise CheckpointError(f"--model: the checkpoint's file ends inside tensor {key!r} (truncated?)")
+            raise CheckpointError(f"--model: {where} (cut short after its header was read?)")
         size, src_at, dst_at = size - n, src_at + n, dst_at + n
 
 
