@@ -9,7 +9,8 @@ child loads what it needs, resets the kernel's peak-RSS mark (``/proc/self/clear
 reports its wall and CPU seconds and its peak resident set (VmHWM) above the resident set just before.
 ``read + write`` is the floor of an out-of-core merge: every shard's bytes read and written once, on the same disk,
 the fastest way (``shutil.copyfile``: the kernel copies page to page, as ``peftfx merge`` copies the tensors it leaves
-as they are); neither it nor the merge waits for the disk (no fsync: both write the page cache). The same copy through
+as they are), then flushed to the disk (``fsync``), as ``peftfx merge`` flushes its output before it renames it into
+place: both include the disk's writes, neither the reads (the input stays in the page cache). The same copy through
 a 16 MiB buffer in Python is shown beside it, for context: on a virtual machine that hands freed memory back to its
 host, as this one does, the pages it touches cost several times the kernel's copy, so it is no floor.
 More variants are one entry in ``VARIANTS`` and one function in ``RUNS``.
@@ -174,6 +175,7 @@ def _read_write(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
         (root / "out").mkdir()
         for shard in sorted((root / "model").glob("*.safetensors")):
             shutil.copyfile(shard, root / "out" / shard.name)
+        _flush(root / "out")
 
     return copy
 
@@ -185,8 +187,19 @@ def _read_write_buffered(root: Path, spec: dict, args: Any) -> Callable[[], Any]
             with open(shard, "rb") as src, open(root / "out" / shard.name, "wb") as dst:
                 while chunk := src.read(16 * 2**20):
                     dst.write(chunk)
+        _flush(root / "out")
 
     return copy
+
+
+def _flush(folder: Path) -> None:
+    """What ``peftfx merge`` does to its output before the rename: every file's data, then the folder, to the disk."""
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _environment(variant: str, root: Path) -> dict[str, str]:

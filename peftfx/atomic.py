@@ -1,16 +1,22 @@
 """Writing outputs whole or not at all, and never over what peftfx did not write.
 
-Every file or folder peftfx writes (``save_adapter``, ``export_onnx``, ``peftfx compile --output``) is staged
-beside its destination and put in place by renames: a file in one ``os.replace``; a folder by renaming the old
-one aside, the new one in, then deleting the old one, and renaming the old one back if the second rename fails.
-A failure at any step leaves the previous output whole and no temporary behind. ``check_destination`` refuses
-a destination that cannot be written (under a regular file, a folder where a file goes and the reverse) before
-any expensive work starts.
+Every file or folder peftfx writes (``save_adapter``, ``export_onnx``, ``peftfx compile --output``, ``peftfx
+merge``) is staged beside its destination, flushed to the disk (``fsync``: after a power cut, a renamed file that
+was never written is a file of zeros under its final name) and put in place by renames: a file in one
+``os.replace``; a folder by exchanging it with the old one in one step where Linux can (``renameat2``'s
+``RENAME_EXCHANGE``), else by renaming the old one aside, the new one in, then deleting the old one, and renaming
+the old one back if the second rename fails. A failure at any step leaves the previous output whole and no
+temporary behind. ``check_destination`` refuses a destination that cannot be written (under a regular file, a
+folder where a file goes and the reverse) before any expensive work starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
 import json
 import os
 import shutil
@@ -40,8 +46,10 @@ def check_destination(path: str | Path, kind: Literal["file", "folder"], where: 
 
 
 @contextlib.contextmanager
-def replaced_file(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; it becomes ``path`` in one step, only if the block succeeds."""
+def replaced_file(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; it becomes ``path`` in one step, only if the block succeeds.
+
+    ``durable=False`` skips the flush to the disk (a cache's file, which a reader checks and may lose)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -49,7 +57,11 @@ def replaced_file(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(name)
         _as_if_created(Path(name), 0o666)
+        if durable:
+            _sync(Path(name))
         os.replace(name, path)
+        if durable:
+            _sync(path.parent)
     finally:
         Path(name).unlink(missing_ok=True)
 
@@ -69,10 +81,18 @@ def replaced_folder(path: str | Path) -> Iterator[Path]:
         staged.mkdir()
         yield staged
         _as_if_created(staged, 0o777)
+        for folder, _, files in os.walk(staged):
+            for name in files:
+                _sync(Path(folder) / name)
+            _sync(Path(folder))
+        if path.is_dir() and _exchange(staged, path):
+            _sync(path.parent)
+            return
         if path.exists():
             os.replace(path, old)
         try:
             os.replace(staged, path)
+            _sync(path.parent)
         except BaseException:
             if old.exists():
                 try:
@@ -85,6 +105,42 @@ def replaced_folder(path: str | Path) -> Iterator[Path]:
     finally:
         if not stranded:
             shutil.rmtree(holder, ignore_errors=True)
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename), to the disk; folders cannot be opened on Windows."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux 3.15+, glibc 2.28+); False where that is not available, nothing done."""
+    libc = _libc()
+    renameat2 = getattr(libc, "renameat2", None) if libc is not None else None
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV, 0):
+        return False  # the kernel or filesystem cannot: the two-rename path does it
+    raise OSError(error, f"{b} could not be replaced: {os.strerror(error)}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c") if os.name == "posix" else None
+    return ctypes.CDLL(name, use_errno=True) if name else None
 
 
 def write_marker(folder: Path, version: str) -> None:

@@ -278,7 +278,7 @@ def _store(gm: fx.GraphModule, model: nn.Module, file: Path) -> None:
     try:
         data = pickle.dumps((_manifest(model), graph_file.dumps(gm, lent)), protocol=pickle.HIGHEST_PROTOCOL)
         file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with replaced_file(file) as tmp:
+        with replaced_file(file, durable=False) as tmp:  # a lost or torn file is a miss
             Path(tmp).write_bytes(data)
         _trim(file.parent)
     except Exception:  # the cache is an optimisation: a failed write leaves no file and no error

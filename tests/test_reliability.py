@@ -21,6 +21,7 @@ from safetensors.torch import load, load_file
 from torch import nn
 
 import peftfx
+from peftfx import atomic
 from peftfx.atomic import replaced_file
 
 KEY_B = "base_model.model.layers.1.lora_B.weight"
@@ -201,8 +202,9 @@ def test_a_save_that_fails_keeps_the_previous_adapter_whole(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("failing", [[1], [2], [2, 3]], ids=["old aside", "new in", "new in, old back"])
 def test_replacing_an_adapter_fails_whole_at_every_rename(tmp_path, monkeypatch, failing):
-    """The folder is replaced by renames: the old one aside (1), the new one in (2), the old one back if that
-    failed (3). Whichever fails, the previous adapter stays whole and loads as it did, config and weights."""
+    """Where the folders cannot be exchanged in one step, the folder is replaced by renames: the old one aside (1),
+    the new one in (2), the old one back if that failed (3). Whichever fails, the previous adapter stays whole and
+    loads as it did, config and weights."""
     first = peftfx.compile(mlp(), {"adapters": {"a": LORA}}, mlp_inputs())
     out = peftfx.save_adapter(first, "a", tmp_path / "out")
     (out / "README.md").write_text("the user's notes")
@@ -217,6 +219,7 @@ def test_replacing_an_adapter_fails_whole_at_every_rename(tmp_path, monkeypatch,
         rename(src, dst)
 
     monkeypatch.setattr("peftfx.atomic.os.replace", flaky)
+    monkeypatch.setattr("peftfx.atomic._exchange", lambda staged, path: False)
     with pytest.raises(OSError, match=r"rename|put back") as info:
         peftfx.save_adapter(second, "a", out)
     monkeypatch.undo()
@@ -232,6 +235,36 @@ def test_replacing_an_adapter_fails_whole_at_every_rename(tmp_path, monkeypatch,
     peftfx.save_adapter(second, "a", out)  # and one that works replaces it, keeping what is not the adapter
     assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
     assert (out / "README.md").read_text() == "the user's notes"
+
+
+@pytest.mark.skipif(atomic._libc() is None, reason="no C library to call")
+def test_a_folder_is_exchanged_in_one_step_or_left_whole(tmp_path, monkeypatch):
+    """On Linux the new folder and the old one swap in one rename (no moment without the folder), and the data
+    and the folders' entries are flushed to the disk first; a failed swap leaves the previous folder whole."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    synced, swapped, exchange = [], [], atomic._exchange
+    monkeypatch.setattr(atomic, "_sync", lambda path: synced.append(path.name))
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: swapped.append(exchange(a, b)) or swapped[-1])
+    with atomic.replaced_folder(out) as staged:
+        (staged / "new.txt").write_text("new")
+    if swapped != [True]:
+        pytest.skip("this kernel or filesystem cannot exchange folders (the renames above are tested apart)")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out"
+    ]
+    assert synced[:2] == ["new.txt", "new"] and synced[-1] == tmp_path.name, "data, its folder, then the rename"
+
+    def fails(a, b):
+        raise OSError("exchange failed")
+
+    monkeypatch.setattr(atomic, "_exchange", fails)
+    with pytest.raises(OSError, match="exchange failed"), atomic.replaced_folder(out) as staged:
+        (staged / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out"
+    ]
 
 
 def test_replaced_file(tmp_path):
