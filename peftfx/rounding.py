@@ -51,7 +51,6 @@ class _Job:
             self.lsb_right = _lowest_bit(right, 0)  # per column
             mantissa, exponent = math.frexp(s)
             self.log2_s = exponent - 1 if mantissa in (0.5, -0.5) else None  # s·x is exact for a power of two
-            self.width = 2 - math.frexp(torch.finfo(weight.dtype).eps)[1] if weight.is_floating_point() else 53
 
     def run(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write the float64 results rounded by torch, ``step`` rows at a time; return the entries in doubt: (flat
@@ -99,7 +98,7 @@ class _Job:
         tol = self.bound * (value.abs() + size)
         if self.log2_s is not None:  # entries float64 computed exactly (coarse factors: often exact ties) have none
             w = weight.double()
-            lsb = torch.minimum(self.lsb_left[i] + self.lsb_right[j] + self.log2_s, _lowest_bit(w, None, self.width))
+            lsb = torch.minimum(self.lsb_left[i] + self.lsb_right[j] + self.log2_s, _lowest_bit(w, None))
             top = torch.frexp(w.abs() + size).exponent
             tol = torch.where((top - lsb <= 52) & (lsb >= -1074), 0.0, tol)
         rounded, settled = self.grid.settle(value, tol)
@@ -207,21 +206,17 @@ def _true(flags: torch.Tensor) -> torch.Tensor:
     return candidates[flat[candidates] != 0]
 
 
-def _lowest_bit(x: torch.Tensor, dim: int | None, width: int | None = None) -> torch.Tensor:
-    """A power of two every entry is a multiple of (its exponent), per ``dim`` (min over the other) or per entry;
-    zeros impose nothing. From the exponent and ``width`` significand bits (default: those of the narrowest float
-    type holding ``x``)."""
-    if width is None:
-        kinds = ((torch.bfloat16, 8), (torch.float16, 11), (torch.float32, 24))
-        width = next((bits for dtype, bits in kinds if _holds(x, dtype)), 53)
-    lsb = torch.frexp(x).exponent.to(torch.int64) - width
-    lsb = torch.where(x == 0, 1 << 20, lsb)
+def _lowest_bit(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """The exponent of the largest power of two every entry is a multiple of, per ``dim`` (min over the other) or
+    per entry; zeros impose nothing. Read off the float64 bits: the significand's lowest set bit, scaled."""
+    bits = x.double().view(torch.int64)
+    field = torch.bitwise_and(bits >> 52, 0x7FF)
+    significand = torch.bitwise_and(bits, (1 << 52) - 1)
+    significand = torch.where(field > 0, significand + (1 << 52), significand)  # normals: the implicit bit
+    lowest = torch.frexp(torch.bitwise_and(significand, -significand).double()).exponent.to(torch.int64) - 1
+    lsb = field.clamp(min=1) - 1075 + lowest  # x = significand * 2**(max(field, 1) - 1075)
+    lsb = torch.where(significand == 0, 1 << 20, lsb)
     return lsb if dim is None else lsb.amin(dim)
-
-
-def _holds(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    narrow = x.to(dtype)
-    return bool(narrow.isfinite().all()) and torch.equal(narrow.double(), x.double())
 
 
 def _gamma(n: int) -> float:
