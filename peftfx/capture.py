@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from . import capture_cache
 from .capture_hints import export_failure
 from .errors import CaptureError
-from .graph_file import unlifted
+from .graph_file import unlifted, with_code
 from .ir import ModelHeads, set_heads
 from .rewrite import get_attr
 from .sites import MODULE_STACK
@@ -59,6 +59,19 @@ def capture(
     An earlier ``torch.export`` of the same model code, structure and inputs is reused from the capture cache
     (``capture_cache``); ``cache=False`` (or ``$PEFTFX_CACHE=0``) always exports.
     """
+    return with_code(capture_graph(model, example_inputs, method=method, dynamic_shapes=dynamic_shapes, cache=cache))
+
+
+def capture_graph(
+    model: nn.Module,
+    example_inputs: Inputs | None = None,
+    *,
+    method: Method = "auto",
+    dynamic_shapes: Any = None,
+    cache: bool | None = None,
+) -> fx.GraphModule:
+    """``capture``, but a graph read from the capture cache may come without its Python code yet: for a caller
+    that rewrites the graph first and then generates its code once (``recompile``), as ``compile`` does."""
     if example_inputs is not None and not isinstance(example_inputs, tuple | list | Mapping | torch.Tensor):
         raise CaptureError(
             "example_inputs must be a tuple of positional arguments, a dict of keyword arguments or a tensor, "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import Inputs, capture
+from .capture import Inputs, capture_graph
 from .dropin import as_dropin, lora_scale_keyword
 from .errors import PassError, PeftfxError, SpecError
 from .inputs import without_index
@@ -134,7 +134,7 @@ def build_loaded(
         example_inputs = without_index(example_inputs)
     with _step("capture", seconds, progress):
         if max_cache_len is None:
-            gm = capture(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
+            gm = capture_graph(model, example_inputs, method=spec.capture, dynamic_shapes=dynamic_shapes, cache=cache)
         elif spec.capture == "symbolic_trace":
             raise SpecError("capture: symbolic_trace cannot capture a KV cache (max_cache_len); use auto or export")
         else:
@@ -330,7 +330,7 @@ def explain(model: nn.Module, spec: SpecLike, example_inputs: Inputs | None = No
     Rewrites nothing; the model is never mutated.
     """
     spec, base_dir = load_spec(spec)
-    gm = capture(model, example_inputs, method=spec.capture)
+    gm = capture_graph(model, example_inputs, method=spec.capture)
     plan = targets(gm, spec, base_dir)
     errors = {}
     for target in plan.targets:

@@ -78,8 +78,8 @@ def dumps(gm: fx.GraphModule, lent: Mapping[int, str]) -> bytes:
 
 
 def loads(data: bytes, tensors: Callable[[str], torch.Tensor | None]) -> fx.GraphModule | None:
-    """The GraphModule ``dumps`` stored, lent tensors taken from ``tensors`` (by name: None when the model has none,
-    and then no module). Raises on a file that is not one."""
+    """The GraphModule ``dumps`` stored, its code pending (``with_code``), lent tensors taken from ``tensors`` (by
+    name: None when the model has none, and then no module). Raises on a file that is not one."""
     unpickler = _Unpickler(io.BytesIO(data), tensors)
     version, record = unpickler.load()
     if version != FORMAT or unpickler.missing:
@@ -213,7 +213,19 @@ def _static_shape(value: Any) -> tuple[tuple[int, ...], tuple[int, ...], torch.d
     return tuple(shape), tuple(stride), value.dtype
 
 
-def _build(record: dict[str, Any]) -> fx.GraphModule:
+_CODE_PENDING = "_peftfx_code_pending"
+
+
+def with_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with its Python code, generated now if ``loads`` left it pending."""
+    if gm.__dict__.pop(_CODE_PENDING, False):
+        gm.recompile()
+    return gm
+
+
+def _build(record: dict[str, Any], *, top: bool = True) -> fx.GraphModule:
+    """The stored GraphModule. The top one's Python code is left pending (``with_code``): a compile rewrites the
+    graph first, and generating code it would throw away is a tenth of its time."""
     root = _tree(record)
     attributes = record["attributes"]
     if record["stateful"]:
@@ -224,14 +236,19 @@ def _build(record: dict[str, Any]) -> fx.GraphModule:
     for name, value in attributes.items():
         setattr(gm, name, value)
     gm.meta.update(record["meta"])
-    gm.graph = _graph(record["graph"])  # the one code generation
+    graph = _graph(record["graph"])
+    if top:
+        gm._graph, graph.owning_module = graph, gm  # the graph setter, less its code generation
+        gm.__dict__[_CODE_PENDING] = True
+    else:  # a subgraph the top one's code calls
+        gm.graph = graph
     return gm
 
 
 def _tree(record: dict[str, Any]) -> nn.Module:
     """The stored module tree as plain modules; GraphModules and guards made whole."""
     children = {
-        name: None if child is None else (_build(child) if "graph" in child else _tree(child))
+        name: None if child is None else (_build(child, top=False) if "graph" in child else _tree(child))
         for name, child in record["children"].items()
     }
     if "guards" in record:
