@@ -18,7 +18,7 @@ The current model's own tensors are bound in by name (checked against the stored
 written to a temporary file renamed into place, so concurrent compiles never read a partial file; one that cannot
 be read is a miss, replaced by the next capture. On by default; where: ``$PEFTFX_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/peftfx``, else ``~/.cache/peftfx``, created private to the user (its files are code, as a
-``.pyc`` is); the oldest files beyond ``KEEP`` are removed.
+``.pyc`` is); the least recently used files beyond ``KEEP`` (or ``KEEP_BYTES`` in all) are removed.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from . import graph_file
 from .atomic import replaced_file
 
 FORMAT = 2  # bumped when what is stored, or how the key is made, changes
-KEEP = 512  # files kept in the cache folder; the least recently used beyond it are removed
+KEEP = 512  # files kept in the cache folder, at most ``KEEP_BYTES`` in all; the least recently used beyond go
+KEEP_BYTES = 1 << 30
 
 
 def enabled(cache: bool | None) -> bool:
@@ -286,9 +287,14 @@ def _store(gm: fx.GraphModule, model: nn.Module, file: Path) -> None:
 
 
 def _trim(folder: Path) -> None:
-    files = sorted(folder.glob("*.fx"), key=lambda f: f.stat().st_mtime)
-    for stale in files[: max(0, len(files) - KEEP)]:
-        stale.unlink(missing_ok=True)
+    """Remove the least recently used files beyond ``KEEP`` or ``KEEP_BYTES``, and any of an older format."""
+    kept, size = 0, 0
+    for file in sorted(folder.iterdir(), key=lambda f: f.stat().st_mtime, reverse=True):
+        if file.name.startswith("."):  # another process's file being written
+            continue
+        kept, size = kept + 1, size + file.stat().st_size
+        if file.suffix != ".fx" or kept > KEEP or size > KEEP_BYTES:
+            file.unlink(missing_ok=True)
 
 
 def _load(file: Path, model: nn.Module) -> fx.GraphModule | None:

@@ -271,12 +271,17 @@ def test_the_least_recently_used_files_go_beyond_the_limit(cache, exports, monke
     from peftfx import capture_cache
 
     monkeypatch.setattr(capture_cache, "KEEP", 2)
+    cache.mkdir(parents=True)
+    (cache / "old-format.pt2").write_bytes(b"a capture of an earlier peftfx")
     model = tiny_llama()
     for seq in (3, 4, 5):
         peftfx.capture(model, {"input_ids": torch.randint(0, 64, (1, seq))})
-    assert len(list(cache.iterdir())) == 2
+    assert sorted(f.suffix for f in cache.iterdir()) == [".fx", ".fx"], "the oldest and the old format went"
     peftfx.capture(model, {"input_ids": torch.randint(0, 64, (1, 5))})
     assert len(exports) == 3, "the newest stayed"
+    monkeypatch.setattr(capture_cache, "KEEP_BYTES", 1)
+    peftfx.capture(model, {"input_ids": torch.randint(0, 64, (1, 6))})
+    assert not list(cache.iterdir()), "none fits in a byte"
 
 
 def test_a_generation_capture_is_cached_and_generates_the_same_tokens(cache, exports):
