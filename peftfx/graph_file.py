@@ -7,8 +7,9 @@ checks (``_guards_fn``, as the guard expressions it was generated from) and, of 
 the module stack and the static shapes of tensor values (as meta tensors). Tensors the model holds are stored by
 name and bound on load, so a file holds no weights and a load shares the model's storage as a fresh capture does.
 
-A file is code as much as a ``.pyc`` is (its guards are Python expressions, its targets callables): it is only
-ever read from the user's own cache folder.
+A file is code as much as a ``.pyc`` is (its guards are Python expressions, its targets callables): the capture
+cache reads only files the user wrote. ``unlifted`` patches torch's guard-function factory for the length of one
+``module()`` call, under the capture lock.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class Unstorable(Exception):
 def unlifted(program: torch.export.ExportedProgram) -> fx.GraphModule:
     """``program.module()``, its input checks annotated with the guard expressions they were made from."""
     made: list[tuple[Any, ...]] = []
-    convert = _unlift._convert_guards_code_to_fn
+    convert = getattr(_unlift, "_convert_guards_code_to_fn", None)
+    if convert is None:  # another torch: the checks' source is unknown, so the module is not stored
+        return program.module()
 
     def recorded(*args: Any) -> nn.Module:
         fn = convert(*args)
