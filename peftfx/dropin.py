@@ -345,5 +345,5 @@ def _restore(rebuild: Any, args: tuple[Any, ...], origin: Origin) -> DropIn:
     out = DropIn(gm, gm.graph, gm.__class__.__name__)
     out.meta = gm.meta
     out._origin = origin
-    out.graph = gm.graph  # its code, generated once
+    origin.graph_inputs = _graph_inputs(out)
     return out
