@@ -23,6 +23,7 @@ be read is a miss, replaced by the next capture. On by default; where: ``$PEFTFX
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import marshal
@@ -309,7 +310,8 @@ def _load(file: Path, model: nn.Module) -> fx.GraphModule | None:
             return None
         current = dict(_named_tensors(model))
         gm = graph_file.loads(data, current.get)
-        os.utime(file)  # recently used: kept by _trim
     except Exception:  # absent, partial (a disk error) or from another torch: a miss
         return None
+    with contextlib.suppress(OSError):  # recently used: kept by _trim (a read-only cache still serves)
+        os.utime(file)
     return gm

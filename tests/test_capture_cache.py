@@ -333,3 +333,18 @@ def test_buffers_and_tensor_attributes_are_the_current_models(cache, exports):
     gm = peftfx.capture(second, x, method="export")
     assert len(exports) == 1
     assert torch.equal(gm(*x), second(*x)) and not torch.equal(gm(*x), first(*x))
+
+
+def test_a_read_only_cache_still_serves(cache, exports, monkeypatch):
+    """Marking a file recently used fails on a read-only cache (a shared mount): it is served all the same."""
+    import os
+
+    model, inputs = tiny_llama(), token_inputs()
+    peftfx.capture(model, inputs)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(os, "utime", read_only)
+    peftfx.capture(model, inputs)
+    assert len(exports) == 1
