@@ -61,6 +61,28 @@ def directory() -> Path:
     return Path(base) / "peftfx"
 
 
+def summary() -> dict[str, Any]:
+    """Where the cache is, whether it is on, and what it holds (``peftfx cache``)."""
+    files = [f for f in (directory() / "capture").glob("*.fx")]
+    return {
+        "folder": str(directory()),
+        "enabled": enabled(None),
+        "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def clear() -> int:
+    """Remove every stored capture (files being written by other processes aside); return how many went."""
+    folder = directory() / "capture"
+    removed = 0
+    for file in folder.glob("*") if folder.is_dir() else []:
+        if file.is_file() and not file.name.startswith("."):
+            file.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def captured(
     model: nn.Module,
     args: tuple[Any, ...],

@@ -32,7 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__, model_ref
+from . import __version__, capture_cache, model_ref
 from .atomic import check_destination, check_owned, replaced_file, replaced_folder, write_marker
 from .driver import Build, build, format_params
 from .driver import explain as explain_spec
@@ -148,6 +148,28 @@ def schema(
         sys.stdout.write(text)
     else:
         output.write_text(text)
+
+
+class CacheAction(StrEnum):
+    info = "info"
+    clear = "clear"
+
+
+@app.command()
+def cache(
+    action: Annotated[CacheAction, typer.Argument(help="info: where it is and what it holds; clear: empty it")] = (
+        CacheAction.info
+    ),
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """The capture cache (torch.export captures reused by later compiles; $PEFTFX_CACHE_DIR, $PEFTFX_CACHE=0)."""
+    if action is CacheAction.clear:
+        removed = capture_cache.clear()
+        _emit({"removed": removed, "folder": str(capture_cache.directory())}, fmt, f"removed {removed} captures")
+        return
+    info = capture_cache.summary()
+    state = "on" if info["enabled"] else "off ($PEFTFX_CACHE=0)"
+    _emit(info, fmt, f"{info['folder']}: {info['files']} captures, {info['bytes'] / 2**20:.1f} MiB; {state}")
 
 
 @app.command()

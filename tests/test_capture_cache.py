@@ -8,6 +8,7 @@ weights: bit-identical).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -348,3 +349,19 @@ def test_a_read_only_cache_still_serves(cache, exports, monkeypatch):
     monkeypatch.setattr(os, "utime", read_only)
     peftfx.capture(model, inputs)
     assert len(exports) == 1
+
+
+def test_the_cli_says_what_the_cache_holds_and_empties_it(cache, exports):
+    model, inputs = tiny_llama(), token_inputs()
+    peftfx.capture(model, inputs)
+    runner = CliRunner()
+    info = runner.invoke(app, ["cache", "info", "--format", "json"])
+    assert info.exit_code == 0, info.output
+    held = json.loads(info.output)
+    assert held["files"] == 1 and held["bytes"] == next(cache.iterdir()).stat().st_size and held["enabled"]
+    assert "1 captures" in runner.invoke(app, ["cache"]).output
+    cleared = runner.invoke(app, ["cache", "clear", "--format", "json"])
+    assert cleared.exit_code == 0 and json.loads(cleared.output)["removed"] == 1 and not list(cache.iterdir())
+    peftfx.capture(model, inputs)
+    assert len(exports) == 2, "a cleared cache captures again"
+    assert runner.invoke(app, ["cache", "purge"]).exit_code == 2
