@@ -35,6 +35,8 @@ import torch
 from common import Figure, llama, load, parser, save_lora, table, write
 from peftfx.passes.merge import _give_back_freed_memory
 
+from peftfx.atomic import sync_tree
+
 VARIANTS = {
     "peftfx compile + merge": "capture, plan, insert, merge (new merged tensors; the model untouched)",
     "peftfx compile + merge, again": "the same in a new process, its capture now in the capture cache",
@@ -181,7 +183,7 @@ def _read_write(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
         (root / "out").mkdir()
         for shard in sorted((root / "model").glob("*.safetensors")):
             shutil.copyfile(shard, root / "out" / shard.name)
-        _flush(root / "out")
+        sync_tree(root / "out")  # as peftfx merge flushes its output before the rename
 
     return copy
 
@@ -193,19 +195,9 @@ def _read_write_buffered(root: Path, spec: dict, args: Any) -> Callable[[], Any]
             with open(shard, "rb") as src, open(root / "out" / shard.name, "wb") as dst:
                 while chunk := src.read(16 * 2**20):
                     dst.write(chunk)
-        _flush(root / "out")
+        sync_tree(root / "out")  # as peftfx merge flushes its output before the rename
 
     return copy
-
-
-def _flush(folder: Path) -> None:
-    """What ``peftfx merge`` does to its output before the rename: every file's data, then the folder, to the disk."""
-    for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _environment(variant: str, root: Path) -> dict[str, str]:

@@ -50,7 +50,8 @@ class Merge(Pass):
         if self.inplace:  # refused before the model's first weight is written, not after some are
             for record in todo:
                 if record.adapter not in self.allow_nonfinite:
-                    _check_finite(record, {role: get_attr(gm, t) for role, t in record.tensors.items()})
+                    tensors = {role: get_attr(gm, t) for role, t in record.tensors.items()}
+                    check_finite(record.adapter, record.module, tensors)
         for record in todo:
             inplace = self.inplace and _raw_unread_after(record, all_records, gm, nodes)
             allow = record.adapter in self.allow_nonfinite
@@ -79,11 +80,12 @@ class Merge(Pass):
             raise PassError(f"node {read[0].name} still reads the merged adapter tensor {read[0].target}")
 
 
-def _check_finite(record: Record, tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(adapter: str, module: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to merge an adapter tensor holding NaN or inf (``compile`` and ``peftfx merge`` alike)."""
     for role, tensor in tensors.items():
         if not finite(tensor):
             raise MergeError(
-                f"merge: adapter {record.adapter!r} at {record.module}: tensor {role} holds NaN or inf; "
+                f"merge: adapter {adapter!r} at {module}: tensor {role} holds NaN or inf; "
                 "merging it would corrupt the weights (set `allow_nonfinite: true` on the adapter to fold it anyway)"
             )
 
@@ -104,7 +106,7 @@ def _merge(
     a = record.site_adapter(gm, nodes)
     _check_order(record, a.kind.additive(a), all_records, gm, nodes)
     if not allow_nonfinite:
-        _check_finite(record, a.tensors)
+        check_finite(record.adapter, record.module, a.tensors)
     site = a.site
     raw = get_attr(gm, record.raw_weight)
     weight = site.base_weight()

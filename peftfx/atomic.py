@@ -81,10 +81,7 @@ def replaced_folder(path: str | Path) -> Iterator[Path]:
         staged.mkdir()
         yield staged
         _as_if_created(staged, 0o777)
-        for folder, _, files in os.walk(staged):
-            for name in files:
-                _sync(Path(folder) / name)
-            _sync(Path(folder))
+        sync_tree(staged)
         if path.is_dir() and _exchange(staged, path):
             _sync(path.parent)
             return
@@ -105,6 +102,14 @@ def replaced_folder(path: str | Path) -> Iterator[Path]:
     finally:
         if not stranded:
             shutil.rmtree(holder, ignore_errors=True)
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file below ``folder``, then each folder's entries, to the disk."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            _sync(Path(parent) / name)
+        _sync(Path(parent))
 
 
 def _sync(path: Path) -> None:

@@ -35,7 +35,7 @@ from .capture import capture
 from .driver import SpecLike
 from .errors import CheckpointError, MergeError, SpecError
 from .ir import Placement
-from .passes.merge import finite
+from .passes.merge import check_finite, finite
 from .plan import make_plan
 from .rewrite import get_attr
 from .sites import Site
@@ -340,9 +340,8 @@ class _Tensors:
         for name, placement in merge.adapters:
             a = placement.site_adapter
             allow = name in self.allow
-            for role, tensor in a.tensors.items():
-                if not allow and not finite(tensor):
-                    raise MergeError(f"merge: adapter {name!r} at {a.site.module}: tensor {role} holds NaN or inf")
+            if not allow:
+                check_finite(name, a.site.module, a.tensors)
             with torch.no_grad():
                 before, out = weight, self._buffer(weight)
                 done = a.kind.merge_into(a, out, weight, bias, a.tensors)
