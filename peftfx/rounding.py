@@ -47,8 +47,6 @@ class _Job:
         self.most = 2 * abs(s) * float(self.left_max.max()) * float(self.right_sum.max()) if left.numel() else 0.0
         if self.exact:
             self.grid = _Grid(out.dtype, self.bound, self.most)
-            self.lsb_left = _lowest_bit(left, 1)  # per row: every entry is a multiple of 2**lsb
-            self.lsb_right = _lowest_bit(right, 0)  # per column
             mantissa, exponent = math.frexp(s)
             self.log2_s = exponent - 1 if mantissa in (0.5, -0.5) else None  # s·x is exact for a power of two
 
@@ -98,7 +96,13 @@ class _Job:
         tol = self.bound * (value.abs() + size)
         if self.log2_s is not None:  # entries float64 computed exactly (coarse factors: often exact ties) have none
             w = weight.double()
-            lsb = torch.minimum(self.lsb_left[i] + self.lsb_right[j] + self.log2_s, _lowest_bit(w, None))
+            k = self.left.shape[1]  # every term of an entry is a multiple of 2**lsb: its row's and column's, and w's
+            bits = _lowest_bit(torch.cat([self.left[i], self.right[:, j].T, w[:, None]], 1))
+            lsb = (
+                bits[:, -1]
+                if not k
+                else torch.minimum(bits[:, :k].amin(1) + bits[:, k:-1].amin(1) + self.log2_s, bits[:, -1])
+            )
             top = torch.frexp(w.abs() + size).exponent
             tol = torch.where((top - lsb <= 52) & (lsb >= -1074), 0.0, tol)
         rounded, settled = self.grid.settle(value, tol)
@@ -206,9 +210,9 @@ def _true(flags: torch.Tensor) -> torch.Tensor:
     return candidates[flat[candidates] != 0]
 
 
-def _lowest_bit(x: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """The exponent of the largest power of two every entry is a multiple of, per ``dim`` (min over the other) or
-    per entry; zeros impose nothing. Read off the float64 bits: the significand's lowest set bit, scaled."""
+def _lowest_bit(x: torch.Tensor) -> torch.Tensor:
+    """Per entry, the exponent of the largest power of two it is a multiple of; zeros impose nothing. Read off the
+    float64 bits: the significand's lowest set bit, scaled."""
     bits = x.double().view(torch.int64)
     field = torch.bitwise_and(bits >> 52, 0x7FF)
     significand = torch.bitwise_and(bits, (1 << 52) - 1)
@@ -216,7 +220,7 @@ def _lowest_bit(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     lowest = torch.frexp(torch.bitwise_and(significand, -significand).double()).exponent.to(torch.int64) - 1
     lsb = field.clamp(min=1) - 1075 + lowest  # x = significand * 2**(max(field, 1) - 1075)
     lsb = torch.where(significand == 0, 1 << 20, lsb)
-    return lsb if dim is None else lsb.amin(dim)
+    return lsb
 
 
 def _gamma(n: int) -> float:
