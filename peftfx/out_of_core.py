@@ -30,7 +30,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from torch import fx, nn
 
-from .atomic import check_destination, replaced_folder
+from .atomic import check_destination, replaced_folder, start_writeback
 from .capture import capture
 from .driver import SpecLike
 from .errors import CheckpointError, MergeError, SpecError
@@ -481,6 +481,7 @@ class _Shards:
 
     def _write(self, tensors: _Tensors, tensor: torch.Tensor, data: torch.Tensor, piece: _Piece) -> None:
         _write_at(self.outputs[piece.shard], data, piece.offset)
+        start_writeback(self.outputs[piece.shard], piece.offset, piece.size)
         tensors.release(tensor)
 
     def _copy(self) -> None:
@@ -541,13 +542,20 @@ def _copy_range(src: int, dst: int, size: int, src_at: int, dst_at: int, where: 
             n = os.pwrite(dst, os.pread(src, count, src_at), dst_at)
         if n == 0:
             raise CheckpointError(f"--model: {where} (cut short after its header was read?)")
+        start_writeback(dst, dst_at, n)
         size, src_at, dst_at = size - n, src_at + n, dst_at + n
 
 
+_WRITE = 1 << 18  # bytes handed to one write: see _write_at
+
+
 def _write_at(fd: int, data: torch.Tensor | memoryview, offset: int) -> None:
+    """Write ``data`` at ``offset``, a quarter MiB a call: the page cache takes a large write in large folios (2 MiB
+    blocks of memory), which a virtual machine whose host has taken its free memory back must fault in anew. Measured
+    on a Firecracker VM (Linux 6.18): 1.4 GiB from memory in 0.3 s in 256 KiB writes, 3.3 s in 4 MiB ones."""
     view = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data
     while len(view):
-        written = os.pwrite(fd, view, offset)
+        written = os.pwrite(fd, view[:_WRITE], offset)
         view, offset = view[written:], offset + written
 
 

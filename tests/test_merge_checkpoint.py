@@ -200,6 +200,39 @@ def test_a_merged_tensor_is_written_over_its_copy_never_under_it(tmp_path, monke
     assert all((out / f).read_bytes() == (expected / f).read_bytes() for f in files)
 
 
+def test_every_byte_written_is_sent_to_the_disk_as_it_goes_in_small_writes(tmp_path, monkeypatch):
+    """Each merged tensor is written in calls of at most ``_WRITE`` bytes, short writes resumed, and every tensor's
+    bytes (copied or merged) are handed to the disk's writeback as soon as they are written; the output is the one
+    whole writes make."""
+    _, spec = checkpoint(tmp_path, torch.bfloat16, False, ["q_proj", "down_proj"], hidden_size=64)
+    expected = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "expected", max_shard_size="30KB")
+    calls, started, pwrite = [], [], os.pwrite
+
+    def short(fd, data, offset):  # a write the kernel cuts short: at most 1000 bytes taken
+        calls.append(len(data))
+        return pwrite(fd, data[:1000], offset)
+
+    def writeback(fd, offset, size):
+        started.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, size))
+
+    monkeypatch.setattr(ooc, "_WRITE", 4096)
+    monkeypatch.setattr(os, "pwrite", short)
+    monkeypatch.setattr(ooc, "start_writeback", writeback)
+    out = ooc.merge_checkpoint(spec, tmp_path / "base", tmp_path / "out", max_shard_size="30KB")
+    files = sorted(p.name for p in expected.iterdir())
+    assert all((out / f).read_bytes() == (expected / f).read_bytes() for f in files)
+    assert max(calls) == 4096 and min(calls) < 1000  # every call a slice, and the remainders resumed
+    for shard in sorted(out.glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            data_start = 8 + int.from_bytes(f.read(8), "little")
+        covered = sorted((o, o + n) for name, o, n in started if name == shard.name)
+        reached = data_start
+        for begin, end in covered:
+            assert begin <= reached, (shard.name, begin, reached)  # no gap
+            reached = max(reached, end)
+        assert reached == shard.stat().st_size, shard.name
+
+
 def test_cli_merge_and_its_bad_input(tmp_path):
     _, spec = checkpoint(tmp_path, torch.float32, False, ["v_proj"])
     spec_file = tmp_path / "spec.json"
