@@ -14,6 +14,7 @@ cache reads only files the user wrote. ``unlifted`` patches torch's guard-functi
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
 from collections.abc import Callable, Mapping
@@ -83,11 +84,17 @@ def dumps(gm: fx.GraphModule, lent: Mapping[int, str]) -> bytes:
 def loads(data: bytes, tensors: Callable[[str], torch.Tensor | None]) -> fx.GraphModule | None:
     """The GraphModule ``dumps`` stored, its code pending (``with_code``), lent tensors taken from ``tensors`` (by
     name: None when the model has none, and then no module). Raises on a file that is not one."""
-    unpickler = _Unpickler(io.BytesIO(data), tensors)
-    version, record = unpickler.load()
-    if version != FORMAT or unpickler.missing:
-        return None
-    return _build(record)
+    collecting = gc.isenabled()
+    gc.disable()  # thousands of new objects, none garbage: collections would walk the whole heap, often 5x the load
+    try:
+        unpickler = _Unpickler(io.BytesIO(data), tensors)
+        version, record = unpickler.load()
+        if version != FORMAT or unpickler.missing:
+            return None
+        return _build(record)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class _Pickler(pickle.Pickler):
