@@ -201,7 +201,7 @@ def _out_of_core(root: Path, spec: dict, args: Any) -> Callable[[], Any]:
     steps: dict[str, float] = {}
     for owner, name, step in [
         (out_of_core, "_meta_model", "meta model"),
-        (out_of_core, "capture", "capture"),
+        (out_of_core, "capture_graph", "capture"),
         (out_of_core, "make_plan", "plan"),
         (out_of_core._Shards, "finish", "merge + write"),
         (atomic, "sync_tree", "flush"),

@@ -31,7 +31,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from torch import fx, nn
 
 from .atomic import check_destination, replaced_folder, start_writeback
-from .capture import capture
+from .capture import capture_graph
 from .driver import SpecLike
 from .errors import CheckpointError, MergeError, SpecError
 from .ir import Placement
@@ -80,7 +80,9 @@ def merge_checkpoint(
     with replaced_folder(output) as tmp, _Shards(tmp, source, shard_bytes) as shards:  # staged, renamed in whole
         shards.start({})  # every tensor copied as it is, while the graph is captured and the adapters planned
         model = _meta_model(model_dir, source)
-        gm = capture(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}, method=spec.capture)
+        gm = capture_graph(
+            model, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}, method=spec.capture
+        )
         plan = make_plan(gm, spec, base_dir)
         sites = _site_merges(gm, plan.placements, names, source)
         overrides = {_key(gm, o.target, source): o.tensor for o in plan.overrides if o.adapter in names}
