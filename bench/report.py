@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 HERE = Path(__file__).parent
-ORDER = ["lora", "compile", "fold", "scaling", "memory", "routing", "generate", "scale"]  # then the others, by name
+ORDER = ["lora", "compile", "fold", "scaling", "memory", "routing", "generate", "scale", "memory_cap"]  # then the rest
 GPU_MISSING = "GPU figures: not measured yet (no GPU was lent to the session that ran these)."
 
 
