@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from common import Figure, llama, load, parser, save_lora, table, write
+from common import Figure, load, parser, real_size_arguments, save_real_size, table, write
 
 CGROUP = Path("/sys/fs/cgroup")
 PEFT = """
@@ -40,11 +40,7 @@ PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--rank", type=int, default=16)
+    real_size_arguments(p, layers=16)
     p.add_argument("--fraction", type=float, default=0.3, help="the memory limit, as a fraction of the checkpoint")
     p.add_argument("--workdir", type=Path, help="where the temporary checkpoints go (default: the system's temp)")
     args = p.parse_args(argv)
@@ -56,13 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     load_start = load()
     with tempfile.TemporaryDirectory(dir=args.workdir) as directory:
         root = Path(directory)
-        base = llama(args.hidden, args.layers, vocab=args.vocab, intermediate=args.intermediate).to(torch.bfloat16)
-        base.save_pretrained(root / "model", max_shard_size="500MB")
-        save_lora(base, root / "adapter", args.rank)
-        del base
+        checkpoint = save_real_size(args, root, "500MB")
         spec = root / "spec.json"
         spec.write_text(json.dumps({"adapters": {"a": {"peft": str(root / "adapter")}}, "merge": True}))
-        checkpoint = sum(f.stat().st_size for f in (root / "model").glob("*.safetensors"))
         limit = int(args.fraction * checkpoint)
         merge = [sys.executable, "-m", "peftfx", "merge", str(spec), "--model", str(root / "model")]
         merge += ["--max-shard-size", "500MB", "--output"]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Figure, llama, load, parser, save_lora, table, write
+from common import Figure, llama, load, parser, real_size_arguments, save_real_size, table, write
 from peftfx.passes.merge import _give_back_freed_memory
 
 from peftfx.atomic import start_writeback, sync_tree
@@ -54,11 +54,7 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--rank", type=int, default=16)
+    real_size_arguments(p, layers=8)
     p.add_argument("--shard-size", default="500MB", help="the saved checkpoint's (and the merge's) shard size")
     p.add_argument("--rounds", type=int, default=2, help="runs of every variant, in turn; the fastest is reported")
     p.add_argument("--workdir", type=Path, help="where the temporary checkpoints go (default: the system's temp)")
@@ -73,13 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as directory:
         root = Path(directory)
-        base = llama(args.hidden, args.layers, vocab=args.vocab, intermediate=args.intermediate).to(torch.bfloat16)
-        base.save_pretrained(root / "model", max_shard_size=args.shard_size)
-        save_lora(base, root / "adapter", args.rank)
-        del base
+        checkpoint = save_real_size(args, root, args.shard_size)
         _give_back_freed_memory()
         os.sync()  # the checkpoint on the disk before any variant runs: none pays for its writeback
-        checkpoint = sum(f.stat().st_size for f in (root / "model").glob("*.safetensors"))
         for round_ in range(args.rounds):
             for variant in VARIANTS:
                 command = [sys.executable, __file__, "--child", variant, "--root", directory]

@@ -78,6 +78,24 @@ def save_lora(
     return directory
 
 
+def real_size_arguments(p: argparse.ArgumentParser, layers: int) -> None:
+    """The dimensions of the real-size benchmarks' Llama (1.6 GiB in bfloat16 at 16 layers) and its LoRA's rank."""
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rank", type=int, default=16)
+
+
+def save_real_size(args: argparse.Namespace, root: Path, shard_size: str) -> int:
+    """That Llama, random, saved in bfloat16 as a sharded checkpoint in ``root/model`` and its LoRA in
+    ``root/adapter``; returns the checkpoint's bytes of weights."""
+    base = llama(args.hidden, args.layers, vocab=args.vocab, intermediate=args.intermediate).to(torch.bfloat16)
+    base.save_pretrained(root / "model", max_shard_size=shard_size)
+    save_lora(base, root / "adapter", args.rank)
+    return sum(f.stat().st_size for f in (root / "model").glob("*.safetensors"))
+
+
 def interleave(
     variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
 ) -> dict[str, tuple[list[float], list[float]]]:
