@@ -94,18 +94,11 @@ class _Job:
         i, j = flat // cols, flat % cols
         size = 2 * abs(self.s) * self.left_max[i] * self.right_sum[j]
         tol = self.bound * (value.abs() + size)
-        if self.log2_s is not None:  # entries float64 computed exactly (coarse factors: often exact ties) have none
-            w = weight.double()
-            k = self.left.shape[1]  # every term of an entry is a multiple of 2**lsb: its row's and column's, and w's
-            bits = _lowest_bit(torch.cat([self.left[i], self.right[:, j].T, w[:, None]], 1))
-            lsb = (
-                bits[:, -1]
-                if not k
-                else torch.minimum(bits[:, :k].amin(1) + bits[:, k:-1].amin(1) + self.log2_s, bits[:, -1])
-            )
-            top = torch.frexp(w.abs() + size).exponent
-            tol = torch.where((top - lsb <= 52) & (lsb >= -1074), 0.0, tol)
         rounded, settled = self.grid.settle(value, tol)
+        if self.log2_s is not None and not bool(settled.all()):  # the rest may be exact: coarse factors' ties
+            rest = (~settled).nonzero().flatten()
+            exact = self._exact(i[rest], j[rest], weight[rest], size[rest])
+            rounded[rest], settled[rest] = self.grid.settle(value[rest], tol[rest].masked_fill(exact, 0.0))
         self.out[i[settled], j[settled]] = rounded[settled].to(self.out.dtype)  # a dtype value: exact in any type
         for n in (~settled & value.isfinite()).nonzero().flatten().tolist():
             row, col = int(i[n]), int(j[n])
@@ -114,6 +107,21 @@ class _Job:
                 for a, b in zip(self.left[row].tolist(), self.right[:, col].tolist(), strict=True)
             )
             self.out[row, col] = round_fraction(Fraction(weight[n].item()) + Fraction(self.s) * dot, self.out.dtype)
+
+    def _exact(self, i: torch.Tensor, j: torch.Tensor, weight: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """Which entries float64 computed exactly (no error to bound): every term of an entry is a multiple of
+        ``2**lsb`` (its row's, its column's and the weight's lowest bits, and ``s``'s power of two), and their sum
+        spans at most float64's 53 bits above it."""
+        w = weight.double()
+        k = self.left.shape[1]
+        bits = _lowest_bit(torch.cat([self.left[i], self.right[:, j].T, w[:, None]], 1))
+        lsb = (
+            bits[:, -1]
+            if not k
+            else torch.minimum(bits[:, :k].amin(1) + bits[:, k:-1].amin(1) + self.log2_s, bits[:, -1])
+        )
+        top = torch.frexp(w.abs() + size).exponent
+        return (top - lsb <= 52) & (lsb >= -1074)
 
 
 class _Grid:
