@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -125,7 +125,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 @functools.cache
-def _sync_file_range() -> ctypes._CFuncPtr | None:
+def _sync_file_range() -> Callable[..., int] | None:
     libc = _libc()
     call = getattr(libc, "sync_file_range", None) if libc is not None else None
     if call is not None:
