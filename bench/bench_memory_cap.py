@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from common import Figure, load, parser, real_size_arguments, save_real_size, table, write
+from common import Figure, drop_page_cache, load, parser, real_size_arguments, save_real_size, table, write
 
 CGROUP = Path("/sys/fs/cgroup")
 PEFT = """
@@ -107,8 +107,7 @@ def _unsupported() -> str | None:
 def _run(command: list[str], limit: int | None, env: dict[str, str]) -> dict:
     """``command`` in a fresh cgroup limited to ``limit`` bytes (None: none), the page cache dropped first."""
     with _cgroup(limit) as group:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        drop_page_cache()
         enter = f'echo $$ > {group / "cgroup.procs"} && exec "$@"' if group is not None else 'exec "$@"'
         start = time.perf_counter()
         done = subprocess.run(["sh", "-c", enter, "sh", *command], env=env, capture_output=True, text=True)

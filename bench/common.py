@@ -96,6 +96,17 @@ def save_real_size(args: argparse.Namespace, root: Path, shard_size: str) -> int
     return sum(f.stat().st_size for f in (root / "model").glob("*.safetensors"))
 
 
+def drop_page_cache() -> bool:
+    """Write every dirty page and drop the clean ones, so the next reads come from the disk; False where that needs
+    a privilege this process lacks (root, on Linux)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def interleave(
     variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
 ) -> dict[str, tuple[list[float], list[float]]]:
