@@ -76,7 +76,7 @@ def merge_checkpoint(
         raise SpecError(f"--output: {output} exists; the merged checkpoint goes to a new folder")
     names = _merged_adapters(spec)
     source = _Source(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = _json_object(model_dir / "config.json")
     with replaced_folder(output) as tmp, _Shards(tmp, source, shard_bytes) as shards:  # staged, renamed in whole
         shards.start({})  # every tensor copied as it is, while the graph is captured and the adapters planned
         model = _meta_model(model_dir, source)
@@ -100,6 +100,16 @@ def merge_checkpoint(
             if extra.is_file() and extra.name != "config.json" and not _weights_file(extra.name):
                 shutil.copy2(extra, tmp / extra.name)
     return output
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"--model: {path.name} is not readable JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"--model: {path.name} is not a JSON object")
+    return value
 
 
 def _shard_size(value: int | str) -> int:
@@ -139,7 +149,13 @@ class _Source:
         if not (model_dir / "config.json").is_file():
             raise CheckpointError(f"--model: {model_dir} is not a transformers model directory (no config.json)")
         if (model_dir / INDEX).is_file():
-            weight_map = json.loads((model_dir / INDEX).read_text())["weight_map"]
+            weight_map = _json_object(model_dir / INDEX).get("weight_map")
+            if not (
+                isinstance(weight_map, dict)
+                and weight_map
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+            ):
+                raise CheckpointError(f"--model: {INDEX} has no weight_map (tensor names to shard files)")
         elif (model_dir / SINGLE).is_file():
             weight_map = None
         else:
@@ -151,11 +167,17 @@ class _Source:
         self.meta: dict[str, tuple[list[int], torch.dtype]] = {}
         self.span: dict[str, tuple[int, int]] = {}  # absolute byte range in the shard file
         for shard in sorted(set(weight_map.values())) if weight_map else [SINGLE]:
-            size = (model_dir / shard).stat().st_size
+            if Path(shard).name != shard or shard in ("", ".", ".."):  # only files of the model's own folder are read
+                raise CheckpointError(f"--model: {INDEX} names {shard!r} as a shard: not a file name in {model_dir}")
+            if not (model_dir / shard).is_file():
+                raise CheckpointError(f"--model: {shard}, named in {INDEX}, is missing or not a file")
             try:
+                size = (model_dir / shard).stat().st_size
                 with open(model_dir / shard, "rb") as raw:
                     (length,) = struct.unpack("<Q", raw.read(8))
                     header = json.loads(raw.read(min(length, size)))  # a foreign file's length is noise
+            except OSError as error:
+                raise CheckpointError(f"--model: {shard} cannot be read ({error})") from error
             except (struct.error, ValueError) as error:
                 raise CheckpointError(f"--model: {shard} is not a safetensors file ({error})") from error
             if not isinstance(header, dict):
@@ -172,6 +194,8 @@ class _Source:
                     ) from error
                 if 8 + length + stop > size:  # a map past the end of the file faults when read
                     raise CheckpointError(f"--model: {shard} is truncated: {key} ends past its {size} bytes")
+                if key in self.shard:
+                    raise CheckpointError(f"--model: tensor {key!r} is stored twice, in {self.shard[key]} and {shard}")
                 self.shard[key] = shard
                 self.meta[key] = (shape, dtype)
                 self.span[key] = (8 + length + begin, 8 + length + stop)
@@ -220,12 +244,15 @@ def _meta_model(model_dir: Path, source: _Source) -> nn.Module:
     """The model of ``config.json`` on the meta device, each parameter in its checkpoint dtype."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            model = AutoModel.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                model = AutoModel.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"--model: config.json: transformers cannot build a model from it ({error})") from error
     for name, param in model.named_parameters():
         if name in source.meta:
             param.data = torch.empty(source.shape(name), dtype=source.dtype(name), device="meta")

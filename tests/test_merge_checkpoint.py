@@ -271,6 +271,47 @@ def test_a_truncated_or_foreign_shard_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_broken_index_config_or_shard_list_is_named_and_nothing_is_written(tmp_path):
+    """What a careless copy or a hostile folder holds: each refused with the file named, before any output."""
+    _, spec = checkpoint(tmp_path, torch.float32, False, ["v_proj"])
+    base = tmp_path / "base"
+    index, config = base / ooc.INDEX, base / "config.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    first, second = sorted(set(weight_map.values()))[:2]
+    outside = tmp_path / "outside.safetensors"
+    (base / first).rename(outside)
+    (base / first).symlink_to(outside)  # a link to a valid shard is still the shard: allowed
+    assert set(tensors(ooc.merge_checkpoint(spec, base, tmp_path / "linked"))) == set(weight_map)
+    header = (base / second).read_bytes()
+    cases = [
+        (index, "{nope", f"{ooc.INDEX} is not readable JSON"),
+        (index, json.dumps({"metadata": {}}), f"{ooc.INDEX} has no weight_map"),
+        (index, json.dumps({"weight_map": [first]}), f"{ooc.INDEX} has no weight_map"),
+        (index, json.dumps({"weight_map": {"w": 3}}), f"{ooc.INDEX} has no weight_map"),
+        (index, json.dumps({"weight_map": {"w": "../base/" + first}}), "names '../base/" + first + "' as a shard"),
+        (index, json.dumps({"weight_map": {**weight_map, "w": "gone.safetensors"}}), "gone.safetensors, named in"),
+        (index, json.dumps({"weight_map": {**weight_map, "w": "."}}), "names '.' as a shard"),
+        (config, "[1, 2]", "config.json is not a JSON object"),
+        (config, "\xff\xfe", "config.json is not readable JSON"),
+        (config, json.dumps({"model_type": "no-such-model"}), "config.json: transformers cannot build a model"),
+        (base / first, header, f"is stored twice, in {first} and {second}"),  # the second shard's copy
+    ]
+    for path, content, message in cases:
+        before = path.read_bytes()
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("latin-1"))
+        try:
+            with pytest.raises(CheckpointError, match=re.escape(message)):
+                ooc.merge_checkpoint(spec, base, tmp_path / "out")
+        finally:
+            path.write_bytes(before)
+        assert not (tmp_path / "out").exists()
+    (base / second).unlink()
+    (base / second).mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(f"{second}, named in {ooc.INDEX}, is missing or not a file")):
+        ooc.merge_checkpoint(spec, base, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "linked", "outside.safetensors"]
+
+
 def test_live_adapters_and_routing_are_refused(tmp_path):
     _, spec = checkpoint(tmp_path, torch.float32, False, ["v_proj"])
     fresh = {"type": "lora", "at": {"module": "*.q_proj"}, "seed": 0}
