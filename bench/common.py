@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,8 +52,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def llama(hidden: int, layers: int, *, vocab: int = 1024, intermediate: int | None = None, seed: int = 0) -> Any:
-    """A random float32 Llama: 32-wide heads, a quarter of them for keys and values (grouped-query attention)."""
+def llama(
+    hidden: int,
+    layers: int,
+    *,
+    vocab: int = 1024,
+    intermediate: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """A random Llama (float32 by default, made in ``dtype``): 32-wide heads, a quarter of them for keys and values
+    (grouped-query attention)."""
     torch.manual_seed(seed)
     heads = max(hidden // 32, 2)
     config = LlamaConfig(
@@ -65,16 +75,23 @@ def llama(hidden: int, layers: int, *, vocab: int = 1024, intermediate: int | No
         max_position_embeddings=512,
         use_cache=False,  # a captured graph returns no cache (torch.export rejects it): nor do the eager models
     )
-    return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def save_lora(
-    base: torch.nn.Module, directory: Path, rank: int, seed: int = 1, targets: str | list[str] = "all-linear"
+    base: torch.nn.Module,
+    directory: Path,
+    rank: int,
+    seed: int = 1,
+    targets: str | list[str] = "all-linear",
+    *,
+    consume: bool = False,
 ) -> Path:
-    """A PEFT LoRA on ``targets`` (default: every linear layer but the head), random (non-identity) factors, saved."""
+    """A PEFT LoRA on ``targets`` (default: every linear layer but the head), random (non-identity) factors, saved.
+    ``consume``: wrap ``base`` itself (it is left with the adapter in it), not a copy, where a copy would not fit."""
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
-    get_peft_model(copy.deepcopy(base), config).save_pretrained(directory)
+    get_peft_model(base if consume else copy.deepcopy(base), config).save_pretrained(directory)
     return directory
 
 
@@ -89,10 +106,13 @@ def real_size_arguments(p: argparse.ArgumentParser, layers: int) -> None:
 
 def save_real_size(args: argparse.Namespace, root: Path, shard_size: str) -> int:
     """That Llama, random, saved in bfloat16 as a sharded checkpoint in ``root/model`` and its LoRA in
-    ``root/adapter``; returns the checkpoint's bytes of weights."""
-    base = llama(args.hidden, args.layers, vocab=args.vocab, intermediate=args.intermediate).to(torch.bfloat16)
+    ``root/adapter``; returns the checkpoint's bytes of weights. Made in bfloat16 and never copied: one model's
+    memory (16 GB at Llama 3 8B's size)."""
+    base = llama(args.hidden, args.layers, vocab=args.vocab, intermediate=args.intermediate, dtype=torch.bfloat16)
     base.save_pretrained(root / "model", max_shard_size=shard_size)
-    save_lora(base, root / "adapter", args.rank)
+    save_lora(base, root / "adapter", args.rank, consume=True)
+    del base
+    gc.collect()  # the model and its adapter hold each other: freed now, not while the variants run
     return sum(f.stat().st_size for f in (root / "model").glob("*.safetensors"))
 
 
