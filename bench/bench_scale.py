@@ -13,17 +13,19 @@ reported, every run's wall time beside it: on this virtual machine the same run 
 the fastest way measured here: the kernel copies page to page (``copy_file_range``, as ``peftfx merge`` copies the
 tensors it leaves as they are), starts writing each 16 MiB to the disk as soon as it is copied (``sync_file_range``),
 and the files are flushed (``fsync``) at the end, as ``peftfx merge`` flushes its output before it renames it into
-place: both include the disk's writes, neither the reads (the input stays in the page cache). The same copy flushed
+place: both include the disk's writes, neither the reads while the input fits in the page cache. The same copy flushed
 only at the end (``shutil.copyfile``, then ``fsync``) is shown beside it. Where the benchmark runs as root, the
 second merge and the floor run once more ``from the disk``: the page cache dropped just before each (an
 out-of-core merge's model is larger than the memory, so its bytes cannot all be in the page cache). On a virtual
-machine that hands freed memory back to its host, reading into it costs the host's page faults too, so these
-times vary with the hypervisor more than with the disk: reported, not judged. The second merge also runs on every
+machine that hands freed memory back to its host, reading into it costs the host's page faults too: at small sizes
+these times vary with the hypervisor more than with the disk. The second merge also runs on every
 core, as the command line does by default (the other variants use ``--threads``). The imports (transformers'
 modeling code) happen before the clock starts in every variant: PEFT's variant has its model loaded, and a
 throughput is per byte.
-More variants are one entry in ``VARIANTS`` and one function in ``RUNS``.
-Results: results/scale.md and .json.
+More variants are one entry in ``VARIANTS`` and one function in ``RUNS``. At Llama 3 8B's shapes (15 GiB: too large
+to load beside its merge on a 24 GB machine, so out of core only): ``--hidden 4096 --intermediate 14336 --layers 32
+--vocab 128256 --shard-size 5GB --out-of-core-only --name scale_8b``.
+Results: results/scale.md (or NAME.md) and .json.
 """
 
 from __future__ import annotations
@@ -60,6 +62,33 @@ VARIANTS = {
     "read + write, from the disk": "the floor, the page cache dropped first (root only, as the line above)",
 }
 FROM_DISK = {"peftfx merge, again, from the disk", "read + write, from the disk"}
+IN_MEMORY = {name for name in VARIANTS if not name.startswith(("peftfx merge", "read + write"))}
+PEFT = "PEFT from_pretrained + merge_and_unload"
+# (figure, variant, over: a variant (wall times) or "checkpoint" (peak RSS growth over its bytes), goal)
+FIGURES = [
+    ("compile + merge / PEFT load + merge (wall)", "peftfx compile + merge", PEFT, 1.0),
+    ("compile + merge, capture cached / PEFT load + merge (wall)", "peftfx compile + merge, again", PEFT, 1.0),
+    ("compile + merge, inplace / PEFT load + merge (wall)", "peftfx compile + merge, inplace", PEFT, 1.0),
+    ("peak RSS growth, compile + merge / weights", "peftfx compile + merge", "checkpoint", None),
+    ("peak RSS growth, inplace / weights", "peftfx compile + merge, inplace", "checkpoint", 0.25),
+    ("peak RSS growth, peftfx merge (out of core) / checkpoint", "peftfx merge (out of core)", "checkpoint", 0.3),
+    ("peftfx merge / read + write of the checkpoint (wall)", "peftfx merge (out of core)", "read + write", 1.5),
+    ("peftfx merge again (capture cached) / read + write (wall)", "peftfx merge, again", "read + write", None),
+    (
+        "peftfx merge / read + write flushed at the end (wall)",
+        "peftfx merge (out of core)",
+        "read + write, flushed at the end",
+        None,
+    ),
+    ("peak RSS growth, PEFT / weights", PEFT, "checkpoint", None),
+    ("peftfx merge again, every core / read + write (wall)", "peftfx merge, again, every core", "read + write", None),
+    (
+        "peftfx merge again / read + write, both from the disk (wall)",
+        "peftfx merge, again, from the disk",
+        "read + write, from the disk",
+        1.5,
+    ),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", default="500MB", help="the saved checkpoint's (and the merge's) shard size")
     p.add_argument("--rounds", type=int, default=2, help="runs of every variant, in turn; the fastest is reported")
     p.add_argument("--workdir", type=Path, help="where the temporary checkpoints go (default: the system's temp)")
+    p.add_argument(
+        "--out-of-core-only",
+        action="store_true",
+        help="only `peftfx merge` and the floors (for a model too large to load: no compile, no PEFT)",
+    )
+    p.add_argument("--name", default="scale", help="the results' name (results/NAME.md): one per model size")
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -84,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         os.sync()  # the checkpoint on the disk before any variant runs: none pays for its writeback
         for round_ in range(args.rounds):
             for variant in VARIANTS:
+                if args.out_of_core_only and variant in IN_MEMORY:
+                    continue
                 threads = (os.cpu_count() or 1) if variant.endswith("every core") else args.threads
                 command = [sys.executable, __file__, "--child", variant, "--root", directory]
                 command += [f"--threads={threads}", f"--shard-size={args.shard_size}"]
@@ -98,47 +135,11 @@ def main(argv: list[str] | None = None) -> None:
                 results[variant]["walls"] = walls
                 shutil.rmtree(root / "out", ignore_errors=True)
     gib, r = 2**30, results
-    peft_s = r["PEFT from_pretrained + merge_and_unload"]["wall"]
-    floor = r["read + write"]["wall"]
     figures = [
-        Figure("compile + merge / PEFT load + merge (wall)", r["peftfx compile + merge"]["wall"] / peft_s, 1.0),
-        Figure(
-            "compile + merge, capture cached / PEFT load + merge (wall)",
-            r["peftfx compile + merge, again"]["wall"] / peft_s,
-            1.0,
-        ),
-        Figure(
-            "compile + merge, inplace / PEFT load + merge (wall)",
-            r["peftfx compile + merge, inplace"]["wall"] / peft_s,
-            1.0,
-        ),
-        Figure("peak RSS growth, compile + merge / weights", r["peftfx compile + merge"]["peak"] / checkpoint),
-        Figure("peak RSS growth, inplace / weights", r["peftfx compile + merge, inplace"]["peak"] / checkpoint, 0.25),
-        Figure(
-            "peak RSS growth, peftfx merge (out of core) / checkpoint",
-            r["peftfx merge (out of core)"]["peak"] / checkpoint,
-            0.3,
-        ),
-        Figure(
-            "peftfx merge / read + write of the checkpoint (wall)", r["peftfx merge (out of core)"]["wall"] / floor, 1.5
-        ),
-        Figure("peftfx merge again (capture cached) / read + write (wall)", r["peftfx merge, again"]["wall"] / floor),
-        Figure(
-            "peftfx merge / read + write flushed at the end (wall)",
-            r["peftfx merge (out of core)"]["wall"] / r["read + write, flushed at the end"]["wall"],
-        ),
-        Figure("peak RSS growth, PEFT / weights", r["PEFT from_pretrained + merge_and_unload"]["peak"] / checkpoint),
-        Figure(
-            "peftfx merge again, every core / read + write (wall)", r["peftfx merge, again, every core"]["wall"] / floor
-        ),
+        Figure(label, r[name]["wall"] / r[over]["wall"] if over in r else r[name]["peak"] / checkpoint, goal)
+        for label, name, over, goal in FIGURES
+        if name in r and (over in r or over == "checkpoint")
     ]
-    if r.keys() >= FROM_DISK:
-        figures.append(
-            Figure(
-                "peftfx merge again / read + write, both from the disk (wall)",
-                r["peftfx merge, again, from the disk"]["wall"] / r["read + write, from the disk"]["wall"],
-            )
-        )
     rows = [
         (
             name,
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         "beside it). Peak = VmHWM "
         "above VmRSS just before the variant (the base model, where one is loaded, is already resident). The capture "
         "cache is on, as by default, in a folder that starts empty each round: the first compile and the first merge "
-        "capture and store, their second runs read it; it is off for the inplace compile.",
+        "capture and store, their second runs read it; it is off for the inplace compile."
+        + (" Out of core only: the model is not loaded (no compile, no PEFT)." if args.out_of_core_only else ""),
         "",
         *table(
             ["variant", "wall s", "every round", "CPU s", "peak growth GiB", "/ checkpoint", "steps (s)", "what"],
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]
     data = {"checkpoint_gib": checkpoint / gib, "results": r}
-    write(args.output_dir, "scale", "Real sizes: merges of a 1-2 GB model", lines, figures, data, load_start)
+    title = f"Real sizes: merges of a {checkpoint / gib:.1f} GiB model"
+    write(args.output_dir, args.name, title, lines, figures, data, load_start)
 
 
 def _child(args: Any) -> dict[str, Any]:
