@@ -248,6 +248,22 @@ def test_cli_merge_and_its_bad_input(tmp_path):
     assert bad.exit_code == 2 and "--max-shard-size" in bad.output
     no_model = runner.invoke(app, [*args[:3], str(tmp_path / "adapter"), "--output", str(tmp_path / "o3")])
     assert no_model.exit_code == 2 and "config.json" in no_model.output
+    zero = runner.invoke(app, [*args[:-1], str(tmp_path / "o4"), "--threads", "0"])
+    assert zero.exit_code == 2 and "--threads" in zero.output
+
+
+@pytest.mark.parametrize(("given", "expected"), [([], 2), (["--threads", "1"], 1), (["--threads", "5"], 5)])
+def test_cli_merge_leaves_a_core_to_the_writer_and_restores_torch_threads(tmp_path, monkeypatch, given, expected):
+    seen = []
+    monkeypatch.setattr(ooc, "merge_checkpoint", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        args = ["merge", "spec.json", "--model", str(tmp_path), "--output", str(tmp_path / "out"), *given]
+        assert CliRunner().invoke(app, args).exit_code == 0
+        assert seen == [expected] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_truncated_or_foreign_shard_is_named(tmp_path):
