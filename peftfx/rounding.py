@@ -207,7 +207,7 @@ def _buffer(role: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tens
 
 def _negative(x: torch.Tensor) -> torch.Tensor:
     """The flat indices of ``x``'s negative entries: a few in a block, found in the groups of 64 whose minimum is
-    negative (a reduction is a tenth of the cost of marking every entry and scanning the marks)."""
+    negative (the reduction costs a quarter of marking every entry and scanning the marks)."""
     flat = x.view(-1)
     if flat.numel() % _GROUP:
         return (flat < 0).nonzero().flatten()
