@@ -388,15 +388,14 @@ def merge_(
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 500MB, 5GB")] = "2GB",
     threads: Annotated[
         int | None,
-        typer.Option(min=1, help="torch threads for the merge [default: one fewer than torch's, one at least]"),
+        typer.Option(min=1, help="torch threads for the merge [default: torch's own count]"),
     ] = None,
 ) -> None:
     """Merge a spec's adapters into a checkpoint out of core: tensor by tensor, the output a transformers checkpoint."""
     from .out_of_core import merge_checkpoint
 
     before = torch.get_num_threads()
-    # a core is left to the writing thread: torch splits each op evenly, and a thread sharing a core holds it up
-    torch.set_num_threads(threads or max(1, before - 1))
+    torch.set_num_threads(threads or before)
     try:
         with _progress() as step:
             merge_checkpoint(spec, model, output, max_shard_size=max_shard_size, progress=step)

@@ -68,8 +68,7 @@ def merge_checkpoint(
 
     ``output`` must not exist. The result has the input's config (untied where a tied weight was merged on one
     side only), tensor names and dtypes, in shards of at most ``max_shard_size`` with their index. The merge runs on
-    torch's threads while a thread of its own writes: one thread fewer than the cores is fastest (the command line's
-    default), as torch splits each op evenly and a thread sharing the writer's core holds the op up.
+    torch's threads (``torch.set_num_threads``) while a thread of its own writes.
     """
     spec, base_dir = load_spec(spec)
     model_dir, output = Path(model_dir), Path(output)
