@@ -388,7 +388,7 @@ def merge_(
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 500MB, 5GB")] = "2GB",
     threads: Annotated[
         int | None,
-        typer.Option(min=1, help="torch threads for the merge [default: torch's own count]"),
+        typer.Option(min=1, max=1024, help="torch threads for the merge [default: torch's own count]"),
     ] = None,
 ) -> None:
     """Merge a spec's adapters into a checkpoint out of core: tensor by tensor, the output a transformers checkpoint."""

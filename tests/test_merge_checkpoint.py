@@ -248,8 +248,9 @@ def test_cli_merge_and_its_bad_input(tmp_path):
     assert bad.exit_code == 2 and "--max-shard-size" in bad.output
     no_model = runner.invoke(app, [*args[:3], str(tmp_path / "adapter"), "--output", str(tmp_path / "o3")])
     assert no_model.exit_code == 2 and "config.json" in no_model.output
-    zero = runner.invoke(app, [*args[:-1], str(tmp_path / "o4"), "--threads", "0"])
-    assert zero.exit_code == 2 and "--threads" in zero.output
+    for threads in ("0", "100000"):  # no threads, or so many that starting them would exhaust the machine
+        wrong = runner.invoke(app, [*args[:-1], str(tmp_path / "o4"), "--threads", threads])
+        assert wrong.exit_code == 2 and "--threads" in wrong.output and not (tmp_path / "o4").exists()
 
 
 @pytest.mark.parametrize(("given", "expected"), [([], 3), (["--threads", "1"], 1), (["--threads", "5"], 5)])
