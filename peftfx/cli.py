@@ -395,7 +395,8 @@ def merge_(
     from .out_of_core import merge_checkpoint
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         with _progress() as step:
             merge_checkpoint(spec, model, output, max_shard_size=max_shard_size, progress=step)
