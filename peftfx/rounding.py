@@ -113,13 +113,10 @@ class _Job:
         ``2**lsb`` (its row's, its column's and the weight's lowest bits, and ``s``'s power of two), and their sum
         spans at most float64's 53 bits above it."""
         w = weight.double()
-        k = self.left.shape[1]
-        bits = _lowest_bit(torch.cat([self.left[i], self.right[:, j].T, w[:, None]], 1))
-        lsb = (
-            bits[:, -1]
-            if not k
-            else torch.minimum(bits[:, :k].min(1).values + bits[:, k:-1].min(1).values + self.log2_s, bits[:, -1])
-        )  # min, not amin: amin over int64 rows is ten times slower
+        lsb = _lowest_bit(w)
+        if self.left.shape[1]:  # each factor's minimum over its own contiguous dimension (min: amin is slower)
+            terms = _lowest_bit(self.left[i]).min(1).values + _lowest_bit(self.right[:, j]).min(0).values
+            lsb = torch.minimum(terms + self.log2_s, lsb)
         top = _exponent(w.abs() + size) + 1  # 2**top > the sum (over-estimated where it is subnormal: safe)
         return (top - lsb <= 52) & (lsb >= -1074)
 
@@ -217,16 +214,15 @@ def _negative(x: torch.Tensor) -> torch.Tensor:
 
 
 def _lowest_bit(x: torch.Tensor) -> torch.Tensor:
-    """Per entry, the exponent of the largest power of two it is a multiple of; zeros impose nothing. Read off the
-    float64 bits: the significand's lowest set bit, scaled."""
-    bits = x.double().view(torch.int64)
+    """Per entry of a float64 ``x``, the exponent of the largest power of two it is a multiple of; zeros impose
+    nothing. Read off the bits: the significand's lowest set bit (the implicit one's place where the fraction is
+    zero; for subnormals, whose fraction is not, setting that place changes nothing), scaled."""
+    bits = x.view(torch.int64)
     field = torch.bitwise_and(bits >> 52, 0x7FF)
-    significand = torch.bitwise_and(bits, (1 << 52) - 1)
-    significand = torch.where(field > 0, significand + (1 << 52), significand)  # normals: the implicit bit
+    significand = torch.bitwise_or(torch.bitwise_and(bits, (1 << 52) - 1), 1 << 52)
     lowest = _exponent(torch.bitwise_and(significand, -significand).double())  # of a power of two, exact
-    lsb = field.clamp(min=1) - 1075 + lowest  # x = significand * 2**(max(field, 1) - 1075)
-    lsb = torch.where(significand == 0, 1 << 20, lsb)
-    return lsb
+    lsb = lowest + field.clamp(min=1) - 1075  # x = significand * 2**(max(field, 1) - 1075)
+    return lsb.masked_fill_(torch.bitwise_and(bits, (1 << 63) - 1) == 0, 1 << 20)
 
 
 def _exponent(x: torch.Tensor) -> torch.Tensor:

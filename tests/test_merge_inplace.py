@@ -112,6 +112,56 @@ def test_every_entry_is_the_exactly_rounded_value(dtype, cols, inplace, monkeypa
             assert out[i, j].item() == round_fraction(Fraction(weight[i, j].item()) + 2 * dot, dtype), (i, j)
 
 
+def test_lowest_bit_is_the_largest_power_of_two_dividing_each_entry():
+    """Against rationals: normals, powers of two, subnormals, negatives, the extremes; zeros impose nothing."""
+    generator = torch.Generator().manual_seed(2)
+    values = torch.cat(
+        [
+            torch.randn(200, dtype=torch.float64, generator=generator) * 1e-3,
+            torch.randn(50, generator=generator).bfloat16().double(),  # coarse: low bits clear
+            torch.tensor(
+                [1.0, -0.5, 2.0**-1022, 2.0**-1074, 3 * 2.0**-1074, 2.0**-1060, 1.5 * 2.0**1023, -96.0],
+                dtype=torch.float64,
+            ),
+        ]
+    )
+    assert bool(values.ne(0).all())
+    expected = []
+    for v in values.tolist():
+        x, n = abs(Fraction(v)), -1074
+        while (x / Fraction(2) ** (n + 1)).denominator == 1:
+            n += 1
+        expected.append(n)
+    assert rounding._lowest_bit(values).tolist() == expected
+    assert rounding._lowest_bit(torch.tensor([0.0, -0.0], dtype=torch.float64)).tolist() == [1 << 20] * 2
+
+
+def test_coarse_factors_ties_are_settled_without_rationals(monkeypatch):
+    """bfloat16-valued factors (mixed-precision training) put float64 exactly on ties, one entry in a few thousand:
+    their exactness is proven from the factors' lowest bits, so none goes to rational arithmetic."""
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(256, 512, generator=generator) * 0.02).bfloat16()
+    left = (torch.randn(256, 16, generator=generator) * 0.05).bfloat16().float()
+    right = (torch.randn(16, 512, generator=generator) * 0.05).bfloat16().float()
+    doubtful = []
+    settle = rounding._Job.settle
+
+    def counting(job, flat, value, weight):
+        doubtful.append(flat.clone())
+        settle(job, flat, value, weight)
+
+    monkeypatch.setattr(rounding._Job, "settle", counting)
+    monkeypatch.setattr(rounding, "round_fraction", lambda *a: pytest.fail("a tie went to rational arithmetic"))
+    out = torch.empty_like(weight)
+    add_low_rank(out, weight, left, right, 2.0)
+    (flat,) = doubtful
+    assert len(flat) > 5  # ties were there to settle
+    for n in flat.tolist():
+        i, j = divmod(n, 512)
+        dot = sum(Fraction(left[i, c].item()) * Fraction(right[c, j].item()) for c in range(16))
+        assert out[i, j].item() == round_fraction(Fraction(weight[i, j].item()) + 2 * dot, torch.bfloat16), (i, j)
+
+
 def test_an_inplace_merge_refused_for_a_nan_leaves_the_model_untouched():
     """The NaN sits at the last site merged: every adapter is checked before the model's first weight is written."""
     lora = {**KINDS["lora"], "at": {"op": "linear", "exclude": {"module": "lm_head"}}, "seed": 0}
