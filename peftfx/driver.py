@@ -15,6 +15,7 @@ from torch import fx, nn
 from .capture import Inputs, capture_graph
 from .dropin import as_dropin, lora_scale_keyword
 from .errors import PassError, PeftfxError, SpecError
+from .gc_pause import gc_paused
 from .inputs import without_index
 from .ir import SCALE_INPUT, Override
 from .kv_cache import capture_with_cache
@@ -114,6 +115,7 @@ def build(
     )
 
 
+@gc_paused()
 def build_loaded(
     model: nn.Module,
     spec: Spec,

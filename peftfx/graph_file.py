@@ -14,7 +14,6 @@ cache reads only files the user wrote. ``unlifted`` patches torch's guard-functi
 
 from __future__ import annotations
 
-import gc
 import io
 import pickle
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from torch import fx, nn
 from torch.export import _unlift
 from torch.utils._pytree import TreeSpec, treespec_dumps, treespec_loads
 
+from .gc_pause import gc_paused
 from .rewrite import adopt
 from .sites import MODULE_STACK
 
@@ -84,17 +84,12 @@ def dumps(gm: fx.GraphModule, lent: Mapping[int, str]) -> bytes:
 def loads(data: bytes, tensors: Callable[[str], torch.Tensor | None]) -> fx.GraphModule | None:
     """The GraphModule ``dumps`` stored, its code pending (``with_code``), lent tensors taken from ``tensors`` (by
     name: None when the model has none, and then no module). Raises on a file that is not one."""
-    collecting = gc.isenabled()
-    gc.disable()  # thousands of new objects, none garbage: collections would walk the whole heap, often 5x the load
-    try:
+    with gc_paused():  # thousands of new objects, none garbage: collections would walk the whole heap
         unpickler = _Unpickler(io.BytesIO(data), tensors)
         version, record = unpickler.load()
         if version != FORMAT or unpickler.missing:
             return None
         return _build(record)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 class _Pickler(pickle.Pickler):

@@ -34,6 +34,7 @@ from .atomic import check_destination, replaced_folder, start_writeback
 from .capture import capture_graph
 from .driver import SpecLike
 from .errors import CheckpointError, MergeError, SpecError
+from .gc_pause import gc_paused
 from .ir import Placement
 from .passes.merge import check_finite, finite
 from .plan import make_plan
@@ -56,6 +57,7 @@ class _SiteMerge:
     adapters: list[tuple[str, Placement]] = field(default_factory=list)
 
 
+@gc_paused()
 def merge_checkpoint(
     spec: SpecLike,
     model_dir: str | Path,
