@@ -264,6 +264,7 @@ def _manifest(model: nn.Module) -> dict[str, list[int]]:
     """(size, mtime_ns) of each source file the model's code could run (see the module's docstring)."""
     packages = {cls.__module__.split(".")[0] for cls in (type(m) for m in model.modules())} - {"torch"}
     modules: dict[str, Any] = {}
+    folders: dict[str, str] = {}
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
         if not isinstance(file, str):
@@ -274,7 +275,7 @@ def _manifest(model: nn.Module) -> dict[str, list[int]]:
                 referenced = sys.modules.get(getattr(value, "__module__", None) or getattr(value, "__name__", ""))
                 if referenced is not None:
                     modules.setdefault(referenced.__name__, referenced)
-        elif not os.path.realpath(file).startswith(_INSTALLED):
+        elif not _real(file, folders).startswith(_INSTALLED):
             modules[name] = module
     files = {}
     for module in modules.values():
@@ -283,6 +284,17 @@ def _manifest(model: nn.Module) -> dict[str, list[int]]:
             stat = os.stat(file)
             files[file] = [stat.st_size, stat.st_mtime_ns]
     return files
+
+
+def _real(file: str, folders: dict[str, str]) -> str:
+    """``os.path.realpath(file)``, each folder resolved once (``folders``): thousands of modules share a few
+    hundred folders, and resolving every path component of each was most of a capture's store."""
+    folder, name = os.path.split(file)
+    if os.path.islink(file):
+        return os.path.realpath(file)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name)
 
 
 def _unchanged(manifest: dict[str, list[int]]) -> bool:

@@ -9,6 +9,7 @@ weights: bit-identical).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -365,3 +366,20 @@ def test_the_cli_says_what_the_cache_holds_and_empties_it(cache, exports):
     peftfx.capture(model, inputs)
     assert len(exports) == 2, "a cleared cache captures again"
     assert runner.invoke(app, ["cache", "purge"]).exit_code == 2
+
+
+def test_source_paths_resolve_as_realpath_does(tmp_path, monkeypatch):
+    """The manifest tells installed code from the user's by resolved paths: a package symlinked into an
+    installation (``flit install --symlink``) is the user's, whether its folder or its file is the link."""
+    from peftfx.capture_cache import _real
+
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "m.py").write_text("")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "linked").symlink_to(tmp_path / "dev")
+    (tmp_path / "site" / "file.py").symlink_to(tmp_path / "dev" / "m.py")
+    monkeypatch.chdir(tmp_path / "site")
+    folders: dict[str, str] = {}
+    paths = [str(tmp_path / "site" / "linked" / "m.py"), str(tmp_path / "site" / "file.py"), "file.py", "linked/m.py"]
+    for path in [*paths, *paths]:  # the second time from the folders already resolved
+        assert _real(path, folders) == os.path.realpath(path) == str((tmp_path / "dev" / "m.py").resolve())
