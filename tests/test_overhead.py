@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 from models import mlp, mlp_inputs, tiny_llama, token_inputs
@@ -12,6 +15,7 @@ from torch import fx
 
 import peftfx
 from peftfx.errors import PassError
+from peftfx.graph_file import with_code
 
 
 def test_export_capture_drops_per_call_checks_but_keeps_shape_guards():
@@ -23,6 +27,27 @@ def test_export_capture_drops_per_call_checks_but_keeps_shape_guards():
     assert type(gm(**x)) is type(model(**x))  # same output structure
     with pytest.raises(AssertionError, match=r"Guard failed: input_ids\.size\(\)\[1\] == 6"):
         gm(input_ids=x["input_ids"][:, :3])
+
+
+def test_export_capture_generates_its_code_once_for_the_caller(monkeypatch):
+    """torch.export's intermediate graph modules generate their code lazily, and the captured graph's code is left
+    to whoever calls it (``capture``) or rewrites it first (``compile``): fewer generations, the same graph and code."""
+    capture = importlib.import_module("peftfx.capture")  # the module: the package's ``capture`` is its function
+    model, x = tiny_llama(), token_inputs()
+    generated = []
+    recompile = fx.GraphModule.recompile
+    monkeypatch.setattr(fx.GraphModule, "recompile", lambda gm: (generated.append(gm), recompile(gm))[1])
+    lazy = capture.capture_graph(model, x, cache=False)
+    lazy_count = len(generated)
+    assert lazy.__dict__.get("_peftfx_code_pending")
+    with_code(lazy)
+    assert lazy.code == lazy.graph.python_code("self").src
+    generated.clear()
+    monkeypatch.setattr(capture, "_lazy_code", contextlib.nullcontext)
+    eager = with_code(capture.capture_graph(model, x, cache=False))
+    assert lazy_count < len(generated) - 1
+    assert lazy.code == eager.code
+    assert torch.equal(run(lazy, x), run(model, x))
 
 
 def test_module_inputs_keep_exports_hooks():
