@@ -157,13 +157,13 @@ def _export(
         dynamic_shapes = {name: tree_map(_all_dims_auto, value) for name, value in bound.items()}
 
     def export() -> fx.GraphModule:
-        try:
-            with _cache_off(model), _no_stack_traces(), _lazy_code():
-                program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-        except Exception as error:
-            message = export_failure(type(model).__name__, error, dynamic_shapes is not None, trace_error)
-            raise CaptureError(message) from error
         with _lazy_code():
+            try:
+                with _cache_off(model), _no_stack_traces():
+                    program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+            except Exception as error:
+                message = export_failure(type(model).__name__, error, dynamic_shapes is not None, trace_error)
+                raise CaptureError(message) from error
             gm = unlifted(program)
         _trim_call_overhead(gm, has_module_inputs=any(isinstance(x, nn.Module) for x in tree_leaves((args, kwargs))))
         return code_pending(gm)
