@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint bench clean
 
-$(BIN)/peftfx: pyproject.toml
+$(BIN)/peftfx: pyproject.toml setup.py peftfx/_round.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)

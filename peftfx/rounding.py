@@ -8,6 +8,11 @@ over-estimated (twice over) by ``2 gamma(k+2) (|r| + 2 |s| max|L_i·| Σ|R_·j|)
 round to the same value, so does the exact value (rounding is monotonic); the rare entries whose interval
 straddles a boundary are recomputed in rational arithmetic. Blocks of rows keep the float64 temporaries small
 (in cache) and let ``out`` be ``W`` itself: each block is read whole before it is written.
+
+Where the package's C extension is built (``peftfx/_round.c``), a bfloat16 or float32 weight's block is the product
+alone, and one pass adds the weight, rounds, and lists the entries in doubt; torch's ops do the same in a dozen
+passes otherwise (float16, other devices, several torch threads, a build without a C compiler). The result is the
+same: exactly rounded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ import threading
 from fractions import Fraction
 
 import torch
+
+try:
+    from . import _round
+except ImportError:  # built without a C compiler: torch's ops run the epilogue
+    _round = None
 
 BLOCK_BYTES = 1 << 22  # float64 bytes of one block's result: in cache, and few enough blocks for the per-block work
 _U = 2.0**-53
@@ -54,6 +64,8 @@ class _Job:
     def run(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write the float64 results rounded by torch, ``step`` rows at a time; return the entries in doubt: (flat
         index, float64 result, weight), the weight read before its block is written (``out`` may be it)."""
+        if self._fused():
+            return self._run_fused(step)
         rows, cols = self.weight.shape
         shape = (min(step, rows), cols)
         r = _buffer("result", shape, torch.float64)
@@ -76,6 +88,57 @@ class _Job:
                         (where + start * cols, block.view(-1)[where], self.weight[start:stop].reshape(-1)[where])
                     )
             self.out[start:stop].copy_(image)
+        empty = torch.empty(0, dtype=torch.int64)
+        return (
+            tuple(torch.cat(part) for part in zip(*found, strict=True))
+            if found
+            else (empty, empty.double(), empty.to(self.weight.dtype))
+        )
+
+    def _fused(self) -> bool:
+        """Whether the C epilogue applies: a bfloat16 or float32 weight rounded to its own dtype, in rows in memory,
+        on one torch thread. On more, each block's product is a parallel region, after which OpenMP's idle threads
+        spin for milliseconds, while the (serial) pass runs beside them: it took twice as long on two cores as on
+        one. torch's ops, each split over the threads, keep them busy."""
+        w, out = self.weight, self.out
+        return (
+            _round is not None
+            and torch.get_num_threads() == 1
+            and out.dtype == w.dtype in (torch.bfloat16, torch.float32)
+            and out.device.type == w.device.type == "cpu"
+            and w.is_contiguous()
+            and out.is_contiguous()
+        )
+
+    def _run_fused(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``run`` with the C epilogue: each block the product alone (``addmm`` ignores the block when beta is 0), then
+        one pass that adds the weight, writes the rounding and lists the entries in doubt."""
+        rows, cols = self.weight.shape
+        shape = (min(step, rows), cols)
+        r = _buffer("result", shape, torch.float64)
+        size = shape[0] * cols
+        index, value = _buffer("index", (size, 1), torch.int64), _buffer("value", (size, 1), torch.float64)
+        weights = _buffer("weights", (size, 1), self.weight.dtype)
+        wide = self.weight.dtype == torch.float32
+        test = self.grid.test(torch.float64 if wide else torch.float32)
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            block = r[: stop - start]
+            torch.addmm(block, self.left[start:stop], self.right, beta=0, alpha=self.s, out=block)
+            n = _round.round_block(
+                block.data_ptr(),
+                self.weight[start].data_ptr(),
+                self.out[start].data_ptr(),
+                block.numel(),
+                wide,
+                *test,
+                index.data_ptr(),
+                value.data_ptr(),
+                weights.data_ptr(),
+            )
+            if n:
+                found.append((index[:n, 0] + start * cols, value[:n, 0].clone(), weights[:n, 0].clone()))
         empty = torch.empty(0, dtype=torch.int64)
         return (
             tuple(torch.cat(part) for part in zip(*found, strict=True))
@@ -148,21 +211,27 @@ class _Grid:
             torch.float32: narrow.view(torch.int32).item(),
         }
 
+    def test(self, width: torch.dtype) -> tuple[int, int, int, int]:
+        """The doubt test on the bits of a float64 result or of its float32 image (``width``), as integers ``(mask,
+        offset, span, small)``: in doubt where ``(bits - offset) & mask < span`` (the dropped bits within ``near``
+        of their middle) or where the magnitude's bits are below ``small``."""
+        dropped, near = (self.dropped, self.near) if width == torch.float64 else (23 - self.fraction_bits, 2)
+        return (1 << dropped) - 1, (1 << (dropped - 1)) - (near - 1), 2 * near - 1, self.small_bits[width]
+
     def doubtful(self, image: torch.Tensor, scratch: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """A block's entries in doubt: negative (in ``scratch``) where its bits lie near the middle between two
         ``dtype`` values, or where it is small beside the largest delta. ``image`` is the float64 block,
         or for (b)float16 its float32 image: a (b)float16 boundary is a float32 value, and an entry whose image is
         not within one float32 ulp of one is more than 1.5 of them (2^29.5 float64 ulps) away. Integer ops in the
         buffers given (``scratch``, ``other``: integers of ``image``'s width): torch's comparisons are slower."""
-        wide = image.dtype == torch.float64
         bits = image.view(scratch.dtype)
-        dropped, near, sign_bit = (self.dropped, self.near, 63) if wide else (23 - self.fraction_bits, 2, 31)
-        mask = (1 << dropped) - 1
+        mask, offset, span, small = self.test(image.dtype)
         # |low - middle| < near  <=>  (low - middle + near - 1 mod 2^dropped) - (2 near - 1) < 0
         low = torch.bitwise_and(bits, mask, out=scratch)
-        low.sub_((1 << (dropped - 1)) - (near - 1)).bitwise_and_(mask).sub_(2 * near - 1)
+        low.sub_(offset).bitwise_and_(mask).sub_(span)
         # |x| < small  <=>  |x|'s bits minus small's < 0 (non-negative floats order as their bits; NaN's are above)
-        magnitude = torch.bitwise_and(bits, (1 << sign_bit) - 1, out=other).sub_(self.small_bits[image.dtype])
+        sign_bit = 8 * image.dtype.itemsize - 1
+        magnitude = torch.bitwise_and(bits, (1 << sign_bit) - 1, out=other).sub_(small)
         return low.bitwise_or_(magnitude)  # negative where either is
 
     def settle(self, value: torch.Tensor, tol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,163 @@
+"""The C epilogue of exact merges (``peftfx/_round.c``) gives torch's ops' bits, entry for entry, and is built
+wherever a C compiler is: without it the fast path would go untested and unnoticed."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import sysconfig
+import threading
+import time
+from fractions import Fraction
+
+import pytest
+import torch
+
+from peftfx import rounding
+from peftfx.rounding import add_low_rank, round_fraction
+
+native = pytest.mark.skipif(rounding._round is None, reason="peftfx._round not built (no C compiler)")
+
+
+def test_the_extension_is_built_where_a_c_compiler_is():
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler})")
+    assert rounding._round is not None, "a C compiler is here but peftfx._round was not built: reinstall the package"
+
+
+def _merge(weight, left, right, s, *, inplace, fused, monkeypatch):
+    with monkeypatch.context() as patch:
+        if not fused:
+            patch.setattr(rounding, "_round", None)
+        out = weight.clone() if inplace else torch.empty_like(weight)
+        add_low_rank(out, out if inplace else weight, left, right, s)
+    return out
+
+
+def _case(dtype, rows, cols, k, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator) * 0.05
+    weight[0, :5] = torch.tensor([1e-40, -3e-39, 0.0, -0.0, 2.0**-130])  # subnormal and zero weights
+    weight = weight.to(dtype)
+    left = torch.randn(rows, k, generator=generator) * 0.3
+    right = torch.randn(k, cols, generator=generator) * 0.05
+    left[: rows // 2] = left[: rows // 2].bfloat16().float()  # coarse rows and columns: exact ties
+    right[:, : cols // 2] = right[:, : cols // 2].bfloat16().float()
+    return weight, left, right
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("rows", "cols", "k", "s"), [(70, 129, 8, 2.0), (9, 64, 16, -0.37), (33, 7, 1, 0.5)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_epilogue_gives_torch_ops_bits(dtype, rows, cols, k, s, inplace, monkeypatch):
+    """Random merges at odd widths (groups of 64 cut at row ends and at a block's end), blocks of a few rows,
+    into a new tensor and into the weight; the doubtful entries' settling is shared, so every entry must agree."""
+    monkeypatch.setattr(rounding, "BLOCK_BYTES", 8 * cols * 5)
+    weight, left, right = _case(dtype, rows, cols, k, seed=rows + cols)
+    fused = _merge(weight, left, right, s, inplace=inplace, fused=True, monkeypatch=monkeypatch)
+    plain = _merge(weight, left, right, s, inplace=inplace, fused=False, monkeypatch=monkeypatch)
+    assert torch.equal(_bits(fused), _bits(plain))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_epilogue_on_non_finite_and_overflowing_entries(dtype, monkeypatch):
+    """NaN and infinite weights, and sums past the dtype's largest value, come out as torch's ops write them (a NaN
+    as a NaN: torch's own conversions disagree on its bits, 0x7FC0 one at a time, 0xFFFF vectorised)."""
+    weight, left, right = _case(dtype, 4, 70, 4, seed=3)
+    big = torch.finfo(dtype).max
+    weight[1, :6] = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), big, -big]).to(dtype)
+    left[1] = 4.0
+    right[:, 4:6] = torch.tensor([[1.0, -1.0]] * 4) * big / 2  # 8 big over and under: infinite
+    fused = _merge(weight, left, right, 1.0, inplace=False, fused=True, monkeypatch=monkeypatch)
+    plain = _merge(weight, left, right, 1.0, inplace=False, fused=False, monkeypatch=monkeypatch)
+    assert fused[1, 4].item() == float("inf") and fused[1, 5].item() == -float("inf")
+    assert bool(fused[1, :2].isnan().all()) and bool(plain[1, :2].isnan().all())
+    fused[1, :2] = plain[1, :2] = 0
+    assert torch.equal(_bits(fused), _bits(plain))
+
+
+@native
+def test_fused_epilogue_against_rationals_at_a_real_width(monkeypatch):
+    """A 256 x 4096 bfloat16 weight, r = 16, coarse factors: against rational arithmetic at every entry the
+    fused pass found in doubt and at a random sample of the others (all 1 M would take minutes in Python)."""
+    weight, left, right = _case(torch.bfloat16, 256, 4096, 16, seed=4)
+    found = []
+    run = rounding._Job._run_fused
+
+    def recording(job, step):
+        flat, value, w = run(job, step)
+        found.append(flat)
+        return flat, value, w
+
+    monkeypatch.setattr(rounding._Job, "_run_fused", recording)
+    out = torch.empty_like(weight)
+    add_low_rank(out, weight, left, right, 2.0)
+    doubtful = found[0]
+    assert len(doubtful) > 0  # the coarse factors' ties
+    sample = torch.randint(0, weight.numel(), (400,), generator=torch.Generator().manual_seed(5))
+    for flat in torch.cat([doubtful, sample]).tolist():
+        i, j = divmod(flat, 4096)
+        dot = sum(Fraction(left[i, c].item()) * Fraction(right[c, j].item()) for c in range(16))
+        assert out[i, j].item() == round_fraction(Fraction(weight[i, j].item()) + 2 * dot, torch.bfloat16), (i, j)
+
+
+@native
+def test_the_fused_pass_lets_other_threads_run():
+    """It releases the GIL: the out-of-core merge writes the last tensor on a second thread while this one merges.
+    With a switch interval longer than the test, a held GIL would let no line of this thread run during the pass."""
+    n = 1 << 22
+    generator = torch.Generator().manual_seed(6)
+    result, weight = torch.randn(n, dtype=torch.float64, generator=generator), torch.randn(n, generator=generator)
+    out, weights = torch.empty(n), torch.empty(n)
+    index, value = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float64)
+    test = rounding._Grid(torch.float32, 1e-15, 1.0).test(torch.float64)
+    span, started = [], threading.Event()
+
+    def merge():
+        started.set()
+        start = time.perf_counter()
+        rounding._round.round_block(
+            result.data_ptr(), weight.data_ptr(), out.data_ptr(), n, True, *test,
+            index.data_ptr(), value.data_ptr(), weights.data_ptr(),
+        )  # fmt: skip
+        span.append((start, time.perf_counter()))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:
+        thread = threading.Thread(target=merge)
+        thread.start()
+        started.wait()
+        ticks = []
+        while thread.is_alive():
+            ticks.append(time.perf_counter())
+            time.sleep(0)  # hands the GIL over when the thread wants it back
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    ((start, stop),) = span
+    assert any(start < t < stop for t in ticks), "no other thread ran during a fused pass"
+    assert torch.equal(out, (result + weight.double()).float())
+
+
+@native
+def test_on_several_torch_threads_torch_ops_run_the_epilogue(monkeypatch):
+    """OpenMP's idle threads would spin beside the serial pass (twice its time on two cores): torch's ops run there,
+    with the same bits."""
+    weight, left, right = _case(torch.bfloat16, 40, 96, 4, seed=7)
+    one = _merge(weight, left, right, 2.0, inplace=False, fused=True, monkeypatch=monkeypatch)
+    monkeypatch.setattr(rounding._Job, "_run_fused", lambda *a: pytest.fail("the fused pass ran on two threads"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = _merge(weight, left, right, 2.0, inplace=False, fused=True, monkeypatch=monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(_bits(one), _bits(two))
