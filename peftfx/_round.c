@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* Compiled twice on x86-64, for AVX2 machines and for any, the loader picking one (GCC and clang): the wheel
@@ -128,6 +129,85 @@ VECTOR_CLONES static Py_ssize_t block_f32(const double *r, const float *w, float
   return m;
 }
 
+static inline double double_value(uint64_t u) {
+  double d;
+  memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+/* v rounded to the dtype whose values keep all but the lowest `dropped` bits of a float64's significand (45:
+ * bfloat16, 29: float32), given |v - exact| <= tol; 0 where that does not decide it. Normal results only (the two
+ * dtypes share float32's exponents): the rest go to `_Job.settle`. The interval may not reach the neighbouring
+ * midpoints either (a quarter ulp away at least, below a power of two). */
+static inline int round_within(double v, double tol, int dropped, double *rounded) {
+  const uint64_t sign = 1ull << 63, tiny = 0x3810000000000000ull /* 2^-126 */, huge = 0x47F0000000000000ull;
+  uint64_t b = double_bits(v), magnitude = b & ~sign;
+  if (!(magnitude >= tiny && magnitude < huge)) /* 2^128: past it float32 has no values; NaN is above */
+    return 0;
+  uint64_t down = b & ~((1ull << dropped) - 1);
+  double low = double_value(down), middle = double_value(down | (1ull << (dropped - 1)));
+  double high = double_value(down + (1ull << dropped)), size = fabs(v), mid = fabs(middle);
+  if (!(tol < (fabs(high) - fabs(low)) * 0.25))
+    return 0;
+  if (size - tol > mid)
+    *rounded = high;
+  else if (size + tol < mid)
+    *rounded = low;
+  else if (tol == 0 && size == mid) /* an exact tie: to the even neighbour */
+    *rounded = (down >> dropped) & 1 ? high : low;
+  else
+    return 0;
+  return 1;
+}
+
+/* The exponent of the largest power of two dividing x (a finite nonzero float64). */
+static inline int64_t lowest_bit(double x) {
+  uint64_t b = double_bits(x), field = (b >> 52) & 0x7FF, significand = (b & ((1ull << 52) - 1)) | (1ull << 52);
+  return (int64_t)__builtin_ctzll(significand) + (int64_t)(field ? field : 1) - 1075;
+}
+
+typedef struct {
+  const double *left_max, *right_sum; /* per row of the weight: 2|s| max|L_i.|; per column: sum|R_.j| */
+  const int64_t *left_low, *right_low; /* per row, per column: their factor's lowest bit, s's power of two in rows */
+  double bound;
+  int exact; /* s is a power of two: an entry may be proven computed exactly */
+} bounds;
+
+/* The doubtful entries `_Job.settle` would settle with its error bound, or prove exact, settled here; the others
+ * (and their results and weights) moved to the front of the lists: their count is returned. */
+static Py_ssize_t settle(void *out, int wide, Py_ssize_t cols, Py_ssize_t n, int64_t *idx, double *value, void *wv,
+                         const bounds *k) {
+  Py_ssize_t m = 0;
+  for (Py_ssize_t e = 0; e < n; e++) {
+    Py_ssize_t i = idx[e] / cols, j = idx[e] % cols;
+    double v = value[e], w = wide ? (double)((float *)wv)[e] : bf16_value(((uint16_t *)wv)[e]);
+    double size = k->left_max[i] * k->right_sum[j], rounded;
+    int dropped = wide ? 29 : 45, done = round_within(v, k->bound * (fabs(v) + size), dropped, &rounded);
+    if (!done && k->exact) { /* every term a multiple of 2^low, their sum within float64's 53 bits above it */
+      int64_t low = k->left_low[i] + k->right_low[j];
+      if (w != 0 && lowest_bit(w) < low)
+        low = lowest_bit(w);
+      int top; /* 2^top > |w| + size */
+      frexp(fabs(w) + size, &top);
+      done = top - low <= 52 && low >= -1074 && round_within(v, 0.0, dropped, &rounded);
+    }
+    if (done) {
+      if (wide)
+        ((float *)out)[idx[e]] = (float)rounded;
+      else
+        ((uint16_t *)out)[idx[e]] = (uint16_t)(float_bits((float)rounded) >> 16);
+    } else {
+      idx[m] = idx[e];
+      value[m] = v;
+      if (wide)
+        ((float *)wv)[m++] = (float)w;
+      else
+        ((uint16_t *)wv)[m++] = ((uint16_t *)wv)[e];
+    }
+  }
+  return m;
+}
+
 static PyObject *round_block(PyObject *Py_UNUSED(self), PyObject *args) {
   unsigned long long r, w, out, idx, value, wv;
   Py_ssize_t n;
@@ -148,9 +228,31 @@ static PyObject *round_block(PyObject *Py_UNUSED(self), PyObject *args) {
   return PyLong_FromSsize_t(m);
 }
 
+static PyObject *settle_block(PyObject *Py_UNUSED(self), PyObject *args) {
+  unsigned long long out, idx, value, wv, left_max, right_sum, left_low, right_low;
+  Py_ssize_t cols, n;
+  int wide;
+  bounds k;
+  if (!PyArg_ParseTuple(args, "KpnnKKKKKKKdp", &out, &wide, &cols, &n, &idx, &value, &wv, &left_max, &right_sum,
+                        &left_low, &right_low, &k.bound, &k.exact))
+    return NULL;
+  k.left_max = (const double *)left_max;
+  k.right_sum = (const double *)right_sum;
+  k.left_low = (const int64_t *)left_low;
+  k.right_low = (const int64_t *)right_low;
+  Py_ssize_t m;
+  Py_BEGIN_ALLOW_THREADS;
+  m = settle((void *)out, wide, cols, n, (int64_t *)idx, (double *)value, (void *)wv, &k);
+  Py_END_ALLOW_THREADS;
+  return PyLong_FromSsize_t(m);
+}
+
 static PyMethodDef methods[] = {
     {"round_block", round_block, METH_VARARGS,
-     "round_block(result, weight, out, n, wide, mask, offset, span, small, index, weights) -> entries in doubt"},
+     "round_block(result, weight, out, n, wide, mask, offset, span, small, index, values, weights) -> entries in doubt"},
+    {"settle_block", settle_block, METH_VARARGS,
+     "settle_block(out, wide, cols, n, index, values, weights, left_max, right_sum, left_low, right_low, bound, exact)"
+     " -> entries left in doubt"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -88,12 +88,7 @@ class _Job:
                         (where + start * cols, block.view(-1)[where], self.weight[start:stop].reshape(-1)[where])
                     )
             self.out[start:stop].copy_(image)
-        empty = torch.empty(0, dtype=torch.int64)
-        return (
-            tuple(torch.cat(part) for part in zip(*found, strict=True))
-            if found
-            else (empty, empty.double(), empty.to(self.weight.dtype))
-        )
+        return self._joined(found)
 
     def _fused(self) -> bool:
         """Whether the C epilogue applies: a bfloat16 or float32 weight rounded to its own dtype, in rows in memory,
@@ -121,30 +116,43 @@ class _Job:
         weights = _buffer("weights", (size, 1), self.weight.dtype)
         wide = self.weight.dtype == torch.float32
         test = self.grid.test(torch.float64 if wide else torch.float32)
+        left_max, right_sum, left_low, right_low = self._settling()
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             block = r[: stop - start]
             torch.addmm(block, self.left[start:stop], self.right, beta=0, alpha=self.s, out=block)
+            pointers = index.data_ptr(), value.data_ptr(), weights.data_ptr()
+            out = self.out[start].data_ptr()
             n = _round.round_block(
-                block.data_ptr(),
-                self.weight[start].data_ptr(),
-                self.out[start].data_ptr(),
-                block.numel(),
-                wide,
-                *test,
-                index.data_ptr(),
-                value.data_ptr(),
-                weights.data_ptr(),
+                block.data_ptr(), self.weight[start].data_ptr(), out, block.numel(), wide, *test, *pointers
             )
+            if n:  # those the error bound or exactness settles, settled at once: the rest for ``settle``
+                n = _round.settle_block(
+                    out, wide, cols, n, *pointers, left_max[start].data_ptr(), right_sum.data_ptr(),
+                    left_low[start].data_ptr(), right_low.data_ptr(), self.bound, self.log2_s is not None,
+                )  # fmt: skip
             if n:
                 found.append((index[:n, 0] + start * cols, value[:n, 0].clone(), weights[:n, 0].clone()))
+        return self._joined(found)
+
+    def _settling(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``settle`` reads per row and per column, for the C pass: ``2|s| max|L_i·|``, ``Σ|R_·j|``, and the
+        factors' lowest bits (``s``'s power of two in the rows'; zeros, rows of them too, impose nothing)."""
+        left_max = (2 * abs(self.s) * self.left_max).contiguous()
+        rows, k = self.left.shape
+        if self.log2_s is None or not k:
+            none = torch.full((rows,), 1 << 20, dtype=torch.int64)
+            return left_max, self.right_sum.contiguous(), none, torch.zeros(self.right.shape[1], dtype=torch.int64)
+        left_low = _lowest_bit(self.left).min(1).values + self.log2_s
+        return left_max, self.right_sum.contiguous(), left_low, _lowest_bit(self.right).min(0).values.contiguous()
+
+    def _joined(self, found: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The blocks' doubtful entries as one (flat index, float64 result, weight)."""
+        if found:
+            return tuple(torch.cat(part) for part in zip(*found, strict=True))
         empty = torch.empty(0, dtype=torch.int64)
-        return (
-            tuple(torch.cat(part) for part in zip(*found, strict=True))
-            if found
-            else (empty, empty.double(), empty.to(self.weight.dtype))
-        )
+        return empty, empty.double(), empty.to(self.weight.dtype)
 
     def settle(self, flat: torch.Tensor, value: torch.Tensor, weight: torch.Tensor) -> None:
         """Set the entries whose rounding is in doubt to their exactly rounded value. Doubt, cheaply: an entry
@@ -246,6 +254,8 @@ class _Grid:
         down = torch.bitwise_and(bits, ~((one << dropped) - 1))
         up, middle = down + (one << dropped), down + (one << (dropped - 1))
         size, mid = value.abs(), middle.view(torch.float64).abs()
+        # nor may the interval reach the neighbouring middles: a quarter ulp away at least (below a power of two)
+        usable &= tol < (up.view(torch.float64).abs() - down.view(torch.float64).abs()) * 0.25
         above, below = size - tol > mid, size + tol < mid
         tie = (size == mid) & (tol == 0)  # exact: to the even neighbour (the last kept bit of ``down`` clear)
         even_down = torch.bitwise_and(down >> dropped, 1) == 0
