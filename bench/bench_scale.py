@@ -19,7 +19,8 @@ second merge and the floor run once more ``from the disk``: the page cache dropp
 out-of-core merge's model is larger than the memory, so its bytes cannot all be in the page cache). On a virtual
 machine that hands freed memory back to its host, reading into it costs the host's page faults too: at small sizes
 these times vary with the hypervisor more than with the disk. The second merge also runs on every
-core, as the command line does by default (the other variants use ``--threads``). The imports (transformers'
+core (the command line leaves one core to its writer by default: on two cores, one thread, as the other variants run
+with ``--threads``). The imports (transformers'
 modeling code) happen before the clock starts in every variant: PEFT's variant has its model loaded, and a
 throughput is per byte.
 More variants are one entry in ``VARIANTS`` and one function in ``RUNS``. At Llama 3 8B's shapes (15 GiB: too large
@@ -57,7 +58,7 @@ VARIANTS = {
     "peftfx merge, again": "the same in a new process, its capture now in the capture cache",
     "read + write": "every shard's bytes read and written once, in the kernel, written back as it goes (the floor)",
     "read + write, flushed at the end": "the same copy (`shutil.copyfile`), written to the disk only by the `fsync`",
-    "peftfx merge, again, every core": "the second merge on every core (torch's threads), as the command line runs",
+    "peftfx merge, again, every core": "the second merge on every core (the command line leaves one to its writer)",
     "peftfx merge, again, from the disk": "the second merge, the page cache dropped first: reads from the disk",
     "read + write, from the disk": "the floor, the page cache dropped first (root only, as the line above)",
 }
