@@ -9,6 +9,7 @@ import sysconfig
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ def test_the_extension_is_built_where_a_c_compiler_is():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler})")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        pytest.skip("no Python headers (a python3-dev package)")
     assert rounding._round is not None, "a C compiler is here but peftfx._round was not built: reinstall the package"
 
 
