@@ -13,9 +13,9 @@
 #include <math.h>
 #include <string.h>
 
-/* Compiled twice on x86-64, for AVX2 machines and for any, the loader picking one (GCC and clang): the wheel
- * stays portable, and the common machine runs the epilogue at twice the speed of baseline SSE2 code. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* Compiled twice on x86-64 Linux, for AVX2 machines and for any, the dynamic loader picking one (an ifunc: ELF
+ * only): the build stays portable, and the common machine runs the epilogue 1.4x as fast as baseline SSE2 code. */
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define VECTOR_CLONES
