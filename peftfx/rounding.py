@@ -116,7 +116,8 @@ class _Job:
         weights = _buffer("weights", (size, 1), self.weight.dtype)
         wide = self.weight.dtype == torch.float32
         test = self.grid.test(torch.float64 if wide else torch.float32)
-        left_max, right_sum, left_low, right_low = self._settling()
+        bounds: tuple[torch.Tensor, ...] = ()  # built at the first doubt, the lowest bits at the first left by it
+        lowest: tuple[torch.Tensor, ...] = ()
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, rows, step):
             stop = min(start + step, rows)
@@ -127,25 +128,30 @@ class _Job:
             n = _round.round_block(
                 block.data_ptr(), self.weight[start].data_ptr(), out, block.numel(), wide, *test, *pointers
             )
-            if n:  # those the error bound or exactness settles, settled at once: the rest for ``settle``
-                n = _round.settle_block(
-                    out, wide, cols, n, *pointers, left_max[start].data_ptr(), right_sum.data_ptr(),
-                    left_low[start].data_ptr(), right_low.data_ptr(), self.bound, self.log2_s is not None,
-                )  # fmt: skip
+            if n:  # those the error bound settles, settled at once; then those proven exact; the rest for ``settle``
+                bounds = bounds or self._bounds()
+                at = bounds[0][start].data_ptr(), bounds[1].data_ptr()
+                n = _round.settle_block(out, wide, cols, n, *pointers, *at, 0, 0, self.bound, False)
+            if n and self.log2_s is not None:
+                lowest = lowest or self._lowest_bits()
+                at = (*at, lowest[0][start].data_ptr(), lowest[1].data_ptr())
+                n = _round.settle_block(out, wide, cols, n, *pointers, *at, self.bound, True)
             if n:
                 found.append((index[:n, 0] + start * cols, value[:n, 0].clone(), weights[:n, 0].clone()))
         return self._joined(found)
 
-    def _settling(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What ``settle`` reads per row and per column, for the C pass: ``2|s| max|L_i·|``, ``Σ|R_·j|``, and the
-        factors' lowest bits (``s``'s power of two in the rows'; zeros, rows of them too, impose nothing)."""
-        left_max = (2 * abs(self.s) * self.left_max).contiguous()
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``settle``'s bounds for the C pass: ``2|s| max|L_i·|`` per row, ``Σ|R_·j|`` per column (float64)."""
+        return (2 * abs(self.s) * self.left_max).contiguous(), self.right_sum.contiguous()
+
+    def _lowest_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors' lowest bits (int64) for ``_exact``'s proof, per row with ``s``'s power of two and per
+        column; zeros, rows of them too, impose nothing."""
         rows, k = self.left.shape
-        if self.log2_s is None or not k:
-            none = torch.full((rows,), 1 << 20, dtype=torch.int64)
-            return left_max, self.right_sum.contiguous(), none, torch.zeros(self.right.shape[1], dtype=torch.int64)
-        left_low = _lowest_bit(self.left).min(1).values + self.log2_s
-        return left_max, self.right_sum.contiguous(), left_low, _lowest_bit(self.right).min(0).values.contiguous()
+        if not k:
+            return torch.full((rows,), 1 << 20, dtype=torch.int64), torch.zeros(self.right.shape[1], dtype=torch.int64)
+        low = _lowest_bit(self.left).min(1).values + self.log2_s, _lowest_bit(self.right).min(0).values
+        return low[0].contiguous(), low[1].contiguous()
 
     def _joined(self, found: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The blocks' doubtful entries as one (flat index, float64 result, weight)."""
