@@ -31,6 +31,7 @@ except ImportError:  # built without a C compiler: torch's ops run the epilogue
 BLOCK_BYTES = 1 << 22  # float64 bytes of one block's result: in cache, and few enough blocks for the per-block work
 _U = 2.0**-53
 _GROUP = 64  # entries a minimum is taken over, in the search for doubtful ones
+_FEW = 16  # doubtful entries of a weight settled one by one in rational arithmetic (~30 us each)
 
 
 def add_low_rank(out: torch.Tensor, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s: float) -> None:
@@ -164,10 +165,16 @@ class _Job:
         """Set the entries whose rounding is in doubt to their exactly rounded value. Doubt, cheaply: an entry
         whose float64 (or float32 image's) bits lie near the middle between two ``dtype`` values, or that is small
         beside the largest delta (cancellation); each is then settled with its own error bound, and the few that
-        bound cannot settle in rational arithmetic."""
+        bound cannot settle in rational arithmetic. A few entries (what the C pass leaves) go there at once: the
+        bound's few dozen vectorised ops would cost more."""
         if not len(flat):
             return
         cols = self.weight.shape[1]
+        if len(flat) <= _FEW:
+            for n, v, w in zip(flat.tolist(), value.tolist(), weight.tolist(), strict=True):
+                if math.isfinite(v):  # else as computed: a NaN or an infinity among the terms
+                    self._round_exactly(*divmod(n, cols), w)
+            return
         i, j = flat // cols, flat % cols
         size = 2 * abs(self.s) * self.left_max[i] * self.right_sum[j]
         tol = self.bound * (value.abs() + size)
@@ -178,12 +185,20 @@ class _Job:
             rounded[rest], settled[rest] = self.grid.settle(value[rest], tol[rest].masked_fill(exact, 0.0))
         self.out[i[settled], j[settled]] = rounded[settled].to(self.out.dtype)  # a dtype value: exact in any type
         for n in (~settled & value.isfinite()).nonzero().flatten().tolist():
-            row, col = int(i[n]), int(j[n])
-            dot = sum(
-                Fraction(a) * Fraction(b)
-                for a, b in zip(self.left[row].tolist(), self.right[:, col].tolist(), strict=True)
-            )
-            self.out[row, col] = round_fraction(Fraction(weight[n].item()) + Fraction(self.s) * dot, self.out.dtype)
+            self._round_exactly(int(i[n]), int(j[n]), weight[n].item())
+
+    def _round_exactly(self, row: int, col: int, weight: float) -> None:
+        """One entry from its exact value: every float is an integer times a power of two, so the terms are summed
+        as integers over the smallest power (one rational at the end, not one per term)."""
+        terms = [_dyadic(weight)]
+        scale, shift = _dyadic(self.s)
+        for a, b in zip(self.left[row].tolist(), self.right[:, col].tolist(), strict=True):
+            (m, e), (n, f) = _dyadic(a), _dyadic(b)
+            terms.append((scale * m * n, shift + e + f))
+        low = min(e for _, e in terms)
+        total = sum(m << (e - low) for m, e in terms)
+        exact = Fraction(total * 2**low) if low >= 0 else Fraction(total, 2**-low)
+        self.out[row, col] = round_fraction(exact, self.out.dtype)
 
     def _exact(self, i: torch.Tensor, j: torch.Tensor, weight: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
         """Which entries float64 computed exactly (no error to bound): every term of an entry is a multiple of
@@ -296,6 +311,12 @@ def _negative(x: torch.Tensor) -> torch.Tensor:
     groups = (flat.view(-1, _GROUP).amin(1) < 0).nonzero().flatten()
     candidates = (groups[:, None] * _GROUP + torch.arange(_GROUP)).flatten()
     return candidates[flat[candidates] < 0]
+
+
+def _dyadic(x: float) -> tuple[int, int]:
+    """``(m, e)`` with ``x == m * 2**e`` exactly (a finite float)."""
+    numerator, denominator = x.as_integer_ratio()
+    return numerator, 1 - denominator.bit_length()
 
 
 def _lowest_bit(x: torch.Tensor) -> torch.Tensor:

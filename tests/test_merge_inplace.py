@@ -177,3 +177,15 @@ def test_an_inplace_merge_refused_for_a_nan_leaves_the_model_untouched():
         peftfx.compile(model, {"adapters": {"a": {"peft": str(folder)}}, "merge": True}, inputs, inplace=True)
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[key]), key
+
+
+def test_dyadic_splits_every_finite_float_exactly():
+    """``_round_exactly`` sums integers scaled by powers of two: each float must split into exactly that."""
+    generator = torch.Generator().manual_seed(4)
+    values = torch.randn(300, dtype=torch.float64, generator=generator) * torch.pow(
+        10.0, torch.randint(-300, 300, (300,)).double()
+    )
+    extremes = [0.0, -0.0, 5e-324, -(2.0**-1022), 1.7976931348623157e308, 1.0, -3.0, 2.0**-149]
+    for x in [*values.tolist(), *extremes]:
+        m, e = rounding._dyadic(x)
+        assert Fraction(m) * Fraction(2) ** e == Fraction(x), x
