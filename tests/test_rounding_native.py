@@ -173,3 +173,29 @@ def test_on_several_torch_threads_torch_ops_run_the_epilogue(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(_bits(one), _bits(two))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_interval_reaching_a_neighbouring_middle_is_not_settled(fused):
+    """Just above a power of two, the middle below lies a quarter ulp away: an error bound past that leaves the
+    entry to exact arithmetic, though the middle above is farther still (torch's settling and the C pass alike)."""
+    if fused and rounding._round is None:
+        pytest.skip("peftfx._round not built (no C compiler)")
+    ulp = 2.0**-23  # float32's at 1
+    value = torch.tensor([1.0 + ulp / 8, 1.0 + ulp / 8], dtype=torch.float64)
+    tolerance = torch.tensor([0.3 * ulp, 0.2 * ulp], dtype=torch.float64)  # reaches 1 - ulp/4, or not
+    if not fused:
+        rounded, settled = rounding._Grid(torch.float32, 1e-15, 1.0).settle(value, tolerance)
+        assert settled.tolist() == [False, True] and rounded[1].item() == 1.0
+        return
+    out = torch.zeros(2)
+    index, weights = torch.tensor([0, 1]), torch.zeros(2)
+    left_max, right_sum, none = torch.zeros(1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0
+    for tol, left in ((0.3, 2), (0.2, 0)):  # bound * |value| is the tolerance where the delta's size is 0
+        values = value.clone()  # held: the pass reads and reorders it
+        n = rounding._round.settle_block(
+            out.data_ptr(), True, 2, 2, index.data_ptr(), values.data_ptr(), weights.data_ptr(),
+            left_max.data_ptr(), right_sum.data_ptr(), none, none, tol * ulp / value[0].item(), False,
+        )  # fmt: skip
+        assert n == left
+    assert out.tolist() == [1.0, 1.0]  # settled by the smaller bound
