@@ -17,6 +17,7 @@ same: exactly rounded.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from fractions import Fraction
@@ -117,8 +118,6 @@ class _Job:
         weights = _buffer("weights", (size, 1), self.weight.dtype)
         wide = self.weight.dtype == torch.float32
         test = self.grid.test(torch.float64 if wide else torch.float32)
-        bounds: tuple[torch.Tensor, ...] = ()  # built at the first doubt, the lowest bits at the first left by it
-        lowest: tuple[torch.Tensor, ...] = ()
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for start in range(0, rows, step):
             stop = min(start + step, rows)
@@ -130,24 +129,26 @@ class _Job:
                 block.data_ptr(), self.weight[start].data_ptr(), out, block.numel(), wide, *test, *pointers
             )
             if n:  # those the error bound settles, settled at once; then those proven exact; the rest for ``settle``
-                bounds = bounds or self._bounds()
-                at = bounds[0][start].data_ptr(), bounds[1].data_ptr()
+                at = self.bounds[0][start].data_ptr(), self.bounds[1].data_ptr()  # built at a weight's first doubt
                 n = _round.settle_block(out, wide, cols, n, *pointers, *at, 0, 0, self.bound, False)
             if n and self.log2_s is not None:
-                lowest = lowest or self._lowest_bits()
-                at = (*at, lowest[0][start].data_ptr(), lowest[1].data_ptr())
+                at = (*at, self.lowest_bits[0][start].data_ptr(), self.lowest_bits[1].data_ptr())
                 n = _round.settle_block(out, wide, cols, n, *pointers, *at, self.bound, True)
             if n:
                 found.append((index[:n, 0] + start * cols, value[:n, 0].clone(), weights[:n, 0].clone()))
         return self._joined(found)
 
-    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``settle``'s bounds for the C pass: ``2|s| max|L_i·|`` per row, ``Σ|R_·j|`` per column (float64)."""
+    @functools.cached_property
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The error bound's terms: ``2|s| max|L_i·|`` per row and ``Σ|R_·j|`` per column (float64); an entry's
+        delta is at most their product."""
         return (2 * abs(self.s) * self.left_max).contiguous(), self.right_sum.contiguous()
 
-    def _lowest_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factors' lowest bits (int64) for ``_exact``'s proof, per row with ``s``'s power of two and per
-        column; zeros, rows of them too, impose nothing."""
+    @functools.cached_property
+    def lowest_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors' lowest bits (int64) for ``_exact``'s proof: per row, over its own contiguous dimension
+        (``min``: ``amin`` is slower), with ``s``'s power of two; per column. Zeros, rows of them too, impose
+        nothing."""
         rows, k = self.left.shape
         if not k:
             return torch.full((rows,), 1 << 20, dtype=torch.int64), torch.zeros(self.right.shape[1], dtype=torch.int64)
@@ -176,7 +177,7 @@ class _Job:
                     self._round_exactly(*divmod(n, cols), w)
             return
         i, j = flat // cols, flat % cols
-        size = 2 * abs(self.s) * self.left_max[i] * self.right_sum[j]
+        size = self.bounds[0][i] * self.bounds[1][j]
         tol = self.bound * (value.abs() + size)
         rounded, settled = self.grid.settle(value, tol)
         if self.log2_s is not None and not bool(settled.all()):  # the rest may be exact: coarse factors' ties
@@ -205,10 +206,7 @@ class _Job:
         ``2**lsb`` (its row's, its column's and the weight's lowest bits, and ``s``'s power of two), and their sum
         spans at most float64's 53 bits above it."""
         w = weight.double()
-        lsb = _lowest_bit(w)
-        if self.left.shape[1]:  # each factor's minimum over its own contiguous dimension (min: amin is slower)
-            terms = _lowest_bit(self.left[i]).min(1).values + _lowest_bit(self.right[:, j]).min(0).values
-            lsb = torch.minimum(terms + self.log2_s, lsb)
+        lsb = torch.minimum(self.lowest_bits[0][i] + self.lowest_bits[1][j], _lowest_bit(w))
         top = _exponent(w.abs() + size) + 1  # 2**top > the sum (over-estimated where it is subnormal: safe)
         return (top - lsb <= 52) & (lsb >= -1074)
 
