@@ -74,8 +74,8 @@ static inline uint32_t group_bf16(const double *restrict r, const uint16_t *weig
   return flag;
 }
 
-VECTOR_CLONES static Py_ssize_t block_bf16(const double *r, const uint16_t *w, uint16_t *out, Py_ssize_t n, test t,
-                             int64_t *idx, double *value, uint16_t *wv) {
+VECTOR_CLONES static Py_ssize_t block_bf16(const double *r, const uint16_t *w, uint16_t *out, Py_ssize_t n,
+                                           test t, int64_t *idx, double *value, uint16_t *wv) {
   const test32 t32 = {(uint32_t)t.mask, (uint32_t)t.offset, (uint32_t)t.span, (uint32_t)t.small};
   Py_ssize_t m = 0;
   for (Py_ssize_t start = 0; start < n; start += GROUP) {
@@ -108,8 +108,8 @@ static inline uint64_t group_f32(const double *restrict r, const float *weight, 
   return flag;
 }
 
-VECTOR_CLONES static Py_ssize_t block_f32(const double *r, const float *w, float *out, Py_ssize_t n, test t, int64_t *idx,
-                            double *value, float *wv) {
+VECTOR_CLONES static Py_ssize_t block_f32(const double *r, const float *w, float *out, Py_ssize_t n, test t,
+                                          int64_t *idx, double *value, float *wv) {
   Py_ssize_t m = 0;
   for (Py_ssize_t start = 0; start < n; start += GROUP) {
     int count = n - start < GROUP ? (int)(n - start) : GROUP;
@@ -249,7 +249,8 @@ static PyObject *settle_block(PyObject *Py_UNUSED(self), PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"round_block", round_block, METH_VARARGS,
-     "round_block(result, weight, out, n, wide, mask, offset, span, small, index, values, weights) -> entries in doubt"},
+     "round_block(result, weight, out, n, wide, mask, offset, span, small, index, values, weights)"
+     " -> entries in doubt"},
     {"settle_block", settle_block, METH_VARARGS,
      "settle_block(out, wide, cols, n, index, values, weights, left_max, right_sum, left_low, right_low, bound, exact)"
      " -> entries left in doubt"},
