@@ -3,6 +3,7 @@ wherever a C compiler is: without it the fast path would go untested and unnotic
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import sysconfig
@@ -201,3 +202,102 @@ def test_an_interval_reaching_a_neighbouring_middle_is_not_settled(fused):
         )  # fmt: skip
         assert n == left
     assert out.tolist() == [1.0, 1.0]  # settled by the smaller bound
+
+
+def _rational(weight, left, right, s, i, j):
+    dot = sum(Fraction(left[i, c].item()) * Fraction(right[c, j].item()) for c in range(left.shape[1]))
+    return rounding.round_fraction(Fraction(weight[i, j].item()) + Fraction(s) * dot, torch.bfloat16)
+
+
+def _spy(monkeypatch):
+    """The weights merged from a float32 product."""
+    calls, real = [], rounding._Job._run_from32
+    monkeypatch.setattr(rounding._Job, "_run_from32", lambda job, step: calls.append(job) or real(job, step))
+    return calls
+
+
+@native
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_an_entry_the_float32_product_cannot_decide_is_recomputed(sign, inplace, monkeypatch):
+    """1 + 2^-8 - 2^-40 rounds down to 1 in bfloat16, but its float32 product rounds to the tie 2^-8 and the tie
+    up to even (1 + 2^-7): the error bound must flag it for float64. A row beside it that float32 decides."""
+    calls = _spy(monkeypatch)
+    weight = torch.tensor([[1.0, 1.0], [0.5, 0.5]]).mul(sign).bfloat16()
+    left = torch.tensor([[1.0, 1.0], [1.0, 0.0]]).mul(sign)
+    right = torch.tensor([[2.0**-8, 2.0**-9], [-(2.0**-40), 2.0**-41]])
+    out = _merge(weight, left, right, 1.0, inplace=inplace, fused=True, monkeypatch=monkeypatch)
+    assert calls, "the float32 product did not run"
+    expected = [[_rational(weight, left, right, 1.0, i, j) for j in range(2)] for i in range(2)]
+    assert out.float().tolist() == expected
+    assert out[0, 0].item() == sign * 1.0  # the float32 value, rounded, would be 1 + 2^-7
+
+
+@native
+@pytest.mark.parametrize(
+    ("rows", "cols", "k", "s", "scale", "cancel", "flush"),
+    [
+        (6, 77, 3, 2.0, 1.0, False, False),
+        (5, 64, 16, -0.3, 1e-3, False, False),
+        (12, 200, 32, 1 / 3, 1e3, False, False),
+        (4, 33, 16, 2.0, 2.0**-118, False, False),
+        (4, 33, 16, 2.0, 2.0**-118, False, True),
+        (8, 130, 16, 2.0, 1.0, True, False),
+    ],
+)
+def test_the_float32_product_against_rationals_at_every_entry(rows, cols, k, s, scale, cancel, flush, monkeypatch):
+    """Every entry against rational arithmetic: deltas as large as the weights, odd widths, a scaling float32
+    cannot hold (1/3), large and near-underflow magnitudes (where float32's product and the bound's floor decide
+    nothing and float64 does), and terms that cancel in pairs to a thousandth of their sizes (where the product's
+    error bound, not float32's roundings after it, decides which entries float64 recomputes); once with subnormals
+    flushed to zero (``torch.set_flush_denormal``), as a process may run."""
+    calls = _spy(monkeypatch)
+    generator = torch.Generator().manual_seed(rows * cols + k)
+    weight = (torch.randn(rows, cols, generator=generator) * 0.05 * scale).bfloat16()
+    left = torch.randn(rows, k, generator=generator) * 0.3 * math.sqrt(scale)
+    right = torch.randn(k, cols, generator=generator) * 0.1 * math.sqrt(scale)
+    if cancel:
+        left[:, 1::2] = left[:, ::2]
+        right[1::2] = -right[::2] * (1 + 1e-3 * torch.randn(k // 2, cols, generator=generator))
+        right *= 30
+    monkeypatch.setattr(rounding, "BLOCK_BYTES", 8 * cols * 2)
+    if flush and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        out = _merge(weight, left, right, s, inplace=False, fused=True, monkeypatch=monkeypatch)
+        assert rounding._flushing() == flush  # the merge turned flushing off for itself alone
+    finally:
+        torch.set_flush_denormal(False)
+    assert calls, "the float32 product did not run"
+    for i in range(rows):
+        for j in range(cols):
+            assert out[i, j].item() == _rational(weight, left, right, s, i, j), (i, j)
+
+
+@native
+def test_factors_float32_cannot_hold_or_a_reduced_precision_product_take_float64(monkeypatch):
+    """Factors with float64 bits past float32's, a rank past ``_RANK32``, or torch allowed to multiply float32 in
+    bfloat16 or TF32 (where its error bound would not hold): the float64 product runs, with the same exact bits."""
+    weight, left, right = _case(torch.bfloat16, 20, 70, 8, seed=8)
+    wide = left.double() + 2.0**-40
+    calls = _spy(monkeypatch)
+    exact = _merge(weight, wide, right, 2.0, inplace=False, fused=False, monkeypatch=monkeypatch)
+    assert torch.equal(
+        _bits(_merge(weight, wide, right, 2.0, inplace=False, fused=True, monkeypatch=monkeypatch)), _bits(exact)
+    )
+    assert not calls
+    weight, wide_left, wide_right = _case(torch.bfloat16, 20, 70, rounding._RANK32 + 1, seed=9)
+    exact = _merge(weight, wide_left, wide_right, 2.0, inplace=False, fused=False, monkeypatch=monkeypatch)
+    fused = _merge(weight, wide_left, wide_right, 2.0, inplace=False, fused=True, monkeypatch=monkeypatch)
+    assert torch.equal(_bits(fused), _bits(exact)) and not calls
+    weight, left, right = _case(torch.bfloat16, 20, 70, 8, seed=8)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        reduced = _merge(weight, left, right, 2.0, inplace=False, fused=True, monkeypatch=monkeypatch)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert not calls
+    assert torch.equal(
+        _bits(reduced), _bits(_merge(weight, left, right, 2.0, inplace=False, fused=False, monkeypatch=monkeypatch))
+    )
