@@ -264,9 +264,20 @@ static inline int64_t lowest_bit(double x) {
   return (int64_t)__builtin_ctzll(significand) + (int64_t)(field ? field : 1) - 1075;
 }
 
+/* The lowest bit of k terms (zeros impose nothing), read where an entry needs it: a few a weight. */
+static inline int64_t lowest_of(const double *x, Py_ssize_t k) {
+  int64_t low = 1 << 20;
+  for (Py_ssize_t q = 0; q < k; q++)
+    if (x[q] != 0 && lowest_bit(x[q]) < low)
+      low = lowest_bit(x[q]);
+  return low;
+}
+
 typedef struct {
   const double *left_max, *right_sum; /* per row of the weight: 2|s| max|L_i.|; per column: sum|R_.j| */
-  const int64_t *left_low, *right_low; /* per row, per column: their factor's lowest bit, s's power of two in rows */
+  const double *left, *columns;       /* the factors' rows and columns, k float64 each, for the proof below */
+  Py_ssize_t k;
+  int64_t log2_s;
   double bound;
   int exact; /* s is a power of two: an entry may be proven computed exactly */
 } bounds;
@@ -282,7 +293,7 @@ static Py_ssize_t settle(void *out, int wide, Py_ssize_t cols, Py_ssize_t n, int
     double size = k->left_max[i] * k->right_sum[j], rounded;
     int dropped = wide ? 29 : 45, done = round_within(v, k->bound * (fabs(v) + size), dropped, &rounded);
     if (!done && k->exact) { /* every term a multiple of 2^low, their sum within float64's 53 bits above it */
-      int64_t low = k->left_low[i] + k->right_low[j];
+      int64_t low = k->log2_s + lowest_of(k->left + i * k->k, k->k) + lowest_of(k->columns + j * k->k, k->k);
       if (w != 0 && lowest_bit(w) < low)
         low = lowest_bit(w);
       int top; /* 2^top > |w| + size */
@@ -327,17 +338,17 @@ static PyObject *round_block(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyObject *settle_block(PyObject *Py_UNUSED(self), PyObject *args) {
-  unsigned long long out, idx, value, wv, left_max, right_sum, left_low, right_low;
+  unsigned long long out, idx, value, wv, left_max, right_sum, left, columns;
   Py_ssize_t cols, n;
   int wide;
   bounds k;
-  if (!PyArg_ParseTuple(args, "KpnnKKKKKKKdp", &out, &wide, &cols, &n, &idx, &value, &wv, &left_max, &right_sum,
-                        &left_low, &right_low, &k.bound, &k.exact))
+  if (!PyArg_ParseTuple(args, "KpnnKKKKKKKnLdp", &out, &wide, &cols, &n, &idx, &value, &wv, &left_max, &right_sum,
+                        &left, &columns, &k.k, &k.log2_s, &k.bound, &k.exact))
     return NULL;
   k.left_max = (const double *)left_max;
   k.right_sum = (const double *)right_sum;
-  k.left_low = (const int64_t *)left_low;
-  k.right_low = (const int64_t *)right_low;
+  k.left = (const double *)left;
+  k.columns = (const double *)columns;
   Py_ssize_t m;
   Py_BEGIN_ALLOW_THREADS;
   m = settle((void *)out, wide, cols, n, (int64_t *)idx, (double *)value, (void *)wv, &k);
@@ -378,8 +389,8 @@ static PyMethodDef methods[] = {
      "round_from32(product, weight, out, rows, cols, k, s, floor, coef, right_sum, left, right, mask, offset, span,"
      " small, index, values, weights) -> entries in doubt"},
     {"settle_block", settle_block, METH_VARARGS,
-     "settle_block(out, wide, cols, n, index, values, weights, left_max, right_sum, left_low, right_low, bound, exact)"
-     " -> entries left in doubt"},
+     "settle_block(out, wide, cols, n, index, values, weights, left_max, right_sum, left, columns, k, log2_s, bound,"
+     " exact) -> entries left in doubt"},
     {NULL, NULL, 0, NULL},
 };
 

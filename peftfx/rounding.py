@@ -160,7 +160,7 @@ class _Job:
         right_sum = _up32(self.right_sum)
         floor = (abs(self.s) * (k + 2) + 6) * 2.0**-126
         test = self.grid.test(torch.float32)
-        left64, right64 = self.left.contiguous(), self.right.t().contiguous()  # a column's k terms together
+        left64, right64 = self.factors64
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             block = p[: stop - start]
@@ -190,6 +190,12 @@ class _Job:
         if not (torch.equal(left.double(), self.left) and torch.equal(right.double(), self.right)):
             return None
         return left.contiguous(), right.contiguous()
+
+    @functools.cached_property
+    def factors64(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 factors as the C pass reads them: the rows of ``left``, the columns of ``right`` (a column's
+        ``k`` terms together)."""
+        return self.left.contiguous(), self.right.t().contiguous()
 
     @functools.cached_property
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,9 +279,10 @@ class _Doubtful:
         wide, out = job.weight.dtype == torch.float32, job.out[start].data_ptr()
         if n:
             at = job.bounds[0][start].data_ptr(), job.bounds[1].data_ptr()  # built at a weight's first doubt
-            n = _round.settle_block(out, wide, cols, n, *self.pointers, *at, 0, 0, job.bound, False)
-        if n and job.log2_s is not None:
-            at = (*at, job.lowest_bits[0][start].data_ptr(), job.lowest_bits[1].data_ptr())
+            n = _round.settle_block(out, wide, cols, n, *self.pointers, *at, 0, 0, 0, 0, job.bound, False)
+        if n and job.log2_s is not None:  # the factors' lowest bits read by the few entries that need them
+            (rows, columns), k = job.factors64, job.left.shape[1]
+            at = (*at, rows[start].data_ptr(), columns.data_ptr(), k, job.log2_s)
             n = _round.settle_block(out, wide, cols, n, *self.pointers, *at, job.bound, True)
         if n:
             self.found.append((self.index[:n, 0] + start * cols, self.value[:n, 0].clone(), self.weight[:n, 0].clone()))
