@@ -4,9 +4,10 @@
  * entries, the conversion out), each reading and writing the whole block. Here each entry is read once:
  * v = product + weight; its rounding written to `out`; and for the entries whose rounding is in doubt (the test
  * of `_Grid.doubtful`, its parameters from `_Grid.test`) the flat index, v and the weight listed for
- * `_Job.settle`. A group's weights are read before its `out` is written, so `out` may be the weight. A bfloat16
- * weight's block may instead come as a float32 product (`round_from32`), tested against its own error bound. The
- * GIL is released: the out-of-core merge writes on another thread meanwhile.
+ * `_Job.settle`. `out` may be the weight: each loop is compiled for both cases (apart, or one array), and keeps
+ * a doubtful entry's weight in `out` until it is listed. A bfloat16 weight's block may instead come as a float32
+ * product (`round_from32`), tested against its own error bound. The GIL is released: the out-of-core merge writes
+ * on another thread meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,7 +24,7 @@
 #define VECTOR_CLONES
 #endif
 
-#define GROUP 64 /* entries tested together: doubtful ones are a few in a block, searched for only where present */
+#define CHUNK 4096 /* entries a vectorised loop flags at a time (their flags stay in cache) */
 
 typedef struct {
   uint64_t mask, offset, span, small; /* doubtful: ((low bits - offset) & mask) < span, or magnitude < small */
@@ -61,76 +62,99 @@ static inline uint64_t double_bits(double d) {
 
 static inline double bf16_value(uint16_t h) { return (double)bits_to_float((uint32_t)h << 16); }
 
-/* One group of a bfloat16 weight: each entry's rounding written (the float32 image rounded to nearest even, as
- * torch rounds it: NaN to 0x7FC0); nonzero where any entry is in doubt. `count` is GROUP but at a block's end, so
- * the loop is compiled for a constant trip count. */
-static inline uint32_t group_bf16(const double *restrict r, const uint16_t *weight, uint16_t *restrict out,
-                                  int count, test32 t) {
-  uint32_t flag = 0;
-  for (int i = 0; i < count; i++) {
-    uint32_t b = float_bits((float)(r[i] + bf16_value(weight[i])));
-    flag |= doubtful32(b, t);
-    uint16_t rounded = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-    out[i] = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : rounded;
-  }
-  return flag;
+static inline uint32_t bf16_rounded(uint32_t b) { return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16; }
+
+/* A bfloat16 weight's entry: the float32 image of v = result + weight rounded to nearest even (as torch rounds it:
+ * NaN to 0x7FC0), or where in doubt the weight kept, for the listing after the vectorised loop. */
+static inline uint16_t entry_bf16(double r, uint16_t w, test32 t, uint8_t *flag) {
+  uint32_t b = float_bits((float)(r + bf16_value(w)));
+  *flag = (uint8_t)doubtful32(b, t);
+  uint16_t rounded = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)bf16_rounded(b);
+  return *flag ? w : rounded;
 }
 
-VECTOR_CLONES static Py_ssize_t block_bf16(const double *r, const uint16_t *w, uint16_t *out, Py_ssize_t n,
-                                           test t, int64_t *idx, double *value, uint16_t *wv) {
+/* A float32 weight's: the test on the float64 bits, the rounding C's conversion (to nearest even). */
+static inline float entry_f32(double r, float w, test t, uint8_t *flag) {
+  double v = r + (double)w;
+  uint32_t keep = (uint32_t)doubtful64(double_bits(v), t), rounded = float_bits((float)v);
+  *flag = (uint8_t)keep;
+  return bits_to_float(rounded ^ ((rounded ^ float_bits(w)) & (0u - keep))); /* a select, as integers: vectorised */
+}
+
+/* One loop per case, each vectorised: `out` apart from the weight, or the weight itself (`in_place`). */
+static inline uint32_t chunk_bf16(const double *restrict r, const uint16_t *restrict w, uint16_t *restrict out,
+                                  uint16_t *restrict in_place, uint8_t *restrict flags, Py_ssize_t n, test32 t) {
+  uint32_t any = 0;
+  if (in_place)
+    for (Py_ssize_t i = 0; i < n; i++) {
+      in_place[i] = entry_bf16(r[i], in_place[i], t, flags + i);
+      any |= flags[i];
+    }
+  else
+    for (Py_ssize_t i = 0; i < n; i++) {
+      out[i] = entry_bf16(r[i], w[i], t, flags + i);
+      any |= flags[i];
+    }
+  return any;
+}
+
+static inline uint32_t chunk_f32(const double *restrict r, const float *restrict w, float *restrict out,
+                                 float *restrict in_place, uint8_t *restrict flags, Py_ssize_t n, test t) {
+  uint32_t any = 0;
+  if (in_place)
+    for (Py_ssize_t i = 0; i < n; i++) {
+      in_place[i] = entry_f32(r[i], in_place[i], t, flags + i);
+      any |= flags[i];
+    }
+  else
+    for (Py_ssize_t i = 0; i < n; i++) {
+      out[i] = entry_f32(r[i], w[i], t, flags + i);
+      any |= flags[i];
+    }
+  return any;
+}
+
+/* Where flagged (the weight in `out`): v listed with the weight, its rounding written. */
+VECTOR_CLONES static Py_ssize_t block(const double *r, const void *w, void *out, Py_ssize_t n, int wide, test t,
+                                      int64_t *idx, double *value, void *wv) {
   const test32 t32 = {(uint32_t)t.mask, (uint32_t)t.offset, (uint32_t)t.span, (uint32_t)t.small};
+  uint8_t flags[CHUNK];
   Py_ssize_t m = 0;
-  for (Py_ssize_t start = 0; start < n; start += GROUP) {
-    int count = n - start < GROUP ? (int)(n - start) : GROUP;
-    uint16_t weight[GROUP]; /* read before `out`, which may be the weight, is written */
-    memcpy(weight, w + start, (size_t)count * sizeof *w);
-    uint32_t flag = count == GROUP ? group_bf16(r + start, weight, out + start, GROUP, t32)
-                                   : group_bf16(r + start, weight, out + start, count, t32);
-    for (int i = 0; flag && i < count; i++) {
-      double v = r[start + i] + bf16_value(weight[i]);
-      if (doubtful32(float_bits((float)v), t32)) {
-        idx[m] = start + i;
-        value[m] = v;
-        wv[m++] = weight[i];
+  for (Py_ssize_t start = 0; start < n; start += CHUNK) {
+    Py_ssize_t count = n - start < CHUNK ? n - start : CHUNK;
+    uint32_t any;
+    if (wide) {
+      float *o = (float *)out + start;
+      any = chunk_f32(r + start, (const float *)w + start, o, out == w ? o : NULL, flags, count, t);
+    } else {
+      uint16_t *o = (uint16_t *)out + start;
+      any = chunk_bf16(r + start, (const uint16_t *)w + start, o, out == w ? o : NULL, flags, count, t32);
+    }
+    for (Py_ssize_t word = 0; any && word < count; word += 8) {
+      uint64_t set;
+      memcpy(&set, flags + word, sizeof set); /* CHUNK is a multiple of 8 */
+      if (word + 8 > count) /* past `count`: an earlier chunk's flags */
+        set &= (1ull << (8 * (count - word))) - 1;
+      for (; set; set &= set - 1) {
+        Py_ssize_t i = start + word + __builtin_ctzll(set) / 8;
+        if (wide) {
+          float weight = ((float *)out)[i];
+          value[m] = r[i] + (double)weight;
+          ((float *)out)[i] = (float)value[m];
+          ((float *)wv)[m] = weight;
+        } else {
+          uint16_t weight = ((uint16_t *)out)[i];
+          value[m] = r[i] + bf16_value(weight);
+          uint32_t b = float_bits((float)value[m]);
+          ((uint16_t *)out)[i] = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)bf16_rounded(b);
+          ((uint16_t *)wv)[m] = weight;
+        }
+        idx[m++] = i;
       }
     }
   }
   return m;
 }
-
-/* One group of a float32 weight: the test on the float64 bits, the rounding C's conversion (to nearest even). */
-static inline uint64_t group_f32(const double *restrict r, const float *weight, float *restrict out, int count,
-                                 test t) {
-  uint64_t flag = 0;
-  for (int i = 0; i < count; i++) {
-    double v = r[i] + (double)weight[i];
-    flag |= doubtful64(double_bits(v), t);
-    out[i] = (float)v;
-  }
-  return flag;
-}
-
-VECTOR_CLONES static Py_ssize_t block_f32(const double *r, const float *w, float *out, Py_ssize_t n, test t,
-                                          int64_t *idx, double *value, float *wv) {
-  Py_ssize_t m = 0;
-  for (Py_ssize_t start = 0; start < n; start += GROUP) {
-    int count = n - start < GROUP ? (int)(n - start) : GROUP;
-    float weight[GROUP];
-    memcpy(weight, w + start, (size_t)count * sizeof *w);
-    uint64_t flag = count == GROUP ? group_f32(r + start, weight, out + start, GROUP, t)
-                                   : group_f32(r + start, weight, out + start, count, t);
-    for (int i = 0; flag && i < count; i++) {
-      double v = r[start + i] + (double)weight[i];
-      if (doubtful64(double_bits(v), t)) {
-        idx[m] = start + i;
-        value[m] = v;
-        wv[m++] = weight[i];
-      }
-    }
-  }
-  return m;
-}
-
 
 /* A bfloat16 weight's block from a float32 product: p = fl32(L @ R), within gamma(k) sum|L||R| of the exact product
  * (float32's u, any order of summation). v = w + s p and its interval v +- e run in float32 too: e is the product's
@@ -149,8 +173,6 @@ typedef struct {
   const double *left, *right;
   test32 t;
 } from32;
-
-static inline uint32_t bf16_rounded(uint32_t b) { return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16; }
 
 /* One entry's rounding, or (flagged) the weight's bits kept for the recomputation. */
 static inline uint16_t entry_from32(float p, uint16_t w, float right_sum, float s, float coef, float floor,
@@ -327,12 +349,7 @@ static PyObject *round_block(PyObject *Py_UNUSED(self), PyObject *args) {
     return NULL;
   Py_ssize_t m;
   Py_BEGIN_ALLOW_THREADS;
-  if (wide)
-    m = block_f32((const double *)r, (const float *)w, (float *)out, n, t, (int64_t *)idx, (double *)value,
-                  (float *)wv);
-  else
-    m = block_bf16((const double *)r, (const uint16_t *)w, (uint16_t *)out, n, t, (int64_t *)idx, (double *)value,
-                   (uint16_t *)wv);
+  m = block((const double *)r, (const void *)w, (void *)out, n, wide, t, (int64_t *)idx, (double *)value, (void *)wv);
   Py_END_ALLOW_THREADS;
   return PyLong_FromSsize_t(m);
 }

@@ -39,6 +39,14 @@ def _merge(weight, left, right, s, *, inplace, fused, monkeypatch):
     return out
 
 
+@pytest.fixture(params=["float32", "float64"])
+def product(request, monkeypatch):
+    """Which product a bfloat16 weight's C pass takes: float32 (its factors are float32 values) or float64."""
+    if request.param == "float64":
+        monkeypatch.setattr(rounding._Job, "factors32", property(lambda job: None))
+    return request.param
+
+
 def _case(dtype, rows, cols, k, seed):
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, cols, generator=generator) * 0.05
@@ -59,7 +67,7 @@ def _bits(t):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("rows", "cols", "k", "s"), [(70, 129, 8, 2.0), (9, 64, 16, -0.37), (33, 7, 1, 0.5)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_fused_epilogue_gives_torch_ops_bits(dtype, rows, cols, k, s, inplace, monkeypatch):
+def test_fused_epilogue_gives_torch_ops_bits(dtype, rows, cols, k, s, inplace, product, monkeypatch):
     """Random merges at odd widths (groups of 64 cut at row ends and at a block's end), blocks of a few rows,
     into a new tensor and into the weight; the doubtful entries' settling is shared, so every entry must agree."""
     monkeypatch.setattr(rounding, "BLOCK_BYTES", 8 * cols * 5)
@@ -71,7 +79,7 @@ def test_fused_epilogue_gives_torch_ops_bits(dtype, rows, cols, k, s, inplace, m
 
 @native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_epilogue_on_non_finite_and_overflowing_entries(dtype, monkeypatch):
+def test_fused_epilogue_on_non_finite_and_overflowing_entries(dtype, product, monkeypatch):
     """NaN and infinite weights, and sums past the dtype's largest value, come out as torch's ops write them (a NaN
     as a NaN: torch's own conversions disagree on its bits, 0x7FC0 one at a time, 0xFFFF vectorised)."""
     weight, left, right = _case(dtype, 4, 70, 4, seed=3)
@@ -89,7 +97,7 @@ def test_fused_epilogue_on_non_finite_and_overflowing_entries(dtype, monkeypatch
 
 @native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_epilogue_against_rationals_at_a_real_width(dtype, monkeypatch):
+def test_fused_epilogue_against_rationals_at_a_real_width(dtype, product, monkeypatch):
     """A 256 x 4096 weight, r = 16, coarse factors: against rational arithmetic at every entry torch's ops find in
     doubt (exact ties, nearly all: the C pass proves them exact and rounds them to even itself, so no more go to
     rationals than torch's settling sends there: none for bfloat16, the subnormal weights' few for float32), 400 of
