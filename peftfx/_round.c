@@ -159,10 +159,11 @@ VECTOR_CLONES static Py_ssize_t block(const double *r, const void *w, void *out,
 /* A bfloat16 weight's block from a float32 product: p = fl32(L @ R), within gamma(k) sum|L||R| of the exact product
  * (float32's u, any order of summation). v = w + s p and its interval v +- e run in float32 too: e is the product's
  * bound (a row's `coef` times a column's `right_sum`, each rounded up), scaled, plus the float32 roundings that
- * follow (of s, s p, v, e and the interval's ends: 2^-21 |v|) and a `floor` for underflow (flushed or not). Where
- * both ends round alike, so does the exact value (rounding is monotonic): written. The others (a few in a
- * thousand, and any end below float32's normal range or past bfloat16's largest) are recomputed from the float64
- * factors and tested as the float64 product's entries are, listed for `settle` where still in doubt. */
+ * follow (of s, s p, v, e and the interval's ends: 2^-21 |v|) and a `floor` for underflow (flushed or not; at
+ * least 6 2^-126, so an interval about a value below float32's normal range holds zero, and its ends differ in
+ * sign). Where both ends round alike, so does the exact value (rounding is monotonic): written. The others (a few
+ * in a thousand, and any end past bfloat16's largest value or NaN) are recomputed from the float64 factors and
+ * tested as the float64 product's entries are, listed for `settle` where still in doubt. */
 typedef struct {
   const float *product, *coef, *right_sum;
   const uint16_t *weight;
@@ -177,12 +178,12 @@ typedef struct {
 /* One entry's rounding, or (flagged) the weight's bits kept for the recomputation. */
 static inline uint16_t entry_from32(float p, uint16_t w, float right_sum, float s, float coef, float floor,
                                     uint8_t *flag) {
-  const uint32_t tiny = 0x00800000u, huge = 0x7F7F8000u; /* 2^-126; past it bfloat16 rounds to infinity */
+  const uint32_t huge = 0x7F7F8000u; /* past it bfloat16 rounds to infinity; NaN is above: 0x7FC0, recomputed */
   float v = s * p + bits_to_float((uint32_t)w << 16);
   float e = coef * right_sum + (fabsf(v) * 0x1p-21f + floor);
   uint32_t lo = float_bits(v - e), hi = float_bits(v + e), rounded = bf16_rounded(hi);
   uint32_t low = lo & 0x7FFFFFFFu, high = hi & 0x7FFFFFFFu;
-  *flag = (bf16_rounded(lo) != rounded) | (low < tiny) | (high < tiny) | (low >= huge) | (high >= huge);
+  *flag = (bf16_rounded(lo) != rounded) | (low >= huge) | (high >= huge);
   return *flag ? w : (uint16_t)rounded;
 }
 

@@ -12,7 +12,7 @@ straddles a boundary are recomputed in rational arithmetic. Blocks of rows keep 
 Where the package's C extension is built (``peftfx/_round.c``), a bfloat16 or float32 weight's block is the product
 alone, and one pass adds the weight, rounds, and lists the entries in doubt; torch's ops do the same in a dozen
 passes otherwise (float16, other devices, several torch threads, a build without a C compiler). A bfloat16 weight
-with float32 factors (as adapters are saved) takes a float32 product there, half float64's cost: its error is
+with float32 factors (as adapters are saved) takes a float32 product there, half a float64 one's cost: its error is
 bounded per entry too (``gamma(k)`` with float32's ``u``, against bfloat16's 8 bits), and the few entries in a
 thousand that bound leaves undecided are recomputed in float64 by the same pass. The result is the same: exactly
 rounded.
