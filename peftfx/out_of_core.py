@@ -12,6 +12,7 @@ the destination and renamed into place, so an interrupted run leaves nothing.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import mmap
@@ -482,14 +483,14 @@ class _Shards:
         self.copier.start()
 
     def finish(self, tensors: _Tensors, progress: Progress | None) -> None:
-        """Write the tensors ``tensors`` makes, the next one made while one is written (never waiting for the copier
-        but where it is inside that tensor's place); then wait for the copies."""
+        """Write the tensors ``tensors`` makes, the next ones made while ``_AHEAD`` are written (never waiting for the
+        copier but where it is inside that tensor's place); then wait for the copies."""
         made = {p.key for p in self.pieces if tensors.made(p.key)}
         with self.turn:
             self.skip, reached = made, self.claimed
         names = list(self.split.filename_to_tensors)
-        done, pending = [0] * len(names), None
-        with ThreadPoolExecutor(1) as writer:  # at most two tensors in memory: the one written and the one made
+        done, pending = [0] * len(names), collections.deque()
+        with ThreadPoolExecutor(1) as writer:  # at most _AHEAD + 1 tensors in memory: those written and the one made
             for number, piece in enumerate(self.pieces):
                 if piece.key in made:
                     tensor, meta = tensors.get(piece.key), self.source.meta[piece.stored]
@@ -500,14 +501,14 @@ class _Shards:
                     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
                     if number <= reached:
                         self._wait(number)  # the copier got there: write over its copy, not under it
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(self._write, tensors, tensor, data, piece)
+                    if len(pending) == _AHEAD:
+                        pending.popleft().result()
+                    pending.append(writer.submit(self._write, tensors, tensor, data, piece))
                 done[piece.shard] += piece.size  # written, or being written by the writer or the copier
                 if progress is not None:
                     progress(names[piece.shard], done[piece.shard], self.sizes[piece.shard])
-            if pending is not None:
-                pending.result()
+            for write in pending:
+                write.result()
         self._wait(len(self.pieces) - 1)
         self._stop()
 
@@ -554,6 +555,7 @@ class _Shards:
         self.outputs = []
 
 
+_AHEAD = 2  # merged tensors handed to the writer, not yet written, before the merge waits (1: 7% slower at 1.59 GiB)
 _CHUNK = 1 << 24  # bytes a call copies: a stop request waits for one at most, and the fallback's buffer
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # then through a buffer
 
