@@ -64,12 +64,17 @@ static inline double bf16_value(uint16_t h) { return (double)bits_to_float((uint
 
 static inline uint32_t bf16_rounded(uint32_t b) { return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16; }
 
+/* A float32's bits as bfloat16's, rounded to nearest even, NaN as torch writes one at a time (0x7FC0). */
+static inline uint16_t bf16_of(uint32_t b) {
+  return (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)bf16_rounded(b);
+}
+
 /* A bfloat16 weight's entry: the float32 image of v = result + weight rounded to nearest even (as torch rounds it:
  * NaN to 0x7FC0), or where in doubt the weight kept, for the listing after the vectorised loop. */
 static inline uint16_t entry_bf16(double r, uint16_t w, test32 t, uint8_t *flag) {
   uint32_t b = float_bits((float)(r + bf16_value(w)));
   *flag = (uint8_t)doubtful32(b, t);
-  uint16_t rounded = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)bf16_rounded(b);
+  uint16_t rounded = bf16_of(b);
   return *flag ? w : rounded;
 }
 
@@ -146,7 +151,7 @@ VECTOR_CLONES static Py_ssize_t block(const double *r, const void *w, void *out,
           uint16_t weight = ((uint16_t *)out)[i];
           value[m] = r[i] + bf16_value(weight);
           uint32_t b = float_bits((float)value[m]);
-          ((uint16_t *)out)[i] = (b & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)bf16_rounded(b);
+          ((uint16_t *)out)[i] = bf16_of(b);
           ((uint16_t *)wv)[m] = weight;
         }
         idx[m++] = i;
@@ -218,7 +223,7 @@ static inline int recompute(const double *left, const double *column, Py_ssize_t
     sum[0] += left[q] * column[q];
   *v = s * ((sum[0] + sum[1]) + (sum[2] + sum[3])) + bf16_value(*out);
   uint32_t bits = float_bits((float)*v);
-  *out = (bits & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0 : (uint16_t)bf16_rounded(bits);
+  *out = bf16_of(bits);
   return (int)doubtful32(bits, t);
 }
 
