@@ -162,30 +162,31 @@ VECTOR_CLONES static Py_ssize_t block(const double *r, const void *w, void *out,
 }
 
 /* A bfloat16 weight's block from a float32 product: p = fl32(L @ R), within gamma(k) sum|L||R| of the exact product
- * (float32's u, any order of summation). v = w + s p and its interval v +- e run in float32 too: e is the product's
- * bound (a row's `coef` times a column's `right_sum`, each rounded up), scaled, plus the float32 roundings that
- * follow (of s, s p, v, e and the interval's ends: 2^-21 |v|) and a `floor` for underflow (flushed or not; at
- * least 6 2^-126, so an interval about a value below float32's normal range holds zero, and its ends differ in
- * sign). Where both ends round alike, so does the exact value (rounding is monotonic): written. The others (a few
- * in a thousand, and any end past bfloat16's largest value or NaN) are recomputed from the float64 factors and
- * tested as the float64 product's entries are, listed for `settle` where still in doubt. */
+ * (float32's u, any order of summation), itself at most gamma(k) |L_i.| |R_.j| (Cauchy-Schwarz). v = w + s p and its
+ * interval v +- e run in float32 too: e is the product's bound (a row's `coef` times a column's `right_norm`, each
+ * rounded up), scaled, plus the float32 roundings that follow (of s, s p, v, e and the interval's ends: 2^-21 |v|)
+ * and a `floor` for underflow (flushed or not; at least 6 2^-126, so an interval about a value below float32's
+ * normal range holds zero, and its ends differ in sign). Where both ends round alike, so does the exact value
+ * (rounding is monotonic): written. The others (a few in a thousand, and any end past bfloat16's largest value or
+ * NaN) are recomputed in float64 from the float32 factors and tested as the float64 product's entries are, listed
+ * for `settle` where still in doubt. */
 typedef struct {
-  const float *product, *coef, *right_sum;
+  const float *product, *coef, *right_norm;
   const uint16_t *weight;
   uint16_t *out;
   Py_ssize_t rows, cols, k;
   double s;
   float floor;
-  const double *left, *right;
+  const float *left, *right; /* the factors' rows and (transposed) columns, exact in float64 */
   test32 t;
 } from32;
 
 /* One entry's rounding, or (flagged) the weight's bits kept for the recomputation. */
-static inline uint16_t entry_from32(float p, uint16_t w, float right_sum, float s, float coef, float floor,
+static inline uint16_t entry_from32(float p, uint16_t w, float right_norm, float s, float coef, float floor,
                                     uint8_t *flag) {
   const uint32_t huge = 0x7F7F8000u; /* past it bfloat16 rounds to infinity; NaN is above: 0x7FC0, recomputed */
   float v = s * p + bits_to_float((uint32_t)w << 16);
-  float e = coef * right_sum + (fabsf(v) * 0x1p-21f + floor);
+  float e = coef * right_norm + (fabsf(v) * 0x1p-21f + floor);
   uint32_t lo = float_bits(v - e), hi = float_bits(v + e), rounded = bf16_rounded(hi);
   uint32_t low = lo & 0x7FFFFFFFu, high = hi & 0x7FFFFFFFu;
   *flag = (bf16_rounded(lo) != rounded) | (low >= huge) | (high >= huge);
@@ -195,32 +196,33 @@ static inline uint16_t entry_from32(float p, uint16_t w, float right_sum, float 
 /* A row's entries, `out` apart from the weight or (`in_place`) the weight itself: two loops, each vectorised. */
 static inline uint32_t row_from32(const float *restrict p, const uint16_t *restrict weight, uint16_t *restrict out,
                                   uint16_t *restrict in_place, uint8_t *restrict flags,
-                                  const float *restrict right_sum, Py_ssize_t cols, float s, float coef,
+                                  const float *restrict right_norm, Py_ssize_t cols, float s, float coef,
                                   float floor) {
   uint32_t any = 0;
   if (in_place)
     for (Py_ssize_t j = 0; j < cols; j++) {
-      in_place[j] = entry_from32(p[j], in_place[j], right_sum[j], s, coef, floor, flags + j);
+      in_place[j] = entry_from32(p[j], in_place[j], right_norm[j], s, coef, floor, flags + j);
       any |= flags[j];
     }
   else
     for (Py_ssize_t j = 0; j < cols; j++) {
-      out[j] = entry_from32(p[j], weight[j], right_sum[j], s, coef, floor, flags + j);
+      out[j] = entry_from32(p[j], weight[j], right_norm[j], s, coef, floor, flags + j);
       any |= flags[j];
     }
   return any;
 }
 
-/* The float64 product's test of one flagged entry (the weight's bits in `out`), recomputed from the factors. */
-static inline int recompute(const double *left, const double *column, Py_ssize_t k, double s, uint16_t *out,
+/* The float64 product's test of one flagged entry (the weight's bits in `out`), recomputed from the float32 factors
+ * (half the bytes of float64's to keep in cache; each product of two is exact in float64). */
+static inline int recompute(const float *left, const float *column, Py_ssize_t k, double s, uint16_t *out,
                             test32 t, double *v) {
   double sum[4] = {0, 0, 0, 0}; /* any order: the error bound holds for all */
   Py_ssize_t q = 0;
   for (; q + 4 <= k; q += 4)
     for (int lane = 0; lane < 4; lane++)
-      sum[lane] += left[q + lane] * column[q + lane];
+      sum[lane] += (double)left[q + lane] * (double)column[q + lane];
   for (; q < k; q++)
-    sum[0] += left[q] * column[q];
+    sum[0] += (double)left[q] * (double)column[q];
   *v = s * ((sum[0] + sum[1]) + (sum[2] + sum[3])) + bf16_value(*out);
   uint32_t bits = float_bits((float)*v);
   *out = bf16_of(bits);
@@ -235,7 +237,7 @@ VECTOR_CLONES static Py_ssize_t block_from32(const from32 *b, uint8_t *flags, in
   for (Py_ssize_t row = 0; row < b->rows; row++) {
     Py_ssize_t at = row * cols;
     if (!row_from32(b->product + at, b->weight + at, b->out + at, in_place ? in_place + at : NULL, flags,
-                    b->right_sum, cols, s, b->coef[row], b->floor))
+                    b->right_norm, cols, s, b->coef[row], b->floor))
       continue;
     for (Py_ssize_t word = 0; word < cols; word += 8) {
       uint64_t set;
@@ -380,19 +382,19 @@ static PyObject *settle_block(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyObject *round_from32(PyObject *Py_UNUSED(self), PyObject *args) {
-  unsigned long long product, weight, out, coef, right_sum, left, right, idx, value, wv;
+  unsigned long long product, weight, out, coef, right_norm, left, right, idx, value, wv;
   from32 b;
   if (!PyArg_ParseTuple(args, "KKKnnndfKKKKIIIIKKK", &product, &weight, &out, &b.rows, &b.cols, &b.k, &b.s, &b.floor,
-                        &coef, &right_sum, &left, &right, &b.t.mask, &b.t.offset, &b.t.span, &b.t.small, &idx,
+                        &coef, &right_norm, &left, &right, &b.t.mask, &b.t.offset, &b.t.span, &b.t.small, &idx,
                         &value, &wv))
     return NULL;
   b.product = (const float *)product;
   b.weight = (const uint16_t *)weight;
   b.out = (uint16_t *)out;
   b.coef = (const float *)coef;
-  b.right_sum = (const float *)right_sum;
-  b.left = (const double *)left;
-  b.right = (const double *)right;
+  b.right_norm = (const float *)right_norm;
+  b.left = (const float *)left;
+  b.right = (const float *)right;
   uint8_t *flags = PyMem_RawCalloc((size_t)b.cols + 8, 1);
   if (!flags)
     return PyErr_NoMemory();
@@ -409,7 +411,7 @@ static PyMethodDef methods[] = {
      "round_block(result, weight, out, n, wide, mask, offset, span, small, index, values, weights)"
      " -> entries in doubt"},
     {"round_from32", round_from32, METH_VARARGS,
-     "round_from32(product, weight, out, rows, cols, k, s, floor, coef, right_sum, left, right, mask, offset, span,"
+     "round_from32(product, weight, out, rows, cols, k, s, floor, coef, right_norm, left, right, mask, offset, span,"
      " small, index, values, weights) -> entries in doubt"},
     {"settle_block", settle_block, METH_VARARGS,
      "settle_block(out, wide, cols, n, index, values, weights, left_max, right_sum, left, columns, k, log2_s, bound,"

@@ -249,29 +249,39 @@ def test_an_entry_the_float32_product_cannot_decide_is_recomputed(sign, inplace,
 @pytest.mark.parametrize(
     ("rows", "cols", "k", "s", "scale", "cancel", "flush"),
     [
-        (6, 77, 3, 2.0, 1.0, False, False),
-        (5, 64, 16, -0.3, 1e-3, False, False),
-        (12, 200, 32, 1 / 3, 1e3, False, False),
-        (4, 33, 16, 2.0, 2.0**-118, False, False),
-        (4, 33, 16, 2.0, 2.0**-118, False, True),
-        (8, 130, 16, 2.0, 1.0, True, False),
+        (6, 77, 3, 2.0, 1.0, None, False),
+        (5, 64, 16, -0.3, 1e-3, None, False),
+        (12, 200, 32, 1 / 3, 1e3, None, False),
+        (4, 33, 16, 2.0, 2.0**-118, None, False),
+        (4, 33, 16, 2.0, 2.0**-118, None, True),
+        (8, 130, 16, 2.0, 1.0, "pairs", False),
+        (8, 256, 32, 1.0, 1.0, "halves", False),
     ],
 )
 def test_the_float32_product_against_rationals_at_every_entry(rows, cols, k, s, scale, cancel, flush, monkeypatch):
     """Every entry against rational arithmetic: deltas as large as the weights, odd widths, a scaling float32
     cannot hold (1/3), large and near-underflow magnitudes (where float32's product and the bound's floor decide
-    nothing and float64 does), and terms that cancel in pairs to a thousandth of their sizes (where the product's
-    error bound, not float32's roundings after it, decides which entries float64 recomputes); once with subnormals
-    flushed to zero (``torch.set_flush_denormal``), as a process may run."""
+    nothing and float64 does), and terms that cancel to a thousandth of their sizes (where the product's error bound,
+    not float32's roundings after it, decides which entries float64 recomputes): in pairs, or in halves, the first
+    half's terms all near 1 and the second's their negatives, whose partial sums grow to half the terms' total, so
+    float32's error reaches a few units of it (a bound k times too small, from the largest terms alone, let 4 of
+    these 2048 entries through misrounded); once with subnormals flushed to zero (``torch.set_flush_denormal``), as a
+    process may run."""
     calls = _spy(monkeypatch)
     generator = torch.Generator().manual_seed(rows * cols + k)
     weight = (torch.randn(rows, cols, generator=generator) * 0.05 * scale).bfloat16()
     left = torch.randn(rows, k, generator=generator) * 0.3 * math.sqrt(scale)
     right = torch.randn(k, cols, generator=generator) * 0.1 * math.sqrt(scale)
-    if cancel:
+    if cancel == "pairs":
         left[:, 1::2] = left[:, ::2]
         right[1::2] = -right[::2] * (1 + 1e-3 * torch.randn(k // 2, cols, generator=generator))
         right *= 30
+    if cancel == "halves":
+        h = k // 2
+        left = 1 + 0.01 * torch.rand(rows, k, generator=generator)
+        left[:, h:] = left[:, :h]
+        right = 1 + 0.01 * torch.rand(k, cols, generator=generator)
+        right[h:] = -right[:h] * (1 + 1e-3 * torch.randn(h, cols, generator=generator))
     monkeypatch.setattr(rounding, "BLOCK_BYTES", 8 * cols * 2)
     if flush and not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormals")
