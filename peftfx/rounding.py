@@ -160,7 +160,7 @@ class _Job:
         # roundings after it (and the norms' own, below 2^-40); underflow, flushed or not, costs 2^-126 an op
         slack = (_gamma(k, 2.0**-24) + 2.0**-22) * (1 + 2.0**-20) * (1 + 2.0**-40)
         coef = _up32(abs(self.s) * slack * self.left.norm(dim=1))
-        right_norm = _up32(self.right.norm(dim=0) * (1 + 2.0**-40))
+        right_norm = _up32(self.right.square().sum(0).sqrt_() * (1 + 2.0**-40))  # norm(dim=0): 15x the time
         floor = (abs(self.s) * (k + 2) + 6) * 2.0**-126
         test = self.grid.test(torch.float32)
         for start in range(0, rows, step):
