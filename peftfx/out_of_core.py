@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import math
 import mmap
 import os
 import shutil
@@ -186,12 +187,15 @@ class _Source:
                 raise CheckpointError(f"--model: {shard} is not a safetensors file ({error})") from error
             if not isinstance(header, dict):
                 raise CheckpointError(f"--model: {shard} is not a safetensors file (its header is not an object)")
+            spans = {}
             for key in sorted(header.keys() - {"__metadata__"}):  # safe_open's order
                 try:
                     entry = header[key]
                     (begin, stop), shape, dtype = entry["data_offsets"], list(entry["shape"]), _DTYPES[entry["dtype"]]
                     if not all(isinstance(v, int) and v >= 0 for v in (begin, stop, *shape)) or begin > stop:
                         raise ValueError("negative or non-integer offsets or dims")
+                    if stop - begin != math.prod(shape) * dtype.itemsize:
+                        raise ValueError(f"{stop - begin} bytes for {entry['dtype']} {shape}")
                 except (KeyError, TypeError, ValueError) as error:
                     raise CheckpointError(
                         f"--model: {shard}: entry {key!r} of its header is malformed ({error})"
@@ -202,7 +206,9 @@ class _Source:
                     raise CheckpointError(f"--model: tensor {key!r} is stored twice, in {self.shard[key]} and {shard}")
                 self.shard[key] = shard
                 self.meta[key] = (shape, dtype)
+                spans[key] = (begin, stop)
                 self.span[key] = (8 + length + begin, 8 + length + stop)
+            _check_layout(shard, spans, size - 8 - length)
         self.keys = list(self.shard)
 
     def shape(self, key: str) -> list[int]:
@@ -225,6 +231,22 @@ class _Source:
         if (begin - start) % dtype.itemsize:  # a tensor not aligned to its element size (odd-sized ones before it)
             flat = flat.clone()
         return flat.view(dtype).reshape(shape)
+
+
+def _check_layout(shard: str, spans: dict[str, tuple[int, int]], data_bytes: int) -> None:
+    """The tensors' byte ranges tile the shard's data, as safetensors requires: an overlap or a gap (a header
+    rewritten by hand, a key given twice and read once) would copy one tensor's bytes into another's place."""
+    end, before = 0, "the header"
+    for key, (begin, stop) in sorted(spans.items(), key=lambda item: item[1]):
+        if begin < end:
+            raise CheckpointError(f"--model: {shard}: {key!r} starts at byte {begin}, inside {before} (ends at {end})")
+        if begin > end:
+            raise CheckpointError(f"--model: {shard}: {key!r} starts {begin - end} bytes past the end of {before}")
+        end, before = stop, repr(key)
+    if data_bytes < end:
+        raise CheckpointError(f"--model: {shard} is truncated: its header reaches past its end")
+    if end != data_bytes:
+        raise CheckpointError(f"--model: {shard} has {data_bytes - end} bytes after its last tensor, {before}")
 
 
 _DTYPES = {

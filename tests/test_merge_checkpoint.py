@@ -270,19 +270,32 @@ def test_cli_merge_threads_are_torch_s_but_the_writer_s_unless_given_and_restore
 
 
 def test_a_truncated_or_foreign_shard_is_named(tmp_path):
+    """A shard cut short, another format, or a header whose byte ranges do not tile its data as safetensors requires
+    (each range the size its shape and dtype take, no overlap, no gap, nothing after the last): any of those would
+    copy bytes into the wrong tensor or leave a tensor part zeros, so each is refused, the shard and entry named."""
     _, spec = checkpoint(tmp_path, torch.float32, False, ["q_proj"])
-    shard = sorted((tmp_path / "base").glob("*.safetensors"))[-1]
+    shard = max((tmp_path / "base").glob("*.safetensors"), key=lambda p: p.stat().st_size)
     data = shard.read_bytes()
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + length])
-    key = next(k for k in header if k != "__metadata__")
-    header[key]["shape"] = [-1, 4]
-    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)  # the same length: only the entry is wrong
-    malformed = data[:8] + text + data[8 + length :]
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[:2]
+    (a, b), (_, c) = header[first]["data_offsets"], header[second]["data_offsets"]
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+    def edited(key, **entry):
+        changed = {**header, key: {**header[key], **entry}}
+        text = json.dumps(changed, separators=(",", ":")).encode().ljust(length)  # the same length: data in place
+        return data[:8] + text + data[8 + length :]
+
     for content, message in (
         (data[:-4], " is truncated"),
         (b"PK\x03\x04" + bytes(200), " is not a safetensors file"),
-        (malformed, f": entry '{key}' of its header is malformed"),
+        (edited(first, shape=[-1, 4]), f": entry '{first}' of its header is malformed"),
+        (edited(first, data_offsets=[a, c]), f": entry '{first}' of its header is malformed ({c - a} bytes for F32"),
+        (edited(first, shape=[header[first]["shape"][0] * 2, *header[first]["shape"][1:]]), f": entry '{first}'"),
+        (edited(second, data_offsets=[a, a + c - b]), f": '{first}' starts at byte {a}, inside '{second}'"),
+        (edited(first, data_offsets=[a, a], shape=[0]), f": '{second}' starts {b - a} bytes past the end of '{first}'"),
+        (data + bytes(8), f" has 8 bytes after its last tensor, '{last}'"),
     ):
         shard.write_bytes(content)
         with pytest.raises(CheckpointError, match=re.escape(shard.name + message)):
