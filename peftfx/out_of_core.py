@@ -281,6 +281,11 @@ def _meta_model(model_dir: Path, source: _Source) -> nn.Module:
         raise CheckpointError(f"--model: config.json: transformers cannot build a model from it ({error})") from error
     for name, param in model.named_parameters():
         if name in source.meta:
+            if list(param.shape) != source.shape(name):  # as from_pretrained refuses it: the config is not the model's
+                raise CheckpointError(
+                    f"--model: config.json makes {name} {list(param.shape)}, but {source.shard[name]} holds it as "
+                    f"{source.shape(name)}"
+                )
             param.data = torch.empty(source.shape(name), dtype=source.dtype(name), device="meta")
     return model.eval()
 

@@ -315,6 +315,7 @@ def test_a_broken_index_config_or_shard_list_is_named_and_nothing_is_written(tmp
     (base / first).symlink_to(outside)  # a link to a valid shard is still the shard: allowed
     assert set(tensors(ooc.merge_checkpoint(spec, base, tmp_path / "linked"))) == set(weight_map)
     header = (base / second).read_bytes()
+    settings = json.loads(config.read_text())  # a config that is not the weights' (from_pretrained refuses it too)
     cases = [
         (index, "{nope", f"{ooc.INDEX} is not readable JSON"),
         (index, json.dumps({"metadata": {}}), f"{ooc.INDEX} has no weight_map"),
@@ -326,6 +327,7 @@ def test_a_broken_index_config_or_shard_list_is_named_and_nothing_is_written(tmp
         (config, "[1, 2]", "config.json is not a JSON object"),
         (config, "\xff\xfe", "config.json is not readable JSON"),
         (config, json.dumps({"model_type": "no-such-model"}), "config.json: transformers cannot build a model"),
+        (config, json.dumps({**settings, "vocab_size": settings["vocab_size"] + 8}), "config.json makes model.embed"),
         (base / first, header, f"is stored twice, in {first} and {second}"),  # the second shard's copy
     ]
     for path, content, message in cases:
