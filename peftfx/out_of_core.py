@@ -180,7 +180,9 @@ class _Source:
                 size = (model_dir / shard).stat().st_size
                 with open(model_dir / shard, "rb") as raw:
                     (length,) = struct.unpack("<Q", raw.read(8))
-                    header = json.loads(raw.read(min(length, size)))  # a foreign file's length is noise
+                    if length > min(size - 8, _HEADER_BYTES):  # a foreign file's length is noise: not read
+                        raise ValueError(f"a header of {length} bytes in a file of {size}")
+                    header = json.loads(raw.read(length))
             except OSError as error:
                 raise CheckpointError(f"--model: {shard} cannot be read ({error})") from error
             except (struct.error, ValueError) as error:
@@ -582,6 +584,7 @@ class _Shards:
         self.outputs = []
 
 
+_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header's size
 _AHEAD = 2  # merged tensors handed to the writer, not yet written, before the merge waits (1: 7% slower at 1.59 GiB)
 _CHUNK = 1 << 24  # bytes a call copies: a stop request waits for one at most, and the fallback's buffer
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # then through a buffer

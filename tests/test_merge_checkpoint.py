@@ -290,6 +290,7 @@ def test_a_truncated_or_foreign_shard_is_named(tmp_path):
     for content, message in (
         (data[:-4], " is truncated"),
         (b"PK\x03\x04" + bytes(200), " is not a safetensors file"),
+        ((1 << 40).to_bytes(8, "little") + data[8:], f" is not a safetensors file (a header of {1 << 40} bytes"),
         (edited(first, shape=[-1, 4]), f": entry '{first}' of its header is malformed"),
         (edited(first, data_offsets=[a, c]), f": entry '{first}' of its header is malformed ({c - a} bytes for F32"),
         (edited(first, shape=[header[first]["shape"][0] * 2, *header[first]["shape"][1:]]), f": entry '{first}'"),
